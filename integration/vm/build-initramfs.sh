@@ -1,0 +1,248 @@
+#!/usr/bin/env bash
+# Build a gzip'ed newc initramfs for the ESP test VM (see README.md in this directory).
+#
+# usage: build-initramfs.sh OUT.cpio.gz [--init SCRIPT] [--add SRC:DEST]... [--bin SRC:DEST]...
+#                           [--module NAME]...
+#   --init SCRIPT   test script, copied to /test.sh; /init runs it with busybox sh
+#   --add SRC:DEST  copy a file or directory into the image at absolute path DEST
+#                   (a DEST ending in '/' means "into this directory")
+#   --bin SRC:DEST  like --add for an ELF binary, plus the shared libraries ldd lists
+#   --module NAME   load this kernel module (and its dependencies) too
+#
+# Needs setup.sh to have run (reads $VM_CACHE/kernel.env). Set VM_MODULES to replace the
+# default module list entirely.
+set -euo pipefail
+
+VM_CACHE="${VM_CACHE:-/var/cache/ipsec-mesh-vm}"
+
+# Module closure loaded at boot, in this order (dependencies first, resolved below).
+# gcm finds ghash, and drbg finds jitterentropy_rng, through the crypto API at run time
+# (not as symbol dependencies), so they are listed explicitly.
+DEFAULT_MODULES="xfrm_algo xfrm_user esp4 esp6 xfrm4_tunnel xfrm6_tunnel af_key ah4 ah6
+  xfrm_interface aesni_intel ghash_clmulni_intel gcm ghash_generic ctr authenc seqiv echainiv
+  jitterentropy_rng drbg sha512_generic chacha_generic poly1305_generic chacha20poly1305
+  veth bridge vxlan dummy tun"
+
+usage() {
+    sed -n '2,14s/^# \{0,1\}//p' "$0" >&2
+    exit 2
+}
+log() { printf 'build-initramfs: %s\n' "$*" >&2; }
+die() { printf 'build-initramfs: error: %s\n' "$*" >&2; exit 1; }
+
+[[ $# -ge 1 ]] || usage
+out="$1"
+shift
+[[ "$out" != -* ]] || usage
+
+adds=()
+bins=()
+extra_modules=()
+init_script=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+    --add) [[ $# -ge 2 ]] || usage; adds+=("$2"); shift 2 ;;
+    --bin) [[ $# -ge 2 ]] || usage; bins+=("$2"); shift 2 ;;
+    --module) [[ $# -ge 2 ]] || usage; extra_modules+=("$2"); shift 2 ;;
+    --init) [[ $# -ge 2 ]] || usage; init_script="$2"; shift 2 ;;
+    -h | --help) usage ;;
+    *) die "unknown argument: $1" ;;
+    esac
+done
+
+envfile="$VM_CACHE/kernel.env"
+[[ -f "$envfile" ]] || die "$envfile missing: run integration/vm/setup.sh first"
+# shellcheck source=/dev/null
+. "$envfile"
+: "${VM_KVER:?}" "${VM_KROOT:?}"
+kmoddir="$VM_KROOT/lib/modules/$VM_KVER"
+[[ -s "$kmoddir/modules.dep" ]] || die "$kmoddir/modules.dep missing: rerun setup.sh"
+
+busybox="$(command -v busybox || true)"
+[[ -n "$busybox" ]] || die "busybox not found (apt-get install busybox-static)"
+if ldd "$busybox" >/dev/null 2>&1; then
+    die "$busybox is dynamically linked: install busybox-static"
+fi
+for tool in cpio gzip modprobe depmod ldd; do
+    command -v "$tool" >/dev/null || die "$tool not found: run setup.sh"
+done
+[[ -z "$init_script" || -f "$init_script" ]] || die "no such test script: $init_script"
+
+stage="$(mktemp -d "${TMPDIR:-/tmp}/vm-initramfs.XXXXXX")"
+trap 'rm -rf "$stage"' EXIT
+
+# --- helpers -----------------------------------------------------------------------------
+# Copy ELF $1 to $stage$2 plus every shared library it needs (same paths as on the host).
+copy_elf() {
+    local src="$1" dest="$2" lib
+    install -D -m 0755 "$src" "$stage$dest"
+    while read -r lib; do
+        [[ -n "$lib" && -e "$stage$lib" ]] && continue
+        install -D -m 0755 "$lib" "$stage$lib"
+    done < <(ldd "$src" 2>/dev/null | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i}' |
+        sed 's/^(\(.*\))$/\1/')
+}
+
+# Copy SRC:DEST (file or directory) into the image.
+copy_in() {
+    local spec="$1" src dest
+    [[ "$spec" == *:* ]] || die "expected SRC:DEST, got '$spec'"
+    src="${spec%:*}"
+    dest="${spec##*:}"
+    [[ "$dest" == /* ]] || die "DEST must be absolute in '$spec'"
+    [[ -e "$src" ]] || die "no such file: $src"
+    [[ "$dest" == */ ]] && dest="$dest$(basename "$src")"
+    mkdir -p "$stage$(dirname "$dest")"
+    cp -a --dereference "$src" "$stage$dest"
+}
+
+# --- base filesystem ---------------------------------------------------------------------
+mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,run,tmp,root,var,lib64}
+ln -s ../run "$stage/var/run"
+chmod 1777 "$stage/tmp"
+if [[ "$(id -u)" -eq 0 ]]; then
+    mknod -m 0600 "$stage/dev/console" c 5 1
+    mknod -m 0666 "$stage/dev/null" c 1 3
+fi
+
+install -m 0755 "$busybox" "$stage/bin/busybox"
+# Applet links, except `ip`: /sbin/ip and /bin/ip are iproute2's (busybox's has no xfrm).
+while read -r applet; do
+    case "$applet" in */ip | */busybox) continue ;; esac
+    [[ -e "$stage/$applet" || -L "$stage/$applet" ]] && continue
+    mkdir -p "$stage/$(dirname "$applet")"
+    ln -s /bin/busybox "$stage/$applet"
+done < <("$busybox" --list-full)
+
+ip_bin="$(command -v ip)"
+bridge_bin="$(command -v bridge)"
+copy_elf "$(readlink -f "$ip_bin")" /sbin/ip
+copy_elf "$(readlink -f "$bridge_bin")" /sbin/bridge
+ln -sf /sbin/ip "$stage/bin/ip"
+ln -sf /sbin/bridge "$stage/bin/bridge"
+for f in /etc/protocols /etc/services; do
+    [[ -f "$f" ]] || die "$f missing (apt-get install netbase)"
+    install -m 0644 "$f" "$stage$f"
+done
+[[ -d /etc/iproute2 ]] && cp -a /etc/iproute2 "$stage/etc/"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$stage/etc/passwd"
+printf 'root:x:0:\n' >"$stage/etc/group"
+printf '127.0.0.1 localhost\n::1 localhost\n' >"$stage/etc/hosts"
+printf '%s\n' "$VM_KVER" >"$stage/etc/vm-kver"
+
+# --- kernel modules ----------------------------------------------------------------------
+modconf="$stage/.modprobe.conf"
+printf 'options dummy numdummies=0\n' >"$modconf"
+read -r -a modules <<<"${VM_MODULES:-$DEFAULT_MODULES}"
+modules+=("${extra_modules[@]}")
+declare -A seen=()
+modlist="$stage/etc/vm-modules"
+: >"$modlist"
+nmod=0
+for m in "${modules[@]}"; do
+    deps="$(modprobe -C "$modconf" -d "$VM_KROOT" -S "$VM_KVER" --show-depends "$m" 2>&1)" ||
+        die "module $m not found for $VM_KVER: $deps"
+    while read -r kind path params; do
+        [[ "$kind" == insmod ]] || continue # "builtin NAME": nothing to load
+        rel="${path#"$kmoddir"/}"
+        [[ -n "${seen[$rel]:-}" ]] && continue
+        seen[$rel]=1
+        install -D -m 0644 "$path" "$stage/lib/modules/$VM_KVER/$rel"
+        printf '%s %s\n' "$rel" "$params" >>"$modlist"
+        nmod=$((nmod + 1))
+    done <<<"$deps"
+done
+rm -f "$modconf"
+for f in modules.order modules.builtin modules.builtin.modinfo; do
+    [[ -f "$kmoddir/$f" ]] && install -m 0644 "$kmoddir/$f" "$stage/lib/modules/$VM_KVER/$f"
+done
+# modules.dep for the modules in the image, so the kernel's request_module -> busybox modprobe
+# also works for anything loaded on demand.
+depmod -b "$stage" "$VM_KVER"
+
+# --- /init -------------------------------------------------------------------------------
+cat >"$stage/init" <<'INIT'
+#!/bin/sh
+# Generated by integration/vm/build-initramfs.sh.
+PATH=/sbin:/bin:/usr/sbin:/usr/bin
+export PATH
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs -o mode=0755 tmpfs /run
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+hostname vm
+/sbin/ip link set lo up
+
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+finish() {
+    echo "VM-INIT: done at $(uptime_s)s"
+    sync
+    poweroff -f
+    sleep 5
+    echo o >/proc/sysrq-trigger
+}
+
+kver="$(uname -r)"
+echo "VM-INIT: kernel $kver, init started at $(uptime_s)s"
+if [ "$kver" != "$(cat /etc/vm-kver)" ]; then
+    echo "VM-RESULT: FAIL (initramfs built for $(cat /etc/vm-kver), booted $kver)"
+    finish
+fi
+
+failed=""
+n=0
+while read -r rel params; do
+    # shellcheck disable=SC2086 # params are word-split on purpose
+    if insmod "/lib/modules/$kver/$rel" $params; then
+        n=$((n + 1))
+    else
+        failed="$failed ${rel##*/}"
+    fi
+done </etc/vm-modules
+if [ -n "$failed" ]; then
+    echo "VM-RESULT: FAIL (module load failed:$failed)"
+    finish
+fi
+echo "VM-INIT: $n modules loaded at $(uptime_s)s"
+
+if [ ! -f /test.sh ]; then
+    echo "VM-RESULT: FAIL (no /test.sh in the initramfs)"
+    finish
+fi
+shflags=""
+grep -qw vm.trace /proc/cmdline && shflags="-x"
+export VM_KVER="$kver"
+cd /
+# shellcheck disable=SC2086
+sh $shflags /test.sh </dev/null
+rc=$?
+echo "VM-INIT: /test.sh exited $rc at $(uptime_s)s"
+[ "$rc" -eq 0 ] || echo "VM-RESULT: FAIL (exit $rc)"
+finish
+INIT
+chmod 0755 "$stage/init"
+
+if [[ -n "$init_script" ]]; then
+    install -m 0755 "$init_script" "$stage/test.sh"
+fi
+for spec in ${bins[@]+"${bins[@]}"}; do
+    [[ "$spec" == *:* ]] || die "expected SRC:DEST, got '$spec'"
+    dest="${spec##*:}"
+    [[ "$dest" == */ ]] && dest="$dest$(basename "${spec%:*}")"
+    copy_elf "${spec%:*}" "$dest"
+done
+for spec in ${adds[@]+"${adds[@]}"}; do
+    copy_in "$spec"
+done
+
+# --- pack --------------------------------------------------------------------------------
+mkdir -p "$(dirname "$out")"
+tmp_out="$(mktemp "$out.XXXXXX")"
+(cd "$stage" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
+    cpio --null --create --format=newc --owner=0:0 --quiet) | gzip -1 >"$tmp_out"
+mv -f "$tmp_out" "$out"
+chmod 0644 "$out"
+log "$out: $(du -h "$out" | cut -f1), kernel $VM_KVER, $nmod modules${init_script:+, test $init_script}"

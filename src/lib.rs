@@ -1,0 +1,8 @@
+//! ipsec-mesh: an IPsec control plane for container hosts.
+//!
+//! Data flow: [`metadata`] source -> validated [`model::Cluster`] -> pure [`plan`] ->
+//! dataplane drivers (reconcile).
+
+pub mod metadata;
+pub mod model;
+pub mod plan;

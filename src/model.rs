@@ -1,0 +1,723 @@
+//! The validated cluster model.
+//!
+//! Metadata sources produce a [`RawCluster`] (the wire shape: strings as given, unknown fields
+//! rejected) and hand it to [`Cluster::validate`], the single validation path. Every error
+//! names where it is (`hosts[1] (id "host-b").subnets[0]`) and what is wrong with the value.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Smallest underlay MTU accepted (IPv6 minimum link MTU).
+pub const MTU_MIN: u16 = 1280;
+/// Largest underlay MTU accepted (jumbo frames).
+pub const MTU_MAX: u16 = 9000;
+/// Underlay MTU when the metadata does not say.
+pub const MTU_DEFAULT: u16 = 1500;
+/// Longest host id accepted (a DNS name's length).
+pub const HOST_ID_MAX_LEN: usize = 253;
+
+/// The wire shape of a metadata document: what a file or an adapter produces before
+/// validation. Unknown fields are errors so that typos such as `subnet` are caught.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub network: RawNetwork,
+    pub hosts: Vec<RawHost>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawNetwork {
+    pub cidr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawHost {
+    pub id: String,
+    pub agent_ip: String,
+    pub subnets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Which dataplane the network uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Ipsec,
+    Vxlan,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Ipsec => "ipsec",
+            Backend::Vxlan => "vxlan",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ipsec" => Ok(Backend::Ipsec),
+            "vxlan" => Ok(Backend::Vxlan),
+            other => Err(format!(
+                "unknown backend {other:?} (expected \"ipsec\" or \"vxlan\")"
+            )),
+        }
+    }
+}
+
+/// A host identity: non-empty, at most [`HOST_ID_MAX_LEN`] characters of `[A-Za-z0-9._:-]`
+/// (it ends up in connection names, logs and key derivation, so it stays printable).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct HostId(String);
+
+impl HostId {
+    pub fn new(s: &str) -> Result<HostId, Invalid> {
+        if s.is_empty() {
+            return Err(Invalid::EmptyId);
+        }
+        if s.len() > HOST_ID_MAX_LEN {
+            return Err(Invalid::IdTooLong { len: s.len() });
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+        {
+            return Err(Invalid::IdCharacter {
+                value: s.to_string(),
+                character: c,
+            });
+        }
+        Ok(HostId(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HostId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    /// The overlay: every host subnet lies inside it.
+    pub cidr: IpNet,
+    pub backend: Backend,
+    /// Underlay MTU.
+    pub mtu: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub id: HostId,
+    pub name: Option<String>,
+    /// Underlay address: the tunnel endpoint.
+    pub agent_ip: IpAddr,
+    /// Container subnets on this host, sorted, no host bits, inside the network cidr.
+    pub subnets: Vec<IpNet>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A validated cluster. Hosts are sorted by id, so the order of the input changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub network: Network,
+    pub hosts: Vec<Host>,
+}
+
+/// Where in the metadata an error is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location(String);
+
+impl Location {
+    fn network(field: &str) -> Location {
+        Location(format!("network.{field}"))
+    }
+    fn host(index: usize, id: &str, field: &str) -> Location {
+        if id.is_empty() {
+            Location(format!("hosts[{index}].{field}"))
+        } else {
+            Location(format!("hosts[{index}] (id {id:?}).{field}"))
+        }
+    }
+    fn subnet(index: usize, id: &str, subnet: usize) -> Location {
+        Location::host(index, id, &format!("subnets[{subnet}]"))
+    }
+    fn hosts() -> Location {
+        Location("hosts".to_string())
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What is wrong with a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("host id is empty")]
+    EmptyId,
+    #[error("host id is {len} characters long (at most {HOST_ID_MAX_LEN})")]
+    IdTooLong { len: usize },
+    #[error(
+        "host id {value:?} contains {character:?} (allowed: letters, digits, '.', '_', ':', '-')"
+    )]
+    IdCharacter { value: String, character: char },
+    #[error("{value:?} is not an IP address")]
+    BadAddress { value: String },
+    #[error("{value:?} is not a usable endpoint address ({why})")]
+    UnusableAddress { value: String, why: &'static str },
+    #[error("{value:?} is not a prefix in CIDR notation (address/length): {reason}")]
+    BadPrefix { value: String, reason: String },
+    #[error("{value:?} has host bits set (did you mean {suggestion}?)")]
+    HostBits { value: String, suggestion: IpNet },
+    #[error("{value} is not inside the network cidr {cidr}")]
+    OutsideCidr { value: IpNet, cidr: IpNet },
+    #[error("{value} overlaps {other} of host {other_host:?}")]
+    SubnetOverlap {
+        value: IpNet,
+        other: IpNet,
+        other_host: String,
+    },
+    #[error(
+        "agent_ip {value} lies inside the overlay cidr {cidr}; the underlay must be outside it"
+    )]
+    AgentInOverlay { value: IpAddr, cidr: IpNet },
+    #[error("duplicate host id {id:?} (also hosts[{first}])")]
+    DuplicateId { id: String, first: usize },
+    #[error("agent_ip {value} is also the agent_ip of host {other_host:?}")]
+    DuplicateAgentIp { value: IpAddr, other_host: String },
+    #[error("agent_ip {value} is IPv{family} but host {first_host:?} has an IPv{other_family} agent_ip; tunnels need one underlay family")]
+    MixedFamily {
+        value: IpAddr,
+        family: u8,
+        first_host: String,
+        other_family: u8,
+    },
+    #[error("the host list is empty")]
+    NoHosts,
+    #[error("{value} is outside {MTU_MIN}..={MTU_MAX}")]
+    Mtu { value: u32 },
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A validation error: where, and what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{location}: {what}")]
+pub struct ValidationError {
+    pub location: Location,
+    pub what: Invalid,
+}
+
+fn err(location: Location, what: Invalid) -> ValidationError {
+    ValidationError { location, what }
+}
+
+/// Parse `a.b.c.d/len` strictly: the length must be present, the address must have no
+/// host bits.
+pub fn parse_prefix(value: &str) -> Result<IpNet, Invalid> {
+    if !value.contains('/') {
+        return Err(Invalid::BadPrefix {
+            value: value.to_string(),
+            reason: "the prefix length is missing".to_string(),
+        });
+    }
+    let net = IpNet::from_str(value).map_err(|_| {
+        let (addr, len) = value.split_once('/').unwrap_or((value, ""));
+        let reason = match IpAddr::from_str(addr) {
+            Err(_) => format!("{addr:?} is not an IP address"),
+            Ok(a) => {
+                let max = if a.is_ipv4() { 32 } else { 128 };
+                format!("prefix length {len:?} is not a number in 0..={max}")
+            }
+        };
+        Invalid::BadPrefix {
+            value: value.to_string(),
+            reason,
+        }
+    })?;
+    if net.trunc() != net {
+        return Err(Invalid::HostBits {
+            value: value.to_string(),
+            suggestion: net.trunc(),
+        });
+    }
+    Ok(net)
+}
+
+fn parse_endpoint(value: &str) -> Result<IpAddr, Invalid> {
+    let ip = IpAddr::from_str(value).map_err(|_| Invalid::BadAddress {
+        value: value.to_string(),
+    })?;
+    let why = if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if ip == IpAddr::from([255, 255, 255, 255]) {
+        Some("broadcast")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Invalid::UnusableAddress {
+            value: value.to_string(),
+            why,
+        }),
+        None => Ok(ip),
+    }
+}
+
+impl Cluster {
+    /// The one validation path every metadata source goes through.
+    pub fn validate(raw: &RawCluster) -> Result<Cluster, ValidationError> {
+        let cidr =
+            parse_prefix(&raw.network.cidr).map_err(|e| err(Location::network("cidr"), e))?;
+        let backend = match &raw.network.backend {
+            None => Backend::Ipsec,
+            Some(b) => Backend::from_str(b)
+                .map_err(|e| err(Location::network("backend"), Invalid::Backend(e)))?,
+        };
+        let mtu = match raw.network.mtu {
+            None => MTU_DEFAULT,
+            Some(m) if (MTU_MIN as u32..=MTU_MAX as u32).contains(&m) => m as u16,
+            Some(m) => return Err(err(Location::network("mtu"), Invalid::Mtu { value: m })),
+        };
+        if raw.hosts.is_empty() {
+            return Err(err(Location::hosts(), Invalid::NoHosts));
+        }
+
+        let mut ids: HashMap<&str, usize> = HashMap::with_capacity(raw.hosts.len());
+        let mut agents: HashMap<IpAddr, usize> = HashMap::with_capacity(raw.hosts.len());
+        let mut hosts = Vec::with_capacity(raw.hosts.len());
+        // (subnet, host index, subnet index) for the overlap check.
+        let mut all_subnets: Vec<(IpNet, usize, usize)> = Vec::new();
+
+        for (i, rh) in raw.hosts.iter().enumerate() {
+            let id = HostId::new(&rh.id).map_err(|e| err(Location::host(i, &rh.id, "id"), e))?;
+            if let Some(&first) = ids.get(rh.id.as_str()) {
+                return Err(err(
+                    Location::host(i, &rh.id, "id"),
+                    Invalid::DuplicateId {
+                        id: rh.id.clone(),
+                        first,
+                    },
+                ));
+            }
+            ids.insert(&rh.id, i);
+
+            let agent_ip = parse_endpoint(&rh.agent_ip)
+                .map_err(|e| err(Location::host(i, &rh.id, "agent_ip"), e))?;
+            if cidr.contains(&agent_ip) {
+                return Err(err(
+                    Location::host(i, &rh.id, "agent_ip"),
+                    Invalid::AgentInOverlay {
+                        value: agent_ip,
+                        cidr,
+                    },
+                ));
+            }
+            let family = |ip: &IpAddr| if ip.is_ipv4() { 4 } else { 6 };
+            if let Some(first) = hosts.first().map(|h: &Host| h.agent_ip) {
+                if family(&first) != family(&agent_ip) {
+                    return Err(err(
+                        Location::host(i, &rh.id, "agent_ip"),
+                        Invalid::MixedFamily {
+                            value: agent_ip,
+                            family: family(&agent_ip),
+                            first_host: raw.hosts[0].id.clone(),
+                            other_family: family(&first),
+                        },
+                    ));
+                }
+            }
+            if let Some(&other) = agents.get(&agent_ip) {
+                return Err(err(
+                    Location::host(i, &rh.id, "agent_ip"),
+                    Invalid::DuplicateAgentIp {
+                        value: agent_ip,
+                        other_host: raw.hosts[other].id.clone(),
+                    },
+                ));
+            }
+            agents.insert(agent_ip, i);
+
+            let mut subnets = Vec::with_capacity(rh.subnets.len());
+            for (j, s) in rh.subnets.iter().enumerate() {
+                let net = parse_prefix(s).map_err(|e| err(Location::subnet(i, &rh.id, j), e))?;
+                if !cidr.contains(&net) {
+                    return Err(err(
+                        Location::subnet(i, &rh.id, j),
+                        Invalid::OutsideCidr { value: net, cidr },
+                    ));
+                }
+                subnets.push(net);
+                all_subnets.push((net, i, j));
+            }
+            subnets.sort();
+
+            hosts.push(Host {
+                id,
+                name: rh.name.clone(),
+                agent_ip,
+                subnets,
+                labels: rh.labels.clone(),
+            });
+        }
+
+        // Overlaps: sorted by network address then by length, two prefixes overlap iff the
+        // later one starts inside the widest prefix seen so far.
+        all_subnets.sort_by(|a, b| {
+            (a.0.network(), a.0.prefix_len(), a.1, a.2).cmp(&(
+                b.0.network(),
+                b.0.prefix_len(),
+                b.1,
+                b.2,
+            ))
+        });
+        let mut widest: Option<(IpNet, usize, usize)> = None;
+        for &(net, i, j) in &all_subnets {
+            if let Some((w, wi, wj)) = widest {
+                if w.contains(&net.network()) {
+                    // Report against the one later in the input so the message points at
+                    // the newcomer.
+                    let ((a, ai, aj), (b, bi)) = if (wi, wj) > (i, j) {
+                        ((w, wi, wj), (net, i))
+                    } else {
+                        ((net, i, j), (w, wi))
+                    };
+                    return Err(err(
+                        Location::subnet(ai, &raw.hosts[ai].id, aj),
+                        Invalid::SubnetOverlap {
+                            value: a,
+                            other: b,
+                            other_host: raw.hosts[bi].id.clone(),
+                        },
+                    ));
+                }
+                if net.broadcast() > w.broadcast() {
+                    widest = Some((net, i, j));
+                }
+            } else {
+                widest = Some((net, i, j));
+            }
+        }
+
+        hosts.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Cluster {
+            network: Network { cidr, backend, mtu },
+            hosts,
+        })
+    }
+
+    pub fn host(&self, id: &str) -> Option<&Host> {
+        self.hosts
+            .binary_search_by(|h| h.id.as_str().cmp(id))
+            .ok()
+            .map(|i| &self.hosts[i])
+    }
+
+    /// The host whose agent_ip is one of `addrs` (self discovery from local addresses).
+    pub fn host_by_agent_ip(&self, addrs: &[IpAddr]) -> Option<&Host> {
+        self.hosts.iter().find(|h| addrs.contains(&h.agent_ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(id: &str, ip: &str, subnets: &[&str]) -> RawHost {
+        RawHost {
+            id: id.into(),
+            agent_ip: ip.into(),
+            subnets: subnets.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn raw(hosts: Vec<RawHost>) -> RawCluster {
+        RawCluster {
+            network: RawNetwork {
+                cidr: "10.42.0.0/16".into(),
+                backend: None,
+                mtu: None,
+            },
+            hosts,
+        }
+    }
+
+    fn good() -> RawCluster {
+        raw(vec![
+            host("host-b", "192.168.77.2", &["10.42.2.0/24"]),
+            host(
+                "host-a",
+                "192.168.77.1",
+                &["10.42.1.0/24", "10.42.101.0/24"],
+            ),
+        ])
+    }
+
+    fn fails(r: &RawCluster) -> ValidationError {
+        Cluster::validate(r).expect_err("validation should fail")
+    }
+
+    #[test]
+    fn accepts_and_sorts() {
+        let c = Cluster::validate(&good()).unwrap();
+        assert_eq!(c.hosts[0].id.as_str(), "host-a");
+        assert_eq!(c.network.backend, Backend::Ipsec);
+        assert_eq!(c.network.mtu, 1500);
+        assert_eq!(
+            c.host("host-b").unwrap().agent_ip.to_string(),
+            "192.168.77.2"
+        );
+        assert!(c.host("host-c").is_none());
+    }
+
+    #[test]
+    fn rejects_empty_host_list() {
+        let e = fails(&raw(vec![]));
+        assert_eq!(e.what, Invalid::NoHosts);
+        assert_eq!(e.to_string(), "hosts: the host list is empty");
+    }
+
+    #[test]
+    fn rejects_duplicate_id() {
+        let mut r = good();
+        r.hosts.push(host("host-a", "192.168.77.3", &[]));
+        let e = fails(&r);
+        assert!(
+            matches!(e.what, Invalid::DuplicateId { first: 1, .. }),
+            "{e}"
+        );
+        assert!(
+            e.to_string().starts_with("hosts[2] (id \"host-a\").id"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_agent_ip() {
+        let mut r = good();
+        r.hosts.push(host("host-c", "192.168.77.2", &[]));
+        let e = fails(&r);
+        assert!(matches!(e.what, Invalid::DuplicateAgentIp { .. }), "{e}");
+        assert!(e.to_string().contains("host-b"), "{e}");
+    }
+
+    #[test]
+    fn rejects_subnet_outside_cidr() {
+        let mut r = good();
+        r.hosts[0].subnets = vec!["10.43.2.0/24".into()];
+        let e = fails(&r);
+        assert!(matches!(e.what, Invalid::OutsideCidr { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("hosts[0] (id \"host-b\").subnets[0]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rejects_overlap_across_hosts() {
+        let mut r = good();
+        r.hosts
+            .push(host("host-c", "192.168.77.3", &["10.42.0.0/20"]));
+        let e = fails(&r);
+        assert!(matches!(e.what, Invalid::SubnetOverlap { .. }), "{e}");
+        assert!(e.to_string().contains("host-c"), "{e}");
+    }
+
+    #[test]
+    fn rejects_overlap_within_host_and_identical() {
+        let mut r = good();
+        r.hosts[0].subnets = vec!["10.42.2.0/24".into(), "10.42.2.128/25".into()];
+        assert!(matches!(fails(&r).what, Invalid::SubnetOverlap { .. }));
+        let mut r = good();
+        r.hosts[0].subnets = vec!["10.42.1.0/24".into()];
+        let e = fails(&r);
+        assert!(matches!(e.what, Invalid::SubnetOverlap { .. }), "{e}");
+    }
+
+    #[test]
+    fn overlap_check_is_not_fooled_by_a_nested_gap() {
+        // 10.42.0.0/20 contains 10.42.8.0/24 even though 10.42.4.0/24 sorts between them.
+        let r = raw(vec![
+            host("a", "192.168.1.1", &["10.42.0.0/20"]),
+            host("b", "192.168.1.2", &["10.42.4.0/24"]),
+        ]);
+        assert!(matches!(fails(&r).what, Invalid::SubnetOverlap { .. }));
+        let r = raw(vec![
+            host("a", "192.168.1.1", &["10.42.0.0/23", "10.42.8.0/24"]),
+            host("b", "192.168.1.2", &["10.42.2.0/24"]),
+        ]);
+        assert!(Cluster::validate(&r).is_ok());
+    }
+
+    #[test]
+    fn rejects_host_bits() {
+        let mut r = good();
+        r.hosts[0].subnets = vec!["10.42.2.5/24".into()];
+        let e = fails(&r);
+        assert!(matches!(e.what, Invalid::HostBits { .. }), "{e}");
+        assert!(e.to_string().contains("did you mean 10.42.2.0/24"), "{e}");
+        let mut r = good();
+        r.network.cidr = "10.42.1.0/16".into();
+        let e = fails(&r);
+        assert_eq!(e.location.to_string(), "network.cidr");
+    }
+
+    #[test]
+    fn rejects_bad_addresses_and_prefixes() {
+        for (bad, needle) in [
+            ("10.42.2.0/33", "prefix length"),
+            ("10.42.2/24", "is not an IP address"),
+            ("10.42.2.0", "prefix length is missing"),
+            ("fe80::/129", "prefix length"),
+            ("", "prefix length is missing"),
+        ] {
+            let mut r = good();
+            r.hosts[0].subnets = vec![bad.into()];
+            let e = fails(&r);
+            assert!(matches!(e.what, Invalid::BadPrefix { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains(needle), "{bad}: {e}");
+        }
+        for bad in ["192.168.77.300", "host-b.example", "", "192.168.77.2/32"] {
+            let mut r = good();
+            r.hosts[0].agent_ip = bad.into();
+            let e = fails(&r);
+            assert!(matches!(e.what, Invalid::BadAddress { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains("agent_ip"), "{e}");
+        }
+        for bad in ["0.0.0.0", "224.0.0.1", "::", "255.255.255.255"] {
+            let mut r = good();
+            r.hosts[0].agent_ip = bad.into();
+            assert!(
+                matches!(fails(&r).what, Invalid::UnusableAddress { .. }),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_agent_ip_in_overlay() {
+        let mut r = good();
+        r.hosts[0].agent_ip = "10.42.200.1".into();
+        let e = fails(&r);
+        assert!(matches!(e.what, Invalid::AgentInOverlay { .. }), "{e}");
+    }
+
+    #[test]
+    fn rejects_bad_ids() {
+        let mut r = good();
+        r.hosts[0].id = "".into();
+        let e = fails(&r);
+        assert_eq!(e.what, Invalid::EmptyId);
+        assert_eq!(e.location.to_string(), "hosts[0].id");
+        let mut r = good();
+        r.hosts[0].id = "host b".into();
+        assert!(matches!(
+            fails(&r).what,
+            Invalid::IdCharacter { character: ' ', .. }
+        ));
+        let mut r = good();
+        r.hosts[0].id = "x".repeat(300);
+        assert!(matches!(fails(&r).what, Invalid::IdTooLong { len: 300 }));
+    }
+
+    #[test]
+    fn rejects_unknown_backend_and_mtu() {
+        let mut r = good();
+        r.network.backend = Some("wireguard".into());
+        let e = fails(&r);
+        assert!(e
+            .to_string()
+            .starts_with("network.backend: unknown backend \"wireguard\""));
+        for m in [0, 1279, 9001, 65536] {
+            let mut r = good();
+            r.network.mtu = Some(m);
+            let e = fails(&r);
+            assert_eq!(e.what, Invalid::Mtu { value: m });
+            assert_eq!(e.location.to_string(), "network.mtu");
+        }
+        for m in [1280, 9000] {
+            let mut r = good();
+            r.network.mtu = Some(m);
+            assert_eq!(Cluster::validate(&r).unwrap().network.mtu as u32, m);
+        }
+    }
+
+    #[test]
+    fn ipv6_underlay_and_overlay() {
+        let r = RawCluster {
+            network: RawNetwork {
+                cidr: "fd42::/48".into(),
+                backend: Some("vxlan".into()),
+                mtu: Some(9000),
+            },
+            hosts: vec![
+                host("a", "2001:db8::1", &["fd42:0:0:1::/64"]),
+                host("b", "2001:db8::2", &["fd42:0:0:2::/64"]),
+            ],
+        };
+        let c = Cluster::validate(&r).unwrap();
+        let mut mixed = r.clone();
+        mixed.hosts[1].agent_ip = "192.0.2.1".into();
+        assert!(matches!(
+            fails(&mixed).what,
+            Invalid::MixedFamily {
+                family: 4,
+                other_family: 6,
+                ..
+            }
+        ));
+        assert_eq!(c.network.backend, Backend::Vxlan);
+        // A v4 subnet in a v6 overlay is outside it.
+        let mut r2 = r.clone();
+        r2.hosts[0].subnets = vec!["10.0.0.0/24".into()];
+        assert!(matches!(fails(&r2).what, Invalid::OutsideCidr { .. }));
+    }
+
+    #[test]
+    fn self_discovery_by_address() {
+        let c = Cluster::validate(&good()).unwrap();
+        let found = c.host_by_agent_ip(&[
+            "127.0.0.1".parse().unwrap(),
+            "192.168.77.2".parse().unwrap(),
+        ]);
+        assert_eq!(found.unwrap().id.as_str(), "host-b");
+        assert!(c
+            .host_by_agent_ip(&["127.0.0.1".parse().unwrap()])
+            .is_none());
+    }
+}

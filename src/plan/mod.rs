@@ -1,0 +1,345 @@
+//! The pure planner: a validated [`Cluster`] and the self host's id in, the desired mesh for
+//! that host out. No I/O, no clock, no randomness: the same input gives the same plan,
+//! whatever the order of hosts, and adding or removing a host changes no other pair's reqid,
+//! SPIs, marks or keys (see [`ids`] for the one, documented, exception: a hash collision).
+
+pub mod ids;
+pub mod keys;
+pub mod transform;
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::model::{Backend, Cluster, HostId};
+use ids::HostIds;
+pub use keys::{KeyDeriver, Psk, SaKey};
+pub use transform::{overlay_mtu, Encapsulation, Transform};
+
+/// Firewall / XFRM mark bits owned by ipsec-mesh.
+///
+/// The default (mask `0x00300000`) stays clear of kube-proxy (`0x4000`, `0x8000`), Rancher
+/// 1.x (`0x1068`), Weave (`0x20000`, `0x40000`) and Cilium (`0xf00`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Marks {
+    /// Set on packets that must leave encrypted.
+    pub encrypt: u32,
+    /// Set (as the SA's output mark) on packets that arrived encrypted.
+    pub decrypt: u32,
+    /// The bits ipsec-mesh owns.
+    pub mask: u32,
+}
+
+impl Default for Marks {
+    fn default() -> Marks {
+        Marks {
+            encrypt: 0x0010_0000,
+            decrypt: 0x0020_0000,
+            mask: 0x0030_0000,
+        }
+    }
+}
+
+impl Marks {
+    /// Check that the marks are usable: non-zero, distinct, inside the mask.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.mask == 0 {
+            return Err("mark mask is 0".into());
+        }
+        for (name, v) in [("encrypt", self.encrypt), ("decrypt", self.decrypt)] {
+            if v == 0 {
+                return Err(format!("{name} mark is 0"));
+            }
+            if v & !self.mask != 0 {
+                return Err(format!(
+                    "{name} mark {v:#x} has bits outside the mask {:#x}",
+                    self.mask
+                ));
+            }
+        }
+        if self.encrypt == self.decrypt {
+            return Err(format!(
+                "encrypt and decrypt marks are both {:#x}",
+                self.encrypt
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Knobs that shape the plan beyond the metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanOptions {
+    pub transform: Transform,
+    /// Force ESP-in-UDP (port 4500) on every pair.
+    pub udp_encap: bool,
+    /// Key generation: part of every key's derivation and the low nibble of every SPI.
+    pub generation: u32,
+    pub marks: Marks,
+}
+
+impl Default for PlanOptions {
+    fn default() -> PlanOptions {
+        PlanOptions {
+            transform: Transform::default(),
+            udp_encap: false,
+            generation: 1,
+            marks: Marks::default(),
+        }
+    }
+}
+
+/// One peer of the self host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Peer {
+    pub host: HostId,
+    pub endpoint: IpAddr,
+    pub subnets: Vec<IpNet>,
+    /// Request id of this pair's policies and SAs on the self host.
+    pub reqid: u32,
+    /// SPI of the SA self -> peer (equals the peer's `spi_in` from self).
+    pub spi_out: u32,
+    /// SPI of the SA peer -> self.
+    pub spi_in: u32,
+    /// Mark on traffic to encrypt towards this peer (under `Plan::marks.mask`).
+    pub mark_out: u32,
+    /// Mark put on traffic decrypted from this peer.
+    pub mark_in: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_out_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_in_id: Option<String>,
+    /// Key of the outbound SA. Never serialized.
+    #[serde(skip)]
+    pub key_out: Option<SaKey>,
+    /// Key of the inbound SA. Never serialized.
+    #[serde(skip)]
+    pub key_in: Option<SaKey>,
+}
+
+/// The desired mesh for one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub host: HostId,
+    pub backend: Backend,
+    /// The self host's underlay address.
+    pub endpoint: IpAddr,
+    /// The self host's container subnets.
+    pub subnets: Vec<IpNet>,
+    /// The overlay cidr.
+    pub cidr: IpNet,
+    /// Underlay MTU from the metadata.
+    pub underlay_mtu: u16,
+    /// MTU left for container interfaces under this backend and transform.
+    pub mtu: u16,
+    pub transform: Transform,
+    pub udp_encap: bool,
+    pub key_generation: u32,
+    pub marks: Marks,
+    /// Other hosts, sorted by id.
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("host {id:?} is not in the metadata (known hosts: {known})")]
+    UnknownSelf { id: String, known: String },
+}
+
+/// Slots of every host of a cluster, in `cluster.hosts` order. Computing them is O(hosts);
+/// a caller planning for many hosts of one cluster computes them once ([`plan_with`]).
+pub fn mesh_ids(cluster: &Cluster) -> Vec<HostIds> {
+    let ids: Vec<&str> = cluster.hosts.iter().map(|h| h.id.as_str()).collect();
+    ids::assign(&ids, ids::SLOT_BITS)
+}
+
+/// Plan the mesh for `self_id`. With a PSK, each peer gets its per-direction keys.
+pub fn plan(
+    cluster: &Cluster,
+    self_id: &str,
+    opts: &PlanOptions,
+    psk: Option<&Psk>,
+) -> Result<Plan, PlanError> {
+    let ids = mesh_ids(cluster);
+    let keys = psk.map(KeyDeriver::new);
+    plan_with(cluster, &ids, self_id, opts, keys.as_ref())
+}
+
+/// [`plan`] with precomputed [`mesh_ids`] and key deriver.
+pub fn plan_with(
+    cluster: &Cluster,
+    ids: &[HostIds],
+    self_id: &str,
+    opts: &PlanOptions,
+    keys: Option<&KeyDeriver>,
+) -> Result<Plan, PlanError> {
+    let me = cluster
+        .hosts
+        .binary_search_by(|h| h.id.as_str().cmp(self_id))
+        .map_err(|_| PlanError::UnknownSelf {
+            id: self_id.to_string(),
+            known: known_hosts(cluster),
+        })?;
+    let host = &cluster.hosts[me];
+    let my_ids = ids[me];
+    let gen = opts.generation;
+
+    let peers = cluster
+        .hosts
+        .iter()
+        .zip(ids)
+        .filter(|(h, _)| h.id != host.id)
+        .map(|(peer, &peer_ids)| {
+            let key_out =
+                keys.map(|k| k.derive(host.id.as_str(), peer.id.as_str(), gen, opts.transform));
+            let key_in =
+                keys.map(|k| k.derive(peer.id.as_str(), host.id.as_str(), gen, opts.transform));
+            Peer {
+                host: peer.id.clone(),
+                endpoint: peer.agent_ip,
+                subnets: peer.subnets.clone(),
+                reqid: peer_ids.reqid(),
+                spi_out: ids::spi(my_ids, peer_ids, gen),
+                spi_in: ids::spi(peer_ids, my_ids, gen),
+                mark_out: opts.marks.encrypt,
+                mark_in: opts.marks.decrypt,
+                key_out_id: key_out.as_ref().map(|k| k.id().to_string()),
+                key_in_id: key_in.as_ref().map(|k| k.id().to_string()),
+                key_out,
+                key_in,
+            }
+        })
+        .collect();
+
+    let encap = Encapsulation {
+        backend: cluster.network.backend,
+        transform: opts.transform,
+        udp_encap: opts.udp_encap,
+        ipv6_underlay: host.agent_ip.is_ipv6(),
+    };
+    Ok(Plan {
+        host: host.id.clone(),
+        backend: cluster.network.backend,
+        endpoint: host.agent_ip,
+        subnets: host.subnets.clone(),
+        cidr: cluster.network.cidr,
+        underlay_mtu: cluster.network.mtu,
+        mtu: overlay_mtu(cluster.network.mtu, encap),
+        transform: opts.transform,
+        udp_encap: opts.udp_encap,
+        key_generation: gen,
+        marks: opts.marks,
+        peers,
+    })
+}
+
+fn known_hosts(cluster: &Cluster) -> String {
+    const SHOWN: usize = 8;
+    let mut s: Vec<&str> = cluster
+        .hosts
+        .iter()
+        .take(SHOWN)
+        .map(|h| h.id.as_str())
+        .collect();
+    if cluster.hosts.len() > SHOWN {
+        s.push("…");
+    }
+    s.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{RawCluster, RawHost, RawNetwork};
+
+    fn cluster(n: usize) -> Cluster {
+        Cluster::validate(&RawCluster {
+            network: RawNetwork {
+                cidr: "10.42.0.0/16".into(),
+                backend: None,
+                mtu: None,
+            },
+            hosts: (0..n)
+                .map(|i| RawHost {
+                    id: format!("host-{i}"),
+                    agent_ip: format!("192.168.77.{}", i + 1),
+                    subnets: vec![format!("10.42.{}.0/24", i + 1)],
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn pairs_agree() {
+        let c = cluster(3);
+        let psk = Psk::from_bytes(&[7u8; 32]);
+        let o = PlanOptions::default();
+        let a = plan(&c, "host-0", &o, Some(&psk)).unwrap();
+        let b = plan(&c, "host-1", &o, Some(&psk)).unwrap();
+        assert_eq!(a.peers.len(), 2);
+        let ab = &a.peers[0];
+        let ba = &b.peers[0];
+        assert_eq!((ab.host.as_str(), ba.host.as_str()), ("host-1", "host-0"));
+        assert_eq!(ab.spi_out, ba.spi_in);
+        assert_eq!(ab.spi_in, ba.spi_out);
+        assert_ne!(ab.spi_in, ab.spi_out);
+        assert_eq!(ab.key_out_id, ba.key_in_id);
+        assert_eq!(
+            ab.key_out.as_ref().unwrap().enc(),
+            ba.key_in.as_ref().unwrap().enc()
+        );
+        assert_ne!(ab.key_out_id, ab.key_in_id);
+        assert_eq!(a.mtu, 1446);
+        assert_eq!(ab.endpoint.to_string(), "192.168.77.2");
+    }
+
+    #[test]
+    fn json_never_carries_keys() {
+        let c = cluster(2);
+        let psk = Psk::from_bytes(&[9u8; 32]);
+        let p = plan(&c, "host-0", &PlanOptions::default(), Some(&psk)).unwrap();
+        let json = serde_json::to_string(&p).unwrap();
+        let key = p.peers[0].key_out.as_ref().unwrap();
+        let hex: String = key.enc().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!json.contains(&hex));
+        assert!(!json.contains("key_out\""));
+        assert!(json.contains("\"key_out_id\""));
+        let without =
+            serde_json::to_string(&plan(&c, "host-0", &PlanOptions::default(), None).unwrap())
+                .unwrap();
+        assert!(!without.contains("key_out_id"));
+    }
+
+    #[test]
+    fn unknown_self_lists_hosts() {
+        let e = plan(&cluster(3), "host-9", &PlanOptions::default(), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "host \"host-9\" is not in the metadata (known hosts: host-0, host-1, host-2)"
+        );
+    }
+
+    #[test]
+    fn marks_validation() {
+        assert!(Marks::default().validate().is_ok());
+        let m = Marks {
+            encrypt: 0x10,
+            decrypt: 0x10,
+            mask: 0x30,
+        };
+        assert!(m.validate().unwrap_err().contains("both"));
+        let m = Marks {
+            encrypt: 0x40,
+            decrypt: 0x10,
+            mask: 0x30,
+        };
+        assert!(m.validate().unwrap_err().contains("outside the mask"));
+        let d = Marks::default();
+        for foreign in [0x4000u32, 0x8000, 0x1068, 0x20000, 0x40000, 0xf00] {
+            assert_eq!(d.mask & foreign, 0, "{foreign:#x}");
+        }
+    }
+}
