@@ -108,8 +108,8 @@ pub fn assign(ids: &[&str], bits: u32) -> Vec<HostIds> {
         let mut attempt = 1;
         loop {
             let slot = hash(ids[i], attempt).0 & mask;
-            if !by_slot.contains_key(&slot) {
-                by_slot.insert(slot, vec![i]);
+            if let std::collections::hash_map::Entry::Vacant(e) = by_slot.entry(slot) {
+                e.insert(vec![i]);
                 out[i].slot = slot;
                 break;
             }

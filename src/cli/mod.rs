@@ -1,0 +1,191 @@
+//! Command-line interface: one module per subcommand.
+
+mod plan;
+
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use ipsec_mesh::metadata::{self, Snapshot};
+use ipsec_mesh::model::Cluster;
+use ipsec_mesh::plan::{Marks, PlanOptions, Transform};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ipsec-mesh",
+    version,
+    about = "IPsec mesh control plane for container hosts"
+)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. "debug" or "ipsec_mesh=trace".
+    /// Default: $IPSEC_MESH_LOG, else "info".
+    #[arg(long, global = true)]
+    pub log: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the mesh this host should have (no changes to the system).
+    Plan(plan::PlanCmd),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+/// Where the metadata comes from and which host is "self".
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// Metadata: a JSON file path, or a rancher-metadata base URL
+    /// (http://169.254.169.250/2015-12-19).
+    #[arg(long, value_name = "SRC")]
+    pub metadata: String,
+
+    /// This host's id in the metadata. Default: the host the metadata service says, else the
+    /// host whose agent_ip is configured on a local interface.
+    #[arg(long, value_name = "ID")]
+    pub host: Option<String>,
+}
+
+/// Options that shape the plan beyond the metadata.
+#[derive(Args, Debug, Clone)]
+pub struct PlanArgs {
+    /// File holding the pre-shared secret (mode 0600, at least 32 bytes).
+    #[arg(long, value_name = "F")]
+    pub psk_file: Option<std::path::PathBuf>,
+
+    /// ESP transform: aes256gcm16, aes128gcm16, aes256-sha256 or aes128-sha256.
+    #[arg(long, default_value = "aes256gcm16", value_parser = parse_transform)]
+    pub transform: Transform,
+
+    /// Encapsulate ESP in UDP (port 4500) on every pair.
+    #[arg(long)]
+    pub udp_encap: bool,
+
+    /// Key generation (part of key derivation and SPIs; bump to rotate keys).
+    #[arg(long, default_value_t = 1)]
+    pub key_generation: u32,
+
+    /// Mark for traffic to encrypt (hex or decimal).
+    #[arg(long, default_value = "0x100000", value_parser = parse_u32)]
+    pub mark_encrypt: u32,
+
+    /// Mark for traffic that arrived encrypted.
+    #[arg(long, default_value = "0x200000", value_parser = parse_u32)]
+    pub mark_decrypt: u32,
+
+    /// The mark bits ipsec-mesh owns.
+    #[arg(long, default_value = "0x300000", value_parser = parse_u32)]
+    pub mark_mask: u32,
+}
+
+impl PlanArgs {
+    pub fn options(&self) -> Result<PlanOptions> {
+        let marks = Marks {
+            encrypt: self.mark_encrypt,
+            decrypt: self.mark_decrypt,
+            mask: self.mark_mask,
+        };
+        marks.validate().map_err(|e| anyhow!("--mark-*: {e}"))?;
+        Ok(PlanOptions {
+            transform: self.transform,
+            udp_encap: self.udp_encap,
+            generation: self.key_generation,
+            marks,
+        })
+    }
+
+    pub fn psk(&self) -> Result<Option<ipsec_mesh::plan::Psk>> {
+        match &self.psk_file {
+            None => Ok(None),
+            Some(p) => Ok(Some(ipsec_mesh::plan::Psk::from_file(p)?)),
+        }
+    }
+}
+
+fn parse_transform(s: &str) -> Result<Transform, String> {
+    s.parse()
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a 32-bit number (decimal or 0x hex)"))
+}
+
+/// Load the metadata once.
+pub fn load(src: &SourceArgs) -> Result<Snapshot> {
+    let mut source = metadata::open(&src.metadata)?;
+    Ok(source.load()?)
+}
+
+/// Which host this is: `--host`, else what the source says, else a local address match.
+pub fn self_id(src: &SourceArgs, snap: &Snapshot) -> Result<String> {
+    if let Some(h) = &src.host {
+        return Ok(h.clone());
+    }
+    if let Some(h) = &snap.self_id {
+        return Ok(h.to_string());
+    }
+    let addrs = ipsec_mesh::localaddr::local_addresses().context("listing local addresses")?;
+    match snap.cluster.host_by_agent_ip(&addrs) {
+        Some(h) => Ok(h.id.to_string()),
+        None => Err(anyhow!(
+            "cannot tell which host this is: no local address is the agent_ip of a host in {}; pass --host ID (known hosts: {})",
+            src.metadata,
+            known(&snap.cluster)
+        )),
+    }
+}
+
+fn known(c: &Cluster) -> String {
+    let ids: Vec<&str> = c.hosts.iter().take(8).map(|h| h.id.as_str()).collect();
+    let more = if c.hosts.len() > 8 { ", …" } else { "" };
+    format!("{}{more}", ids.join(", "))
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Plan(cmd) => plan::run(cmd),
+    }
+}
+
+pub fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let spec = filter
+        .map(str::to_string)
+        .or_else(|| std::env::var("IPSEC_MESH_LOG").ok())
+        .unwrap_or_else(|| "info".to_string());
+    // Netlink crates log every message at debug; keep them quiet unless asked by name.
+    let spec = format!("netlink_proto=warn,netlink_sys=warn,rtnetlink=warn,{spec}");
+    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The error and its causes on one line, without repeating a cause the message already
+/// contains.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out.replace('\n', " ")
+}

@@ -1,0 +1,332 @@
+//! `ipsec-mesh plan` end to end: the binary, real files, exit codes and stderr.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ipsec-mesh");
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mesh.json")
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("IPSEC_MESH_LOG")
+        .output()
+        .expect("run ipsec-mesh")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+/// Run with a metadata document; expect failure with one clear stderr line containing `needle`.
+fn rejects(doc: &str, needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("meta.json");
+    std::fs::write(&p, doc).unwrap();
+    let o = run(&[
+        "plan",
+        "--metadata",
+        p.to_str().unwrap(),
+        "--host",
+        "host-a",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{doc}\n{err}");
+    assert!(o.stdout.is_empty());
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    assert!(err.contains("meta.json"), "file not named: {err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"));
+}
+
+fn psk_file(dir: &Path, content: &[u8], mode: u32) -> PathBuf {
+    let p = dir.join("psk");
+    std::fs::write(&p, content).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
+const BASE: &str = r#"{
+  "network": { "cidr": "10.42.0.0/16", "backend": "ipsec", "mtu": 1500 },
+  "hosts": [
+    { "id": "host-a", "agent_ip": "192.168.77.1", "subnets": ["10.42.1.0/24"] },
+    { "id": "host-b", "agent_ip": "192.168.77.2", "subnets": ["10.42.2.0/24"] }
+  ]
+}"#;
+
+#[test]
+fn table_is_the_default() {
+    let o = run(&[
+        "plan",
+        "--metadata",
+        example().to_str().unwrap(),
+        "--host",
+        "host-a",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("host host-a (192.168.77.1)  backend ipsec"),
+        "{out}"
+    );
+    assert!(out.contains("PEER"));
+    assert!(
+        out.lines().any(|l| l.starts_with("host-b  192.168.77.2")),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with("host-c  192.168.77.3")),
+        "{out}"
+    );
+    assert!(!out.contains("KEY_OUT_ID"), "no keys without a PSK");
+}
+
+#[test]
+fn json_contract_and_pair_symmetry() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = b"a test secret that is long enough for the check";
+    let psk = psk_file(dir.path(), secret, 0o600);
+    let plan = |host: &str| -> serde_json::Value {
+        let o = run(&[
+            "plan",
+            "--metadata",
+            example().to_str().unwrap(),
+            "--host",
+            host,
+            "--psk-file",
+            psk.to_str().unwrap(),
+            "--format",
+            "json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = stdout(&o);
+        assert!(!text.contains("a test secret"));
+        serde_json::from_str(&text).unwrap()
+    };
+    let a = plan("host-a");
+    let c = plan("host-c");
+    assert_eq!(a["host"], "host-a");
+    assert_eq!(a["backend"], "ipsec");
+    let peers = a["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2);
+    let ac = &peers[1];
+    assert_eq!(ac["host"], "host-c");
+    assert_eq!(ac["endpoint"], "192.168.77.3");
+    assert_eq!(
+        ac["subnets"],
+        serde_json::json!(["10.42.3.0/24", "10.42.103.0/24"])
+    );
+    for f in ["reqid", "spi_out", "spi_in"] {
+        assert!(ac[f].as_u64().unwrap() >= 256, "{f}");
+    }
+    let ca = &c["peers"][0];
+    assert_eq!(ca["host"], "host-a");
+    assert_eq!(ac["spi_out"], ca["spi_in"]);
+    assert_eq!(ac["spi_in"], ca["spi_out"]);
+    assert_eq!(ac["key_out_id"], ca["key_in_id"]);
+    assert_eq!(ac["key_in_id"], ca["key_out_id"]);
+    assert_eq!(ac["key_out_id"].as_str().unwrap().len(), 16);
+}
+
+#[test]
+fn all_hosts_and_self_discovery_failure() {
+    let o = run(&[
+        "plan",
+        "--metadata",
+        example().to_str().unwrap(),
+        "--all",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3);
+
+    // This machine has none of the example's agent IPs, so without --host it must say so.
+    let o = run(&["plan", "--metadata", example().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("cannot tell which host this is") && e.contains("--host"),
+        "{e}"
+    );
+}
+
+#[test]
+fn self_host_not_in_metadata() {
+    let o = run(&[
+        "plan",
+        "--metadata",
+        example().to_str().unwrap(),
+        "--host",
+        "host-z",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("\"host-z\" is not in the metadata"), "{e}");
+    assert!(e.contains("host-a, host-b, host-c"), "{e}");
+}
+
+#[test]
+fn every_rejection_class_is_one_clear_line() {
+    let cases: Vec<(String, &str)> = vec![
+        ("{ \"network\": ".into(), "EOF while parsing"),
+        (
+            BASE.replace(
+                "\"subnets\": [\"10.42.1.0/24\"]",
+                "\"subnet\": [\"10.42.1.0/24\"]",
+            ),
+            "unknown field `subnet`",
+        ),
+        (
+            BASE.replace("\"agent_ip\": \"192.168.77.1\", ", ""),
+            "missing field `agent_ip`",
+        ),
+        (
+            r#"{"network":{"cidr":"10.42.0.0/16"},"hosts":[]}"#.into(),
+            "host list is empty",
+        ),
+        (BASE.replace("host-b", "host-a"), "duplicate host id"),
+        (
+            BASE.replace("192.168.77.2", "192.168.77.1"),
+            "also the agent_ip of host \"host-a\"",
+        ),
+        (
+            BASE.replace("10.42.2.0/24", "10.43.2.0/24"),
+            "not inside the network cidr",
+        ),
+        (
+            BASE.replace("10.42.2.0/24", "10.42.1.128/25"),
+            "overlaps 10.42.1.0/24 of host \"host-a\"",
+        ),
+        (
+            BASE.replace("10.42.2.0/24", "10.42.2.1/24"),
+            "host bits set",
+        ),
+        (
+            BASE.replace("192.168.77.2", "192.168.77.256"),
+            "not an IP address",
+        ),
+        (
+            BASE.replace("10.42.2.0/24", "10.42.2.0/40"),
+            "prefix length",
+        ),
+        (
+            BASE.replace("192.168.77.2", "10.42.200.2"),
+            "inside the overlay cidr",
+        ),
+        (BASE.replace("\"host-b\"", "\"\""), "host id is empty"),
+        (
+            BASE.replace("\"ipsec\"", "\"ipsek\""),
+            "unknown backend \"ipsek\"",
+        ),
+        (
+            BASE.replace("1500", "1000"),
+            "network.mtu: 1000 is outside 1280..=9000",
+        ),
+        (BASE.replace("1500", "9600"), "outside 1280..=9000"),
+    ];
+    for (doc, needle) in cases {
+        rejects(&doc, needle);
+    }
+}
+
+#[test]
+fn not_utf8_names_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("meta.json");
+    let mut bytes = BASE.as_bytes().to_vec();
+    let at = BASE.find("host-b").unwrap();
+    bytes[at] = 0xc3;
+    bytes[at + 1] = 0x28;
+    std::fs::write(&p, bytes).unwrap();
+    let o = run(&[
+        "plan",
+        "--metadata",
+        p.to_str().unwrap(),
+        "--host",
+        "host-a",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("meta.json:5:") && e.contains("not valid UTF-8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn psk_file_is_checked_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = example();
+    let meta = meta.to_str().unwrap();
+    let check = |p: &Path, needle: &str| {
+        let o = run(&[
+            "plan",
+            "--metadata",
+            meta,
+            "--host",
+            "host-a",
+            "--psk-file",
+            p.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1));
+        let e = stderr(&o);
+        assert!(e.contains(needle), "{needle:?} not in {e}");
+        assert!(!e.contains("hunter2"), "secret leaked: {e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+    };
+    check(&dir.path().join("absent"), "cannot read");
+    let p = psk_file(
+        dir.path(),
+        b"hunter2-hunter2-hunter2-hunter2-hunter2",
+        0o644,
+    );
+    check(&p, "chmod 600");
+    let p = psk_file(dir.path(), b"hunter2", 0o600);
+    check(&p, "at least 32");
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    let o = run(&[
+        "plan",
+        "--metadata",
+        example().to_str().unwrap(),
+        "--host",
+        "host-a",
+        "--format",
+        "xml",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&[
+        "plan",
+        "--metadata",
+        example().to_str().unwrap(),
+        "--host",
+        "host-a",
+        "--transform",
+        "des",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("aes256gcm16"));
+    let o = run(&[
+        "plan",
+        "--metadata",
+        example().to_str().unwrap(),
+        "--host",
+        "host-a",
+        "--mark-encrypt",
+        "0x400000",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("outside the mask"));
+}
