@@ -39,11 +39,12 @@ vm() {
         echo "SKIP vm: needs root (qemu + kernel download)" >&2
         return
     fi
-    if [ -x "$here/vm/test.sh" ]; then
-        "$here/vm/test.sh"
-    else
-        echo "vm suite not present yet" >&2
-    fi
+    say "vm: real-ESP kernel under qemu"
+    "$here/vm/setup.sh"
+    local img
+    img=$(mktemp -d)/smoke.cpio.gz
+    "$here/vm/build-initramfs.sh" "$img" --init "$here/vm/smoke-esp.sh"
+    "$here/vm/run.sh" "$img" 180
 }
 
 case "${1:-all}" in

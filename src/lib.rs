@@ -4,6 +4,7 @@
 //! dataplane drivers (reconcile).
 
 pub mod localaddr;
+pub mod dataplane;
 pub mod metadata;
 pub mod model;
 pub mod plan;

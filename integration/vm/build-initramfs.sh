@@ -16,12 +16,16 @@ set -euo pipefail
 VM_CACHE="${VM_CACHE:-/var/cache/ipsec-mesh-vm}"
 
 # Module closure loaded at boot, in this order (dependencies first, resolved below).
-# gcm finds ghash, and drbg finds jitterentropy_rng, through the crypto API at run time
-# (not as symbol dependencies), so they are listed explicitly.
+# gcm finds ghash, drbg finds jitterentropy_rng, and jitterentropy_rng (6.1.0-56+) finds
+# sha3-256 through the crypto API at run time (not as symbol dependencies), so they are listed
+# explicitly. Besides, every module under ONDEMAND_DIRS is shipped (not loaded) so that the
+# kernel's request_module("crypto-...") -> busybox modprobe finds any other algorithm.
 DEFAULT_MODULES="xfrm_algo xfrm_user esp4 esp6 xfrm4_tunnel xfrm6_tunnel af_key ah4 ah6
   xfrm_interface aesni_intel ghash_clmulni_intel gcm ghash_generic ctr authenc seqiv echainiv
-  jitterentropy_rng drbg sha512_generic chacha_generic poly1305_generic chacha20poly1305
+  sha3_generic jitterentropy_rng drbg sha512_generic chacha_generic poly1305_generic chacha20poly1305
   veth bridge vxlan dummy tun"
+
+ONDEMAND_DIRS="${VM_ONDEMAND_DIRS-kernel/crypto kernel/arch/x86/crypto kernel/lib/crypto}"
 
 usage() {
     sed -n '2,14s/^# \{0,1\}//p' "$0" >&2
@@ -79,8 +83,7 @@ copy_elf() {
     while read -r lib; do
         [[ -n "$lib" && -e "$stage$lib" ]] && continue
         install -D -m 0755 "$lib" "$stage$lib"
-    done < <(ldd "$src" 2>/dev/null | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i}' |
-        sed 's/^(\(.*\))$/\1/')
+    done < <(ldd "$src" 2>/dev/null | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i}')
 }
 
 # Copy SRC:DEST (file or directory) into the image.
@@ -133,7 +136,7 @@ printf '%s\n' "$VM_KVER" >"$stage/etc/vm-kver"
 # --- kernel modules ----------------------------------------------------------------------
 modconf="$stage/.modprobe.conf"
 printf 'options dummy numdummies=0\n' >"$modconf"
-read -r -a modules <<<"${VM_MODULES:-$DEFAULT_MODULES}"
+read -r -d '' -a modules <<<"${VM_MODULES:-$DEFAULT_MODULES}" || true
 modules+=("${extra_modules[@]}")
 declare -A seen=()
 modlist="$stage/etc/vm-modules"
@@ -153,6 +156,22 @@ for m in "${modules[@]}"; do
     done <<<"$deps"
 done
 rm -f "$modconf"
+# On-demand modules: copy each with its dependencies (modules.dep lists the full closure).
+read -r -d '' -a ondemand <<<"$ONDEMAND_DIRS" || true
+nextra=0
+if ((${#ondemand[@]})); then
+    while read -r rel; do
+        [[ -e "$stage/lib/modules/$VM_KVER/$rel" ]] && continue
+        install -D -m 0644 "$kmoddir/$rel" "$stage/lib/modules/$VM_KVER/$rel"
+        nextra=$((nextra + 1))
+    done < <(
+        cd "$kmoddir"
+        awk -v dirs="${ondemand[*]}" '
+            BEGIN { n = split(dirs, d, " ") }
+            { sub(/:$/, "", $1); for (i = 1; i <= n; i++) if (index($1, d[i] "/") == 1) { for (j = 1; j <= NF; j++) { f = $j; sub(/:$/, "", f); print f } ; break } }
+        ' modules.dep | sort -u
+    )
+fi
 for f in modules.order modules.builtin modules.builtin.modinfo; do
     [[ -f "$kmoddir/$f" ]] && install -m 0644 "$kmoddir/$f" "$stage/lib/modules/$VM_KVER/$f"
 done
@@ -196,10 +215,17 @@ failed=""
 n=0
 while read -r rel params; do
     # shellcheck disable=SC2086 # params are word-split on purpose
-    if insmod "/lib/modules/$kver/$rel" $params; then
+    if insmod "/lib/modules/$kver/$rel" $params 2>/tmp/insmod.err; then
         n=$((n + 1))
     else
-        failed="$failed ${rel##*/}"
+        # Already loaded on demand (kernel request_module -> busybox modprobe) is fine.
+        name="$(basename "$rel" .ko | tr - _)"
+        if [ -d "/sys/module/$name" ]; then
+            n=$((n + 1))
+        else
+            cat /tmp/insmod.err
+            failed="$failed $name"
+        fi
     fi
 done </etc/vm-modules
 if [ -n "$failed" ]; then
@@ -245,4 +271,4 @@ tmp_out="$(mktemp "$out.XXXXXX")"
     cpio --null --create --format=newc --owner=0:0 --quiet) | gzip -1 >"$tmp_out"
 mv -f "$tmp_out" "$out"
 chmod 0644 "$out"
-log "$out: $(du -h "$out" | cut -f1), kernel $VM_KVER, $nmod modules${init_script:+, test $init_script}"
+log "$out: $(du -h "$out" | cut -f1), kernel $VM_KVER, $nmod modules loaded at boot + $nextra on demand${init_script:+, test $init_script}"

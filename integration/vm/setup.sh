@@ -67,25 +67,34 @@ else
 fi
 
 # --- kernel package ----------------------------------------------------------------------
-has_candidate "$KERNEL_META" || apt_update_once || true
-kpkg="$(apt-cache depends "$KERNEL_META" 2>/dev/null |
-    awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ {print $2; exit}')"
-[[ -n "$kpkg" ]] || die "cannot resolve the kernel package behind $KERNEL_META"
-kver_pkg="$(apt-cache policy "$kpkg" | awk '/Candidate:/ {print $2; exit}')"
-[[ -n "$kver_pkg" && "$kver_pkg" != "(none)" ]] || die "no candidate version for $kpkg"
-log "kernel package: $kpkg $kver_pkg"
-
 debdir="$VM_CACHE/debs"
 mkdir -p "$debdir"
-deb="$debdir/${kpkg}_${kver_pkg//:/%3a}_amd64.deb"
-if [[ ! -s "$deb" ]]; then
+
+# Sets kpkg, kver_pkg and deb (downloading it unless cached); fails if anything is missing.
+fetch_kernel() {
+    kpkg="$(apt-cache depends "$KERNEL_META" 2>/dev/null |
+        awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ {print $2; exit}')"
+    [[ -n "$kpkg" ]] || { log "cannot resolve the kernel package behind $KERNEL_META"; return 1; }
+    kver_pkg="$(apt-cache policy "$kpkg" | awk '/Candidate:/ {print $2; exit}')"
+    [[ -n "$kver_pkg" && "$kver_pkg" != "(none)" ]] || { log "no candidate for $kpkg"; return 1; }
+    log "kernel package: $kpkg $kver_pkg"
+    deb="$debdir/${kpkg}_${kver_pkg//:/%3a}_amd64.deb"
+    if [[ -s "$deb" ]]; then
+        log "cached: $deb"
+        return 0
+    fi
     log "downloading $kpkg=$kver_pkg"
-    # apt-get download verifies the hash against the signed package lists.
-    (cd "$debdir" && with_apt_retry apt-get download -qq -o APT::Sandbox::User=root "$kpkg=$kver_pkg")
-    [[ -s "$deb" ]] || die "apt-get download did not produce $deb"
-else
-    log "cached: $deb"
-fi
+    # apt-get download verifies the hash against the signed package lists. Download into a
+    # scratch directory so an interrupted run never leaves a truncated .deb in the cache.
+    local dl rc=0
+    dl="$(mktemp -d "$debdir/.download.XXXXXX")"
+    (cd "$dl" && apt-get download -qq -o APT::Sandbox::User=root "$kpkg=$kver_pkg") &&
+        mv -f "$dl/$(basename "$deb")" "$deb" || rc=1
+    rm -rf "$dl"
+    return "$rc"
+}
+# Stale package lists (version gone from the archive) -> refresh once and resolve again.
+fetch_kernel || { apt_update_once && fetch_kernel; } || die "cannot fetch the kernel package"
 
 kroot="$VM_CACHE/kernel/${kpkg}_${kver_pkg//:/_}"
 if [[ ! -f "$kroot/.unpacked" ]]; then
@@ -109,6 +118,14 @@ if [[ ! -s "$moddir/modules.dep" || ! -f "$moddir/.depmod-done" ]]; then
     depmod -b "$modbase" "$kver"
     touch "$moddir/.depmod-done"
 fi
+
+# Drop kernels from earlier runs (the archive moves on; initramfs images record their kernel).
+for old in "$VM_CACHE"/kernel/*/ "$debdir"/*.deb; do
+    [[ -e "$old" ]] || continue
+    [[ "${old%/}" == "$kroot" || "$old" == "$deb" ]] && continue
+    log "removing stale $old"
+    rm -rf "${old%/}"
+done
 
 tmp_env="$(mktemp "$VM_CACHE/kernel.env.XXXXXX")"
 {

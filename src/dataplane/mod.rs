@@ -1,0 +1,6 @@
+//! Dataplane drivers: each owns a namespace of kernel objects (recognisable reqid range,
+//! mark bits, chain names, rule priority and table) and never touches anything else.
+//! A reconcile dumps what exists, diffs against the desired state and applies only the
+//! difference.
+
+pub mod netns;
