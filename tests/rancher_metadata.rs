@@ -1,0 +1,600 @@
+//! The rancher-metadata source against an in-test HTTP/1.1 server that serves recorded answers
+//! (tests/fixtures/rancher/*.json, in the real API's format) and implements the long-poll
+//! `GET /version?wait=true&value=<v>&maxWait=<s>`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ipsec_mesh::metadata::rancher::RancherSource;
+use ipsec_mesh::metadata::{self, MetadataError, MetadataSource};
+use ipsec_mesh::model::{Backend, Invalid};
+use serde_json::Value;
+
+const PREFIX: &str = "/2015-12-19";
+const HOST1: &str = "0f8d6c3e-5b0a-4c1e-9a53-2f1b7e4d9a01";
+const HOST2: &str = "b3a4c1d2-7e8f-4a6b-9c0d-1e2f3a4b5c02";
+const HOST3: &str = "c7e8f9a0-1b2c-4d3e-8f4a-5b6c7d8e9f03";
+
+// ------------------------------------------------------------------------------------------
+// The fake metadata service.
+// ------------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+enum Reply {
+    Answer {
+        status: u16,
+        body: String,
+    },
+    /// Read the request, never answer.
+    Hang,
+}
+
+/// One request the server saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    target: String,
+    accept: Option<String>,
+}
+
+struct State {
+    version: String,
+    answers: HashMap<String, Reply>,
+    seen: Vec<Seen>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+struct FakeMetadata {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+fn fixture(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/rancher")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn fixture_json(name: &str) -> Value {
+    serde_json::from_str(&fixture(name)).unwrap()
+}
+
+impl FakeMetadata {
+    fn start() -> FakeMetadata {
+        let mut answers = HashMap::new();
+        for (path, file) in [
+            ("/self/host", "self_host.json"),
+            ("/hosts", "hosts.json"),
+            ("/containers", "containers.json"),
+            ("/networks", "networks.json"),
+        ] {
+            answers.insert(
+                path.to_string(),
+                Reply::Answer {
+                    status: 200,
+                    body: fixture(file),
+                },
+            );
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                version: "31".to_string(),
+                answers,
+                seen: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = shared.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let s = s.clone();
+                thread::spawn(move || serve(conn, &s));
+            }
+        });
+        FakeMetadata { addr, shared }
+    }
+
+    fn base(&self) -> String {
+        format!("http://{}{PREFIX}", self.addr)
+    }
+
+    fn source(&self) -> RancherSource {
+        RancherSource::new(&self.base()).unwrap()
+    }
+
+    fn set(&self, path: &str, reply: Reply) {
+        let mut st = self.shared.state.lock().unwrap();
+        st.answers.insert(path.to_string(), reply);
+    }
+
+    fn set_json(&self, path: &str, v: &Value) {
+        self.set(
+            path,
+            Reply::Answer {
+                status: 200,
+                body: serde_json::to_string_pretty(v).unwrap(),
+            },
+        );
+    }
+
+    /// Change the answers and the version together, waking held long-polls.
+    fn change(&self, version: &str, f: impl FnOnce(&mut HashMap<String, Reply>)) {
+        let mut st = self.shared.state.lock().unwrap();
+        f(&mut st.answers);
+        st.version = version.to_string();
+        self.shared.changed.notify_all();
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.shared.state.lock().unwrap().seen.clone()
+    }
+}
+
+impl Drop for FakeMetadata {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.changed.notify_all();
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn serve(conn: TcpStream, s: &Shared) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut accept = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("accept") {
+                accept = Some(v.trim().to_string());
+            }
+        }
+    }
+    let target = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .to_string();
+    s.state.lock().unwrap().seen.push(Seen {
+        target: target.clone(),
+        accept,
+    });
+
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let reply = match path.strip_prefix(PREFIX) {
+        Some("/version") => {
+            let params: HashMap<&str, String> = query
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k, percent_decode(v)))
+                .collect();
+            let mut st = s.state.lock().unwrap();
+            if params.get("wait").map(String::as_str) == Some("true") {
+                let value = params.get("value").cloned().unwrap_or_default();
+                let max_wait: u64 = params
+                    .get("maxWait")
+                    .and_then(|m| m.parse().ok())
+                    .unwrap_or(5);
+                let deadline = Instant::now() + Duration::from_secs(max_wait);
+                while st.version == value && !s.stop.load(Ordering::SeqCst) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    st = s.changed.wait_timeout(st, left).unwrap().0;
+                }
+            }
+            Reply::Answer {
+                status: 200,
+                body: serde_json::to_string(&st.version).unwrap(),
+            }
+        }
+        Some(p) => s
+            .state
+            .lock()
+            .unwrap()
+            .answers
+            .get(p)
+            .cloned()
+            .unwrap_or(Reply::Answer {
+                status: 404,
+                body: "{\"code\":\"Not Found\"}".into(),
+            }),
+        None => Reply::Answer {
+            status: 404,
+            body: "Not Found".into(),
+        },
+    };
+    match reply {
+        Reply::Hang => {
+            while !s.stop.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Reply::Answer { status, body } => {
+            let reason = match status {
+                200 => "OK",
+                404 => "Not Found",
+                500 => "Internal Server Error",
+                _ => "Other",
+            };
+            let mut conn = conn;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.flush();
+        }
+    }
+}
+
+fn container_named<'a>(containers: &'a mut Value, name: &str) -> &'a mut Value {
+    containers
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name} in the fixture"))
+}
+
+fn subnets_of(snap: &metadata::Snapshot, id: &str) -> Vec<String> {
+    snap.cluster
+        .host(id)
+        .unwrap_or_else(|| panic!("no host {id}"))
+        .subnets
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// Tests.
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn load_maps_hosts_network_and_aggregated_subnets() {
+    let server = FakeMetadata::start();
+    let mut src = server.source();
+    assert_eq!(src.origin(), server.base());
+    let snap = src.load().unwrap();
+
+    assert_eq!(snap.version, "31");
+    assert_eq!(snap.self_id.as_ref().unwrap().as_str(), HOST1);
+    let net = &snap.cluster.network;
+    assert_eq!(net.cidr.to_string(), "10.42.0.0/16");
+    assert_eq!(net.backend, Backend::Ipsec);
+    assert_eq!(net.mtu, 1460, "mtu comes from the network's cniConfig");
+
+    assert_eq!(snap.cluster.hosts.len(), 3);
+    let h1 = snap.cluster.host(HOST1).unwrap();
+    assert_eq!(h1.agent_ip.to_string(), "192.168.77.11");
+    assert_eq!(h1.name.as_deref(), Some("rancher-node-1"));
+    assert_eq!(h1.labels.get("zone").map(String::as_str), Some("a"));
+    // 10.42.1.4 (ipsec agent) + .5 .6 .7 (users) -> one /30; .9 (healthcheck, a system
+    // container) stays a /32. Not counted: .8 (stopped), the router sidekick (network from
+    // the agent), the cni-driver (host network), shop-web-3 (starting, no primary_ip yet).
+    assert_eq!(subnets_of(&snap, HOST1), ["10.42.1.4/30", "10.42.1.9/32"]);
+    // .10 (agent) + .11 (starting) -> /31; 172.17.0.2 is on the bridge network.
+    assert_eq!(
+        subnets_of(&snap, HOST2),
+        ["10.42.2.10/31", "10.42.200.3/32"]
+    );
+    // The stopped 10.42.3.3 is not counted.
+    assert_eq!(subnets_of(&snap, HOST3), ["10.42.3.2/32"]);
+
+    // The version was read first, and every request asked for JSON.
+    let seen = server.seen();
+    assert_eq!(seen[0].target, format!("{PREFIX}/version"));
+    for path in ["/self/host", "/hosts", "/containers", "/networks"] {
+        assert!(
+            seen.iter().any(|s| s.target == format!("{PREFIX}{path}")),
+            "{path} not requested: {seen:?}"
+        );
+    }
+    assert!(
+        seen.iter()
+            .all(|s| s.accept.as_deref() == Some("application/json")),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn open_picks_the_rancher_source_for_http_urls() {
+    let server = FakeMetadata::start();
+    let mut src = metadata::open(&server.base()).unwrap();
+    let snap = src.load().unwrap();
+    assert_eq!(snap.self_id.unwrap().as_str(), HOST1);
+}
+
+#[test]
+fn long_poll_returns_the_new_version_promptly_after_a_change() {
+    let server = FakeMetadata::start();
+    let mut src = server.source();
+    let snap = src.load().unwrap();
+
+    let version = snap.version.clone();
+    let waiter = thread::spawn(move || {
+        let started = Instant::now();
+        let r = src.wait_for_change(&version, Duration::from_secs(20));
+        (r, started.elapsed(), src)
+    });
+    // Let the request reach the server and be held there.
+    let t0 = Instant::now();
+    while !server.seen().iter().any(|s| s.target.contains("wait=true")) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no long-poll seen");
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        !waiter.is_finished(),
+        "the long-poll returned before any change"
+    );
+
+    // host3's agent goes away, a new container starts on host1.
+    let mut containers = fixture_json("containers.json");
+    containers
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| c["host_uuid"] != HOST3);
+    let batch = container_named(&mut containers, "nightly-batch-1");
+    batch["state"] = "running".into();
+    server.change("32", |answers| {
+        answers.insert(
+            "/containers".into(),
+            Reply::Answer {
+                status: 200,
+                body: containers.to_string(),
+            },
+        );
+    });
+
+    let (r, elapsed, mut src) = waiter.join().unwrap();
+    assert_eq!(r.unwrap(), Some("32".to_string()));
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "returned at maxWait, not on the change"
+    );
+    let wait = server
+        .seen()
+        .into_iter()
+        .find(|s| s.target.contains("wait=true"))
+        .unwrap();
+    assert_eq!(
+        wait.target,
+        format!("{PREFIX}/version?wait=true&value=31&maxWait=20")
+    );
+
+    let snap = src.load().unwrap();
+    assert_eq!(snap.version, "32");
+    assert_eq!(
+        subnets_of(&snap, HOST1),
+        ["10.42.1.4/30", "10.42.1.8/31"],
+        "10.42.1.8 and .9 now aggregate"
+    );
+    assert!(
+        subnets_of(&snap, HOST3).is_empty(),
+        "a host without containers has no subnets"
+    );
+}
+
+#[test]
+fn long_poll_returns_none_after_max_wait_without_a_change() {
+    let server = FakeMetadata::start();
+    let mut src = server.source();
+    let started = Instant::now();
+    let r = src
+        .wait_for_change("31", Duration::from_millis(1000))
+        .unwrap();
+    assert_eq!(r, None);
+    // The server held the request for maxWait (1s) before answering the same version.
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[test]
+fn long_poll_with_a_stale_version_returns_at_once_and_encodes_the_value() {
+    let server = FakeMetadata::start();
+    let mut src = server.source();
+    let r = src
+        .wait_for_change("30 old&x", Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(r, Some("31".to_string()));
+    let seen = server.seen();
+    assert_eq!(
+        seen[0].target,
+        format!("{PREFIX}/version?wait=true&value=30%20old%26x&maxWait=30")
+    );
+}
+
+#[test]
+fn server_down_is_a_clear_http_error() {
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let base = format!("http://{addr}{PREFIX}");
+    let mut src = RancherSource::new(&base).unwrap();
+    let e = src.load().unwrap_err();
+    match &e {
+        MetadataError::Http { url, message } => {
+            assert_eq!(url, &format!("{base}/version"));
+            assert!(message.contains("cannot connect"), "{e}");
+        }
+        other => panic!("expected Http, got {other:?}"),
+    }
+    let e = src
+        .wait_for_change("31", Duration::from_secs(1))
+        .unwrap_err();
+    assert!(matches!(e, MetadataError::Http { .. }), "{e}");
+    assert!(e.to_string().contains("/version?wait=true"), "{e}");
+}
+
+#[test]
+fn http_500_names_url_and_status() {
+    let server = FakeMetadata::start();
+    server.set(
+        "/networks",
+        Reply::Answer {
+            status: 500,
+            body: "{\"message\": \"metadata store not ready\"}".into(),
+        },
+    );
+    let e = server.source().load().unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, MetadataError::Http { .. }), "{msg}");
+    assert!(
+        msg.starts_with(&format!("{}/networks: ", server.base())),
+        "{msg}"
+    );
+    assert!(msg.contains("500"), "{msg}");
+    assert!(msg.contains("metadata store not ready"), "{msg}");
+}
+
+#[test]
+fn garbled_json_is_a_parse_error_with_position() {
+    let server = FakeMetadata::start();
+    let body = fixture("hosts.json").replacen("\"agent_ip\":", "\"agent_ip\" ", 1);
+    server.set("/hosts", Reply::Answer { status: 200, body });
+    let e = server.source().load().unwrap_err();
+    match &e {
+        MetadataError::Parse {
+            origin,
+            line,
+            column,
+            message,
+        } => {
+            assert_eq!(origin, &format!("{}/hosts", server.base()));
+            assert_eq!(*line, 3, "{e}");
+            assert!(*column > 1, "{e}");
+            assert!(message.contains("expected `:`"), "{e}");
+        }
+        other => panic!("expected Parse, got {other:?}"),
+    }
+}
+
+#[test]
+fn missing_required_field_is_named() {
+    let server = FakeMetadata::start();
+    let mut hosts = fixture_json("hosts.json");
+    hosts[1].as_object_mut().unwrap().remove("agent_ip");
+    server.set_json("/hosts", &hosts);
+    let e = server.source().load().unwrap_err();
+    assert!(matches!(e, MetadataError::Parse { .. }), "{e}");
+    assert!(e.to_string().contains("missing field `agent_ip`"), "{e}");
+}
+
+#[test]
+fn duplicate_agent_ip_is_a_validation_error() {
+    let server = FakeMetadata::start();
+    let mut hosts = fixture_json("hosts.json");
+    hosts[2]["agent_ip"] = hosts[0]["agent_ip"].clone();
+    server.set_json("/hosts", &hosts);
+    let e = server.source().load().unwrap_err();
+    match &e {
+        MetadataError::Invalid { origin, error } => {
+            assert_eq!(origin, &server.base());
+            assert!(
+                matches!(error.what, Invalid::DuplicateAgentIp { .. }),
+                "{e}"
+            );
+            assert!(error.location.to_string().contains(HOST3), "{e}");
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn unparsable_primary_ip_names_the_container() {
+    let server = FakeMetadata::start();
+    let mut containers = fixture_json("containers.json");
+    let c = container_named(&mut containers, "shop-db-1");
+    c["primary_ip"] = "10.42.1.777".into();
+    let uuid = c["uuid"].as_str().unwrap().to_string();
+    server.set_json("/containers", &containers);
+    let e = server.source().load().unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, MetadataError::Rancher { .. }), "{msg}");
+    assert!(
+        msg.starts_with(&format!("{}/containers: ", server.base())),
+        "{msg}"
+    );
+    assert!(msg.contains(&uuid) && msg.contains("10.42.1.777"), "{msg}");
+}
+
+#[test]
+fn managed_network_missing_from_the_network_list_is_a_clear_error() {
+    let server = FakeMetadata::start();
+    let mut networks = fixture_json("networks.json");
+    networks
+        .as_array_mut()
+        .unwrap()
+        .retain(|n| n["name"] != "ipsec");
+    server.set_json("/networks", &networks);
+    let e = server.source().load().unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, MetadataError::Rancher { .. }), "{msg}");
+    assert!(msg.contains("/networks: "), "{msg}");
+    assert!(msg.contains("not in the network list"), "{msg}");
+}
+
+#[test]
+fn a_hung_request_times_out() {
+    let server = FakeMetadata::start();
+    server.set("/containers", Reply::Hang);
+    let mut src = server
+        .source()
+        .with_request_timeout(Duration::from_millis(300));
+    let e = src.load().unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, MetadataError::Http { .. }), "{msg}");
+    assert!(msg.contains("/containers: "), "{msg}");
+    assert!(msg.contains("no complete answer within 0.3s"), "{msg}");
+}
