@@ -4,3 +4,4 @@
 //! difference.
 
 pub mod netns;
+pub mod xfrm;

@@ -1,0 +1,257 @@
+//! The desired XFRM state for a plan (pure).
+
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::objects::*;
+use crate::plan::{Plan, SaKey, Transform};
+
+/// Priority of per-pair policies (lower value wins in the kernel).
+pub const PAIR_PRIORITY: u32 = 0x2a00;
+/// Priority of the fail-closed block policy: below every pair policy.
+pub const BLOCK_PRIORITY: u32 = 0x000f_ff00;
+/// NAT-T port.
+pub const NAT_T_PORT: u16 = 4500;
+
+/// What the kernel should hold, each object with its owner.
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    pub policies: Vec<(Owner, Policy)>,
+    pub sas: Vec<(Owner, Sa)>,
+}
+
+/// The catch-all prefix of a family.
+pub fn any(v6: bool) -> IpNet {
+    if v6 {
+        IpNet::V6(Ipv6Net::default())
+    } else {
+        IpNet::V4(Ipv4Net::default())
+    }
+}
+
+/// Kernel crypto for a transform and key.
+pub fn crypto(t: Transform, key: &SaKey) -> Crypto {
+    let owned = |b: &[u8]| zeroize::Zeroizing::new(b.to_vec());
+    if t.is_aead() {
+        Crypto::Aead {
+            name: "rfc4106(gcm(aes))".into(),
+            key: owned(key.enc()),
+            icv_bits: (t.icv_len() * 8) as u32,
+        }
+    } else {
+        Crypto::EncAuth {
+            enc_name: "cbc(aes)".into(),
+            enc_key: owned(key.enc()),
+            auth_name: "hmac(sha256)".into(),
+            auth_key: owned(key.auth()),
+            trunc_bits: (t.icv_len() * 8) as u32,
+        }
+    }
+}
+
+/// The fail-closed block policy: marked traffic that matches no pair policy is dropped.
+pub fn block_policy(plan: &Plan) -> Policy {
+    let v6 = plan.cidr.network().is_ipv6();
+    Policy {
+        id: PolicyId {
+            dir: Dir::Out,
+            src: any(v6),
+            dst: any(v6),
+            mark: Mark {
+                value: plan.marks.encrypt,
+                mask: plan.marks.mask,
+            },
+        },
+        priority: BLOCK_PRIORITY,
+        action: Action::Block,
+        tmpl: None,
+    }
+}
+
+/// Policies and SAs for `plan`. Peers without keys (no PSK) get policies only: their
+/// traffic is blocked, never sent in clear.
+pub fn desired(plan: &Plan) -> Desired {
+    let mut d = Desired::default();
+    d.policies.push((Owner::Mesh, block_policy(plan)));
+    let me: IpAddr = plan.endpoint;
+    let out_mark = Mark {
+        value: plan.marks.encrypt,
+        mask: plan.marks.mask,
+    };
+    let encap = plan.udp_encap.then_some((NAT_T_PORT, NAT_T_PORT));
+    let inner_v6 = plan.cidr.network().is_ipv6();
+    for p in &plan.peers {
+        let owner = Owner::Peer(p.host.to_string());
+        let out_t = Tmpl {
+            src: me,
+            dst: p.endpoint,
+            reqid: p.reqid,
+        };
+        let in_t = Tmpl {
+            src: p.endpoint,
+            dst: me,
+            reqid: p.reqid,
+        };
+        for &local in &plan.subnets {
+            for &remote in &p.subnets {
+                let pol = |dir, src, dst, mark, tmpl| Policy {
+                    id: PolicyId {
+                        dir,
+                        src,
+                        dst,
+                        mark,
+                    },
+                    priority: PAIR_PRIORITY,
+                    action: Action::Allow,
+                    tmpl: Some(tmpl),
+                };
+                d.policies
+                    .push((owner.clone(), pol(Dir::Out, local, remote, out_mark, out_t)));
+                d.policies
+                    .push((owner.clone(), pol(Dir::In, remote, local, Mark::NONE, in_t)));
+                d.policies.push((
+                    owner.clone(),
+                    pol(Dir::Fwd, remote, local, Mark::NONE, in_t),
+                ));
+            }
+        }
+        if let (Some(ko), Some(ki)) = (&p.key_out, &p.key_in) {
+            d.sas.push((
+                owner.clone(),
+                Sa {
+                    id: SaId {
+                        dst: p.endpoint,
+                        spi: p.spi_out,
+                    },
+                    src: me,
+                    reqid: p.reqid,
+                    inner_v6,
+                    crypto: crypto(plan.transform, ko),
+                    encap,
+                    output_mark: None,
+                },
+            ));
+            d.sas.push((
+                owner,
+                Sa {
+                    id: SaId {
+                        dst: me,
+                        spi: p.spi_in,
+                    },
+                    src: p.endpoint,
+                    reqid: p.reqid,
+                    inner_v6,
+                    crypto: crypto(plan.transform, ki),
+                    encap,
+                    output_mark: Some(Mark {
+                        value: plan.marks.decrypt,
+                        mask: plan.marks.mask,
+                    }),
+                },
+            ));
+        }
+    }
+    d
+}
+
+/// Shortest local and remote prefix lengths in use (for the SPD hash thresholds).
+pub fn prefix_thresholds(plan: &Plan) -> Option<(u8, u8)> {
+    let local = plan.subnets.iter().map(|n| n.prefix_len()).min()?;
+    let remote = plan
+        .peers
+        .iter()
+        .flat_map(|p| p.subnets.iter().map(|n| n.prefix_len()))
+        .min()?;
+    Some((local, remote))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Cluster, RawCluster, RawHost, RawNetwork};
+    use crate::plan::{plan, PlanOptions, Psk};
+
+    fn a_plan(psk: bool) -> Plan {
+        let c = Cluster::validate(&RawCluster {
+            network: RawNetwork {
+                cidr: "10.42.0.0/16".into(),
+                ..Default::default()
+            },
+            hosts: vec![
+                RawHost {
+                    id: "a".into(),
+                    agent_ip: "192.168.77.1".into(),
+                    subnets: vec!["10.42.1.0/24".into()],
+                    ..Default::default()
+                },
+                RawHost {
+                    id: "b".into(),
+                    agent_ip: "192.168.77.2".into(),
+                    subnets: vec!["10.42.2.0/24".into(), "10.42.102.0/24".into()],
+                    ..Default::default()
+                },
+            ],
+        })
+        .unwrap();
+        let k = Psk::from_bytes(&[1; 32]);
+        plan(&c, "a", &PlanOptions::default(), psk.then_some(&k)).unwrap()
+    }
+
+    #[test]
+    fn policies_per_subnet_pair_and_direction() {
+        let p = a_plan(true);
+        let d = desired(&p);
+        // block + 2 subnet pairs x 3 directions
+        assert_eq!(d.policies.len(), 7);
+        assert_eq!(d.sas.len(), 2);
+        let out: Vec<_> = d
+            .policies
+            .iter()
+            .filter(|(_, x)| x.id.dir == Dir::Out && x.tmpl.is_some())
+            .collect();
+        assert_eq!(out.len(), 2);
+        assert!(out
+            .iter()
+            .all(|(_, x)| x.id.mark.value == 0x100000 && x.id.mark.mask == 0x300000));
+        let fwd = d
+            .policies
+            .iter()
+            .find(|(_, x)| x.id.dir == Dir::Fwd)
+            .unwrap();
+        assert_eq!(
+            fwd.1.id.mark,
+            Mark::NONE,
+            "inbound policies must catch plaintext too"
+        );
+        assert_eq!(fwd.1.tmpl.unwrap().src.to_string(), "192.168.77.2");
+        let sa_out = &d.sas[0].1;
+        assert_eq!(sa_out.id.spi, p.peers[0].spi_out);
+        assert_eq!(sa_out.id.dst.to_string(), "192.168.77.2");
+        assert!(
+            matches!(&sa_out.crypto, Crypto::Aead { key, icv_bits: 128, .. } if key.len() == 36)
+        );
+        assert!(d.sas[1].1.output_mark.is_some());
+        assert_eq!(prefix_thresholds(&p), Some((24, 24)));
+    }
+
+    #[test]
+    fn without_psk_policies_only() {
+        let d = desired(&a_plan(false));
+        assert!(d.sas.is_empty());
+        assert_eq!(d.policies.len(), 7);
+    }
+
+    #[test]
+    fn ownership() {
+        let p = a_plan(true);
+        let d = desired(&p);
+        assert!(d.policies.iter().all(|(_, x)| x.is_owned(&p.marks)));
+        let mut foreign = d.policies[1].1.clone();
+        foreign.tmpl.as_mut().unwrap().reqid = 1;
+        assert!(!foreign.is_owned(&p.marks));
+        let mut other_block = block_policy(&p);
+        other_block.id.mark.value = 0x4000;
+        assert!(!other_block.is_owned(&p.marks));
+    }
+}

@@ -1,0 +1,232 @@
+//! The XFRM objects ipsec-mesh manages, as comparable values: what the desired state is
+//! made of, what a dump is parsed into, and what the diff compares.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use zeroize::Zeroizing;
+
+use crate::plan::ids::is_owned_reqid;
+use crate::plan::Marks;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dir {
+    In,
+    Out,
+    Fwd,
+}
+
+impl fmt::Display for Dir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dir::In => "in",
+            Dir::Out => "out",
+            Dir::Fwd => "fwd",
+        })
+    }
+}
+
+/// A value/mask pair (`xfrm_mark`); `Mark::NONE` matches everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Mark {
+    pub value: u32,
+    pub mask: u32,
+}
+
+impl Mark {
+    pub const NONE: Mark = Mark { value: 0, mask: 0 };
+}
+
+impl fmt::Display for Mark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}/{:#x}", self.value, self.mask)
+    }
+}
+
+/// What identifies a policy in the kernel: direction, selector and mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyId {
+    pub dir: Dir,
+    pub src: IpNet,
+    pub dst: IpNet,
+    pub mark: Mark,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Block,
+}
+
+/// An ESP tunnel-mode template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tmpl {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub reqid: u32,
+}
+
+/// Who a desired or found object belongs to, for per-peer error reports.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    /// Shared by the whole mesh (the fail-closed block policy).
+    Mesh,
+    /// One peer, by host id.
+    Peer(String),
+    /// Ours (reqid in range) but no longer wanted: a departed peer.
+    Stale(u32),
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::Mesh => f.write_str("mesh"),
+            Owner::Peer(h) => f.write_str(h),
+            Owner::Stale(r) => write!(f, "departed peer (reqid {r:#x})"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Policy {
+    pub id: PolicyId,
+    pub priority: u32,
+    pub action: Action,
+    pub tmpl: Option<Tmpl>,
+}
+
+impl Policy {
+    /// The settings that are compared after the identity.
+    pub fn same_settings(&self, other: &Policy) -> bool {
+        self.priority == other.priority && self.action == other.action && self.tmpl == other.tmpl
+    }
+
+    /// Whether a policy found in the kernel is ipsec-mesh's: a template with a reqid in our
+    /// range, or the fail-closed block policy (our exact mark, no template, block).
+    pub fn is_owned(&self, marks: &Marks) -> bool {
+        match self.tmpl {
+            Some(t) => is_owned_reqid(t.reqid),
+            None => {
+                self.action == Action::Block
+                    && self.id.dir == Dir::Out
+                    && self.id.mark
+                        == (Mark {
+                            value: marks.encrypt,
+                            mask: marks.mask,
+                        })
+            }
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "policy {} {} -> {}",
+            self.id.dir, self.id.src, self.id.dst
+        )?;
+        if self.id.mark != Mark::NONE {
+            write!(f, " mark {}", self.id.mark)?;
+        }
+        match (self.action, self.tmpl) {
+            (Action::Block, _) => write!(f, " block"),
+            (Action::Allow, Some(t)) => {
+                write!(f, " tmpl {} -> {} reqid {:#x}", t.src, t.dst, t.reqid)
+            }
+            (Action::Allow, None) => write!(f, " allow"),
+        }
+    }
+}
+
+/// What identifies an ESP SA: destination and SPI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SaId {
+    pub dst: IpAddr,
+    pub spi: u32,
+}
+
+/// Algorithms and keys of an SA.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Crypto {
+    /// `rfc4106(gcm(aes))`: key includes the 4-byte salt; ICV in bits.
+    Aead {
+        name: String,
+        key: Zeroizing<Vec<u8>>,
+        icv_bits: u32,
+    },
+    /// Encryption plus truncated HMAC.
+    EncAuth {
+        enc_name: String,
+        enc_key: Zeroizing<Vec<u8>>,
+        auth_name: String,
+        auth_key: Zeroizing<Vec<u8>>,
+        trunc_bits: u32,
+    },
+}
+
+impl fmt::Debug for Crypto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Crypto::Aead { name, icv_bits, .. } => {
+                write!(f, "Aead({name}, icv {icv_bits}, <key redacted>)")
+            }
+            Crypto::EncAuth {
+                enc_name,
+                auth_name,
+                trunc_bits,
+                ..
+            } => write!(
+                f,
+                "EncAuth({enc_name}, {auth_name}/{trunc_bits}, <keys redacted>)"
+            ),
+        }
+    }
+}
+
+impl Crypto {
+    pub fn describe(&self) -> String {
+        match self {
+            Crypto::Aead { name, icv_bits, .. } => format!("{name} icv {icv_bits}"),
+            Crypto::EncAuth {
+                enc_name,
+                auth_name,
+                trunc_bits,
+                ..
+            } => format!("{enc_name} + {auth_name}/{trunc_bits}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sa {
+    pub id: SaId,
+    pub src: IpAddr,
+    pub reqid: u32,
+    /// Family of the inner traffic (the SA selector's, which is "any").
+    pub inner_v6: bool,
+    pub crypto: Crypto,
+    /// ESP-in-UDP source and destination port.
+    pub encap: Option<(u16, u16)>,
+    /// Mark put on decrypted packets (`XFRMA_SET_MARK`).
+    pub output_mark: Option<Mark>,
+}
+
+impl fmt::Display for Sa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "sa {} -> {} spi {:#010x} reqid {:#x} {}",
+            self.src,
+            self.id.dst,
+            self.id.spi,
+            self.reqid,
+            self.crypto.describe()
+        )?;
+        if let Some((s, d)) = self.encap {
+            write!(f, " encap udp {s}/{d}")?;
+        }
+        Ok(())
+    }
+}

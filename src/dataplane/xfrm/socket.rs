@@ -1,0 +1,292 @@
+//! The one place XFRM netlink I/O happens: a socket that sends many requests per
+//! `sendmsg`, collects one ACK or error per request, and reads dumps.
+
+use std::fmt;
+use std::io;
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_xfrm::XfrmMessage;
+use netlink_sys::{protocols::NETLINK_XFRM, Socket, SocketAddr};
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_ACK_TLVS: u16 = 0x200;
+const NLMSGERR_ATTR_MSG: u16 = 1;
+const HDR: usize = 16;
+/// Bytes of requests per `sendmsg` (well under the default socket buffers).
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// A request the kernel refused: errno and, when the kernel gave one, its extended-ACK
+/// message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct KernelError {
+    pub errno: i32,
+    pub message: Option<String>,
+}
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let os = io::Error::from_raw_os_error(self.errno);
+        match &self.message {
+            Some(m) => write!(f, "{m} ({os})"),
+            None => write!(f, "{os}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("XFRM netlink socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Kernel(#[from] KernelError),
+    #[error("XFRM netlink: cannot parse the kernel's answer: {0}")]
+    Decode(String),
+}
+
+pub struct XfrmSocket {
+    sock: Socket,
+    seq: u32,
+}
+
+/// One netlink message of a received datagram, split without interpreting the payload.
+struct Raw<'a> {
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    bytes: &'a [u8],
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn split(buf: &[u8]) -> Result<Vec<Raw<'_>>, SocketError> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + HDR <= buf.len() {
+        let len = u32_at(buf, off) as usize;
+        if len < HDR || off + len > buf.len() {
+            return Err(SocketError::Decode(format!("bad message length {len}")));
+        }
+        out.push(Raw {
+            kind: u16_at(buf, off + 4),
+            flags: u16_at(buf, off + 6),
+            seq: u32_at(buf, off + 8),
+            bytes: &buf[off..off + len],
+        });
+        off += (len + 3) & !3;
+    }
+    Ok(out)
+}
+
+/// The errno and extended-ACK text of an `NLMSG_ERROR` (0 = ACK).
+fn parse_error(m: &Raw<'_>) -> (i32, Option<String>) {
+    let b = m.bytes;
+    if b.len() < HDR + 4 {
+        return (0, None);
+    }
+    let errno = -(u32_at(b, HDR) as i32);
+    let mut message = None;
+    if m.flags & NLM_F_ACK_TLVS != 0 {
+        // With NETLINK_CAP_ACK the echoed request is its header only.
+        let mut off = HDR + 4 + HDR;
+        while off + 4 <= b.len() {
+            let len = u16_at(b, off) as usize;
+            let kind = u16_at(b, off + 2) & 0x3fff;
+            if len < 4 || off + len > b.len() {
+                break;
+            }
+            if kind == NLMSGERR_ATTR_MSG {
+                let s = &b[off + 4..off + len];
+                let end = s.iter().position(|&c| c == 0).unwrap_or(s.len());
+                message = Some(String::from_utf8_lossy(&s[..end]).into_owned());
+            }
+            off += (len + 3) & !3;
+        }
+    }
+    (errno, message)
+}
+
+impl XfrmSocket {
+    /// Open an XFRM netlink socket in the caller's network namespace.
+    pub fn open() -> Result<XfrmSocket, SocketError> {
+        let mut sock = Socket::new(NETLINK_XFRM)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        sock.set_cap_ack(true)?;
+        sock.set_ext_ack(true)?;
+        // Large dumps and batches of ACKs: ask for a big receive buffer (capped by rmem_max).
+        let _ = sock.set_rx_buf_sz(8 * 1024 * 1024);
+        Ok(XfrmSocket { sock, seq: 1 })
+    }
+
+    fn frame(&mut self, msg: XfrmMessage, flags: u16) -> (u32, Vec<u8>) {
+        self.seq = self.seq.wrapping_add(1).max(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut m = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        m.finalize();
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.serialize(&mut buf);
+        (self.seq, buf)
+    }
+
+    fn recv(&self) -> Result<Vec<u8>, SocketError> {
+        Ok(self.sock.recv_from_full()?.0)
+    }
+
+    /// Dump (`NLM_F_DUMP`) and return every answer message.
+    pub fn dump(&mut self, msg: XfrmMessage) -> Result<Vec<XfrmMessage>, SocketError> {
+        let (seq, buf) = self.frame(msg, NLM_F_DUMP);
+        self.sock.send(&buf, 0)?;
+        let mut out = Vec::new();
+        loop {
+            let data = self.recv()?;
+            for m in split(&data)? {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let (errno, message) = parse_error(&m);
+                        if errno != 0 {
+                            return Err(KernelError { errno, message }.into());
+                        }
+                    }
+                    _ => {
+                        let nl = NetlinkMessage::<XfrmMessage>::deserialize(m.bytes)
+                            .map_err(|e| SocketError::Decode(e.to_string()))?;
+                        if let NetlinkPayload::InnerMessage(x) = nl.payload {
+                            out.push(x);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A request answered by one message (e.g. `GETSPDINFO`).
+    pub fn query(&mut self, msg: XfrmMessage) -> Result<XfrmMessage, SocketError> {
+        let (seq, buf) = self.frame(msg, 0);
+        self.sock.send(&buf, 0)?;
+        loop {
+            let data = self.recv()?;
+            for m in split(&data)? {
+                if m.seq != seq {
+                    continue;
+                }
+                if m.kind == NLMSG_ERROR {
+                    let (errno, message) = parse_error(&m);
+                    return Err(KernelError {
+                        errno: if errno == 0 { libc::EPROTO } else { errno },
+                        message,
+                    }
+                    .into());
+                }
+                let nl = NetlinkMessage::<XfrmMessage>::deserialize(m.bytes)
+                    .map_err(|e| SocketError::Decode(e.to_string()))?;
+                if let NetlinkPayload::InnerMessage(x) = nl.payload {
+                    return Ok(x);
+                }
+            }
+        }
+    }
+
+    /// Send every request (with `NLM_F_ACK` and its own extra flags), many per `sendmsg`,
+    /// and return one result per request, in order. A refused request does not stop the
+    /// others: the kernel processes each message of a batch independently.
+    pub fn batch(
+        &mut self,
+        reqs: Vec<(XfrmMessage, u16)>,
+    ) -> Result<Vec<Result<(), KernelError>>, SocketError> {
+        let n = reqs.len();
+        let mut results: Vec<Option<Result<(), KernelError>>> = vec![None; n];
+        let mut reqs = reqs.into_iter().enumerate().peekable();
+        while reqs.peek().is_some() {
+            let mut chunk = Vec::with_capacity(CHUNK_BYTES);
+            let mut pending = std::collections::HashMap::new();
+            while let Some((i, (msg, flags))) = reqs.next_if(|_| chunk.len() < CHUNK_BYTES) {
+                let (seq, bytes) = self.frame(msg, NLM_F_ACK | flags);
+                chunk.extend_from_slice(&bytes);
+                pending.insert(seq, i);
+            }
+            self.sock.send(&chunk, 0)?;
+            while !pending.is_empty() {
+                let data = self.recv()?;
+                for m in split(&data)? {
+                    if m.kind != NLMSG_ERROR {
+                        continue;
+                    }
+                    if let Some(i) = pending.remove(&m.seq) {
+                        let (errno, message) = parse_error(&m);
+                        results[i] = Some(if errno == 0 {
+                            Ok(())
+                        } else {
+                            Err(KernelError { errno, message })
+                        });
+                    }
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every request was answered"))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_error_with_ext_ack() {
+        let mut b = Vec::new();
+        let body_len = HDR + 4 + HDR + 4 + 24;
+        b.extend_from_slice(&(body_len as u32).to_ne_bytes());
+        b.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        b.extend_from_slice(&NLM_F_ACK_TLVS.to_ne_bytes());
+        b.extend_from_slice(&7u32.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        b.extend_from_slice(&(-93i32).to_ne_bytes());
+        b.extend_from_slice(&[0u8; HDR]);
+        let msg = b"Requested type not found";
+        b.extend_from_slice(&((4 + msg.len() + 1) as u16).to_ne_bytes());
+        b.extend_from_slice(&NLMSGERR_ATTR_MSG.to_ne_bytes());
+        b.extend_from_slice(msg);
+        b.push(0);
+        while b.len() % 4 != 0 {
+            b.push(0);
+        }
+        let len = b.len() as u32;
+        b[..4].copy_from_slice(&len.to_ne_bytes());
+        let msgs = split(&b).unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].seq, 7);
+        let (errno, text) = parse_error(&msgs[0]);
+        assert_eq!(errno, 93);
+        assert_eq!(text.as_deref(), Some("Requested type not found"));
+        let e = KernelError {
+            errno,
+            message: text,
+        };
+        assert!(e
+            .to_string()
+            .starts_with("Requested type not found (Protocol not supported"));
+    }
+
+    #[test]
+    fn rejects_truncated_messages() {
+        let mut b = vec![0u8; 20];
+        b[..4].copy_from_slice(&64u32.to_ne_bytes());
+        assert!(split(&b).is_err());
+    }
+}
