@@ -3,8 +3,8 @@
 //! Data flow: [`metadata`] source -> validated [`model::Cluster`] -> pure [`plan`] ->
 //! dataplane drivers (reconcile).
 
-pub mod localaddr;
 pub mod dataplane;
+pub mod localaddr;
 pub mod metadata;
 pub mod model;
 pub mod plan;

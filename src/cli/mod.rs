@@ -1,5 +1,7 @@
 //! Command-line interface: one module per subcommand.
 
+mod apply;
+mod cleanup;
 mod plan;
 
 use std::process::ExitCode;
@@ -31,6 +33,17 @@ pub struct Cli {
 pub enum Command {
     /// Print the mesh this host should have (no changes to the system).
     Plan(plan::PlanCmd),
+    /// Make the kernel match the plan once; exit 0 iff everything desired is in place.
+    Apply(apply::ApplyCmd),
+    /// Remove every object the driver owns, and nothing else.
+    Cleanup(cleanup::CleanupCmd),
+}
+
+/// Dataplane drivers.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Driver {
+    /// Kernel XFRM policies and SAs, keys derived from the PSK (IKE-less).
+    Xfrm,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -155,6 +168,8 @@ fn known(c: &Cluster) -> String {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Plan(cmd) => plan::run(cmd),
+        Command::Apply(cmd) => apply::run(cmd),
+        Command::Cleanup(cmd) => cleanup::run(cmd),
     }
 }
 
@@ -170,6 +185,7 @@ pub fn init_logging(filter: Option<&str>) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

@@ -22,7 +22,11 @@ macro_rules! require_root {
 /// Run a command (in the caller's thread namespace), panic with its stderr on failure,
 /// return stdout.
 pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh");
     assert!(
         out.status.success(),
         "`{cmd}` failed: {}",

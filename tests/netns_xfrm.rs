@@ -1,0 +1,235 @@
+//! The xfrm driver against this machine's real kernel, in a fresh network namespace per test
+//! (root only; skips loudly otherwise). This kernel holds XFRM policies but no ESP states,
+//! so these tests cover policies, ownership, idempotence and the no-ESP report; real ESP is
+//! tested in the VM kernel (integration/vm).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use common::{in_new_netns, sh};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ipsec-mesh");
+
+struct Files {
+    _dir: tempfile::TempDir,
+    meta: PathBuf,
+    psk: PathBuf,
+}
+
+fn meta_doc(hosts: usize) -> String {
+    let hs: Vec<String> = (1..=hosts)
+        .map(|i| {
+            format!(
+                r#"{{"id":"host-{i}","agent_ip":"192.168.77.{i}","subnets":["10.42.{i}.0/24","10.42.{}.0/24"]}}"#,
+                100 + i
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"network":{{"cidr":"10.42.0.0/16"}},"hosts":[{}]}}"#,
+        hs.join(",")
+    )
+}
+
+fn files(hosts: usize) -> Files {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("meta.json");
+    std::fs::write(&meta, meta_doc(hosts)).unwrap();
+    let psk = dir.path().join("psk");
+    std::fs::write(&psk, "a-test-only-psk-that-is-long-enough-0123456789").unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Files {
+        _dir: dir,
+        meta,
+        psk,
+    }
+}
+
+fn rewrite(f: &Files, hosts: usize) {
+    std::fs::write(&f.meta, meta_doc(hosts)).unwrap();
+}
+
+fn ipsec_mesh(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("IPSEC_MESH_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn apply(f: &Files) -> Output {
+    ipsec_mesh(&[
+        "apply",
+        "--metadata",
+        f.meta.to_str().unwrap(),
+        "--host",
+        "host-1",
+        "--driver",
+        "xfrm",
+        "--psk-file",
+        f.psk.to_str().unwrap(),
+    ])
+}
+
+fn writes(o: &Output) -> usize {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("xfrm: host"))
+        .unwrap_or_else(|| panic!("no summary: {out}"));
+    let w = line.split(", ").find(|p| p.ends_with(" writes")).unwrap();
+    w.trim_end_matches(" writes").parse().unwrap()
+}
+
+/// Our policies: those with a template reqid in 0x50000000..0x58000000 or our block policy.
+fn our_policies() -> Vec<String> {
+    let out = sh("ip xfrm policy");
+    out.split("src ")
+        .filter(|p| !p.trim().is_empty())
+        .filter(|p| {
+            p.split_whitespace()
+                .skip_while(|w| *w != "reqid")
+                .nth(1)
+                .and_then(|r| r.parse::<u32>().ok())
+                .is_some_and(|r| (0x5000_0000..0x5800_0000).contains(&r))
+                || (p.contains("action block") && p.contains("mark 0x100000/0x300000"))
+        })
+        .map(|p| format!("src {}", p.trim()))
+        .collect()
+}
+
+fn setup_underlay() {
+    sh("ip link add ul0 type veth peer name ul1 && ip addr add 192.168.77.1/24 dev ul0 && ip link set ul0 up && ip link set ul1 up");
+}
+
+fn add_foreign() {
+    sh("ip xfrm policy add src 172.16.1.0/24 dst 172.16.2.0/24 dir out tmpl src 192.168.77.1 dst 192.168.77.9 proto esp reqid 7 mode tunnel");
+    sh("ip xfrm policy add src 0.0.0.0/0 dst 0.0.0.0/0 dir out action block mark 0x4000 mask 0x4000 priority 999999");
+}
+
+fn foreign_intact() {
+    let all = sh("ip xfrm policy");
+    assert!(
+        all.contains("dst 172.16.2.0/24") && all.contains("reqid 7"),
+        "foreign policy gone: {all}"
+    );
+    assert!(
+        all.contains("mark 0x4000/0x4000"),
+        "foreign block policy gone: {all}"
+    );
+}
+
+#[test]
+fn apply_is_idempotent_reports_no_esp_and_cleanup_leaves_only_foreign() {
+    require_root!();
+    in_new_netns(|| {
+        setup_underlay();
+        add_foreign();
+        let f = files(3);
+
+        let o = apply(&f);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        // This kernel has no ESP: policies are installed (fail closed), SAs are reported
+        // per peer in words, and the exit code says not everything is in place.
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        for peer in ["host-2", "host-3"] {
+            assert!(
+                err.contains(&format!("ipsec-mesh: {peer}: this kernel cannot hold ESP SAs: CONFIG_INET_ESP is missing")),
+                "{err}"
+            );
+        }
+        // 1 block + 2 peers x (2 local x 2 remote subnet pairs) x 3 directions.
+        assert_eq!(our_policies().len(), 1 + 2 * 4 * 3, "{:#?}", our_policies());
+        assert!(writes(&o) >= 25);
+        let pol = sh("ip xfrm policy");
+        assert!(pol.contains("src 10.42.1.0/24 dst 10.42.2.0/24 \n\tdir out priority 10752"), "{pol}");
+        assert!(pol.contains("mark 0x100000/0x300000"));
+        foreign_intact();
+
+        // Nothing changed: nothing written.
+        let o = apply(&f);
+        assert_eq!(writes(&o), 0, "{}", String::from_utf8_lossy(&o.stdout));
+
+        // host-3 leaves: only its 12 policies go.
+        rewrite(&f, 2);
+        let o = apply(&f);
+        assert_eq!(writes(&o), 12);
+        let ours = our_policies();
+        assert_eq!(ours.len(), 1 + 4 * 3);
+        assert!(ours.iter().all(|p| !p.contains("192.168.77.3")));
+        foreign_intact();
+
+        // Cleanup removes all of ours and nothing else; twice is fine.
+        let o = ipsec_mesh(&["cleanup", "--driver", "xfrm"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(our_policies().is_empty(), "{:#?}", our_policies());
+        foreign_intact();
+        let o = ipsec_mesh(&["cleanup", "--driver", "xfrm"]);
+        assert!(o.status.success());
+        assert!(String::from_utf8_lossy(&o.stdout).contains("0 removed"));
+    })
+    .unwrap();
+}
+
+#[test]
+fn drifted_policy_is_repaired_with_one_write() {
+    require_root!();
+    in_new_netns(|| {
+        setup_underlay();
+        let f = files(2);
+        apply(&f);
+        let before = our_policies();
+        sh("ip xfrm policy del src 10.42.1.0/24 dst 10.42.2.0/24 dir out mark 0x100000 mask 0x300000");
+        assert_eq!(our_policies().len(), before.len() - 1);
+        let o = apply(&f);
+        assert_eq!(writes(&o), 1);
+        assert_eq!(our_policies().len(), before.len());
+        // One of ours changed by hand (priority) is updated in place.
+        let reqid = sh("ip xfrm policy list src 10.42.101.0/24 dst 10.42.2.0/24 dir out");
+        let reqid = reqid.split_whitespace().skip_while(|w| *w != "reqid").nth(1).unwrap().to_string();
+        sh(&format!("ip xfrm policy update src 10.42.101.0/24 dst 10.42.2.0/24 dir out priority 5 mark 0x100000 mask 0x300000 tmpl src 192.168.77.1 dst 192.168.77.2 proto esp reqid {reqid} mode tunnel"));
+        let o = apply(&f);
+        assert_eq!(writes(&o), 1, "{}", String::from_utf8_lossy(&o.stdout));
+        assert!(!sh("ip xfrm policy").contains("priority 5 "));
+
+        // A foreign policy squatting on one of our selectors is left alone and reported
+        // against that peer; the other objects stay in place.
+        sh("ip xfrm policy update src 10.42.101.0/24 dst 10.42.2.0/24 dir out priority 5 mark 0x100000 mask 0x300000 tmpl src 192.168.77.1 dst 192.168.77.2 proto esp reqid 1 mode tunnel");
+        let o = apply(&f);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(err.contains("ipsec-mesh: host-2: + policy out 10.42.101.0/24 -> 10.42.2.0/24"), "{err}");
+        assert!(err.contains("is not ipsec-mesh's (left untouched)"), "{err}");
+        assert!(sh("ip xfrm policy").contains("reqid 1 mode tunnel"));
+    })
+    .unwrap();
+}
+
+#[test]
+fn missing_psk_is_a_clear_error_and_writes_nothing() {
+    require_root!();
+    in_new_netns(|| {
+        let f = files(2);
+        let o = ipsec_mesh(&[
+            "apply",
+            "--metadata",
+            f.meta.to_str().unwrap(),
+            "--host",
+            "host-1",
+            "--driver",
+            "xfrm",
+        ]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("--psk-file"));
+        assert!(sh("ip xfrm policy").trim().is_empty());
+        // Bad metadata: nothing written either.
+        std::fs::write(&f.meta, "{").unwrap();
+        let o = apply(&f);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(sh("ip xfrm policy").trim().is_empty());
+    })
+    .unwrap();
+}
