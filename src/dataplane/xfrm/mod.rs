@@ -239,8 +239,10 @@ pub fn reconcile(plan: &Plan) -> Result<Report, SocketError> {
             report.esp_unsupported = Some(why);
         }
     }
-    apply_steps(&mut sock, steps, plan.transform, &mut report)?;
+    // Hash thresholds first, so the policies below land in hash buckets instead of the
+    // kernel's linear inexact lists.
     tune_spd(&mut sock, plan, &mut report);
+    apply_steps(&mut sock, steps, plan.transform, &mut report)?;
     info!(
         writes = report.writes,
         errors = report.errors.len(),

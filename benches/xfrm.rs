@@ -1,0 +1,134 @@
+//! XFRM driver benchmark (root; a fresh network namespace per case). Prints numbers.
+//! Run: `cargo bench --bench xfrm` (as root). On a kernel without ESP only policies are
+//! programmed (SAs are skipped after the probe); in the VM kernel both.
+//!
+//! For N peers: ipsec-mesh's first reconcile vs `ip -batch` adding the same policies, then
+//! a no-op reconcile and a reconcile with one host added (writes and time).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use ipsec_mesh::dataplane::netns::{in_new_netns, is_root};
+use ipsec_mesh::dataplane::xfrm::{self, desired};
+use ipsec_mesh::model::{Cluster, RawCluster, RawHost, RawNetwork};
+use ipsec_mesh::plan::{self, Plan, PlanOptions, Psk};
+
+fn mesh(peers: usize) -> Cluster {
+    Cluster::validate(&RawCluster {
+        network: RawNetwork {
+            cidr: "10.0.0.0/8".into(),
+            ..Default::default()
+        },
+        hosts: (0..=peers)
+            .map(|i| RawHost {
+                id: format!("host-{i:05}"),
+                agent_ip: format!("172.16.{}.{}", i / 250, i % 250 + 1),
+                subnets: vec![format!("10.{}.{}.0/24", 42 + i / 256, i % 256)],
+                ..Default::default()
+            })
+            .collect(),
+    })
+    .unwrap()
+}
+
+fn plan_for(peers: usize) -> Plan {
+    let psk = Psk::from_bytes(&[9; 32]);
+    plan::plan(
+        &mesh(peers),
+        "host-00000",
+        &PlanOptions::default(),
+        Some(&psk),
+    )
+    .unwrap()
+}
+
+/// The same policies as `ip -batch` lines.
+fn ip_batch(p: &Plan) -> String {
+    let mut s = String::new();
+    for (_, pol) in desired::desired(p).policies {
+        let dir = pol.id.dir.to_string();
+        s.push_str(&format!(
+            "xfrm policy add src {} dst {} dir {dir} priority {}",
+            pol.id.src, pol.id.dst, pol.priority
+        ));
+        if pol.id.mark.mask != 0 {
+            s.push_str(&format!(
+                " mark {:#x} mask {:#x}",
+                pol.id.mark.value, pol.id.mark.mask
+            ));
+        }
+        match pol.tmpl {
+            Some(t) => s.push_str(&format!(
+                " tmpl src {} dst {} proto esp reqid {} mode tunnel\n",
+                t.src, t.dst, t.reqid
+            )),
+            None => s.push_str(" action block\n"),
+        }
+    }
+    s
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn case(peers: usize) {
+    let p = plan_for(peers);
+    let grown = plan_for(peers + 1);
+    let batch = ip_batch(&p);
+    let n_pol = desired::desired(&p).policies.len();
+    in_new_netns(move || {
+        let t = Instant::now();
+        let first = xfrm::reconcile(&p).unwrap();
+        let t_first = ms(t);
+        let t = Instant::now();
+        let noop = xfrm::reconcile(&p).unwrap();
+        let t_noop = ms(t);
+        let t = Instant::now();
+        let mut sock = xfrm::socket::XfrmSocket::open().unwrap();
+        let cur = xfrm::read_current(&mut sock, &p.marks).unwrap();
+        let t_dump = ms(t);
+        assert_eq!(cur.policies.len(), n_pol);
+        let t = Instant::now();
+        let add = xfrm::reconcile(&grown).unwrap();
+        let t_add = ms(t);
+        xfrm::cleanup(&p.marks).unwrap();
+
+        // ip -batch in its own fresh namespace, with the kernel's default SPD thresholds.
+        let t_ip = in_new_netns(move || {
+        let t = Instant::now();
+        let mut child = Command::new("ip")
+            .args(["-batch", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(batch.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+        ms(t)
+        })
+        .unwrap();
+        println!(
+            "peers={peers:>5} policies={n_pol:>6} | first reconcile {t_first:8.1} ms ({} writes) | ip -batch {t_ip:8.1} ms | ratio {:.2}x | no-op {t_noop:6.1} ms ({} writes, dump+parse {t_dump:.1} ms) | +1 host {t_add:6.1} ms ({} writes){}",
+            first.writes,
+            t_ip / t_first,
+            noop.writes,
+            add.writes,
+            if first.esp_unsupported.is_some() { " | SAs skipped: kernel has no ESP" } else { "" },
+        );
+    })
+    .unwrap();
+}
+
+fn main() {
+    if !is_root() {
+        eprintln!("SKIP xfrm bench: needs root (network namespaces)");
+        return;
+    }
+    // `cargo test --benches` runs benches with --bench absent; keep that quick.
+    let full = std::env::args().any(|a| a == "--bench");
+    let sizes: &[usize] = if full { &[1_000, 5_000] } else { &[50] };
+    for &n in sizes {
+        case(n);
+    }
+}
