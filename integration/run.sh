@@ -4,6 +4,7 @@
 #   integration/run.sh all     # the one test command: installs what the tests need (as root),
 #                              # then lint + unit/property/CLI tests + every root suite
 #   integration/run.sh unit    # fmt, clippy, cargo test (no root needed; root suites skip)
+#   integration/run.sh netns   # the root-only netns suites on this machine's kernel
 #   integration/run.sh vm      # real-ESP tests in Debian's kernel under qemu (root)
 #
 # Root suites skip loudly when not run as root; CI runs as root, where they must pass.
@@ -34,6 +35,19 @@ unit() {
     cargo test --locked
 }
 
+netns() {
+    if ! is_root; then
+        echo "SKIP netns: needs root (network namespaces)" >&2
+        return
+    fi
+    say "netns suites (real kernel, root)"
+    local t args=()
+    for t in tests/netns_*.rs; do
+        args+=(--test "$(basename "$t" .rs)")
+    done
+    cargo test --locked "${args[@]}"
+}
+
 vm() {
     if ! is_root; then
         echo "SKIP vm: needs root (qemu + kernel download)" >&2
@@ -55,10 +69,11 @@ case "${1:-all}" in
         say "all suites passed"
         ;;
     unit) unit ;;
+    netns) netns ;;
     vm) vm ;;
     setup) setup ;;
     *)
-        echo "usage: $0 [all|unit|vm|setup]" >&2
+        echo "usage: $0 [all|unit|netns|vm|setup]" >&2
         exit 2
         ;;
 esac
