@@ -74,14 +74,30 @@ fn apply(f: &Files) -> Output {
     ])
 }
 
-fn writes(o: &Output) -> usize {
+/// Writes of one component (`xfrm objects`, `firewall`, `routes`) or, with "total", all.
+fn writes_of(o: &Output, part: &str) -> usize {
     let out = String::from_utf8_lossy(&o.stdout);
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("xfrm: host"))
-        .unwrap_or_else(|| panic!("no summary: {out}"));
-    let w = line.split(", ").find(|p| p.ends_with(" writes")).unwrap();
+    let w = if part == "total" {
+        let l = out
+            .lines()
+            .find(|l| l.starts_with("xfrm: host"))
+            .unwrap_or_else(|| panic!("no summary: {out}"));
+        l.split(", ")
+            .find(|p| p.ends_with(" writes"))
+            .unwrap()
+            .to_string()
+    } else {
+        let prefix = format!("  {part}: ");
+        out.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {part}: {out}"))
+            .to_string()
+    };
     w.trim_end_matches(" writes").parse().unwrap()
+}
+
+fn writes(o: &Output) -> usize {
+    writes_of(o, "xfrm objects")
 }
 
 /// Our policies: those with a template reqid in 0x50000000..0x58000000 or our block policy.
@@ -149,9 +165,16 @@ fn apply_is_idempotent_reports_no_esp_and_cleanup_leaves_only_foreign() {
         assert!(pol.contains("mark 0x100000/0x300000"));
         foreign_intact();
 
-        // Nothing changed: nothing written.
+        // Forwarding is in place: mark chain, guard, rule and table.
+        let save = sh("iptables-save");
+        assert!(save.contains("-A PREROUTING -j IPSEC-MESH-MARK"), "{save}");
+        assert!(save.contains("-A OUTPUT -j IPSEC-MESH-GUARD"), "{save}");
+        assert!(sh("ip rule").contains("fwmark 0x100000/0x300000 lookup 1042"));
+        assert!(!sh("ip route show table 1042").trim().is_empty());
+
+        // Nothing changed: nothing written, anywhere.
         let o = apply(&f);
-        assert_eq!(writes(&o), 0, "{}", String::from_utf8_lossy(&o.stdout));
+        assert_eq!(writes_of(&o, "total"), 0, "{}", String::from_utf8_lossy(&o.stdout));
 
         // host-3 leaves: only its 12 policies go.
         rewrite(&f, 2);
@@ -166,6 +189,8 @@ fn apply_is_idempotent_reports_no_esp_and_cleanup_leaves_only_foreign() {
         let o = ipsec_mesh(&["cleanup", "--driver", "xfrm"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(our_policies().is_empty(), "{:#?}", our_policies());
+        assert!(!sh("iptables-save").contains("IPSEC-MESH"));
+        assert!(!sh("ip rule").contains("lookup 1042"));
         foreign_intact();
         let o = ipsec_mesh(&["cleanup", "--driver", "xfrm"]);
         assert!(o.status.success());

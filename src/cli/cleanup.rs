@@ -1,13 +1,14 @@
-//! `ipsec-mesh cleanup`: remove everything the driver owns, nothing else. Idempotent.
+//! `ipsec-mesh cleanup`: remove everything the driver owns, nothing else. Idempotent, and
+//! keeps going when one part fails.
 
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
 
-use ipsec_mesh::dataplane::xfrm;
+use ipsec_mesh::dataplane::{firewall, routes, xfrm};
 
-use super::{Driver, PlanArgs};
+use super::{Driver, ForwardingArgs, PlanArgs};
 
 #[derive(Args, Debug)]
 pub struct CleanupCmd {
@@ -19,6 +20,9 @@ pub struct CleanupCmd {
     #[command(flatten)]
     pub plan: PlanArgs,
 
+    #[command(flatten)]
+    pub forwarding: ForwardingArgs,
+
     /// Print every object removed.
     #[arg(long)]
     pub diff: bool,
@@ -28,21 +32,42 @@ pub fn run(cmd: CleanupCmd) -> Result<ExitCode> {
     let opts = cmd.plan.options()?;
     match cmd.driver {
         Driver::Xfrm => {
-            let report = xfrm::cleanup(&opts.marks)?;
+            let mut removed = 0;
+            let mut changes = Vec::new();
+            let mut errors = Vec::new();
+            // Reverse of apply: stop steering first, then remove the policies and SAs.
+            match routes::cleanup(&cmd.forwarding.route_config()) {
+                Ok(r) => {
+                    removed += r.writes;
+                    changes.extend(r.changes);
+                }
+                Err(e) => errors.push(format!("routes: {}", super::one_line(&e.into()))),
+            }
+            match firewall::cleanup() {
+                Ok(r) => {
+                    removed += r.writes;
+                    changes.extend(r.changes);
+                }
+                Err(e) => errors.push(format!("firewall: {}", super::one_line(&e.into()))),
+            }
+            match xfrm::cleanup(&opts.marks) {
+                Ok(r) => {
+                    removed += r.writes;
+                    changes.extend(r.changes);
+                    errors.extend(r.errors.iter().map(|(o, e)| format!("{o}: {e}")));
+                }
+                Err(e) => errors.push(format!("xfrm: {}", super::one_line(&e.into()))),
+            }
             if cmd.diff {
-                for c in &report.changes {
+                for c in &changes {
                     println!("{c}");
                 }
             }
-            for (owner, e) in &report.errors {
-                eprintln!("ipsec-mesh: {owner}: {e}");
+            for e in &errors {
+                eprintln!("ipsec-mesh: {e}");
             }
-            println!(
-                "xfrm cleanup: {} removed, {} errors",
-                report.writes,
-                report.errors.len()
-            );
-            Ok(if report.ok() {
+            println!("xfrm cleanup: {removed} removed, {} errors", errors.len());
+            Ok(if errors.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

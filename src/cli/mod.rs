@@ -122,6 +122,35 @@ impl PlanArgs {
     }
 }
 
+/// How marked traffic is steered (firewall devices, route table and rule priority).
+#[derive(Args, Debug, Clone)]
+pub struct ForwardingArgs {
+    /// Container bridge: mark traffic entering from it (default: from any interface).
+    #[arg(long, value_name = "DEV")]
+    pub bridge: Option<String>,
+
+    /// Physical NIC: mark traffic entering from it too (with --bridge).
+    #[arg(long, value_name = "DEV")]
+    pub underlay_dev: Option<String>,
+
+    /// Route table for marked traffic (owned by ipsec-mesh).
+    #[arg(long, default_value_t = ipsec_mesh::dataplane::routes::DEFAULT_TABLE)]
+    pub route_table: u32,
+
+    /// Priority of the ip rule selecting that table by mark.
+    #[arg(long, default_value_t = ipsec_mesh::dataplane::routes::DEFAULT_PRIORITY)]
+    pub rule_priority: u32,
+}
+
+impl ForwardingArgs {
+    pub fn route_config(&self) -> ipsec_mesh::dataplane::routes::RouteConfig {
+        ipsec_mesh::dataplane::routes::RouteConfig {
+            table: self.route_table,
+            priority: self.rule_priority,
+        }
+    }
+}
+
 fn parse_transform(s: &str) -> Result<Transform, String> {
     s.parse()
 }

@@ -1,0 +1,264 @@
+//! fwmark forwarding, netfilter part: mark traffic for remote overlay subnets with the encrypt
+//! mark (table `mangle`) and drop marked traffic that matched no IPsec policy (table `filter`,
+//! fail closed).
+//!
+//! What ipsec-mesh owns here, and nothing else:
+//! - chains whose name starts with [`CHAIN_PREFIX`] (`IPSEC-MESH-MARK`, `IPSEC-MESH-PRE`,
+//!   `IPSEC-MESH-GUARD`) in the `mangle` and `filter` tables;
+//! - one jump to them from each built-in chain that needs one (`PREROUTING`, `OUTPUT`,
+//!   `FORWARD`), inserted at the top.
+//!
+//! Layers, each usable alone:
+//! - [`render`] (pure): a [`FirewallSpec`] -> the desired [`TableState`] per table; the diff of
+//!   two states -> [`Change`]s -> `iptables-restore --noflush` input.
+//! - [`save`] (pure): `iptables-save` output -> the [`TableState`] of our chains and jumps.
+//! - [`runner`]: runs `iptables-save` / `iptables-restore -w`, one atomic restore per table,
+//!   and writes nothing when the kernel already matches.
+//!
+//! Fail-closed order: [`apply`] writes `filter` (guard) before `mangle` (marking);
+//! [`cleanup`] removes marking before the guard.
+
+pub mod render;
+pub mod runner;
+pub mod save;
+
+use std::fmt;
+use std::io;
+
+use ipnet::IpNet;
+
+use crate::plan::{Marks, Plan};
+
+pub use render::{desired, diff_table, render_restore, Change, Jump, TableState};
+pub use runner::{apply, apply_with, cleanup, cleanup_with, Iptables};
+pub use save::parse_save;
+
+/// Every chain we own starts with this.
+pub const CHAIN_PREFIX: &str = "IPSEC-MESH-";
+/// mangle: sets the encrypt mark on packets for remote overlay subnets.
+pub const MARK_CHAIN: &str = "IPSEC-MESH-MARK";
+/// mangle: restricts PREROUTING marking to the bridge / underlay devices (only when a device
+/// is given in the spec).
+pub const PRE_CHAIN: &str = "IPSEC-MESH-PRE";
+/// filter: drops marked packets that matched no IPsec policy.
+pub const GUARD_CHAIN: &str = "IPSEC-MESH-GUARD";
+
+/// Built-in chains of the tables we touch (jumps from anywhere else are not ours to manage).
+pub const BUILTIN_CHAINS: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
+
+/// Whether a chain name is one of ours.
+pub fn is_owned_chain(name: &str) -> bool {
+    name.starts_with(CHAIN_PREFIX)
+}
+
+/// Address family: picks `iptables*` or `ip6tables*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+    pub fn save_binary(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-save",
+            Family::V6 => "ip6tables-save",
+        }
+    }
+    pub fn restore_binary(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+/// The netfilter tables we write, in apply order (guard before marking).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Filter,
+    Mangle,
+}
+
+impl Table {
+    /// Apply order: the guard exists before anything gets marked.
+    pub const APPLY_ORDER: [Table; 2] = [Table::Filter, Table::Mangle];
+    /// Cleanup order: stop marking before the guard goes.
+    pub const CLEANUP_ORDER: [Table; 2] = [Table::Mangle, Table::Filter];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Table::Filter => "filter",
+            Table::Mangle => "mangle",
+        }
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the firewall must express; derived from a [`Plan`] by [`FirewallSpec::from_plan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallSpec {
+    pub marks: Marks,
+    /// The overlay cidr: the guard drops marked, policy-less packets to it.
+    pub overlay: IpNet,
+    /// Every peer's subnets (aggregated when rendered).
+    pub remote_subnets: Vec<IpNet>,
+    /// The self host's subnets (never marked; checked not to overlap the remote ones).
+    pub local_subnets: Vec<IpNet>,
+    /// Container bridge. With a bridge and/or underlay device, PREROUTING marks only traffic
+    /// arriving on them; with neither, traffic from any device.
+    pub bridge_dev: Option<String>,
+    /// Physical NIC (underlay).
+    pub underlay_dev: Option<String>,
+}
+
+impl FirewallSpec {
+    /// Marks, overlay, remote and local subnets from the plan; no device restriction.
+    pub fn from_plan(plan: &Plan) -> FirewallSpec {
+        FirewallSpec {
+            marks: plan.marks,
+            overlay: plan.cidr,
+            remote_subnets: plan
+                .peers
+                .iter()
+                .flat_map(|p| p.subnets.iter().copied())
+                .collect(),
+            local_subnets: plan.subnets.clone(),
+            bridge_dev: None,
+            underlay_dev: None,
+        }
+    }
+
+    /// Restrict PREROUTING marking to these devices (`None` leaves that side unrestricted).
+    pub fn with_devices(mut self, bridge: Option<String>, underlay: Option<String>) -> Self {
+        self.bridge_dev = bridge;
+        self.underlay_dev = underlay;
+        self
+    }
+
+    /// The family of the overlay (and so of the rules).
+    pub fn family(&self) -> Family {
+        Family::of(&self.overlay)
+    }
+
+    /// Check that the spec can be rendered safely.
+    pub fn validate(&self) -> Result<(), FirewallError> {
+        let bad = |m: String| Err(FirewallError::InvalidSpec(m));
+        if let Err(e) = self.marks.validate() {
+            return bad(e);
+        }
+        let fam = self.family();
+        for n in self.remote_subnets.iter().chain(&self.local_subnets) {
+            if Family::of(n) != fam {
+                return bad(format!(
+                    "subnet {n} is not {fam} like the overlay {}",
+                    self.overlay
+                ));
+            }
+        }
+        for r in &self.remote_subnets {
+            if !self.overlay.contains(r) {
+                // The guard covers the overlay only: marked traffic outside it would be
+                // unguarded.
+                return bad(format!(
+                    "remote subnet {r} is outside the overlay {}",
+                    self.overlay
+                ));
+            }
+            if let Some(l) = self
+                .local_subnets
+                .iter()
+                .find(|l| l.contains(r) || r.contains(*l))
+            {
+                return bad(format!("remote subnet {r} overlaps local subnet {l}"));
+            }
+        }
+        for (what, dev) in [
+            ("bridge", &self.bridge_dev),
+            ("underlay", &self.underlay_dev),
+        ] {
+            if let Some(d) = dev {
+                if d.is_empty()
+                    || d.len() > 15
+                    || d.chars()
+                        .any(|c| c.is_whitespace() || c == '"' || c == '\'' || c == '/')
+                {
+                    return bad(format!(
+                        "{what} device name {d:?} is not a valid interface name"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of an apply or a cleanup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirewallReport {
+    /// Objects written: chains filled or deleted, jumps inserted or deleted. 0 = no-op.
+    pub writes: usize,
+    /// One human-readable line per write (`ipv4 mangle: fill chain IPSEC-MESH-MARK (3 rules)`).
+    pub changes: Vec<String>,
+}
+
+impl FirewallReport {
+    fn absorb(&mut self, family: Family, table: Table, changes: &[Change]) {
+        self.writes += changes.len();
+        self.changes
+            .extend(changes.iter().map(|c| format!("{family} {table}: {c}")));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("invalid firewall spec: {0}")]
+    InvalidSpec(String),
+    #[error(
+        "`{command}` not found: install the iptables package (Debian: `apt-get install iptables`)"
+    )]
+    MissingBinary { command: String },
+    #[error("could not run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Save {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    /// The restore was rejected as a whole (nothing of it applied: one transaction).
+    #[error("`{command}` rejected the {table} table update: {reason}")]
+    Restore {
+        command: String,
+        table: Table,
+        /// The tool's message, with the offending input line quoted when it names one.
+        reason: String,
+    },
+    /// Cleanup keeps going past a failure; these are all the failures.
+    #[error("cleanup failed: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Cleanup(Vec<FirewallError>),
+}

@@ -1,0 +1,500 @@
+//! Pure: spec -> desired state per table; (current, desired) -> changes -> `iptables-restore`
+//! input. Rules are kept in the exact text `iptables-save` prints, so comparing a parsed dump
+//! with the desired state is string equality.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use ipnet::IpNet;
+
+use super::{
+    is_owned_chain, FirewallSpec, Table, BUILTIN_CHAINS, GUARD_CHAIN, MARK_CHAIN, PRE_CHAIN,
+};
+
+/// A rule in a chain we do not own whose target is one of our chains.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Jump {
+    /// The chain holding the rule (`PREROUTING`).
+    pub from: String,
+    /// The rule as `iptables-save` prints it after `-A <from> ` (`-j IPSEC-MESH-MARK`).
+    pub rule: String,
+}
+
+impl Jump {
+    fn to(from: &str, chain: &str) -> Jump {
+        Jump {
+            from: from.to_string(),
+            rule: format!("-j {chain}"),
+        }
+    }
+    fn is_from_builtin(&self) -> bool {
+        BUILTIN_CHAINS.contains(&self.from.as_str())
+    }
+}
+
+/// Our part of one table: our chains with their rules, and the jumps into them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableState {
+    /// Owned chain -> its rules, in order, each as printed after `-A <chain> `.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// Jumps into owned chains, in dump order.
+    pub jumps: Vec<Jump>,
+}
+
+impl TableState {
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.jumps.is_empty()
+    }
+}
+
+/// One write of a reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Declare the chain (creating or flushing it) and append these rules.
+    Fill {
+        chain: String,
+        rules: Vec<String>,
+        created: bool,
+    },
+    /// `-D <from> <rule>` (one occurrence).
+    DeleteJump(Jump),
+    /// `-I <from> 1 <rule>`.
+    InsertJump(Jump),
+    /// Flush and delete an owned chain.
+    DeleteChain(String),
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::Fill {
+                chain,
+                rules,
+                created,
+            } => write!(
+                f,
+                "{} chain {chain} ({} rule{})",
+                if *created { "create" } else { "refill" },
+                rules.len(),
+                if rules.len() == 1 { "" } else { "s" }
+            ),
+            Change::DeleteJump(j) => write!(f, "delete jump `-A {} {}`", j.from, j.rule),
+            Change::InsertJump(j) => write!(f, "insert jump `-I {} 1 {}`", j.from, j.rule),
+            Change::DeleteChain(c) => write!(f, "delete chain {c}"),
+        }
+    }
+}
+
+/// Hex as iptables prints marks.
+fn hex(v: u32) -> String {
+    format!("{v:#x}")
+}
+
+/// `--mark value[/mask]` as iptables-save prints it (no mask when it is all ones).
+fn mark_match(value: u32, mask: u32) -> String {
+    if mask == u32::MAX {
+        hex(value)
+    } else {
+        format!("{}/{}", hex(value), hex(mask))
+    }
+}
+
+/// Remote subnets, host bits cleared, deduplicated and aggregated into the fewest prefixes.
+pub fn aggregate(nets: &[IpNet]) -> Vec<IpNet> {
+    let v: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+    IpNet::aggregate(&v)
+}
+
+/// The desired state of each table for `spec` (validate the spec first).
+pub fn desired(spec: &FirewallSpec) -> BTreeMap<Table, TableState> {
+    let m = spec.marks;
+    let set = format!("-j MARK --set-xmark {}/{}", hex(m.encrypt), hex(m.mask));
+
+    let mut mangle = TableState::default();
+    let mark_rules = aggregate(&spec.remote_subnets)
+        .iter()
+        .map(|p| format!("-d {p} {set}"))
+        .collect();
+    mangle.chains.insert(MARK_CHAIN.to_string(), mark_rules);
+
+    let mut devs: Vec<&str> = [&spec.bridge_dev, &spec.underlay_dev]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    devs.dedup();
+    if devs.is_empty() {
+        mangle.jumps.push(Jump::to("PREROUTING", MARK_CHAIN));
+    } else {
+        let pre = devs
+            .iter()
+            .map(|d| format!("-i {d} -j {MARK_CHAIN}"))
+            .collect();
+        mangle.chains.insert(PRE_CHAIN.to_string(), pre);
+        mangle.jumps.push(Jump::to("PREROUTING", PRE_CHAIN));
+    }
+    mangle.jumps.push(Jump::to("OUTPUT", MARK_CHAIN));
+
+    // Marked packets only ever go to remote subnets, all inside the overlay; the encrypted
+    // (outer) packet still carries the mark when it passes OUTPUT again, but goes to a peer's
+    // underlay address, outside the overlay, so `-d <overlay>` lets it through.
+    let mut filter = TableState::default();
+    filter.chains.insert(
+        GUARD_CHAIN.to_string(),
+        vec![format!(
+            "-d {} -m mark --mark {} -m policy --dir out --pol none -j DROP",
+            spec.overlay.trunc(),
+            mark_match(m.encrypt, m.mask)
+        )],
+    );
+    filter.jumps.push(Jump::to("FORWARD", GUARD_CHAIN));
+    filter.jumps.push(Jump::to("OUTPUT", GUARD_CHAIN));
+
+    BTreeMap::from([(Table::Mangle, mangle), (Table::Filter, filter)])
+}
+
+/// The writes that turn `current` into `desired`; empty when they are equal.
+///
+/// Order: fills (so jump targets exist), jump deletions, jump insertions, chain deletions.
+/// Jumps from built-in chains that are not desired (duplicates, extra matches, stale
+/// targets) are deleted; a jump from a foreign user chain is deleted only when its target
+/// chain goes (the chain could not be deleted otherwise).
+pub fn diff_table(current: &TableState, desired: &TableState) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (chain, rules) in &desired.chains {
+        match current.chains.get(chain) {
+            Some(have) if have == rules => {}
+            have => out.push(Change::Fill {
+                chain: chain.clone(),
+                rules: rules.clone(),
+                created: have.is_none(),
+            }),
+        }
+    }
+    let doomed: Vec<&String> = current
+        .chains
+        .keys()
+        .filter(|c| !desired.chains.contains_key(*c))
+        .collect();
+
+    let mut pool: Vec<&Jump> = current.jumps.iter().collect();
+    let mut inserts = Vec::new();
+    for want in &desired.jumps {
+        match pool.iter().position(|j| *j == want) {
+            Some(i) => {
+                pool.remove(i);
+            }
+            None => inserts.push(Change::InsertJump(want.clone())),
+        }
+    }
+    for j in pool {
+        let target = jump_target(&j.rule);
+        let target_doomed = doomed.iter().any(|c| target.as_deref() == Some(c.as_str()));
+        if j.is_from_builtin() || target_doomed {
+            out.push(Change::DeleteJump(j.clone()));
+        }
+    }
+    out.extend(inserts);
+    out.extend(doomed.into_iter().map(|c| Change::DeleteChain(c.clone())));
+    out
+}
+
+/// The chain a rule jumps or goes to (`-j X` / `-g X`), if any.
+/// Quoted words (`--comment "a -j b"`) are single tokens and never mistaken for a target.
+pub fn jump_target(rule: &str) -> Option<String> {
+    let toks = super::save::tokens(rule);
+    let mut it = toks.into_iter();
+    while let Some(t) = it.next() {
+        if matches!(t.as_str(), "-j" | "-g" | "--jump" | "--goto") {
+            return it.next();
+        }
+    }
+    None
+}
+
+/// `iptables-restore --noflush` input applying `changes` to `table` in one transaction.
+/// Built-in chains are never declared (declaring would reset their policy and counters).
+pub fn render_restore(table: Table, changes: &[Change]) -> String {
+    let mut s = format!("*{}\n", table.as_str());
+    for c in changes {
+        if let Change::Fill { chain, rules, .. } = c {
+            debug_assert!(is_owned_chain(chain));
+            s += &format!(":{chain} - [0:0]\n-F {chain}\n");
+            for r in rules {
+                s += &format!("-A {chain} {r}\n");
+            }
+        }
+    }
+    for c in changes {
+        match c {
+            Change::DeleteJump(j) => s += &format!("-D {} {}\n", j.from, j.rule),
+            Change::InsertJump(j) => s += &format!("-I {} 1 {}\n", j.from, j.rule),
+            _ => {}
+        }
+    }
+    // Flush every doomed chain before deleting any: one may jump to another.
+    for c in changes {
+        if let Change::DeleteChain(chain) = c {
+            s += &format!("-F {chain}\n");
+        }
+    }
+    for c in changes {
+        if let Change::DeleteChain(chain) = c {
+            s += &format!("-X {chain}\n");
+        }
+    }
+    s + "COMMIT\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Marks;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn spec(remote: &[&str]) -> FirewallSpec {
+        FirewallSpec {
+            marks: Marks::default(),
+            overlay: net("10.42.0.0/16"),
+            remote_subnets: remote.iter().map(|s| net(s)).collect(),
+            local_subnets: vec![net("10.42.1.0/24")],
+            bridge_dev: None,
+            underlay_dev: None,
+        }
+    }
+
+    #[test]
+    fn renders_mark_chain_aggregated_and_deduplicated() {
+        let d = desired(&spec(&[
+            "10.42.3.0/24",
+            "10.42.2.0/24",
+            "10.42.2.0/24",
+            "10.42.9.7/32",
+            "10.42.8.0/24",
+        ]));
+        assert_eq!(
+            d[&Table::Mangle].chains[MARK_CHAIN],
+            vec![
+                "-d 10.42.2.0/23 -j MARK --set-xmark 0x100000/0x300000",
+                "-d 10.42.8.0/24 -j MARK --set-xmark 0x100000/0x300000",
+                "-d 10.42.9.7/32 -j MARK --set-xmark 0x100000/0x300000",
+            ]
+        );
+        assert_eq!(
+            d[&Table::Mangle].jumps,
+            vec![
+                Jump::to("PREROUTING", MARK_CHAIN),
+                Jump::to("OUTPUT", MARK_CHAIN)
+            ]
+        );
+        assert!(!d[&Table::Mangle].chains.contains_key(PRE_CHAIN));
+    }
+
+    #[test]
+    fn renders_guard() {
+        let d = desired(&spec(&["10.42.2.0/24"]));
+        let f = &d[&Table::Filter];
+        assert_eq!(
+            f.chains[GUARD_CHAIN],
+            vec!["-d 10.42.0.0/16 -m mark --mark 0x100000/0x300000 -m policy --dir out --pol none -j DROP"]
+        );
+        assert_eq!(
+            f.jumps,
+            vec![
+                Jump::to("FORWARD", GUARD_CHAIN),
+                Jump::to("OUTPUT", GUARD_CHAIN)
+            ]
+        );
+        let mut s = spec(&[]);
+        s.marks = Marks {
+            encrypt: 0x10,
+            decrypt: 0x20,
+            mask: u32::MAX,
+        };
+        let g = &desired(&s)[&Table::Filter].chains[GUARD_CHAIN][0];
+        assert!(g.contains("--mark 0x10 -m policy"), "{g}");
+    }
+
+    #[test]
+    fn devices_go_through_pre_chain() {
+        let s = spec(&["10.42.2.0/24"]).with_devices(Some("cbr0".into()), Some("eth0".into()));
+        let m = &desired(&s)[&Table::Mangle];
+        assert_eq!(
+            m.chains[PRE_CHAIN],
+            vec!["-i cbr0 -j IPSEC-MESH-MARK", "-i eth0 -j IPSEC-MESH-MARK"]
+        );
+        assert_eq!(
+            m.jumps,
+            vec![
+                Jump::to("PREROUTING", PRE_CHAIN),
+                Jump::to("OUTPUT", MARK_CHAIN)
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv6() {
+        let s = FirewallSpec {
+            marks: Marks::default(),
+            overlay: net("fd42::/32"),
+            remote_subnets: vec![net("fd42:0:2::/64"), net("fd42:0:3::/64")],
+            local_subnets: vec![net("fd42:0:1::/64")],
+            bridge_dev: None,
+            underlay_dev: None,
+        };
+        s.validate().unwrap();
+        assert_eq!(s.family(), super::super::Family::V6);
+        let d = desired(&s);
+        assert_eq!(
+            d[&Table::Mangle].chains[MARK_CHAIN],
+            vec![
+                "-d fd42:0:2::/64 -j MARK --set-xmark 0x100000/0x300000",
+                "-d fd42:0:3::/64 -j MARK --set-xmark 0x100000/0x300000"
+            ]
+        );
+        assert!(d[&Table::Filter].chains[GUARD_CHAIN][0].starts_with("-d fd42::/32 "));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(spec(&["10.42.2.0/24"]).validate().is_ok());
+        let e = spec(&["10.43.2.0/24"]).validate().unwrap_err().to_string();
+        assert!(e.contains("outside the overlay"), "{e}");
+        let e = spec(&["10.42.0.0/23"]).validate().unwrap_err().to_string();
+        assert!(e.contains("overlaps local subnet 10.42.1.0/24"), "{e}");
+        let e = spec(&["fd00::/64"]).validate().unwrap_err().to_string();
+        assert!(e.contains("not IPv4"), "{e}");
+        let e = spec(&[])
+            .with_devices(Some("a b".into()), None)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bridge device name"), "{e}");
+        let mut s = spec(&[]);
+        s.marks.encrypt = 0;
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn diff_of_equal_states_is_empty() {
+        let d = desired(&spec(&["10.42.2.0/24"]));
+        for st in d.values() {
+            assert!(diff_table(st, st).is_empty());
+        }
+    }
+
+    #[test]
+    fn diff_from_nothing_creates_everything() {
+        let d = desired(&spec(&["10.42.2.0/24"]));
+        let ch = diff_table(&TableState::default(), &d[&Table::Mangle]);
+        assert_eq!(ch.len(), 3, "{ch:?}");
+        let r = render_restore(Table::Mangle, &ch);
+        assert_eq!(
+            r,
+            "*mangle\n\
+             :IPSEC-MESH-MARK - [0:0]\n\
+             -F IPSEC-MESH-MARK\n\
+             -A IPSEC-MESH-MARK -d 10.42.2.0/24 -j MARK --set-xmark 0x100000/0x300000\n\
+             -I PREROUTING 1 -j IPSEC-MESH-MARK\n\
+             -I OUTPUT 1 -j IPSEC-MESH-MARK\n\
+             COMMIT\n"
+        );
+        assert!(!r.contains(":PREROUTING"));
+    }
+
+    #[test]
+    fn diff_refills_changed_chain_only() {
+        let old = desired(&spec(&["10.42.2.0/24", "10.42.4.0/24"]));
+        let new = desired(&spec(&["10.42.2.0/24"]));
+        let ch = diff_table(&old[&Table::Mangle], &new[&Table::Mangle]);
+        assert_eq!(
+            ch,
+            vec![Change::Fill {
+                chain: MARK_CHAIN.into(),
+                rules: new[&Table::Mangle].chains[MARK_CHAIN].clone(),
+                created: false
+            }]
+        );
+        assert!(diff_table(&old[&Table::Filter], &new[&Table::Filter]).is_empty());
+    }
+
+    #[test]
+    fn diff_fixes_duplicate_and_stale_jumps_and_drops_unwanted_chains() {
+        let with_pre = desired(&spec(&["10.42.2.0/24"]).with_devices(Some("cbr0".into()), None))
+            [&Table::Mangle]
+            .clone();
+        let plain = desired(&spec(&["10.42.2.0/24"]))[&Table::Mangle].clone();
+        let mut cur = with_pre.clone();
+        cur.jumps.push(Jump::to("OUTPUT", MARK_CHAIN)); // duplicate
+        cur.jumps.push(Jump {
+            from: "FOREIGN".into(),
+            rule: "-j IPSEC-MESH-MARK".into(),
+        }); // foreign user chain into a kept chain: left alone
+        let ch = diff_table(&cur, &plain);
+        assert_eq!(
+            ch,
+            vec![
+                Change::DeleteJump(Jump::to("PREROUTING", PRE_CHAIN)),
+                Change::DeleteJump(Jump::to("OUTPUT", MARK_CHAIN)),
+                Change::InsertJump(Jump::to("PREROUTING", MARK_CHAIN)),
+                Change::DeleteChain(PRE_CHAIN.into()),
+            ]
+        );
+        let r = render_restore(Table::Mangle, &ch);
+        let lines: Vec<&str> = r.lines().collect();
+        assert_eq!(
+            lines,
+            vec![
+                "*mangle",
+                "-D PREROUTING -j IPSEC-MESH-PRE",
+                "-D OUTPUT -j IPSEC-MESH-MARK",
+                "-I PREROUTING 1 -j IPSEC-MESH-MARK",
+                "-F IPSEC-MESH-PRE",
+                "-X IPSEC-MESH-PRE",
+                "COMMIT"
+            ]
+        );
+    }
+
+    #[test]
+    fn cleanup_diff_removes_all_references() {
+        let mut cur = desired(&spec(&["10.42.2.0/24"]))[&Table::Mangle].clone();
+        cur.jumps.push(Jump {
+            from: "FOREIGN".into(),
+            rule: "-m comment --comment \"x y\" -j IPSEC-MESH-MARK".into(),
+        });
+        let ch = diff_table(&cur, &TableState::default());
+        let r = render_restore(Table::Mangle, &ch);
+        assert_eq!(
+            r,
+            "*mangle\n\
+             -D PREROUTING -j IPSEC-MESH-MARK\n\
+             -D OUTPUT -j IPSEC-MESH-MARK\n\
+             -D FOREIGN -m comment --comment \"x y\" -j IPSEC-MESH-MARK\n\
+             -F IPSEC-MESH-MARK\n\
+             -X IPSEC-MESH-MARK\n\
+             COMMIT\n"
+        );
+        assert!(diff_table(&TableState::default(), &TableState::default()).is_empty());
+    }
+
+    #[test]
+    fn jump_targets() {
+        assert_eq!(
+            jump_target("-i x -j IPSEC-MESH-MARK").as_deref(),
+            Some("IPSEC-MESH-MARK")
+        );
+        assert_eq!(
+            jump_target("-g IPSEC-MESH-PRE").as_deref(),
+            Some("IPSEC-MESH-PRE")
+        );
+        assert_eq!(jump_target("-d 1.2.3.4/32"), None);
+        assert_eq!(
+            jump_target("-m comment --comment \"-j IPSEC-MESH-X\" -j ACCEPT").as_deref(),
+            Some("ACCEPT")
+        );
+    }
+}
