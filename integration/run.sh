@@ -59,6 +59,8 @@ vm() {
     img=$(mktemp -d)/smoke.cpio.gz
     "$here/vm/build-initramfs.sh" "$img" --init "$here/vm/smoke-esp.sh"
     "$here/vm/run.sh" "$img" 180
+    say "vm: xfrm driver end to end (3 hosts, real ESP)"
+    "$here/vm/test-xfrm.sh" 300
 }
 
 case "${1:-all}" in

@@ -2,12 +2,15 @@
 # Build a gzip'ed newc initramfs for the ESP test VM (see README.md in this directory).
 #
 # usage: build-initramfs.sh OUT.cpio.gz [--init SCRIPT] [--add SRC:DEST]... [--bin SRC:DEST]...
-#                           [--module NAME]...
+#                           [--module NAME]... [--iptables]
 #   --init SCRIPT   test script, copied to /test.sh; /init runs it with busybox sh
 #   --add SRC:DEST  copy a file or directory into the image at absolute path DEST
 #                   (a DEST ending in '/' means "into this directory")
 #   --bin SRC:DEST  like --add for an ELF binary, plus the shared libraries ldd lists
 #   --module NAME   load this kernel module (and its dependencies) too
+#   --iptables      add iptables-legacy (xtables-legacy-multi as iptables, iptables-save,
+#                   iptables-restore, ip6tables*, iptables-legacy*), the extensions in
+#                   $VM_XT_EXTENSIONS and the netfilter modules in $VM_NF_MODULES
 #
 # Needs setup.sh to have run (reads $VM_CACHE/kernel.env). Set VM_MODULES to replace the
 # default module list entirely.
@@ -24,6 +27,23 @@ DEFAULT_MODULES="xfrm_algo xfrm_user esp4 esp6 xfrm4_tunnel xfrm6_tunnel af_key 
   xfrm_interface aesni_intel ghash_clmulni_intel gcm ghash_generic ctr authenc seqiv echainiv
   sha3_generic jitterentropy_rng drbg sha512_generic chacha_generic poly1305_generic chacha20poly1305
   veth bridge vxlan dummy tun"
+
+# --iptables: legacy x_tables (per netns, no nftables needed) with the tables and matches the
+# product and the tests use. The kernel request_module()s anything else (e.g. xt_conntrack)
+# through busybox modprobe, which finds it when it is shipped: see NF_ONDEMAND.
+NF_MODULES="${VM_NF_MODULES:-x_tables ip_tables iptable_filter iptable_mangle iptable_raw
+  ip6_tables ip6table_filter ip6table_mangle ip6table_raw xt_mark xt_policy xt_comment xt_esp
+  xt_tcpudp xt_addrtype xt_multiport xt_physdev}"
+NF_ONDEMAND="xt_conntrack xt_state xt_connmark xt_CT xt_LOG xt_NFLOG xt_REDIRECT xt_MASQUERADE
+  xt_nat xt_length xt_limit xt_set xt_u32 xt_iprange xt_owner xt_pkttype xt_TCPMSS
+  iptable_nat ip6table_nat ipt_REJECT ip6t_REJECT br_netfilter"
+# Extensions (from the host's iptables package) copied to its XTABLES_LIBDIR.
+XT_EXTENSIONS="${VM_XT_EXTENSIONS:-libxt_standard libxt_mark libxt_MARK libxt_policy
+  libxt_comment libxt_esp libxt_tcp libxt_udp libxt_multiport libxt_addrtype libxt_physdev
+  libxt_conntrack libxt_state libxt_CONNMARK libxt_connmark libxt_CT libxt_LOG libxt_NFLOG
+  libxt_length libxt_limit libxt_iprange libxt_owner libxt_pkttype libxt_TCPMSS
+  libxt_REDIRECT libxt_MASQUERADE libxt_NAT libxt_SNAT libxt_DNAT libipt_icmp libipt_REJECT
+  libip6t_icmp6 libip6t_REJECT}"
 
 ONDEMAND_DIRS="${VM_ONDEMAND_DIRS-kernel/crypto kernel/arch/x86/crypto kernel/lib/crypto}"
 
@@ -43,12 +63,14 @@ adds=()
 bins=()
 extra_modules=()
 init_script=""
+with_iptables=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --add) [[ $# -ge 2 ]] || usage; adds+=("$2"); shift 2 ;;
     --bin) [[ $# -ge 2 ]] || usage; bins+=("$2"); shift 2 ;;
     --module) [[ $# -ge 2 ]] || usage; extra_modules+=("$2"); shift 2 ;;
     --init) [[ $# -ge 2 ]] || usage; init_script="$2"; shift 2 ;;
+    --iptables) with_iptables=1; shift ;;
     -h | --help) usage ;;
     *) die "unknown argument: $1" ;;
     esac
@@ -70,6 +92,17 @@ fi
 for tool in cpio gzip modprobe depmod ldd; do
     command -v "$tool" >/dev/null || die "$tool not found: run setup.sh"
 done
+xtables_multi=""
+xtables_libdir=""
+if [[ "$with_iptables" -eq 1 ]]; then
+    xtables_multi="$(command -v xtables-legacy-multi || true)"
+    [[ -n "$xtables_multi" ]] || die "--iptables: xtables-legacy-multi not found (apt-get install iptables)"
+    # The extension directory compiled into libxtables (Debian: /usr/lib/<triplet>/xtables).
+    for d in /usr/lib/x86_64-linux-gnu/xtables /usr/lib/xtables /usr/lib64/xtables /lib/xtables; do
+        [[ -f "$d/libxt_standard.so" ]] && { xtables_libdir="$d"; break; }
+    done
+    [[ -n "$xtables_libdir" ]] || die "--iptables: iptables extension directory not found"
+fi
 [[ -z "$init_script" || -f "$init_script" ]] || die "no such test script: $init_script"
 
 stage="$(mktemp -d "${TMPDIR:-/tmp}/vm-initramfs.XXXXXX")"
@@ -137,7 +170,11 @@ printf '%s\n' "$VM_KVER" >"$stage/etc/vm-kver"
 modconf="$stage/.modprobe.conf"
 printf 'options dummy numdummies=0\n' >"$modconf"
 read -r -d '' -a modules <<<"${VM_MODULES:-$DEFAULT_MODULES}" || true
-modules+=("${extra_modules[@]}")
+if [[ "$with_iptables" -eq 1 ]]; then
+    read -r -d '' -a nf_modules <<<"$NF_MODULES" || true
+    modules+=("${nf_modules[@]}")
+fi
+modules+=(${extra_modules[@]+"${extra_modules[@]}"})
 declare -A seen=()
 modlist="$stage/etc/vm-modules"
 : >"$modlist"
@@ -172,12 +209,49 @@ if ((${#ondemand[@]})); then
         ' modules.dep | sort -u
     )
 fi
+if [[ "$with_iptables" -eq 1 ]]; then
+    read -r -d '' -a nf_ondemand <<<"$NF_ONDEMAND" || true
+    for m in "${nf_ondemand[@]}"; do
+        deps="$(modprobe -d "$VM_KROOT" -S "$VM_KVER" --show-depends "$m" 2>/dev/null)" || continue
+        while read -r kind path _; do
+            [[ "$kind" == insmod ]] || continue
+            rel="${path#"$kmoddir"/}"
+            [[ -e "$stage/lib/modules/$VM_KVER/$rel" ]] && continue
+            install -D -m 0644 "$path" "$stage/lib/modules/$VM_KVER/$rel"
+            nextra=$((nextra + 1))
+        done <<<"$deps"
+    done
+fi
 for f in modules.order modules.builtin modules.builtin.modinfo; do
     [[ -f "$kmoddir/$f" ]] && install -m 0644 "$kmoddir/$f" "$stage/lib/modules/$VM_KVER/$f"
 done
 # modules.dep for the modules in the image, so the kernel's request_module -> busybox modprobe
 # also works for anything loaded on demand.
 depmod -b "$stage" "$VM_KVER"
+
+# --- iptables (legacy) --------------------------------------------------------------------
+if [[ "$with_iptables" -eq 1 ]]; then
+    copy_elf "$(readlink -f "$xtables_multi")" /usr/sbin/xtables-legacy-multi
+    # xtables-legacy-multi dispatches on argv[0]: the plain names are the legacy variant here.
+    for name in iptables iptables-save iptables-restore ip6tables ip6tables-save \
+        ip6tables-restore iptables-legacy iptables-legacy-save iptables-legacy-restore \
+        ip6tables-legacy ip6tables-legacy-save ip6tables-legacy-restore; do
+        ln -sf xtables-legacy-multi "$stage/usr/sbin/$name"
+        ln -sf /usr/sbin/xtables-legacy-multi "$stage/sbin/$name"
+    done
+    read -r -d '' -a xt_ext <<<"$XT_EXTENSIONS" || true
+    nxt=0
+    for e in "${xt_ext[@]}"; do
+        if [[ -f "$xtables_libdir/$e.so" ]]; then
+            copy_elf "$xtables_libdir/$e.so" "$xtables_libdir/$e.so"
+            nxt=$((nxt + 1))
+        else
+            log "warning: iptables extension $e.so not found in $xtables_libdir"
+        fi
+    done
+    [[ -f /etc/ethertypes ]] && install -m 0644 /etc/ethertypes "$stage/etc/ethertypes"
+    log "iptables-legacy: $(basename "$xtables_multi") + $nxt extensions from $xtables_libdir"
+fi
 
 # --- /init -------------------------------------------------------------------------------
 cat >"$stage/init" <<'INIT'

@@ -129,7 +129,7 @@ pub fn sa_add(sa: &Sa) -> XfrmMessage {
     info.id.proto = IPPROTO_ESP;
     info.reqid = sa.reqid;
     info.mode = XFRM_MODE_TUNNEL;
-    info.replay_window = 32;
+    info.replay_window = sa.replay_window;
     info.family = family(&sa.src);
     info.selector = Selector {
         family: if sa.inner_v6 { AF_INET6 } else { AF_INET },
@@ -178,6 +178,9 @@ pub fn sa_add(sa: &Sa) -> XfrmMessage {
     if let Some(m) = sa.output_mark {
         nlas.push(XfrmAttrs::MarkVal(m.value));
         nlas.push(XfrmAttrs::MarkMask(m.mask));
+    }
+    if sa.oseq_may_wrap {
+        nlas.push(XfrmAttrs::ExtraFlags(XFRM_SA_XFLAG_OSEQ_MAY_WRAP));
     }
     XfrmMessage::AddSa(state::ModifyMessage {
         user_sa_info: info,
@@ -329,6 +332,7 @@ pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
     let mut auth = None;
     let mut encap = None;
     let (mut mval, mut mmask) = (None, None);
+    let mut extra = 0u32;
     for a in &m.nlas {
         match a {
             XfrmAttrs::EncryptionAlgAead(x) => aead = Some(x),
@@ -337,6 +341,7 @@ pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
             XfrmAttrs::EncapsulationTemplate(e) => encap = Some((e.encap_sport, e.encap_dport)),
             XfrmAttrs::MarkVal(v) => mval = Some(*v),
             XfrmAttrs::MarkMask(v) => mmask = Some(*v),
+            XfrmAttrs::ExtraFlags(f) => extra = *f,
             _ => {}
         }
     }
@@ -370,6 +375,8 @@ pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
         crypto,
         encap,
         output_mark: output_mark.filter(|m| m.value != 0 || m.mask != 0),
+        replay_window: i.replay_window,
+        oseq_may_wrap: extra & XFRM_SA_XFLAG_OSEQ_MAY_WRAP != 0,
     })
 }
 
@@ -452,6 +459,8 @@ mod tests {
                 value: 0x200000,
                 mask: 0x300000,
             }),
+            replay_window: 0,
+            oseq_may_wrap: true,
         };
         let msg = sa_add(&sa);
         assert_eq!(msg.message_type(), XFRM_MSG_NEWSA);
@@ -472,6 +481,8 @@ mod tests {
         };
         cbc.encap = None;
         cbc.output_mark = None;
+        cbc.replay_window = 32;
+        cbc.oseq_may_wrap = false;
         assert_eq!(parse_sa(&roundtrip(&sa_add(&cbc))), Some(cbc));
         let del = sa_del(&sa.id);
         assert_eq!(del.message_type(), XFRM_MSG_DELSA);

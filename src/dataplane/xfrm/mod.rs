@@ -126,6 +126,8 @@ fn probe_transform(
         crypto: desired::crypto(transform, &key),
         encap: None,
         output_mark: None,
+        replay_window: 0,
+        oseq_may_wrap: false,
     };
     let r = sock.batch(vec![
         (messages::sa_add(&sa), NLM_F_CREATE | NLM_F_EXCL),

@@ -211,6 +211,10 @@ pub struct Sa {
     pub encap: Option<(u16, u16)>,
     /// Mark put on decrypted packets (`XFRMA_SET_MARK`).
     pub output_mark: Option<Mark>,
+    /// Anti-replay window (0 = off, see [`REPLAY_WINDOW`](super::desired::REPLAY_WINDOW)).
+    pub replay_window: u8,
+    /// Let the outbound sequence number wrap instead of stopping the SA at 2^32 packets.
+    pub oseq_may_wrap: bool,
 }
 
 impl fmt::Display for Sa {

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Host-side driver of the real-ESP end-to-end test of `ipsec-mesh apply --driver xfrm`:
+# builds a static glibc ipsec-mesh, prepares the VM kernel (setup.sh), builds an initramfs
+# with the binary, iptables-legacy and xfrm-e2e.sh as /test.sh, boots it (run.sh).
+# Exit 0 iff the VM prints "VM-RESULT: PASS". Run as root.
+#
+# usage: test-xfrm.sh [TIMEOUT_SECS]     (VM timeout, default 300)
+# Environment:
+#   CARGO_TARGET_DIR  cargo's target directory (default: the project's target/)
+#   VM_BIN            use this ipsec-mesh binary instead of building one
+#   VM_OUT            directory for the initramfs and console log (default: a temporary one,
+#                     kept on failure)
+#   VM_APPEND         e.g. "vm.trace" (sh -x); see run.sh for more
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+timeout_s="${1:-300}"
+target=x86_64-unknown-linux-gnu
+
+say() { printf 'test-xfrm: [%ss] %s\n' "$SECONDS" "$*" >&2; }
+die() { printf 'test-xfrm: error: %s\n' "$*" >&2; exit 2; }
+
+[[ "$(id -u)" -eq 0 ]] || die "must run as root (setup.sh installs packages; qemu)"
+
+# 1. static glibc binary (no shared libs in the guest; musl would need rustup downloads).
+if [[ -n "${VM_BIN:-}" ]]; then
+    bin="$VM_BIN"
+else
+    say "cargo build --release --target $target (static glibc)"
+    (cd "$top" && RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --release --locked --target "$target" --bin ipsec-mesh)
+    bin="${CARGO_TARGET_DIR:-$top/target}/$target/release/ipsec-mesh"
+fi
+[[ -x "$bin" ]] || die "no binary at $bin"
+if ldd "$bin" 2>&1 | grep -q '=>'; then
+    die "$bin is dynamically linked (expected a +crt-static build)"
+fi
+
+# 2. kernel + host tools; iptables provides xtables-legacy-multi for the guest.
+say "vm/setup.sh"
+"$here/setup.sh"
+if ! command -v xtables-legacy-multi >/dev/null; then
+    say "installing iptables (xtables-legacy-multi for the guest)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends iptables >/dev/null ||
+        { apt-get update -qq && apt-get install -y -qq --no-install-recommends iptables >/dev/null; }
+fi
+
+# 3. initramfs: the binary without debug info (the release profile keeps it: ~30 MB).
+out="${VM_OUT:-}"
+keep=1
+if [[ -z "$out" ]]; then
+    out=$(mktemp -d "${TMPDIR:-/tmp}/xfrm-e2e.XXXXXX")
+    keep=0
+fi
+mkdir -p "$out"
+stripped="$out/ipsec-mesh"
+if command -v strip >/dev/null; then
+    strip --strip-debug -o "$stripped" "$bin"
+else
+    cp "$bin" "$stripped"
+fi
+img="$out/xfrm-e2e.cpio.gz"
+say "build-initramfs.sh $img"
+"$here/build-initramfs.sh" "$img" --init "$here/xfrm-e2e.sh" --iptables \
+    --module br_netfilter --bin "$stripped:/usr/bin/ipsec-mesh"
+
+# 4. boot and check.
+say "run.sh (timeout ${timeout_s}s)"
+if "$here/run.sh" "$img" "$timeout_s"; then
+    tr -d '\r' <"$img.console.log" | grep -a -E '^(CHECK |NOTE:|xfrm-e2e:|VM-INIT:)' || true
+    [[ "$keep" -eq 1 ]] || rm -rf "$out"
+    say "PASS"
+    exit 0
+fi
+say "FAIL (initramfs and console log kept in $out)"
+exit 1
