@@ -3,6 +3,7 @@
 //! A reconcile dumps what exists, diffs against the desired state and applies only the
 //! difference.
 
+pub mod charon;
 pub mod firewall;
 pub mod netns;
 pub mod routes;

@@ -1,0 +1,24 @@
+//! charon driver, foundation: talks to strongSwan's charon over its VICI socket.
+//!
+//! - [`wire`]: the VICI wire codec, pure (frames, packets, messages).
+//! - [`types`]: typed requests/responses/events (`version`, `load-shared`, `load-conn`,
+//!   `list-conns`, `list-sas`, `initiate`, `terminate`, SA events, ...).
+//! - [`client`]: async client on a Unix socket: connect with retry/backoff, `success`
+//!   checked on every answer, event subscriptions, streamed `list-*` commands.
+//!
+//! Not `rsvici`: see [`client`] for why (no `success` check, a listener that keeps polling
+//! a dead socket, cancellation-unsafe reads). The codec is validated against real captures in
+//! `vici-fixtures/` (tests/charon_fixtures.rs).
+
+pub mod client;
+pub mod types;
+pub mod wire;
+
+pub use client::{Client, ConnectOptions, EventStream, ListStream, ViciError};
+pub use types::{
+    AuthConfig, ChildConfig, ChildInfo, ChildMode, ChildSa, Command, ConnConfig, ConnInfo, Event,
+    GetConns, GetShared, IkeSa, Initiate, ListConns, ListSas, LoadConn, LoadShared, ParseError,
+    Rekey, SaAction, SaEvent, SharedKeyType, StartAction, Stats, StatsInfo, StreamCommand,
+    Terminate, Terminated, Unique, UnloadConn, UnloadShared, Version, VersionInfo,
+};
+pub use wire::{Message, Packet, PacketType, Value, WireError};
