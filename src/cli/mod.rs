@@ -3,6 +3,8 @@
 mod apply;
 mod cleanup;
 mod plan;
+mod run;
+mod status;
 
 use std::process::ExitCode;
 
@@ -37,6 +39,10 @@ pub enum Command {
     Apply(apply::ApplyCmd),
     /// Remove every object the driver owns, and nothing else.
     Cleanup(cleanup::CleanupCmd),
+    /// The sidecar: watch the metadata and keep the dataplane matching it.
+    Run(run::RunCmd),
+    /// Show a running sidecar's status.
+    Status(status::StatusCmd),
 }
 
 /// Dataplane drivers.
@@ -122,6 +128,47 @@ impl PlanArgs {
     }
 }
 
+/// The driver and its settings.
+#[derive(Args, Debug, Clone)]
+pub struct DriverArgs {
+    /// Dataplane driver.
+    #[arg(long, value_enum)]
+    pub driver: Driver,
+
+    #[command(flatten)]
+    pub forwarding: ForwardingArgs,
+}
+
+impl DriverArgs {
+    /// Drivers that derive keys need the PSK.
+    pub fn check_psk(&self, have: bool) -> Result<()> {
+        match self.driver {
+            Driver::Xfrm if !have => Err(anyhow!(
+                "--driver xfrm needs --psk-file (the keys are derived from it)"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn build(
+        &self,
+        opts: &PlanOptions,
+        _psk: Option<&ipsec_mesh::plan::Psk>,
+    ) -> Result<Box<dyn ipsec_mesh::dataplane::driver::Driver>> {
+        use ipsec_mesh::dataplane::driver::{Forwarding, XfrmMesh};
+        Ok(match self.driver {
+            Driver::Xfrm => Box::new(XfrmMesh {
+                forwarding: Forwarding {
+                    bridge: self.forwarding.bridge.clone(),
+                    underlay_dev: self.forwarding.underlay_dev.clone(),
+                    routes: self.forwarding.route_config(),
+                },
+                marks: opts.marks,
+            }),
+        })
+    }
+}
+
 /// How marked traffic is steered (firewall devices, route table and rule priority).
 #[derive(Args, Debug, Clone)]
 pub struct ForwardingArgs {
@@ -199,6 +246,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plan(cmd) => plan::run(cmd),
         Command::Apply(cmd) => apply::run(cmd),
         Command::Cleanup(cmd) => cleanup::run(cmd),
+        Command::Run(cmd) => run::run(cmd),
+        Command::Status(cmd) => status::run(cmd),
     }
 }
 

@@ -4,6 +4,7 @@
 //! difference.
 
 pub mod charon;
+pub mod driver;
 pub mod firewall;
 pub mod netns;
 pub mod routes;

@@ -317,6 +317,16 @@ pub fn parse_sa_id(msg: &XfrmMessage) -> Option<(SaId, u32)> {
     ))
 }
 
+/// Byte and packet counters of a dumped SA.
+pub fn parse_sa_counters(msg: &XfrmMessage) -> Option<(SaId, u32, u64, u64)> {
+    let (id, reqid) = parse_sa_id(msg)?;
+    let XfrmMessage::AddSa(m) = msg else {
+        return None;
+    };
+    let cur = &m.user_sa_info.lifetime_cur;
+    Some((id, reqid, cur.bytes, cur.packets))
+}
+
 /// A dumped SA (`NEWSA`) as an [`Sa`], keys included, for comparison with the desired one.
 pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
     let (id, reqid) = parse_sa_id(msg)?;

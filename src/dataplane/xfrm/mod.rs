@@ -62,6 +62,18 @@ pub fn read_current(sock: &mut XfrmSocket, marks: &Marks) -> Result<Current, Soc
     Ok(cur)
 }
 
+/// Byte and packet counters of every ipsec-mesh SA, by identity.
+pub fn sa_counters() -> Result<std::collections::HashMap<SaId, (u64, u64)>, SocketError> {
+    let mut sock = XfrmSocket::open()?;
+    Ok(sock
+        .dump(messages::sa_dump())?
+        .iter()
+        .filter_map(messages::parse_sa_counters)
+        .filter(|(_, reqid, _, _)| crate::plan::ids::is_owned_reqid(*reqid))
+        .map(|(id, _, b, p)| (id, (b, p)))
+        .collect())
+}
+
 /// Explain a refused request in words an operator can act on.
 pub fn explain(e: &KernelError, transform: Transform) -> String {
     let no_esp = e.errno == libc::EPROTONOSUPPORT

@@ -1,0 +1,56 @@
+//! `ipsec-mesh run`: the sidecar.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use ipsec_mesh::daemon::{self, server};
+
+use super::{DriverArgs, PlanArgs, SourceArgs};
+
+#[derive(Args, Debug)]
+pub struct RunCmd {
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    #[command(flatten)]
+    pub plan: PlanArgs,
+
+    #[command(flatten)]
+    pub driver: DriverArgs,
+
+    /// Seconds between resyncs that repair drift.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub resync: u64,
+
+    /// Status and metrics listener: host:port, or unix:/path. "none" disables it.
+    #[arg(long, default_value = server::DEFAULT_LISTEN, value_name = "ADDR")]
+    pub listen: String,
+
+    /// Remove everything owned when stopping (default: the dataplane stays).
+    #[arg(long)]
+    pub cleanup_on_exit: bool,
+}
+
+pub fn run(cmd: RunCmd) -> Result<ExitCode> {
+    if cmd.resync == 0 {
+        bail!("--resync: must be at least 1 second");
+    }
+    let opts = cmd.plan.options()?;
+    let psk = cmd.plan.psk()?;
+    cmd.driver.check_psk(psk.is_some())?;
+    let driver = cmd.driver.build(&opts, psk.as_ref())?;
+    let cfg = daemon::DaemonConfig {
+        source: cmd.source.metadata.clone(),
+        host: cmd.source.host.clone(),
+        resync: Duration::from_secs(cmd.resync),
+        listen: (cmd.listen != "none").then(|| server::Listen::parse(&cmd.listen)),
+        cleanup_on_exit: cmd.cleanup_on_exit,
+        plan: opts,
+        psk,
+    };
+    daemon::run(cfg, driver)?;
+    Ok(ExitCode::SUCCESS)
+}

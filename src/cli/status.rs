@@ -1,0 +1,82 @@
+//! `ipsec-mesh status`: ask a running sidecar and print its status.
+
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Result};
+use clap::Args;
+
+use ipsec_mesh::daemon::server::{self, Listen};
+use ipsec_mesh::render;
+
+use super::Format;
+
+#[derive(Args, Debug)]
+pub struct StatusCmd {
+    /// Where the sidecar listens (host:port or unix:/path).
+    #[arg(long, default_value = server::DEFAULT_LISTEN, value_name = "ADDR")]
+    pub listen: String,
+
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+pub fn run(cmd: StatusCmd) -> Result<ExitCode> {
+    let body = server::get(&Listen::parse(&cmd.listen), "/status").map_err(|e| anyhow!(e))?;
+    if cmd.format == Format::Json {
+        print!("{body}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let host = v["host"].as_str().unwrap_or("?");
+    let driver = v["driver"].as_str().unwrap_or("?");
+    let md = &v["metadata"];
+    println!(
+        "host {host}  driver {driver}  metadata {} (version {})  reconciles {} ({} with errors)",
+        md["source"].as_str().unwrap_or("?"),
+        md["version"].as_str().unwrap_or("-"),
+        v["reconciles"]["count"],
+        v["reconciles"]["errors"],
+    );
+    if let Some(e) = md["last_error"].as_str() {
+        println!("metadata error (last good state kept): {e}");
+    }
+    for e in v["mesh_errors"].as_array().into_iter().flatten() {
+        println!("error: {}", e.as_str().unwrap_or_default());
+    }
+    let rows: Vec<Vec<String>> = v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let s = |k: &str| p[k].as_str().unwrap_or("").to_string();
+            let n = |k: &str| p[k].as_u64().unwrap_or(0);
+            vec![
+                s("host"),
+                s("endpoint"),
+                s("state"),
+                format!("{:#010x}", n("spi_out")),
+                format!("{:#010x}", n("spi_in")),
+                format!("{}/{}", n("packets_out"), n("packets_in")),
+                format!("{}/{}", n("bytes_out"), n("bytes_in")),
+                p["last_error"].as_str().unwrap_or("-").to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render::table(
+            &[
+                "PEER",
+                "ENDPOINT",
+                "STATE",
+                "SPI_OUT",
+                "SPI_IN",
+                "PKTS OUT/IN",
+                "BYTES OUT/IN",
+                "LAST ERROR"
+            ],
+            &rows
+        )
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,317 @@
+//! The sidecar: watch the metadata, plan, reconcile; resync on a timer; back off per peer on
+//! errors; serve status and metrics; stop on SIGTERM/SIGINT leaving the dataplane in place
+//! (unless asked to clean up); reload on SIGHUP.
+//!
+//! Threads: the main loop (owns the driver; every kernel/charon write happens here), a
+//! metadata watcher (blocking long-poll or file watch), a signal thread (`sigwait`) and the
+//! status server. They talk to the loop through one channel.
+
+pub mod server;
+pub mod status;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, warn};
+
+use crate::dataplane::driver::Driver;
+use crate::metadata::{self, MetadataSource, Snapshot};
+use crate::plan::{self, Plan, PlanOptions, Psk};
+use status::{unix_now, Status};
+
+/// Longest pause between two retries of a failing peer.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// First retry delay of a failing peer.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// How long one long-poll / file watch waits before asking again.
+const WATCH_WAIT: Duration = Duration::from_secs(30);
+
+pub struct DaemonConfig {
+    pub source: String,
+    pub host: Option<String>,
+    pub resync: Duration,
+    pub listen: Option<server::Listen>,
+    pub cleanup_on_exit: bool,
+    pub plan: PlanOptions,
+    pub psk: Option<Psk>,
+}
+
+#[derive(Debug)]
+enum Event {
+    /// The metadata may have changed (watcher) or a reload was asked for (SIGHUP).
+    Reload(&'static str),
+    Stop(&'static str),
+}
+
+/// Retry delay after `failures` consecutive failures.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    (BACKOFF_BASE * 2u32.pow(exp)).min(BACKOFF_MAX)
+}
+
+/// Block SIGTERM, SIGINT and SIGHUP in this thread (and the threads it spawns after), and
+/// deliver them to the loop from a `sigwait` thread.
+fn spawn_signal_thread(tx: Sender<Event>) -> std::io::Result<()> {
+    // SAFETY: plain libc signal-set manipulation on a local sigset_t.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is a valid, initialised signal set; `sig` is a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            let ev = match sig {
+                libc::SIGHUP => Event::Reload("SIGHUP"),
+                libc::SIGINT => Event::Stop("SIGINT"),
+                _ => Event::Stop("SIGTERM"),
+            };
+            if tx.send(ev).is_err() {
+                return;
+            }
+        })?;
+    Ok(())
+}
+
+fn spawn_watcher(mut src: Box<dyn MetadataSource>, mut version: String, tx: Sender<Event>) {
+    let _ = std::thread::Builder::new()
+        .name("metadata-watch".into())
+        .spawn(move || {
+            let mut failures = 0;
+            loop {
+                match src.wait_for_change(&version, WATCH_WAIT) {
+                    Ok(Some(v)) => {
+                        failures = 0;
+                        version = v;
+                        if tx.send(Event::Reload("metadata changed")).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        warn!(error = %e, "metadata watch failed; keeping the last good state");
+                        std::thread::sleep(backoff(failures));
+                        // The loop reloads and reports the error in status.
+                        if tx.send(Event::Reload("metadata watch error")).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+struct Loop {
+    cfg: DaemonConfig,
+    driver: Box<dyn Driver>,
+    source: Box<dyn MetadataSource>,
+    status: Arc<Mutex<Status>>,
+    /// Last plan that was reconciled (from the last good metadata).
+    plan: Option<Plan>,
+    /// Version of the last good metadata.
+    version: Option<String>,
+    peer_failures: HashMap<String, u32>,
+}
+
+impl Loop {
+    fn set_status(&self, f: impl FnOnce(&mut Status)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    fn self_id(&self, snap: &Snapshot) -> Result<String, String> {
+        if let Some(h) = &self.cfg.host {
+            return Ok(h.clone());
+        }
+        if let Some(h) = &snap.self_id {
+            return Ok(h.to_string());
+        }
+        let addrs = crate::localaddr::local_addresses().map_err(|e| e.to_string())?;
+        snap.cluster
+            .host_by_agent_ip(&addrs)
+            .map(|h| h.id.to_string())
+            .ok_or_else(|| "no local address is the agent_ip of a host; pass --host".to_string())
+    }
+
+    /// Load, validate and plan. On failure the last good plan stays and the error is shown.
+    fn load(&mut self) -> bool {
+        let snap = self.source.load().map_err(|e| e.to_string());
+        let planned = snap.and_then(|snap| {
+            let me = self.self_id(&snap)?;
+            let p = plan::plan(&snap.cluster, &me, &self.cfg.plan, self.cfg.psk.as_ref())
+                .map_err(|e| e.to_string())?;
+            Ok((snap.version, p))
+        });
+        match planned {
+            Ok((version, p)) => {
+                let changed = self.plan.as_ref() != Some(&p);
+                info!(version = %version, peers = p.peers.len(), changed, "metadata loaded");
+                let host = p.host.to_string();
+                self.set_status(|s| {
+                    s.host = Some(host);
+                    s.metadata.version = Some(version.clone());
+                    s.metadata.loaded_at = Some(unix_now());
+                    s.metadata.last_error = None;
+                });
+                self.version = Some(version);
+                self.plan = Some(p);
+                changed
+            }
+            Err(e) => {
+                error!(error = %e, "metadata rejected; keeping the last good state");
+                self.set_status(|s| s.metadata.last_error = Some(e));
+                false
+            }
+        }
+    }
+
+    fn reconcile(&mut self) {
+        let Some(plan) = self.plan.clone() else {
+            return;
+        };
+        let t = Instant::now();
+        let report = self.driver.reconcile(&plan);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let errors: BTreeMap<String, String> = report.errors.iter().cloned().collect();
+        for (owner, e) in &report.errors {
+            warn!(peer = %owner, error = %e, "not in place");
+        }
+        // Per-peer backoff: a failing peer's counter grows, a healthy one's resets.
+        let failed = report.failed_peers();
+        self.peer_failures
+            .retain(|p, _| failed.contains(&p.as_str()));
+        for p in failed {
+            *self.peer_failures.entry(p.to_string()).or_default() += 1;
+        }
+        info!(
+            writes = report.writes,
+            errors = report.errors.len(),
+            ms = format!("{ms:.1}"),
+            "reconciled"
+        );
+        let counters = self.driver.counters(&plan);
+        let now = unix_now();
+        self.set_status(|s| {
+            s.reconciles.count += 1;
+            if !report.ok() {
+                s.reconciles.errors += 1;
+            }
+            s.reconciles.last_at = Some(now);
+            s.reconciles.last_duration_ms = ms;
+            s.reconciles.total_duration_ms += ms;
+            s.reconciles.last_writes = report.writes;
+            s.update_peers(&plan, &counters, &errors, now);
+        });
+    }
+
+    /// When the next reconcile is due: the resync period, or sooner for a failing peer.
+    fn next_delay(&self) -> Duration {
+        self.peer_failures
+            .values()
+            .map(|&n| backoff(n))
+            .min()
+            .map_or(self.cfg.resync, |b| b.min(self.cfg.resync))
+    }
+}
+
+/// Run the sidecar until SIGTERM/SIGINT.
+pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel();
+    spawn_signal_thread(tx.clone())?;
+    let source = metadata::open(&cfg.source)?;
+    let status = Arc::new(Mutex::new(Status {
+        driver: driver.name().to_string(),
+        metadata: status::MetadataStatus {
+            source: cfg.source.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    }));
+    if let Some(l) = &cfg.listen {
+        server::spawn(l, status.clone())
+            .map_err(|e| anyhow::anyhow!("--listen {l:?}: cannot listen: {e}"))?;
+    }
+    let mut lp = Loop {
+        cfg,
+        driver,
+        source,
+        status,
+        plan: None,
+        version: None,
+        peer_failures: HashMap::new(),
+    };
+    lp.load();
+    lp.reconcile();
+    spawn_watcher(
+        metadata::open(&lp.cfg.source)?,
+        lp.version.clone().unwrap_or_default(),
+        tx,
+    );
+    info!(resync_s = lp.cfg.resync.as_secs(), "running");
+    loop {
+        let wait = if lp.plan.is_none() {
+            // No good metadata yet: retry loading soon.
+            backoff(1).min(lp.cfg.resync)
+        } else {
+            lp.next_delay()
+        };
+        match rx.recv_timeout(wait) {
+            Ok(Event::Reload(why)) => {
+                info!(why, "reloading");
+                lp.load();
+                lp.reconcile();
+            }
+            Ok(Event::Stop(why)) => {
+                if lp.cfg.cleanup_on_exit {
+                    info!(
+                        why,
+                        "stopping; --cleanup-on-exit: removing everything owned"
+                    );
+                    let r = lp.driver.cleanup();
+                    for (o, e) in &r.errors {
+                        warn!(owner = %o, error = %e, "cleanup failed");
+                    }
+                } else {
+                    info!(why, "stopping; the dataplane stays in place");
+                }
+                return Ok(());
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if lp.plan.is_none() {
+                    lp.load();
+                }
+                lp.reconcile();
+            }
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(7), BACKOFF_MAX);
+        assert_eq!(backoff(1000), BACKOFF_MAX);
+    }
+}

@@ -1,0 +1,333 @@
+//! The sidecar's status: what `/status` shows as JSON and `/metrics` as Prometheus text.
+//! Rendering is pure; the daemon loop updates the state.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::dataplane::driver::PeerCounters;
+use crate::plan::Plan;
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MetadataStatus {
+    pub source: String,
+    pub version: Option<String>,
+    /// When the last good metadata was loaded (unix seconds).
+    pub loaded_at: Option<u64>,
+    /// The last load or validation error; the last good state is kept meanwhile.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReconcileStatus {
+    pub count: u64,
+    pub errors: u64,
+    pub last_at: Option<u64>,
+    pub last_duration_ms: f64,
+    pub total_duration_ms: f64,
+    pub last_writes: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerStatus {
+    pub host: String,
+    pub endpoint: String,
+    pub state: String,
+    pub reqid: u32,
+    pub spi_out: u32,
+    pub spi_in: u32,
+    pub bytes_out: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub packets_in: u64,
+    pub last_error: Option<String>,
+    /// When the state last changed (unix seconds).
+    pub last_change: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub host: Option<String>,
+    pub driver: String,
+    pub metadata: MetadataStatus,
+    pub reconciles: ReconcileStatus,
+    pub peers: Vec<PeerStatus>,
+    /// Errors not tied to one peer (shared objects, the driver as a whole).
+    pub mesh_errors: Vec<String>,
+}
+
+impl Status {
+    /// Fold a plan, the driver's counters and the last errors into the peer list, keeping
+    /// `last_change` of peers whose state did not change.
+    pub fn update_peers(
+        &mut self,
+        plan: &Plan,
+        counters: &BTreeMap<String, PeerCounters>,
+        errors: &BTreeMap<String, String>,
+        now: u64,
+    ) {
+        let before: BTreeMap<String, (String, Option<u64>)> = self
+            .peers
+            .iter()
+            .map(|p| (p.host.clone(), (p.state.clone(), p.last_change)))
+            .collect();
+        self.peers = plan
+            .peers
+            .iter()
+            .map(|p| {
+                let id = p.host.to_string();
+                let c = counters.get(&id).cloned().unwrap_or_default();
+                let state = if c.state.is_empty() {
+                    "down".to_string()
+                } else {
+                    c.state.clone()
+                };
+                let last_change = match before.get(&id) {
+                    Some((s, t)) if *s == state => *t,
+                    _ => Some(now),
+                };
+                PeerStatus {
+                    host: id.clone(),
+                    endpoint: p.endpoint.to_string(),
+                    state,
+                    reqid: p.reqid,
+                    spi_out: p.spi_out,
+                    spi_in: p.spi_in,
+                    bytes_out: c.bytes_out,
+                    packets_out: c.packets_out,
+                    bytes_in: c.bytes_in,
+                    packets_in: c.packets_in,
+                    last_error: errors.get(&id).cloned(),
+                    last_change,
+                }
+            })
+            .collect();
+        self.mesh_errors = errors
+            .iter()
+            .filter(|(k, _)| !plan.peers.iter().any(|p| p.host.as_str() == k.as_str()))
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+    }
+}
+
+/// `/proc/net/xfrm_stat` as (name, value) pairs (empty when absent).
+pub fn xfrm_stat() -> Vec<(String, u64)> {
+    std::fs::read_to_string("/proc/net/xfrm_stat")
+        .map(|s| parse_xfrm_stat(&s))
+        .unwrap_or_default()
+}
+
+pub fn parse_xfrm_stat(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text exposition of the status.
+pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
+    let mut o = String::new();
+    let mut metric = |name: &str, help: &str, kind: &str, samples: Vec<(String, String)>| {
+        let _ = writeln!(o, "# HELP ipsec_mesh_{name} {help}");
+        let _ = writeln!(o, "# TYPE ipsec_mesh_{name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(o, "ipsec_mesh_{name}{labels} {v}");
+        }
+    };
+    let one = |v: String| vec![(String::new(), v)];
+    metric(
+        "peers",
+        "Peers in the current plan.",
+        "gauge",
+        one(s.peers.len().to_string()),
+    );
+    metric(
+        "peers_up",
+        "Peers whose SAs are up.",
+        "gauge",
+        one(s
+            .peers
+            .iter()
+            .filter(|p| p.state == "up")
+            .count()
+            .to_string()),
+    );
+    metric(
+        "sas_up",
+        "SAs installed and up (two per peer that is up).",
+        "gauge",
+        one((2 * s.peers.iter().filter(|p| p.state == "up").count()).to_string()),
+    );
+    metric(
+        "reconciles_total",
+        "Reconciles run.",
+        "counter",
+        one(s.reconciles.count.to_string()),
+    );
+    metric(
+        "reconcile_errors_total",
+        "Reconciles that left something not in place.",
+        "counter",
+        one(s.reconciles.errors.to_string()),
+    );
+    metric(
+        "reconcile_duration_seconds_sum",
+        "Total time spent reconciling.",
+        "counter",
+        one(format!("{:.6}", s.reconciles.total_duration_ms / 1e3)),
+    );
+    metric(
+        "reconcile_last_duration_seconds",
+        "Duration of the last reconcile.",
+        "gauge",
+        one(format!("{:.6}", s.reconciles.last_duration_ms / 1e3)),
+    );
+    metric(
+        "reconcile_last_writes",
+        "Kernel/charon writes of the last reconcile.",
+        "gauge",
+        one(s.reconciles.last_writes.to_string()),
+    );
+    if let Some(v) = &s.metadata.version {
+        metric(
+            "metadata_version_info",
+            "Version of the metadata in use.",
+            "gauge",
+            vec![(format!("{{version=\"{}\"}}", label(v)), "1".into())],
+        );
+    }
+    if let Some(t) = s.metadata.loaded_at {
+        metric(
+            "metadata_age_seconds",
+            "Seconds since the metadata in use was loaded.",
+            "gauge",
+            one(now.saturating_sub(t).to_string()),
+        );
+    }
+    metric(
+        "metadata_error",
+        "1 while the latest metadata failed to load or validate.",
+        "gauge",
+        one(u8::from(s.metadata.last_error.is_some()).to_string()),
+    );
+    let per_peer = |f: &dyn Fn(&PeerStatus) -> u64, dir: &str| -> Vec<(String, String)> {
+        s.peers
+            .iter()
+            .map(|p| {
+                (
+                    format!("{{peer=\"{}\",direction=\"{dir}\"}}", label(&p.host)),
+                    f(p).to_string(),
+                )
+            })
+            .collect()
+    };
+    let mut bytes = per_peer(&|p| p.bytes_out, "out");
+    bytes.extend(per_peer(&|p| p.bytes_in, "in"));
+    metric(
+        "peer_bytes_total",
+        "Bytes through each peer's SAs.",
+        "counter",
+        bytes,
+    );
+    let mut packets = per_peer(&|p| p.packets_out, "out");
+    packets.extend(per_peer(&|p| p.packets_in, "in"));
+    metric(
+        "peer_packets_total",
+        "Packets through each peer's SAs.",
+        "counter",
+        packets,
+    );
+    metric(
+        "peer_up",
+        "1 when the peer's SAs are up.",
+        "gauge",
+        s.peers
+            .iter()
+            .map(|p| {
+                (
+                    format!("{{peer=\"{}\"}}", label(&p.host)),
+                    u8::from(p.state == "up").to_string(),
+                )
+            })
+            .collect(),
+    );
+    if !xfrm_stat.is_empty() {
+        metric(
+            "xfrm_stat",
+            "Kernel XFRM error counters (/proc/net/xfrm_stat).",
+            "counter",
+            xfrm_stat
+                .iter()
+                .map(|(k, v)| (format!("{{counter=\"{}\"}}", label(k)), v.to_string()))
+                .collect(),
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xfrm_stat_parses() {
+        let v = parse_xfrm_stat("XfrmInError             \t0\nXfrmOutNoStates         \t4\n");
+        assert_eq!(
+            v,
+            vec![("XfrmInError".into(), 0), ("XfrmOutNoStates".into(), 4)]
+        );
+    }
+
+    #[test]
+    fn metrics_render() {
+        let s = Status {
+            metadata: MetadataStatus {
+                version: Some("ab\"c".into()),
+                loaded_at: Some(100),
+                ..Default::default()
+            },
+            reconciles: ReconcileStatus {
+                count: 3,
+                errors: 1,
+                ..Default::default()
+            },
+            peers: vec![PeerStatus {
+                host: "b".into(),
+                state: "up".into(),
+                bytes_out: 7,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let m = metrics(&s, &[("XfrmOutNoStates".into(), 4)], 130);
+        assert!(m.contains("ipsec_mesh_peers 1\n"));
+        assert!(m.contains("ipsec_mesh_sas_up 2\n"));
+        assert!(m.contains("ipsec_mesh_reconciles_total 3\n"));
+        assert!(m.contains("ipsec_mesh_metadata_version_info{version=\"ab\\\"c\"} 1\n"));
+        assert!(m.contains("ipsec_mesh_metadata_age_seconds 30\n"));
+        assert!(m.contains("ipsec_mesh_peer_bytes_total{peer=\"b\",direction=\"out\"} 7\n"));
+        assert!(m.contains("ipsec_mesh_xfrm_stat{counter=\"XfrmOutNoStates\"} 4\n"));
+        // Every sample line belongs to a declared metric.
+        for l in m.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap();
+            assert!(m.contains(&format!("# TYPE {name} ")), "{l}");
+        }
+    }
+}
