@@ -183,7 +183,7 @@ impl Driver for XfrmMesh {
 
 fn owner_name(o: &xfrm::objects::Owner) -> String {
     match o {
-        xfrm::objects::Owner::Peer(h) => h.clone(),
+        xfrm::objects::Owner::Peer(h) => h.to_string(),
         other => other.to_string(),
     }
 }

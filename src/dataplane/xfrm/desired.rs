@@ -89,7 +89,7 @@ pub fn desired(plan: &Plan) -> Desired {
     let encap = plan.udp_encap.then_some((NAT_T_PORT, NAT_T_PORT));
     let inner_v6 = plan.cidr.network().is_ipv6();
     for p in &plan.peers {
-        let owner = Owner::Peer(p.host.to_string());
+        let owner = Owner::Peer(p.host.as_str().into());
         let out_t = Tmpl {
             src: me,
             dst: p.endpoint,

@@ -40,13 +40,13 @@ impl Report {
 /// Read our policies and SAs (recognised by reqid range and mark) from the kernel.
 pub fn read_current(sock: &mut XfrmSocket, marks: &Marks) -> Result<Current, SocketError> {
     let mut cur = Current::default();
-    for m in sock.dump(messages::policy_dump())? {
-        if let Some(p) = messages::parse_policy(&m) {
+    sock.dump_raw(messages::policy_dump(), |bytes| {
+        if let Some(p) = messages::parse_policy_raw(bytes) {
             if p.is_owned(marks) {
                 cur.policies.push(p);
             }
         }
-    }
+    })?;
     for m in sock.dump(messages::sa_dump())? {
         let Some((id, reqid)) = messages::parse_sa_id(&m) else {
             continue;

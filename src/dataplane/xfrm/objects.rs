@@ -72,8 +72,8 @@ pub struct Tmpl {
 pub enum Owner {
     /// Shared by the whole mesh (the fail-closed block policy).
     Mesh,
-    /// One peer, by host id.
-    Peer(String),
+    /// One peer, by host id (shared: every object of a peer carries it).
+    Peer(std::sync::Arc<str>),
     /// Ours (reqid in range) but no longer wanted: a departed peer.
     Stale(u32),
 }

@@ -63,19 +63,26 @@ fn dir_rank(d: Dir) -> u8 {
 
 /// The steps that turn `current` into `desired`. Empty when they already match.
 pub fn diff(current: &Current, desired: &Desired) -> Vec<Step> {
-    let by_reqid: HashMap<u32, Owner> = desired
-        .sas
-        .iter()
-        .map(|(o, s)| (s.reqid, o.clone()))
-        .chain(
-            desired
-                .policies
-                .iter()
-                .filter_map(|(o, p)| p.tmpl.map(|t| (t.reqid, o.clone()))),
-        )
-        .collect();
+    // Owners of stale objects: by reqid, built only when something is stale.
+    let by_reqid = std::cell::OnceCell::<HashMap<u32, Owner>>::new();
     let stale_owner = |reqid: Option<u32>| match reqid {
-        Some(r) => by_reqid.get(&r).cloned().unwrap_or(Owner::Stale(r)),
+        Some(r) => by_reqid
+            .get_or_init(|| {
+                desired
+                    .sas
+                    .iter()
+                    .map(|(o, s)| (s.reqid, o.clone()))
+                    .chain(
+                        desired
+                            .policies
+                            .iter()
+                            .filter_map(|(o, p)| p.tmpl.map(|t| (t.reqid, o.clone()))),
+                    )
+                    .collect()
+            })
+            .get(&r)
+            .cloned()
+            .unwrap_or(Owner::Stale(r)),
         None => Owner::Mesh,
     };
 

@@ -144,30 +144,50 @@ impl XfrmSocket {
 
     /// Dump (`NLM_F_DUMP`) and return every answer message.
     pub fn dump(&mut self, msg: XfrmMessage) -> Result<Vec<XfrmMessage>, SocketError> {
+        let mut out = Vec::new();
+        let mut bad = None;
+        self.dump_raw(
+            msg,
+            |bytes| match NetlinkMessage::<XfrmMessage>::deserialize(bytes) {
+                Ok(nl) => {
+                    if let NetlinkPayload::InnerMessage(x) = nl.payload {
+                        out.push(x);
+                    }
+                }
+                Err(e) => bad = Some(e.to_string()),
+            },
+        )?;
+        match bad {
+            Some(e) => Err(SocketError::Decode(e)),
+            None => Ok(out),
+        }
+    }
+
+    /// Dump and hand every answer message (whole, header included) to `each`, without
+    /// decoding: for hot paths that parse only what they need.
+    pub fn dump_raw(
+        &mut self,
+        msg: XfrmMessage,
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<(), SocketError> {
         let (seq, buf) = self.frame(msg, NLM_F_DUMP);
         self.sock.send(&buf, 0)?;
-        let mut out = Vec::new();
+        let mut data = vec![0u8; 256 * 1024];
         loop {
-            let data = self.recv()?;
-            for m in split(&data)? {
+            let n = self.sock.recv(&mut &mut data[..], 0)?;
+            for m in split(&data[..n])? {
                 if m.seq != seq {
                     continue;
                 }
                 match m.kind {
-                    NLMSG_DONE => return Ok(out),
+                    NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR => {
                         let (errno, message) = parse_error(&m);
                         if errno != 0 {
                             return Err(KernelError { errno, message }.into());
                         }
                     }
-                    _ => {
-                        let nl = NetlinkMessage::<XfrmMessage>::deserialize(m.bytes)
-                            .map_err(|e| SocketError::Decode(e.to_string()))?;
-                        if let NetlinkPayload::InnerMessage(x) = nl.payload {
-                            out.push(x);
-                        }
-                    }
+                    _ => each(m.bytes),
                 }
             }
         }
