@@ -43,10 +43,26 @@ fn plan_for(peers: usize) -> Plan {
     .unwrap()
 }
 
-/// The same policies as `ip -batch` lines.
-fn ip_batch(p: &Plan) -> String {
+/// The same SAs and policies as `ip -batch` lines (SAs only with `with_sas`).
+fn ip_batch(p: &Plan, with_sas: bool) -> String {
     let mut s = String::new();
-    for (_, pol) in desired::desired(p).policies {
+    let d = desired::desired(p);
+    for (_, sa) in d.sas.iter().filter(|_| with_sas) {
+        let xfrm::objects::Crypto::Aead {
+            name,
+            key,
+            icv_bits,
+        } = &sa.crypto
+        else {
+            continue;
+        };
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        s.push_str(&format!(
+            "xfrm state add src {} dst {} proto esp spi {:#x} reqid {} mode tunnel replay-window 0 aead '{name}' 0x{hex} {icv_bits}\n",
+            sa.src, sa.id.dst, sa.id.spi, sa.reqid
+        ));
+    }
+    for (_, pol) in d.policies {
         let dir = pol.id.dir.to_string();
         s.push_str(&format!(
             "xfrm policy add src {} dst {} dir {dir} priority {}",
@@ -73,10 +89,10 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-fn case(peers: usize) {
+fn case(peers: usize, with_sas: bool) {
     let p = plan_for(peers);
     let grown = plan_for(peers + 1);
-    let batch = ip_batch(&p);
+    let batch = ip_batch(&p, with_sas);
     let n_pol = desired::desired(&p).policies.len();
     in_new_netns(move || {
         let t = Instant::now();
@@ -114,7 +130,11 @@ fn case(peers: usize) {
             t_ip / t_first,
             noop.writes,
             add.writes,
-            if first.esp_unsupported.is_some() { " | SAs skipped: kernel has no ESP" } else { "" },
+            match (&first.esp_unsupported, with_sas) {
+                (Some(_), _) => " | SAs skipped: kernel has no ESP",
+                (None, true) => " | SAs included on both sides",
+                (None, false) => " | ip -batch without SAs",
+            },
         );
     })
     .unwrap();
@@ -127,8 +147,10 @@ fn main() {
     }
     // `cargo test --benches` runs benches with --bench absent; keep that quick.
     let full = std::env::args().any(|a| a == "--bench");
+    // In a kernel with ESP (the VM: integration/vm/bench-xfrm.sh) the baseline adds the SAs too.
+    let with_sas = std::env::args().any(|a| a == "--with-sas");
     let sizes: &[usize] = if full { &[1_000, 5_000] } else { &[50] };
     for &n in sizes {
-        case(n);
+        case(n, with_sas);
     }
 }

@@ -34,6 +34,13 @@ pub fn run(cmd: ApplyCmd) -> Result<ExitCode> {
     let p = plan::plan(&snap.cluster, &me, &opts, psk.as_ref())?;
     let mut driver = cmd.driver.build(&opts, psk.as_ref())?;
     let report = driver.reconcile(&p);
+    if p.udp_encap {
+        eprintln!(
+            "ipsec-mesh: warning: --udp-encap: the kernel decapsulates ESP-in-UDP only while a \
+             process holds the port-4500 encapsulation socket; `apply` exits, so run the \
+             sidecar (`ipsec-mesh run`) for UDP encapsulation"
+        );
+    }
     if cmd.diff {
         for c in &report.changes {
             println!("{c}");

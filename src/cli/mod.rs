@@ -157,14 +157,14 @@ impl DriverArgs {
     ) -> Result<Box<dyn ipsec_mesh::dataplane::driver::Driver>> {
         use ipsec_mesh::dataplane::driver::{Forwarding, XfrmMesh};
         Ok(match self.driver {
-            Driver::Xfrm => Box::new(XfrmMesh {
-                forwarding: Forwarding {
+            Driver::Xfrm => Box::new(XfrmMesh::new(
+                Forwarding {
                     bridge: self.forwarding.bridge.clone(),
                     underlay_dev: self.forwarding.underlay_dev.clone(),
                     routes: self.forwarding.route_config(),
                 },
-                marks: opts.marks,
-            }),
+                opts.marks,
+            )),
         })
     }
 }
