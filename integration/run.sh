@@ -6,6 +6,7 @@
 #   integration/run.sh unit    # fmt, clippy, cargo test (no root needed; root suites skip)
 #   integration/run.sh netns   # the root-only netns suites on this machine's kernel
 #   integration/run.sh vm      # real-ESP tests in Debian's kernel under qemu (root)
+#   integration/run.sh vxlan   # the vxlan driver's netns end-to-end suite (root)
 #
 # Root suites skip loudly when not run as root; CI runs as root, where they must pass.
 set -euo pipefail
@@ -73,9 +74,10 @@ case "${1:-all}" in
     unit) unit ;;
     netns) netns ;;
     vm) vm ;;
+    vxlan) cargo test --locked --test netns_vxlan ;;
     setup) setup ;;
     *)
-        echo "usage: $0 [all|unit|netns|vm|setup]" >&2
+        echo "usage: $0 [all|unit|netns|vm|vxlan|setup]" >&2
         exit 2
         ;;
 esac

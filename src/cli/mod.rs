@@ -50,6 +50,8 @@ pub enum Command {
 pub enum Driver {
     /// Kernel XFRM policies and SAs, keys derived from the PSK (IKE-less).
     Xfrm,
+    /// VXLAN device with static FDB/neighbour/route entries per peer (no encryption).
+    Vxlan,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -137,6 +139,9 @@ pub struct DriverArgs {
 
     #[command(flatten)]
     pub forwarding: ForwardingArgs,
+
+    #[command(flatten)]
+    pub vxlan: VxlanArgs,
 }
 
 impl DriverArgs {
@@ -165,7 +170,38 @@ impl DriverArgs {
                 },
                 opts.marks,
             )),
+            Driver::Vxlan => Box::new(ipsec_mesh::dataplane::vxlan::VxlanMesh {
+                config: self.vxlan.config()?,
+            }),
         })
+    }
+}
+
+/// The VXLAN driver's device.
+#[derive(Args, Debug, Clone)]
+pub struct VxlanArgs {
+    /// VXLAN device (owned by ipsec-mesh with --driver vxlan).
+    #[arg(long, value_name = "DEV", default_value = ipsec_mesh::dataplane::vxlan::objects::DEFAULT_DEV)]
+    pub vxlan_dev: String,
+
+    /// VXLAN network identifier.
+    #[arg(long, value_name = "VNI", default_value_t = ipsec_mesh::dataplane::vxlan::objects::DEFAULT_VNI)]
+    pub vxlan_vni: u32,
+
+    /// VXLAN UDP destination port.
+    #[arg(long, value_name = "PORT", default_value_t = ipsec_mesh::dataplane::vxlan::objects::DEFAULT_PORT)]
+    pub vxlan_port: u16,
+}
+
+impl VxlanArgs {
+    pub fn config(&self) -> Result<ipsec_mesh::dataplane::vxlan::VxlanConfig> {
+        let c = ipsec_mesh::dataplane::vxlan::VxlanConfig {
+            dev: self.vxlan_dev.clone(),
+            vni: self.vxlan_vni,
+            port: self.vxlan_port,
+        };
+        c.validate().map_err(|e| anyhow!("--vxlan-*: {e}"))?;
+        Ok(c)
     }
 }
 

@@ -8,4 +8,5 @@ pub mod driver;
 pub mod firewall;
 pub mod netns;
 pub mod routes;
+pub mod vxlan;
 pub mod xfrm;

@@ -242,7 +242,10 @@ mod tests {
         assert!(!m.is_zero());
         assert!("02:1a".parse::<Mac>().is_err());
         assert!("02:1a:ff:00:09:zz".parse::<Mac>().is_err());
-        assert_eq!(Mac::from_slice(&[1, 2, 3, 4, 5, 6]), Some(Mac([1, 2, 3, 4, 5, 6])));
+        assert_eq!(
+            Mac::from_slice(&[1, 2, 3, 4, 5, 6]),
+            Some(Mac([1, 2, 3, 4, 5, 6]))
+        );
         assert_eq!(Mac::from_slice(&[1, 2, 3]), None);
     }
 }

@@ -1,0 +1,564 @@
+//! VXLAN driver: one VXLAN device (`vtep1042`, VNI 1042, UDP 4789 by default) with static
+//! FDB entries, neighbours and routes per peer; no learning, no multicast.
+//!
+//! `objects` (comparable values) <- `desired` (pure, from the plan; the addressing scheme is
+//! documented there) and `messages` (pure, build/parse rtnetlink messages) ->
+//! `reconcile::{diff_device, diff_objects}` (pure) -> [`reconcile_with`] here, the only
+//! code that talks to the kernel (rtnetlink 0.24, one socket, requests pipelined).
+//!
+//! What ipsec-mesh owns, and nothing else: the device with the configured name (only if it
+//! is a VXLAN device: a device of another kind with that name is reported, never touched),
+//! and on it: its addresses (IPv6 link-local aside), FDB entries, permanent neighbours, and
+//! the main-table routes through it with `proto static`. Other devices, routes and
+//! neighbours are never modified. A reconcile dumps those, diffs and applies only the
+//! difference: 0 writes when nothing changed. VNI, port, local address, underlay device or
+//! learning changed -> the device is deleted and created again (they cannot be changed in
+//! place); MTU, MAC or a downed device are fixed in place. `cleanup` deletes the device,
+//! which takes everything on it along.
+
+pub mod desired;
+pub mod messages;
+pub mod objects;
+pub mod reconcile;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+
+use futures::stream::TryStreamExt;
+use futures::StreamExt;
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::route::RouteMessage;
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::Handle;
+use tracing::{debug, info, warn};
+
+use crate::dataplane::driver::{Driver, DriverReport, PeerCounters};
+use crate::dataplane::routes::{self, RouteError, Underlay};
+use crate::dataplane::xfrm::socket::KernelError;
+use crate::model::Backend;
+use crate::plan::Plan;
+pub use objects::{Owner, VxlanConfig};
+use reconcile::{Current, DeviceAction, Op, Step};
+
+/// What one reconcile or cleanup did.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    /// Modifying requests sent to the kernel. 0 = nothing changed.
+    pub writes: usize,
+    /// One line per change applied (or attempted).
+    pub changes: Vec<String>,
+    /// Per-owner failures, in words.
+    pub errors: Vec<(Owner, String)>,
+    /// The device's index after the reconcile.
+    pub device: Option<u32>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VxlanError {
+    #[error("invalid VXLAN settings: {0}")]
+    Config(String),
+    #[error("cannot start the netlink runtime")]
+    Runtime(#[source] io::Error),
+    #[error("cannot open a netlink route socket")]
+    Socket(#[source] io::Error),
+    #[error("dumping {what} failed")]
+    Dump {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("finding the underlay device")]
+    Underlay(#[source] RouteError),
+}
+
+impl VxlanConfig {
+    /// Names the kernel accepts, a 24-bit VNI, a non-zero port.
+    pub fn validate(&self) -> Result<(), VxlanError> {
+        let n = &self.dev;
+        if n.is_empty()
+            || n.len() > 15
+            || n == "."
+            || n == ".."
+            || n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+        {
+            return Err(VxlanError::Config(format!(
+                "device name {n:?}: 1 to 15 characters, no '/', ':' or whitespace"
+            )));
+        }
+        if self.vni > 0x00ff_ffff {
+            return Err(VxlanError::Config(format!(
+                "VNI {} does not fit in 24 bits (0..=16777215)",
+                self.vni
+            )));
+        }
+        if self.port == 0 {
+            return Err(VxlanError::Config("UDP port 0".into()));
+        }
+        Ok(())
+    }
+}
+
+fn nl_io(e: rtnetlink::Error) -> io::Error {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.to_io(),
+        e => io::Error::other(e.to_string()),
+    }
+}
+
+/// Open a route socket with extended ACKs (so refusals carry the kernel's words) on the
+/// current tokio runtime, in the calling thread's network namespace.
+pub fn connect() -> Result<Handle, VxlanError> {
+    let (mut conn, handle, _) = rtnetlink::new_connection().map_err(VxlanError::Socket)?;
+    // Without extended ACKs errors are still reported, just without the kernel's message.
+    {
+        use netlink_sys::AsyncSocket;
+        let _ = conn.socket_mut().socket_mut().set_ext_ack(true);
+    }
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+fn block_on<T>(f: impl Future<Output = Result<T, VxlanError>>) -> Result<T, VxlanError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(VxlanError::Runtime)?
+        .block_on(f)
+}
+
+/// Reconcile (sync: own current-thread runtime and socket; not from inside a runtime).
+pub fn reconcile(plan: &Plan, cfg: &VxlanConfig) -> Result<Report, VxlanError> {
+    block_on(async { reconcile_with(&connect()?, plan, cfg).await })
+}
+
+/// Delete our device (sync).
+pub fn cleanup(cfg: &VxlanConfig) -> Result<Report, VxlanError> {
+    block_on(async { cleanup_with(&connect()?, cfg).await })
+}
+
+/// The device called `name`, if any.
+pub async fn find_device(
+    h: &Handle,
+    name: &str,
+) -> Result<Option<objects::FoundDevice>, VxlanError> {
+    let mut s = h.link().get().match_name(name.to_string()).execute();
+    match s.try_next().await {
+        Ok(Some(m)) => Ok(Some(messages::parse_device(&m))),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::ENODEV => Ok(None),
+        Err(e) => Err(VxlanError::Dump {
+            what: "links",
+            source: nl_io(e),
+        }),
+    }
+}
+
+/// Everything on device `index` that the diff looks at (overlay `family`).
+pub async fn read_current(
+    h: &Handle,
+    index: u32,
+    family: AddressFamily,
+) -> Result<Current, VxlanError> {
+    let dump = |what| {
+        move |e| VxlanError::Dump {
+            what,
+            source: nl_io(e),
+        }
+    };
+    let mut cur = Current::default();
+    let addrs: Vec<_> = h
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(dump("addresses"))?;
+    cur.addresses = addrs
+        .iter()
+        .filter(|m| m.header.family == family)
+        .filter_map(|m| messages::parse_address(m, index))
+        .collect();
+    let fdb: Vec<_> = h
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Bridge)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(dump("bridge fdb"))?;
+    cur.fdb = fdb
+        .iter()
+        .filter_map(messages::parse_fdb)
+        .filter(|(i, _)| *i == index)
+        .map(|(_, f)| f)
+        .collect();
+    let neigh: Vec<_> = h
+        .neighbours()
+        .get()
+        .set_address_family(family)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(dump("neighbours"))?;
+    cur.neighbours = neigh
+        .iter()
+        .filter(|m| m.header.family == family)
+        .filter_map(messages::parse_neighbour)
+        .filter(|(i, _)| *i == index)
+        .map(|(_, n)| n)
+        .collect();
+    let mut q = RouteMessage::default();
+    q.header.address_family = family;
+    let rts: Vec<_> = h
+        .route()
+        .get(q)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(dump("routes"))?;
+    cur.routes = rts
+        .iter()
+        .filter(|m| m.header.address_family == family)
+        .filter_map(|m| messages::parse_route(m, index))
+        .collect();
+    Ok(cur)
+}
+
+async fn send(mut h: Handle, msg: NetlinkMessage<RouteNetlinkMessage>) -> Result<(), KernelError> {
+    let mut resp = h.request(msg).map_err(|e| KernelError {
+        errno: libc::EIO,
+        message: Some(format!("netlink request not sent: {e}")),
+    })?;
+    while let Some(m) = resp.next().await {
+        if let NetlinkPayload::Error(e) = m.payload {
+            if e.code.is_some() {
+                return Err(messages::kernel_error(&e));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why a step failed, in words an operator can act on.
+fn explain(op: &Op, e: &KernelError, dev: &str) -> String {
+    match op {
+        Op::AddRoute(r) if e.errno == libc::EEXIST => format!(
+            "a route to {} exists in the main table and is not ipsec-mesh's (left untouched) ({e})",
+            r.dst
+        ),
+        Op::AddAddress(a) if e.errno == libc::EEXIST => {
+            format!("address {a} is already on {dev} ({e})")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Deleting what is already gone is success.
+fn already_gone(op: &Op, errno: i32) -> bool {
+    op.is_delete()
+        && matches!(
+            errno,
+            libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL | libc::ENODEV
+        )
+}
+
+/// Send `steps` pipelined on one socket (the kernel handles them in order); record writes,
+/// changes and per-owner errors. Returns whether every step succeeded.
+async fn execute(h: &Handle, steps: &[Step], index: u32, dev: &str, report: &mut Report) -> bool {
+    if steps.is_empty() {
+        return true;
+    }
+    let results = futures::future::join_all(
+        steps
+            .iter()
+            .map(|s| send(h.clone(), messages::request(&s.op, index))),
+    )
+    .await;
+    report.writes += steps.len();
+    let mut all_ok = true;
+    for (step, r) in steps.iter().zip(results) {
+        let line = step.describe(dev);
+        match r {
+            Ok(()) => {
+                debug!(change = %line, "vxlan");
+                report.changes.push(line);
+            }
+            Err(e) if already_gone(&step.op, e.errno) => report.changes.push(line),
+            // No IPv6 in this kernel: there is no link-local address to avoid either.
+            Err(e) if step.op == Op::NoIpv6LinkLocal => {
+                debug!(error = %e, "addrgenmode none refused; ignored");
+                report.changes.push(line);
+            }
+            Err(e) => {
+                all_ok = false;
+                let why = explain(&step.op, &e, dev);
+                warn!(peer = %step.owner, change = %line, error = %why, "vxlan change failed");
+                report
+                    .errors
+                    .push((step.owner.clone(), format!("{line}: {why}")));
+            }
+        }
+    }
+    all_ok
+}
+
+/// Make the kernel's VXLAN state match `plan`: dump, diff, apply only the difference.
+/// Peers fail independently; the error return is for the socket, a dump or the underlay
+/// lookup failing.
+pub async fn reconcile_with(
+    h: &Handle,
+    plan: &Plan,
+    cfg: &VxlanConfig,
+) -> Result<Report, VxlanError> {
+    cfg.validate()?;
+    if plan.backend != Backend::Vxlan {
+        warn!(
+            backend = %plan.backend,
+            mtu = desired::mtu(plan),
+            "the metadata's network backend is not vxlan; the VXLAN device gets the VXLAN MTU"
+        );
+    }
+    let (underlay, _) = routes::resolve_underlay(h, &Underlay::Address(plan.endpoint))
+        .await
+        .map_err(VxlanError::Underlay)?;
+    let want = desired::desired(plan, cfg, underlay);
+    let dev = cfg.dev.as_str();
+    let mut report = Report::default();
+
+    let found = find_device(h, dev).await?;
+    let action = reconcile::diff_device(found.as_ref(), &want.device);
+    if let DeviceAction::Foreign { kind } = &action {
+        report.errors.push((
+            Owner::Mesh,
+            format!("device {dev} exists and is a {kind} device, not VXLAN: not ipsec-mesh's (left untouched); pick another --vxlan-dev"),
+        ));
+        return Ok(report);
+    }
+    let found_index = found.as_ref().map_or(0, |f| f.index);
+    let dev_steps = reconcile::device_steps(&action, &want.device, found_index);
+    let fresh = matches!(action, DeviceAction::Create | DeviceAction::Recreate { .. });
+    let mut index = found_index;
+    // One at a time: a created device's index is needed by the next step.
+    for step in &dev_steps {
+        if matches!(step.op, Op::SetDevice { .. } | Op::NoIpv6LinkLocal)
+            && fresh
+            && index == found_index
+        {
+            index = match find_device(h, dev).await? {
+                Some(f) => f.index,
+                None => {
+                    report.errors.push((
+                        Owner::Mesh,
+                        format!("device {dev} vanished right after it was created"),
+                    ));
+                    return Ok(report);
+                }
+            };
+        }
+        let ok = execute(h, std::slice::from_ref(step), index, dev, &mut report).await;
+        if !ok && matches!(step.op, Op::CreateDevice(_) | Op::DelDevice { .. }) {
+            // Nothing else can be put in place without the device.
+            return Ok(report);
+        }
+    }
+    report.device = Some(index);
+
+    let family = if plan.cidr.network().is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let current = if fresh {
+        Current::default()
+    } else {
+        read_current(h, index, family).await?
+    };
+    let steps = reconcile::diff_objects(&current, &want);
+    let (dels, adds): (Vec<Step>, Vec<Step>) = steps.into_iter().partition(|s| s.op.is_delete());
+    execute(h, &dels, index, dev, &mut report).await;
+    execute(h, &adds, index, dev, &mut report).await;
+    info!(
+        writes = report.writes,
+        errors = report.errors.len(),
+        peers = plan.peers.len(),
+        objects = want.len(),
+        "vxlan reconcile done"
+    );
+    Ok(report)
+}
+
+/// Delete our device (and with it every FDB entry, neighbour, address and route on it).
+/// Idempotent; a device of another kind with our name is reported, not touched.
+pub async fn cleanup_with(h: &Handle, cfg: &VxlanConfig) -> Result<Report, VxlanError> {
+    let dev = cfg.dev.as_str();
+    let mut report = Report::default();
+    let Some(found) = find_device(h, dev).await? else {
+        return Ok(report);
+    };
+    if found.kind.as_deref() != Some("vxlan") {
+        report.errors.push((
+            Owner::Mesh,
+            format!(
+                "device {dev} is a {} device, not VXLAN: not ipsec-mesh's (left untouched)",
+                found.kind.as_deref().unwrap_or("plain")
+            ),
+        ));
+        return Ok(report);
+    }
+    let step = Step {
+        owner: Owner::Mesh,
+        op: Op::DelDevice {
+            index: found.index,
+            why: "cleanup".into(),
+        },
+    };
+    execute(h, &[step], found.index, dev, &mut report).await;
+    Ok(report)
+}
+
+/// Per peer: `up` when its FDB entry (VTEP MAC -> endpoint) is on our device. VXLAN keeps
+/// no per-remote counters, so the counters stay 0.
+pub fn peer_states(
+    plan: &Plan,
+    cfg: &VxlanConfig,
+) -> Result<BTreeMap<String, PeerCounters>, VxlanError> {
+    block_on(async {
+        let h = connect()?;
+        let fdb = match find_device(&h, &cfg.dev).await? {
+            Some(d) => {
+                let family = if plan.cidr.network().is_ipv4() {
+                    AddressFamily::Inet
+                } else {
+                    AddressFamily::Inet6
+                };
+                read_current(&h, d.index, family).await?.fdb
+            }
+            None => Vec::new(),
+        };
+        let have: std::collections::BTreeSet<(objects::Mac, Option<IpAddr>)> =
+            fdb.iter().map(|f| (f.mac, f.dst)).collect();
+        Ok(plan
+            .peers
+            .iter()
+            .map(|p| {
+                let up = have.contains(&(desired::vtep_mac(p.host.as_str()), Some(p.endpoint)));
+                (
+                    p.host.to_string(),
+                    PeerCounters {
+                        state: if up { "up" } else { "down" }.into(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect())
+    })
+}
+
+/// The VXLAN backend as a [`Driver`].
+#[derive(Debug, Clone, Default)]
+pub struct VxlanMesh {
+    pub config: VxlanConfig,
+}
+
+fn owner_name(o: &Owner) -> String {
+    o.to_string()
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        src = s.source();
+    }
+    msg
+}
+
+fn to_driver_report(r: Result<Report, VxlanError>, what: &str) -> DriverReport {
+    let mut d = DriverReport::default();
+    match r {
+        Ok(x) => {
+            d.writes = x.writes;
+            d.parts.push(("vxlan objects", x.writes));
+            d.changes = x.changes;
+            d.errors = x
+                .errors
+                .iter()
+                .map(|(o, e)| (owner_name(o), e.clone()))
+                .collect();
+        }
+        Err(e) => d
+            .errors
+            .push(("mesh".into(), format!("{what}: {}", chain(&e)))),
+    }
+    d
+}
+
+impl Driver for VxlanMesh {
+    fn name(&self) -> &'static str {
+        "vxlan"
+    }
+
+    fn reconcile(&mut self, plan: &Plan) -> DriverReport {
+        to_driver_report(reconcile(plan, &self.config), "vxlan")
+    }
+
+    fn cleanup(&mut self) -> DriverReport {
+        to_driver_report(cleanup(&self.config), "vxlan cleanup")
+    }
+
+    fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
+        peer_states(plan, &self.config).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation() {
+        assert!(VxlanConfig::default().validate().is_ok());
+        let bad = |f: fn(&mut VxlanConfig)| {
+            let mut c = VxlanConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|c| c.dev = "a-very-long-name-x".into()).contains("1 to 15 characters"));
+        assert!(bad(|c| c.dev = "".into()).contains("device name"));
+        assert!(bad(|c| c.dev = "a/b".into()).contains("device name"));
+        assert!(bad(|c| c.vni = 1 << 24).contains("24 bits"));
+        assert!(bad(|c| c.port = 0).contains("port 0"));
+    }
+
+    #[test]
+    fn already_gone_only_for_deletions() {
+        let del = Op::DelNeighbour("10.42.2.0".parse().unwrap());
+        assert!(already_gone(&del, libc::ENOENT));
+        assert!(!already_gone(&del, libc::EPERM));
+        let add = Op::AddAddress("10.42.1.0/32".parse().unwrap());
+        assert!(!already_gone(&add, libc::ENOENT));
+        let e = KernelError {
+            errno: libc::EEXIST,
+            message: None,
+        };
+        let r = Op::AddRoute(objects::Route {
+            dst: "10.42.2.0/24".parse().unwrap(),
+            via: "10.42.2.0".parse().unwrap(),
+        });
+        assert!(explain(&r, &e, "vtep1042").contains("is not ipsec-mesh's (left untouched)"));
+    }
+}

@@ -1,0 +1,574 @@
+//! The vxlan driver end to end on this machine's kernel (root only; skips loudly otherwise).
+//!
+//! Topology, all in network namespaces named `vx<pid><tag>-*` (removed when the test ends,
+//! pass or fail; no traffic leaves them):
+//!
+//! ```text
+//!   sw            bridge br0: the underlay switch
+//!   h1 h2 h3      hosts: uN 192.168.77.N/24 (veth to br0), bridge cbr0 10.42.N.1/24,
+//!                 ip_forward=1; `ipsec-mesh apply --driver vxlan` runs here
+//!   c1 c2 c3      containers: eth0 10.42.N.2/24 (veth to hN's cbr0), default via 10.42.N.1
+//! ```
+//!
+//! Run alone: `integration/run.sh vxlan` (or `cargo test --test netns_vxlan`).
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{in_new_netns, sh};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ipsec-mesh");
+
+/// Named namespaces of one test; deleted on drop (also when the test panics).
+struct Topo {
+    prefix: String,
+    names: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        for n in self.names.iter().rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", n])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Topo {
+    fn new(tag: &str) -> Topo {
+        Topo {
+            prefix: format!("vx{}{tag}", std::process::id()),
+            names: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    fn add(&mut self, role: &str) -> String {
+        let n = self.ns(role);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &n])
+            .stderr(Stdio::null())
+            .status();
+        sh(&format!("ip netns add {n}"));
+        self.names.push(n.clone());
+        sh(&format!("ip -n {n} link set lo up"));
+        n
+    }
+
+    /// Run `cmd` inside namespace `role`.
+    fn sh(&self, role: &str, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} sh -c '{cmd}'", self.ns(role)))
+    }
+
+    fn try_sh(&self, role: &str, cmd: &str) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(role), "sh", "-c", cmd])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    fn meta(&self) -> std::path::PathBuf {
+        self.dir.path().join("meta.json")
+    }
+
+    /// Metadata with hosts `ns` (1-based), each 192.168.77.N with 10.42.N.0/24.
+    fn write_meta(&self, hosts: &[u32]) {
+        let hs: Vec<String> = hosts
+            .iter()
+            .map(|i| {
+                format!(
+                    r#"{{"id":"h{i}","agent_ip":"192.168.77.{i}","subnets":["10.42.{i}.0/24"]}}"#
+                )
+            })
+            .collect();
+        std::fs::write(
+            self.meta(),
+            format!(
+                r#"{{"network":{{"cidr":"10.42.0.0/16","backend":"vxlan","mtu":1500}},"hosts":[{}]}}"#,
+                hs.join(",")
+            ),
+        )
+        .unwrap();
+    }
+
+    /// `ipsec-mesh ARGS` inside host `n`'s namespace.
+    fn mesh(&self, n: u32, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(&format!("h{n}")), BIN])
+            .args(args)
+            .env("IPSEC_MESH_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    fn apply(&self, n: u32, extra: &[&str]) -> Output {
+        let meta = self.meta();
+        let host = format!("h{n}");
+        let mut args = vec![
+            "apply",
+            "--metadata",
+            meta.to_str().unwrap(),
+            "--host",
+            &host,
+            "--driver",
+            "vxlan",
+            "--diff",
+        ];
+        args.extend_from_slice(extra);
+        self.mesh(n, &args)
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Total writes from apply's summary line (`vxlan: host h1: 2 peers, N writes, 0 errors`).
+fn writes(o: &Output) -> usize {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let l = out
+        .lines()
+        .find(|l| l.starts_with("vxlan: host"))
+        .unwrap_or_else(|| panic!("no summary: {}", text(o)));
+    l.split(", ")
+        .find(|p| p.ends_with(" writes"))
+        .unwrap()
+        .trim_end_matches(" writes")
+        .parse()
+        .unwrap()
+}
+
+fn applied_ok(o: &Output) -> usize {
+    assert!(o.status.success(), "apply failed: {}", text(o));
+    writes(o)
+}
+
+/// The 3-host topology of the module docs.
+fn three_hosts(tag: &str) -> Topo {
+    let mut t = Topo::new(tag);
+    let sw = t.add("sw");
+    sh(&format!(
+        "ip -n {sw} link add br0 type bridge && ip -n {sw} link set br0 up"
+    ));
+    for n in 1..=3 {
+        let h = t.add(&format!("h{n}"));
+        let c = t.add(&format!("c{n}"));
+        sh(&format!(
+            "ip link add u{n} netns {h} type veth peer name sw{n} netns {sw} && \
+             ip -n {sw} link set sw{n} master br0 && ip -n {sw} link set sw{n} up && \
+             ip -n {h} link set u{n} up && ip -n {h} addr add 192.168.77.{n}/24 dev u{n} && \
+             ip -n {h} link add cbr0 type bridge && ip -n {h} link set cbr0 up && \
+             ip -n {h} addr add 10.42.{n}.1/24 dev cbr0 && \
+             ip link add vc{n} netns {h} type veth peer name eth0 netns {c} && \
+             ip -n {h} link set vc{n} master cbr0 && ip -n {h} link set vc{n} up && \
+             ip -n {c} link set eth0 up && ip -n {c} addr add 10.42.{n}.2/24 dev eth0 && \
+             ip -n {c} route add default via 10.42.{n}.1 && \
+             ip netns exec {h} sysctl -qw net.ipv4.ip_forward=1"
+        ));
+    }
+    // The underlay works before anything of ours exists.
+    for n in 1..=3 {
+        for m in (1..=3).filter(|m| *m != n) {
+            assert!(
+                t.try_sh(&format!("h{n}"), &format!("ping -c 1 -W 2 192.168.77.{m}")),
+                "underlay h{n} -> h{m}"
+            );
+        }
+    }
+    t
+}
+
+/// Ping `dst` from namespace `role` (a few tries: the first packets may race ARP on the
+/// underlay).
+fn pings(t: &Topo, role: &str, dst: &str) -> bool {
+    t.try_sh(role, &format!("ping -c 2 -i 0.2 -W 2 -w 6 {dst}"))
+}
+
+/// Objects of ours on host `n`, one line each: fdb, neighbours, routes, addresses.
+fn state(t: &Topo, n: u32) -> String {
+    let h = format!("h{n}");
+    let mut s = String::new();
+    s += &t.sh(&h, "bridge fdb show dev vtep1042");
+    s += &t.sh(&h, "ip neigh show dev vtep1042");
+    s += &t.sh(&h, "ip route show dev vtep1042");
+    s += &t.sh(&h, "ip -4 addr show dev vtep1042 | grep inet");
+    let mut lines: Vec<&str> = s.lines().map(str::trim).collect();
+    lines.sort();
+    lines.join("\n")
+}
+
+/// Foreign objects on host `n` that ipsec-mesh must never touch.
+fn add_foreign(t: &Topo, n: u32) {
+    t.sh(
+        &format!("h{n}"),
+        "ip route add 10.99.0.0/24 dev u1 proto static && \
+         ip neigh add 192.168.77.99 lladdr 02:00:00:00:00:99 dev u1 nud permanent && \
+         ip link add vxother type vxlan id 77 dstport 4790 local 192.168.77.1 dev u1 nolearning && \
+         ip link set vxother up && \
+         bridge fdb append 00:00:00:00:00:00 dev vxother dst 192.168.77.3 && \
+         ip route add 10.98.0.0/24 via 10.42.3.0 dev vxother onlink",
+    );
+}
+
+fn foreign_intact(t: &Topo, n: u32) {
+    let h = format!("h{n}");
+    let routes = t.sh(&h, "ip route");
+    assert!(
+        routes.contains("10.99.0.0/24 dev u1 proto static"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("10.98.0.0/24 via 10.42.3.0 dev vxother onlink"),
+        "{routes}"
+    );
+    assert!(t
+        .sh(&h, "ip neigh show dev u1")
+        .contains("192.168.77.99 lladdr 02:00:00:00:00:99 PERMANENT"));
+    assert!(t
+        .sh(&h, "bridge fdb show dev vxother")
+        .contains("00:00:00:00:00:00 dst 192.168.77.3 self permanent"));
+    assert!(t.sh(&h, "ip -d link show vxother").contains("vxlan id 77"));
+}
+
+/// Capture VXLAN on host 1's underlay while `f` runs; returns tcpdump's decoded lines.
+fn capture(t: &Topo, filter: &str, f: impl FnOnce()) -> String {
+    assert!(
+        Command::new("sh")
+            .args(["-c", "command -v tcpdump"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success(),
+        "tcpdump is missing: run integration/setup.sh (apt-get install -y tcpdump)"
+    );
+    let pcap = t.dir.path().join("u1.pcap");
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.ns("h1"),
+            "tcpdump",
+            "-i",
+            "u1",
+            "-nn",
+            "-U",
+            "-w",
+        ])
+        .arg(&pcap)
+        .arg(filter)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it listens (the pcap header is written at start).
+    let t0 = Instant::now();
+    while std::fs::metadata(&pcap).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "tcpdump did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling our own child process by its pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let _ = child.wait();
+    let out = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn three_hosts_ping_over_vxlan_and_reconcile_minimally() {
+    require_root!();
+    let t = three_hosts("a");
+    t.write_meta(&[1, 2, 3]);
+    add_foreign(&t, 1);
+
+    // First apply on each host: device, address, 2 peers x (2 fdb + neighbour + route).
+    for n in 1..=3 {
+        let o = t.apply(n, &[]);
+        assert!(applied_ok(&o) >= 1 + 1 + 2 * 4, "{}", text(&o));
+    }
+    let link = t.sh("h1", "ip -d link show vtep1042");
+    for want in [
+        "mtu 1450",
+        "vxlan id 1042",
+        "local 192.168.77.1 dev u1",
+        "dstport 4789",
+        "nolearning",
+        "UP",
+    ] {
+        assert!(link.contains(want), "{want:?} not in {link}");
+    }
+    let s1 = state(&t, 1);
+    for want in [
+        "00:00:00:00:00:00 dst 192.168.77.2 self permanent",
+        "00:00:00:00:00:00 dst 192.168.77.3 self permanent",
+        "10.42.2.0 lladdr ",
+        "10.42.2.0/24 via 10.42.2.0 proto static onlink",
+        "10.42.3.0/24 via 10.42.3.0 proto static onlink",
+        "inet 10.42.1.0/32",
+    ] {
+        assert!(s1.contains(want), "{want:?} not in\n{s1}");
+    }
+    // No IPv6 link-local on the VTEP: nothing of IPv6 is flooded to the peers.
+    assert!(!t.sh("h1", "ip addr show dev vtep1042").contains("fe80"));
+    foreign_intact(&t, 1);
+
+    // Every ordered container pair, and a host to a remote container, while capturing the
+    // underlay: VXLAN with VNI 1042, and no container address in any outer header.
+    let mut failed = Vec::new();
+    let vx = capture(&t, "udp port 4789", || {
+        for a in 1..=3 {
+            for b in (1..=3).filter(|b| *b != a) {
+                if !pings(&t, &format!("c{a}"), &format!("10.42.{b}.2")) {
+                    failed.push(format!("c{a}->c{b}"));
+                }
+            }
+        }
+        if !pings(&t, "h1", "10.42.2.2") {
+            failed.push("h1->c2".into());
+        }
+    });
+    assert!(
+        failed.is_empty(),
+        "pings failed: {failed:?}\n{}",
+        state(&t, 1)
+    );
+    assert!(vx.contains("VXLAN"), "no VXLAN on the underlay:\n{vx}");
+    assert!(vx.contains("vni 1042"), "{vx}");
+    assert!(
+        vx.contains("10.42.1.2 > 10.42.2.2: ICMP echo request"),
+        "inner packet not seen in VXLAN:\n{vx}"
+    );
+    let plain = capture(&t, "net 10.42.0.0/16", || {
+        assert!(pings(&t, "c1", "10.42.3.2"));
+    });
+    assert!(
+        plain.trim().is_empty(),
+        "container addresses in clear on the underlay:\n{plain}"
+    );
+
+    // Nothing changed: nothing written.
+    for n in 1..=3 {
+        let o = t.apply(n, &[]);
+        assert_eq!(applied_ok(&o), 0, "{}", text(&o));
+    }
+
+    // h3 leaves: on h1 and h2 exactly its 4 entries go; h1 <-> h2 keeps working.
+    let h2_before = state(&t, 2);
+    t.write_meta(&[1, 2]);
+    for n in 1..=2 {
+        let o = t.apply(n, &[]);
+        assert_eq!(applied_ok(&o), 4, "{}", text(&o));
+        let s = state(&t, n);
+        assert!(!s.contains("192.168.77.3"), "{s}");
+        assert!(!s.contains("10.42.3.0"), "{s}");
+        let other = if n == 1 { 2 } else { 1 };
+        assert!(s.contains(&format!("dst 192.168.77.{other}")), "{s}");
+        assert!(s.contains(&format!("10.42.{other}.0/24 via 10.42.{other}.0")));
+    }
+    let h2_after = state(&t, 2);
+    assert_eq!(
+        h2_before
+            .lines()
+            .filter(|l| !l.contains("192.168.77.3") && !l.contains("10.42.3."))
+            .collect::<Vec<_>>(),
+        h2_after.lines().collect::<Vec<_>>(),
+        "only h3's entries may change"
+    );
+    foreign_intact(&t, 1);
+    assert!(pings(&t, "c1", "10.42.2.2") && pings(&t, "c2", "10.42.1.2"));
+    assert!(!pings(&t, "c1", "10.42.3.2"), "h3 left: no route any more");
+
+    // Cleanup leaves nothing of ours, and only that; twice is fine.
+    for n in 1..=3 {
+        let o = t.mesh(n, &["cleanup", "--driver", "vxlan"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let h = format!("h{n}");
+        assert!(!t.try_sh(&h, "ip link show vtep1042"));
+        let routes = t.sh(&h, "ip route");
+        assert!(!routes.contains("vtep1042"), "{routes}");
+        assert!(!t.sh(&h, "ip neigh").contains("vtep1042"));
+        let o = t.mesh(n, &["cleanup", "--driver", "vxlan"]);
+        assert!(o.status.success());
+        assert!(String::from_utf8_lossy(&o.stdout).contains("0 removed"));
+    }
+    foreign_intact(&t, 1);
+}
+
+#[test]
+fn drift_is_repaired_with_exact_writes_and_settings_change_recreates() {
+    require_root!();
+    let t = three_hosts("b");
+    t.write_meta(&[1, 2, 3]);
+    for n in 1..=3 {
+        applied_ok(&t.apply(n, &[]));
+    }
+    let good = state(&t, 1);
+
+    // One neighbour, one FDB entry and one route removed; the MTU changed; a stray
+    // permanent neighbour, FDB entry and route of ours added by hand.
+    t.sh(
+        "h1",
+        "ip neigh del 10.42.2.0 dev vtep1042 && \
+         bridge fdb del 00:00:00:00:00:00 dev vtep1042 dst 192.168.77.3 && \
+         ip route del 10.42.3.0/24 && ip link set vtep1042 mtu 1300 && \
+         ip neigh add 10.42.9.0 lladdr 02:00:00:00:09:00 dev vtep1042 nud permanent && \
+         bridge fdb append 02:00:00:00:09:00 dev vtep1042 dst 192.168.77.9 && \
+         ip route add 10.42.9.0/24 via 10.42.9.0 dev vtep1042 onlink proto static",
+    );
+    let o = t.apply(1, &[]);
+    assert_eq!(applied_ok(&o), 1 + 3 + 3, "{}", text(&o));
+    assert_eq!(state(&t, 1), good);
+    assert!(t.sh("h1", "ip link show vtep1042").contains("mtu 1450"));
+    // A unicast FDB entry pointing elsewhere is replaced in place (one write).
+    let mac = good
+        .lines()
+        .find(|l| l.contains("dst 192.168.77.2") && !l.starts_with("00:00"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    t.sh(
+        "h1",
+        &format!("bridge fdb replace {mac} dev vtep1042 dst 192.168.77.9"),
+    );
+    assert_eq!(applied_ok(&t.apply(1, &[])), 1);
+    assert_eq!(state(&t, 1), good);
+    // A down device is brought up in place.
+    t.sh("h1", "ip link set vtep1042 down");
+    let o = t.apply(1, &[]);
+    assert!(applied_ok(&o) >= 1, "{}", text(&o));
+    assert!(pings(&t, "c1", "10.42.2.2"), "{}", state(&t, 1));
+    assert_eq!(applied_ok(&t.apply(1, &[])), 0);
+
+    // Another VNI / port: the device is recreated with everything on it.
+    let o = t.apply(1, &["--vxlan-vni", "1043", "--vxlan-port", "4790"]);
+    let w = applied_ok(&o);
+    assert!(w >= 2 + 1 + 1 + 8, "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout)
+        .contains("- device vtep1042 (id 1042 -> 1043, dstport 4789 -> 4790)"));
+    let link = t.sh("h1", "ip -d link show vtep1042");
+    assert!(
+        link.contains("vxlan id 1043") && link.contains("dstport 4790"),
+        "{link}"
+    );
+    assert_eq!(state(&t, 1), good);
+    assert_eq!(
+        applied_ok(&t.apply(1, &["--vxlan-vni", "1043", "--vxlan-port", "4790"])),
+        0
+    );
+    // And back; pings work again across the mesh.
+    applied_ok(&t.apply(1, &[]));
+    assert!(pings(&t, "c1", "10.42.3.2") && pings(&t, "c3", "10.42.1.2"));
+}
+
+#[test]
+fn foreign_device_and_foreign_route_are_left_alone_and_reported() {
+    require_root!();
+    in_new_netns(|| {
+        sh("ip link add u1 type veth peer name u1p && ip addr add 192.168.77.1/24 dev u1 && ip link set u1 up && ip link set u1p up");
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("meta.json");
+        std::fs::write(
+            &meta,
+            r#"{"network":{"cidr":"10.42.0.0/16","backend":"vxlan"},"hosts":[
+                {"id":"h1","agent_ip":"192.168.77.1","subnets":["10.42.1.0/24"]},
+                {"id":"h2","agent_ip":"192.168.77.2","subnets":["10.42.2.0/24"]},
+                {"id":"h3","agent_ip":"192.168.77.3","subnets":["10.42.3.0/24"]}]}"#,
+        )
+        .unwrap();
+        let run = |args: &[&str]| {
+            Command::new(BIN)
+                .args(args)
+                .env("IPSEC_MESH_LOG", "error")
+                .output()
+                .unwrap()
+        };
+        let m = meta.to_str().unwrap();
+        let apply = |extra: &[&str]| {
+            let mut a = vec!["apply", "--metadata", m, "--host", "h1", "--driver", "vxlan"];
+            a.extend_from_slice(extra);
+            run(&a)
+        };
+
+        // A bridge holding our device name: reported, untouched, nothing else written.
+        sh("ip link add vtep1042 type bridge");
+        let o = apply(&[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            err.contains("device vtep1042 exists and is a bridge device, not VXLAN: not ipsec-mesh's (left untouched)"),
+            "{err}"
+        );
+        assert_eq!(writes(&o), 0);
+        let o = run(&["cleanup", "--driver", "vxlan"]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(sh("ip -d link show vtep1042").contains("bridge"));
+        sh("ip link del vtep1042");
+
+        // A foreign route to one peer's subnet: that peer's route fails in words, the rest
+        // is in place.
+        sh("ip route add 10.42.3.0/24 dev u1");
+        let o = apply(&[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            err.contains("ipsec-mesh: h3: + route 10.42.3.0/24 via 10.42.3.0 onlink dev vtep1042 [h3]: a route to 10.42.3.0/24 exists in the main table and is not ipsec-mesh's (left untouched)"),
+            "{err}"
+        );
+        assert!(!err.contains("h2:"), "{err}");
+        assert!(sh("ip route").contains("10.42.2.0/24 via 10.42.2.0 dev vtep1042"));
+        assert!(sh("ip route").contains("10.42.3.0/24 dev u1 scope link"));
+
+        // The kernel's own words: the same VNI and port on another device.
+        let o = apply(&["--vxlan-dev", "vtep2"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("A VXLAN device with the specified VNI already exists"),
+            "{err}"
+        );
+        assert!(!sh("ip link").contains("vtep2"));
+        assert!(sh("ip route").contains("10.42.3.0/24 dev u1"));
+
+        // No underlay holding the endpoint: a clear error, nothing written.
+        sh("ip addr del 192.168.77.1/24 dev u1");
+        let o = apply(&[]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("no interface holds the underlay address 192.168.77.1"),
+            "{}",
+            text(&o)
+        );
+
+        let o = run(&["cleanup", "--driver", "vxlan", "--diff"]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("1 removed"));
+        assert!(!sh("ip link").contains("vtep1042"));
+    })
+    .unwrap();
+}
