@@ -17,6 +17,12 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 const HDR: usize = 16;
 /// Bytes of requests per `sendmsg` (well under the default socket buffers).
 const CHUNK_BYTES: usize = 64 * 1024;
+/// Requests per `sendmsg`: each ACK the kernel queues costs about 1 KiB of the receive
+/// buffer (skb truesize), and a default 208 KiB buffer overflows (ENOBUFS, ACKs lost) well
+/// before 64 KiB of small requests.
+const CHUNK_MSGS: usize = 96;
+/// Receive buffer asked for (SO_RCVBUFFORCE as root, else capped by rmem_max).
+const RCVBUF: libc::c_int = 8 * 1024 * 1024;
 
 /// A request the kernel refused: errno and, when the kernel gave one, its extended-ACK
 /// message.
@@ -113,6 +119,24 @@ fn parse_error(m: &Raw<'_>) -> (i32, Option<String>) {
     (errno, message)
 }
 
+fn force_rcvbuf(sock: &Socket) {
+    use std::os::fd::AsRawFd;
+    let size = RCVBUF;
+    // SAFETY: setsockopt on our own socket with a pointer to a c_int of the right size.
+    let forced = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if forced != 0 {
+        let _ = sock.set_rx_buf_sz(RCVBUF as usize);
+    }
+}
+
 impl XfrmSocket {
     /// Open an XFRM netlink socket in the caller's network namespace.
     pub fn open() -> Result<XfrmSocket, SocketError> {
@@ -121,8 +145,8 @@ impl XfrmSocket {
         sock.connect(&SocketAddr::new(0, 0))?;
         sock.set_cap_ack(true)?;
         sock.set_ext_ack(true)?;
-        // Large dumps and batches of ACKs: ask for a big receive buffer (capped by rmem_max).
-        let _ = sock.set_rx_buf_sz(8 * 1024 * 1024);
+        // Large dumps and batches of ACKs: ask for a big receive buffer.
+        force_rcvbuf(&sock);
         Ok(XfrmSocket { sock, seq: 1 })
     }
 
@@ -233,7 +257,11 @@ impl XfrmSocket {
         while reqs.peek().is_some() {
             let mut chunk = Vec::with_capacity(CHUNK_BYTES);
             let mut pending = std::collections::HashMap::new();
-            while let Some((i, (msg, flags))) = reqs.next_if(|_| chunk.len() < CHUNK_BYTES) {
+            let mut count = 0;
+            while let Some((i, (msg, flags))) =
+                reqs.next_if(|_| chunk.len() < CHUNK_BYTES && count < CHUNK_MSGS)
+            {
+                count += 1;
                 let (seq, bytes) = self.frame(msg, NLM_F_ACK | flags);
                 chunk.extend_from_slice(&bytes);
                 pending.insert(seq, i);
