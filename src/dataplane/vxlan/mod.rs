@@ -349,12 +349,12 @@ pub async fn reconcile_with(
     let mut index = found_index;
     // One at a time: a created device's index is needed by the next step.
     for step in &dev_steps {
-        if matches!(step.op, Op::SetDevice { .. } | Op::NoIpv6LinkLocal)
-            && fresh
-            && index == found_index
-        {
-            index = match find_device(h, dev).await? {
-                Some(f) => f.index,
+        let ok = execute(h, std::slice::from_ref(step), index, dev, &mut report).await;
+        match step.op {
+            // Nothing else can be put in place without the device.
+            Op::CreateDevice(_) | Op::DelDevice { .. } if !ok => return Ok(report),
+            Op::CreateDevice(_) => match find_device(h, dev).await? {
+                Some(f) => index = f.index,
                 None => {
                     report.errors.push((
                         Owner::Mesh,
@@ -362,12 +362,8 @@ pub async fn reconcile_with(
                     ));
                     return Ok(report);
                 }
-            };
-        }
-        let ok = execute(h, std::slice::from_ref(step), index, dev, &mut report).await;
-        if !ok && matches!(step.op, Op::CreateDevice(_) | Op::DelDevice { .. }) {
-            // Nothing else can be put in place without the device.
-            return Ok(report);
+            },
+            _ => {}
         }
     }
     report.device = Some(index);
