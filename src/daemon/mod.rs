@@ -86,7 +86,14 @@ fn spawn_signal_thread(tx: Sender<Event>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn spawn_watcher(mut src: Box<dyn MetadataSource>, mut version: String, tx: Sender<Event>) {
+/// Watch the source; after a failed watch, retry with backoff capped at `max_retry` (the
+/// resync period), so a metadata service that comes back is noticed within one resync.
+fn spawn_watcher(
+    mut src: Box<dyn MetadataSource>,
+    mut version: String,
+    max_retry: Duration,
+    tx: Sender<Event>,
+) {
     let _ = std::thread::Builder::new()
         .name("metadata-watch".into())
         .spawn(move || {
@@ -100,11 +107,19 @@ fn spawn_watcher(mut src: Box<dyn MetadataSource>, mut version: String, tx: Send
                             return;
                         }
                     }
-                    Ok(None) => failures = 0,
+                    Ok(None) => {
+                        // The source answers again but nothing changed: reload once anyway,
+                        // or the error of a reload that failed during the outage would stay
+                        // in the status until the next change.
+                        if failures > 0 && tx.send(Event::Reload("metadata source back")).is_err() {
+                            return;
+                        }
+                        failures = 0;
+                    }
                     Err(e) => {
                         failures += 1;
                         warn!(error = %e, "metadata watch failed; keeping the last good state");
-                        std::thread::sleep(backoff(failures));
+                        std::thread::sleep(backoff(failures).min(max_retry));
                         // The loop reloads and reports the error in status.
                         if tx.send(Event::Reload("metadata watch error")).is_err() {
                             return;
@@ -206,6 +221,7 @@ impl Loop {
         );
         let counters = self.driver.counters(&plan);
         let now = unix_now();
+        let version = self.version.clone();
         self.set_status(|s| {
             s.reconciles.count += 1;
             if !report.ok() {
@@ -215,6 +231,7 @@ impl Loop {
             s.reconciles.last_duration_ms = ms;
             s.reconciles.total_duration_ms += ms;
             s.reconciles.last_writes = report.writes;
+            s.reconciles.last_version = version;
             s.update_peers(&plan, &counters, &errors, now);
         });
     }
@@ -260,6 +277,7 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
     spawn_watcher(
         metadata::open(&lp.cfg.source)?,
         lp.version.clone().unwrap_or_default(),
+        lp.cfg.resync,
         tx,
     );
     info!(resync_s = lp.cfg.resync.as_secs(), "running");

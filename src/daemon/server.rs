@@ -77,6 +77,32 @@ fn serve_one<S: Read + Write>(mut s: S, status: &Arc<Mutex<Status>>) {
     );
 }
 
+/// Make way for binding `path`: remove a socket left by a previous run, but refuse when a
+/// process still answers on it (another sidecar of this host) or when the path is not a
+/// socket (a typo must not delete a file).
+fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!(
+                "another process (a sidecar already running?) listens on {}",
+                path.display()
+            ),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
 /// Bind and serve on a background thread. Returns once listening.
 pub fn spawn(listen: &Listen, status: Arc<Mutex<Status>>) -> std::io::Result<()> {
     let timeout = Some(Duration::from_secs(5));
@@ -93,8 +119,7 @@ pub fn spawn(listen: &Listen, status: Arc<Mutex<Status>>) -> std::io::Result<()>
                 })?;
         }
         Listen::Unix(path) => {
-            // A stale socket from a previous run would make bind fail.
-            let _ = std::fs::remove_file(path);
+            remove_stale_socket(path)?;
             let l = UnixListener::bind(path)?;
             std::thread::Builder::new()
                 .name("status-http".into())
@@ -169,6 +194,26 @@ mod tests {
         let unix = Listen::parse(&format!("unix:{}", dir.path().join("s").display()));
         spawn(&unix, status).unwrap();
         assert_eq!(get(&unix, "/healthz").unwrap(), "ok\n");
+        // A second server on a live socket is refused; a stale socket is replaced; a file
+        // that is not a socket is left alone.
+        let e = spawn(&unix, Arc::new(Mutex::new(Status::default()))).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        let stale = dir.path().join("stale");
+        drop(UnixListener::bind(&stale).unwrap());
+        spawn(
+            &Listen::Unix(stale.clone()),
+            Arc::new(Mutex::new(Status::default())),
+        )
+        .unwrap();
+        assert_eq!(get(&Listen::Unix(stale), "/healthz").unwrap(), "ok\n");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "keep").unwrap();
+        assert!(spawn(
+            &Listen::Unix(file.clone()),
+            Arc::new(Mutex::new(Status::default()))
+        )
+        .is_err());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
         let e = get(&Listen::parse("unix:/nonexistent/x"), "/status").unwrap_err();
         assert!(
             e.contains("cannot reach the sidecar at unix:/nonexistent/x"),

@@ -35,6 +35,9 @@ pub struct ReconcileStatus {
     pub last_duration_ms: f64,
     pub total_duration_ms: f64,
     pub last_writes: usize,
+    /// Metadata version of the plan the last reconcile applied: once it equals
+    /// `metadata.version`, the dataplane has been reconciled to the current metadata.
+    pub last_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
