@@ -3,6 +3,7 @@
 //! Data flow: [`metadata`] source -> validated [`model::Cluster`] -> pure [`plan`] ->
 //! dataplane drivers (reconcile).
 
+pub mod cni;
 pub mod daemon;
 pub mod dataplane;
 pub mod localaddr;

@@ -2,6 +2,7 @@
 
 mod apply;
 mod cleanup;
+mod cni_config;
 mod plan;
 mod run;
 mod status;
@@ -43,6 +44,8 @@ pub enum Command {
     Run(run::RunCmd),
     /// Show a running sidecar's status.
     Status(status::StatusCmd),
+    /// Print a CNI network configuration for this host (ipsec-mesh-bridge + ipsec-mesh-ipam).
+    CniConfig(cni_config::CniConfigCmd),
 }
 
 /// Dataplane drivers.
@@ -284,6 +287,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cleanup(cmd) => cleanup::run(cmd),
         Command::Run(cmd) => run::run(cmd),
         Command::Status(cmd) => status::run(cmd),
+        Command::CniConfig(cmd) => cni_config::run(cmd),
     }
 }
 

@@ -1,0 +1,372 @@
+//! `ipsec-mesh-ipam`: addresses from this host's subnets in the mesh metadata.
+//!
+//! ADD loads the metadata (one request, no polling), finds this host and allocates one
+//! address from the first of its subnets with room, under the store's lock
+//! ([`super::store`]); the same (network, container, ifname) gets the same address again.
+//! The result carries the subnet's gateway (its first address) and the configured `routes`.
+//! DEL, CHECK and GC only touch the store, so they work while the metadata is unreachable.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde_json::Value;
+
+use super::config::IpamConf;
+use super::mesh;
+use super::plugin::{Plugin, Request};
+use super::spec::{code, CniError, CniResult, IpConfig};
+use super::store::{self, Owner, Store, StoreError};
+
+/// The IPAM plugin.
+#[derive(Debug, Default)]
+pub struct Ipam;
+
+fn store_error(e: StoreError) -> CniError {
+    let c = match e {
+        StoreError::LockTimeout { .. } => code::TRY_AGAIN,
+        _ => code::STORE,
+    };
+    CniError::new(c, format!("allocation store: {e}"))
+}
+
+fn owner(conf: &IpamConf, r: &Request) -> Owner {
+    Owner {
+        network: conf.network.clone(),
+        container: r.env.container_id.clone(),
+        ifname: r.env.ifname.clone(),
+    }
+}
+
+/// The result for an address in `subnet`.
+pub fn result_for(ip: IpAddr, subnet: &IpNet, conf: &IpamConf) -> CniResult {
+    let address = IpNet::new(ip, subnet.prefix_len()).unwrap_or(*subnet);
+    CniResult {
+        ips: vec![IpConfig {
+            address,
+            gateway: store::gateway(subnet),
+            interface: None,
+            version: None,
+        }],
+        routes: conf.routes.clone(),
+        ..Default::default()
+    }
+}
+
+/// This host's subnets in the metadata.
+fn host_subnets(conf: &IpamConf) -> Result<(String, Vec<IpNet>), CniError> {
+    let m = mesh::load(&conf.metadata, conf.host.as_deref())?;
+    let host = m.snapshot.cluster.host(&m.self_id).ok_or_else(|| {
+        CniError::new(
+            code::UNKNOWN_HOST,
+            format!("host {:?} is not in {}", m.self_id, conf.metadata),
+        )
+    })?;
+    if host.subnets.is_empty() {
+        return Err(CniError::new(
+            code::UNKNOWN_HOST,
+            format!(
+                "host {:?} has no container subnet in {}",
+                m.self_id, conf.metadata
+            ),
+        ));
+    }
+    Ok((m.self_id, host.subnets.clone()))
+}
+
+/// `cni.dev/valid-attachments` of a GC request: (container id, ifname) pairs.
+pub fn valid_attachments(
+    doc: &serde_json::Map<String, Value>,
+) -> Result<Vec<(String, String)>, CniError> {
+    let key = "cni.dev/valid-attachments";
+    let list = match doc.get(key) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(CniError::config(format!("{key} must be an array"))),
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let get = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
+            match (get("containerID"), get("ifname")) {
+                (Some(c), Some(i)) => Ok((c, i)),
+                _ => Err(CniError::config(format!(
+                    "{key}[{i}] needs string containerID and ifname"
+                ))),
+            }
+        })
+        .collect()
+}
+
+impl Plugin for Ipam {
+    fn add(&self, r: &Request) -> Result<CniResult, CniError> {
+        let conf = IpamConf::parse(r.conf)?;
+        let (host, subnets) = host_subnets(&conf)?;
+        let store = Store::new(&conf.data_dir);
+        let lock = store.lock().map_err(store_error)?;
+        let mut st = lock.load().map_err(store_error)?;
+        let before = st.clone();
+        let who = owner(&conf, r);
+        let (ip, subnet) = st
+            .allocate(&subnets, &who)
+            .map_err(|e| CniError::new(code::EXHAUSTED, format!("host {host:?}: {e}")))?;
+        if st != before {
+            lock.save(&st).map_err(store_error)?;
+            tracing::info!(%ip, container = %who.container, ifname = %who.ifname, "allocated");
+        }
+        drop(lock);
+        Ok(result_for(ip, &subnet, &conf))
+    }
+
+    fn del(&self, r: &Request) -> Result<(), CniError> {
+        let conf = IpamConf::parse(r.conf)?;
+        let store = Store::new(&conf.data_dir);
+        if !store.state_path().exists() {
+            return Ok(());
+        }
+        let lock = store.lock().map_err(store_error)?;
+        let mut st = lock.load().map_err(store_error)?;
+        let gone = st.release(&owner(&conf, r));
+        if !gone.is_empty() {
+            lock.save(&st).map_err(store_error)?;
+            tracing::info!(?gone, container = %r.env.container_id, "released");
+        }
+        Ok(())
+    }
+
+    fn check(&self, r: &Request) -> Result<(), CniError> {
+        let conf = IpamConf::parse(r.conf)?;
+        let store = Store::new(&conf.data_dir);
+        let held = {
+            let lock = store.lock().map_err(store_error)?;
+            lock.load().map_err(store_error)?.held_by(&owner(&conf, r))
+        };
+        if held.is_empty() {
+            return Err(CniError::new(
+                code::CHECK_FAILED,
+                format!(
+                    "no address is allocated to container {} ifname {} in network {}",
+                    r.env.container_id, r.env.ifname, conf.network
+                ),
+            ));
+        }
+        if let Some(prev) = &r.conf.prev_result {
+            let prev = CniResult::from_json(prev)
+                .map_err(|e| CniError::config(format!("prevResult: {e}")))?;
+            for ip in &prev.ips {
+                // Only addresses of the family we hand out are ours to vouch for.
+                if held
+                    .iter()
+                    .any(|h| h.is_ipv4() == ip.address.addr().is_ipv4())
+                    && !held.contains(&ip.address.addr())
+                {
+                    return Err(CniError::new(
+                        code::CHECK_FAILED,
+                        format!(
+                            "prevResult has {} but the allocation store gives {} to this container",
+                            ip.address,
+                            held.iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn gc(&self, r: &Request) -> Result<(), CniError> {
+        let conf = IpamConf::parse(r.conf)?;
+        let valid = valid_attachments(&r.conf.doc)?;
+        let store = Store::new(&conf.data_dir);
+        if !store.state_path().exists() {
+            return Ok(());
+        }
+        let lock = store.lock().map_err(store_error)?;
+        let mut st = lock.load().map_err(store_error)?;
+        let gone = st.gc(&conf.network, &valid);
+        if !gone.is_empty() {
+            lock.save(&st).map_err(store_error)?;
+            tracing::info!(?gone, "gc released");
+        }
+        Ok(())
+    }
+
+    fn status(&self, r: &Request) -> Result<(), CniError> {
+        let not_available =
+            |e: CniError| CniError::new(code::NOT_AVAILABLE, e.msg).with_details(e.details);
+        let conf = IpamConf::parse(r.conf)?;
+        let (host, subnets) = host_subnets(&conf).map_err(not_available)?;
+        let store = Store::new(&conf.data_dir);
+        let free = {
+            let lock = store.lock().map_err(|e| not_available(store_error(e)))?;
+            lock.load()
+                .map_err(|e| not_available(store_error(e)))?
+                .free(&subnets)
+        };
+        if free == 0 {
+            return Err(CniError::new(
+                code::NOT_AVAILABLE,
+                format!("host {host:?}: every address of its subnets is allocated"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cni::config::NetConf;
+    use crate::cni::plugin::dispatch;
+    use serde_json::json;
+    use std::collections::HashMap;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(
+                dir.path().join("mesh.json"),
+                json!({
+                    "network": {"cidr": "10.42.0.0/16"},
+                    "hosts": [
+                        {"id": "host-a", "agent_ip": "192.0.2.1", "subnets": ["10.42.1.0/29"]},
+                        {"id": "host-b", "agent_ip": "192.0.2.2", "subnets": ["10.42.2.0/24"]},
+                        {"id": "host-c", "agent_ip": "192.0.2.3", "subnets": []}
+                    ]
+                })
+                .to_string(),
+            )
+            .unwrap();
+            Fixture { dir }
+        }
+
+        fn conf(&self, host: &str) -> String {
+            json!({
+                "cniVersion": "1.0.0", "name": "mesh", "type": "bridge",
+                "ipam": {"type": "ipsec-mesh-ipam",
+                         "metadata": self.dir.path().join("mesh.json"),
+                         "host": host,
+                         "dataDir": self.dir.path().join("data"),
+                         "routes": [{"dst": "0.0.0.0/0"}]}
+            })
+            .to_string()
+        }
+
+        fn run(&self, cmd: &str, container: &str, stdin: &str) -> (Value, bool) {
+            let m: HashMap<&str, &str> = [
+                ("CNI_COMMAND", cmd),
+                ("CNI_CONTAINERID", container),
+                ("CNI_NETNS", "/proc/self/ns/net"),
+                ("CNI_IFNAME", "eth0"),
+            ]
+            .into_iter()
+            .collect();
+            let o = dispatch(&Ipam, |k| m.get(k).map(|s| s.to_string()), stdin.as_bytes());
+            let v = if o.stdout.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&o.stdout).unwrap()
+            };
+            (v, o.success)
+        }
+    }
+
+    #[test]
+    fn add_del_cycle() {
+        let f = Fixture::new();
+        let conf = f.conf("host-a");
+        let (v, ok) = f.run("ADD", "c1", &conf);
+        assert!(ok, "{v}");
+        assert_eq!(
+            v,
+            json!({"cniVersion": "1.0.0",
+                   "ips": [{"address": "10.42.1.2/29", "gateway": "10.42.1.1"}],
+                   "routes": [{"dst": "0.0.0.0/0"}], "dns": {}})
+        );
+        // Same container, same answer.
+        assert_eq!(f.run("ADD", "c1", &conf).0, v);
+        let (v2, _) = f.run("ADD", "c2", &conf);
+        assert_eq!(v2["ips"][0]["address"], "10.42.1.3/29");
+        // CHECK with and without prevResult.
+        let mut with_prev: Value = serde_json::from_str(&conf).unwrap();
+        with_prev["prevResult"] = v.clone();
+        assert!(f.run("CHECK", "c1", &with_prev.to_string()).1);
+        let (e, ok) = f.run("CHECK", "c2", &with_prev.to_string());
+        assert!(!ok && e["code"] == 105, "{e}");
+        assert!(f.run("DEL", "c1", &conf).1);
+        assert!(f.run("DEL", "c1", &conf).1, "DEL twice is fine");
+        let (e, ok) = f.run("CHECK", "c1", &conf);
+        assert!(!ok && e["code"] == 105, "{e}");
+    }
+
+    #[test]
+    fn exhaustion_status_and_gc() {
+        let f = Fixture::new();
+        let conf = f.conf("host-a");
+        // 10.42.1.0/29: .2 ..= .6.
+        for i in 0..5 {
+            assert!(f.run("ADD", &format!("c{i}"), &conf).1);
+        }
+        let (e, ok) = f.run("ADD", "c5", &conf);
+        assert!(!ok);
+        assert_eq!(e["code"], 103);
+        assert!(e["msg"].as_str().unwrap().contains("10.42.1.0/29"), "{e}");
+        let (e, ok) = f.run("STATUS", "", &conf);
+        assert!(!ok && e["code"] == 50, "{e}");
+        let mut gc: Value = serde_json::from_str(&conf).unwrap();
+        gc["cniVersion"] = "1.1.0".into();
+        gc["cni.dev/valid-attachments"] = json!([{"containerID": "c3", "ifname": "eth0"}]);
+        assert!(f.run("GC", "", &gc.to_string()).1);
+        assert!(f.run("STATUS", "", &conf).1);
+        // c3 kept its address.
+        assert_eq!(
+            f.run("ADD", "c3", &conf).0["ips"][0]["address"],
+            "10.42.1.5/29"
+        );
+    }
+
+    #[test]
+    fn host_errors() {
+        let f = Fixture::new();
+        let (e, _) = f.run("ADD", "c1", &f.conf("host-x"));
+        assert_eq!(e["code"], 102);
+        assert!(
+            e["msg"]
+                .as_str()
+                .unwrap()
+                .contains("host-a, host-b, host-c"),
+            "{e}"
+        );
+        let (e, _) = f.run("ADD", "c1", &f.conf("host-c"));
+        assert_eq!(e["code"], 102);
+        assert!(
+            e["msg"].as_str().unwrap().contains("no container subnet"),
+            "{e}"
+        );
+        let mut c: Value = serde_json::from_str(&f.conf("host-a")).unwrap();
+        c["ipam"]["metadata"] = "/nonexistent/mesh.json".into();
+        let (e, _) = f.run("ADD", "c1", &c.to_string());
+        assert_eq!(e["code"], 101);
+        // DEL does not need the metadata.
+        assert!(f.run("DEL", "c1", &c.to_string()).1);
+    }
+
+    #[test]
+    fn valid_attachments_parse() {
+        let conf = NetConf::parse(
+            json!({"cniVersion": "1.1.0", "name": "n", "type": "t",
+                   "cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}, {"containerID": "b"}]})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let e = valid_attachments(&conf.doc).unwrap_err();
+        assert!(e.msg.contains("[1]"), "{e}");
+    }
+}

@@ -1,0 +1,537 @@
+//! The IPAM allocation store: which address belongs to which (network, container, ifname).
+//!
+//! [`State`] is the pure part (find, allocate, release, gc); [`Store`] keeps it in one JSON
+//! file (`allocations.json`) in the data directory, read and rewritten under an exclusive
+//! `flock` on `lock` in the same directory, so concurrent plugin processes never hand out the
+//! same address. The file is replaced atomically (write a temporary file, fsync, rename), so a
+//! crash leaves the old or the new state, never half of one.
+//!
+//! Reserved in every subnet: the network address, the gateway (the first address after it)
+//! and, for IPv4, the broadcast address. Allocation goes round-robin after the last address
+//! handed out in that subnet, so a released address is not reused at once.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Who holds an address.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Owner {
+    pub network: String,
+    pub container: String,
+    pub ifname: String,
+}
+
+/// Every allocation, and where the next search starts in each subnet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    pub version: u32,
+    pub allocations: BTreeMap<IpAddr, Owner>,
+    /// Last address handed out, per subnet.
+    #[serde(default)]
+    pub last: BTreeMap<IpNet, IpAddr>,
+}
+
+/// State file format version.
+pub const STATE_VERSION: u32 = 1;
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn from_u128(v: u128, like: IpAddr) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::V4((v as u32).into()),
+        IpAddr::V6(_) => IpAddr::V6(v.into()),
+    }
+}
+
+/// The gateway of a subnet: the first address after the network address (None when the
+/// subnet is too small to have one besides the network and broadcast addresses).
+pub fn gateway(subnet: &IpNet) -> Option<IpAddr> {
+    let (first, _) = host_range(subnet)?;
+    Some(from_u128(first, subnet.network()))
+}
+
+/// First and last address that may be a host's (gateway included), as numbers.
+fn host_range(subnet: &IpNet) -> Option<(u128, u128)> {
+    let net = to_u128(subnet.network());
+    let last = to_u128(subnet.broadcast());
+    let first = net.checked_add(1)?;
+    let last = if subnet.addr().is_ipv4() {
+        last.checked_sub(1)?
+    } else {
+        last
+    };
+    (first <= last && last > net).then_some((first, last))
+}
+
+/// Addresses that can be allocated in `subnet`: (first, last) as numbers, gateway excluded.
+fn alloc_range(subnet: &IpNet) -> Option<(u128, u128)> {
+    let (gw, last) = host_range(subnet)?;
+    let first = gw.checked_add(1)?;
+    (first <= last).then_some((first, last))
+}
+
+/// Whether `ip` is a network, gateway or broadcast address of `subnet` (or outside it).
+pub fn is_reserved(subnet: &IpNet, ip: IpAddr) -> bool {
+    match alloc_range(subnet) {
+        Some((first, last)) => {
+            let v = to_u128(ip);
+            !subnet.contains(&ip) || v < first || v > last
+        }
+        None => true,
+    }
+}
+
+/// How many addresses `subnet` offers (saturating).
+pub fn capacity(subnet: &IpNet) -> u128 {
+    alloc_range(subnet).map_or(0, |(f, l)| l - f + 1)
+}
+
+/// Every address of every subnet is taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no free address in {}: all {used} allocatable addresses are in use", subnets_list(.subnets))]
+pub struct Exhausted {
+    pub subnets: Vec<IpNet>,
+    pub used: u128,
+}
+
+fn subnets_list(s: &[IpNet]) -> String {
+    s.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl State {
+    /// The address `owner` holds inside one of `subnets`, with its subnet.
+    pub fn find(&self, owner: &Owner, subnets: &[IpNet]) -> Option<(IpAddr, IpNet)> {
+        self.allocations
+            .iter()
+            .filter(|(_, o)| *o == owner)
+            .find_map(|(ip, _)| subnets.iter().find(|s| s.contains(ip)).map(|s| (*ip, *s)))
+    }
+
+    /// Every address `owner` holds (in any subnet).
+    pub fn held_by(&self, owner: &Owner) -> Vec<IpAddr> {
+        self.allocations
+            .iter()
+            .filter(|(_, o)| *o == owner)
+            .map(|(ip, _)| *ip)
+            .collect()
+    }
+
+    /// The address of `owner`: the one it holds in `subnets` if any (same container and
+    /// interface -> same address), else a new one from the first subnet with room. Addresses
+    /// it holds outside `subnets` (the host's subnets changed) are released.
+    pub fn allocate(
+        &mut self,
+        subnets: &[IpNet],
+        owner: &Owner,
+    ) -> Result<(IpAddr, IpNet), Exhausted> {
+        if let Some(found) = self.find(owner, subnets) {
+            return Ok(found);
+        }
+        self.release(owner);
+        let mut used_total = 0u128;
+        for subnet in subnets {
+            let Some((first, last)) = alloc_range(subnet) else {
+                continue;
+            };
+            let size = last - first + 1;
+            let used = self
+                .allocations
+                .keys()
+                .filter(|ip| subnet.contains(*ip))
+                .count() as u128;
+            used_total += used.min(size);
+            if used >= size {
+                continue;
+            }
+            let start = match self.last.get(subnet).map(|ip| to_u128(*ip)) {
+                Some(l) if (first..last).contains(&l) => l + 1,
+                _ => first,
+            };
+            // At most `used` addresses are taken, so `used + 1` candidates hold a free one.
+            let tries = size.min(used + 1);
+            let mut v = start;
+            for _ in 0..tries {
+                let ip = from_u128(v, subnet.network());
+                if let std::collections::btree_map::Entry::Vacant(e) = self.allocations.entry(ip) {
+                    e.insert(owner.clone());
+                    self.last.insert(*subnet, ip);
+                    return Ok((ip, *subnet));
+                }
+                v = if v >= last { first } else { v + 1 };
+            }
+        }
+        Err(Exhausted {
+            subnets: subnets.to_vec(),
+            used: used_total,
+        })
+    }
+
+    /// Release every address of `owner`; returns them.
+    pub fn release(&mut self, owner: &Owner) -> Vec<IpAddr> {
+        let gone = self.held_by(owner);
+        for ip in &gone {
+            self.allocations.remove(ip);
+        }
+        gone
+    }
+
+    /// Release every allocation of `network` whose (container, ifname) is not in `valid`.
+    pub fn gc(&mut self, network: &str, valid: &[(String, String)]) -> Vec<IpAddr> {
+        let stale: Vec<IpAddr> = self
+            .allocations
+            .iter()
+            .filter(|(_, o)| {
+                o.network == network
+                    && !valid
+                        .iter()
+                        .any(|(c, i)| *c == o.container && *i == o.ifname)
+            })
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in &stale {
+            self.allocations.remove(ip);
+        }
+        stale
+    }
+
+    /// Free addresses left in `subnets`.
+    pub fn free(&self, subnets: &[IpNet]) -> u128 {
+        subnets
+            .iter()
+            .map(|s| {
+                let used = self.allocations.keys().filter(|ip| s.contains(*ip)).count() as u128;
+                capacity(s).saturating_sub(used)
+            })
+            .sum()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: not a valid allocation store ({reason}); move it away to start afresh")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: still locked by another plugin process after {}s", .waited.as_secs())]
+    LockTimeout { path: PathBuf, waited: Duration },
+}
+
+/// The allocation store in a data directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+    lock_timeout: Duration,
+}
+
+/// An exclusive hold on the store; released on drop (closing the file drops the flock).
+#[derive(Debug)]
+pub struct Locked<'a> {
+    store: &'a Store,
+    _lock: File,
+}
+
+/// How long to wait for the lock before giving up (a plugin holds it for milliseconds).
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Store {
+    pub fn new(dir: impl Into<PathBuf>) -> Store {
+        Store {
+            dir: dir.into(),
+            lock_timeout: LOCK_TIMEOUT,
+        }
+    }
+
+    pub fn with_lock_timeout(mut self, t: Duration) -> Store {
+        self.lock_timeout = t;
+        self
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join("allocations.json")
+    }
+
+    fn io(&self, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    }
+
+    /// Take the exclusive lock (creating the directory as needed).
+    pub fn lock(&self) -> Result<Locked<'_>, StoreError> {
+        fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+        let path = self.dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(self.io(&path))?;
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != io::ErrorKind::Interrupted
+            {
+                return Err(StoreError::Io { path, source: e });
+            }
+            if start.elapsed() >= self.lock_timeout {
+                return Err(StoreError::LockTimeout {
+                    path,
+                    waited: self.lock_timeout,
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        Ok(Locked {
+            store: self,
+            _lock: file,
+        })
+    }
+}
+
+impl Locked<'_> {
+    /// Read the state (empty when there is no file yet).
+    pub fn load(&self) -> Result<State, StoreError> {
+        let path = self.store.state_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(State {
+                    version: STATE_VERSION,
+                    ..Default::default()
+                })
+            }
+            Err(e) => return Err(StoreError::Io { path, source: e }),
+        };
+        let state: State = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if state.version != STATE_VERSION {
+            return Err(StoreError::Corrupt {
+                path,
+                reason: format!(
+                    "format version {} (this plugin writes {STATE_VERSION})",
+                    state.version
+                ),
+            });
+        }
+        Ok(state)
+    }
+
+    /// Replace the state atomically.
+    pub fn save(&self, state: &State) -> Result<(), StoreError> {
+        let path = self.store.state_path();
+        let tmp = self.store.dir.join(".allocations.json.tmp");
+        let mut body = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        body.push(b'\n');
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&self.store.dir)?.sync_all()
+        };
+        write().map_err(self.store.io(&path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn owner(c: &str) -> Owner {
+        Owner {
+            network: "mesh".into(),
+            container: c.into(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    #[test]
+    fn reserved_addresses() {
+        let s = net("10.42.1.0/24");
+        assert_eq!(gateway(&s), Some(ip("10.42.1.1")));
+        assert!(is_reserved(&s, ip("10.42.1.0")));
+        assert!(is_reserved(&s, ip("10.42.1.1")));
+        assert!(is_reserved(&s, ip("10.42.1.255")));
+        assert!(is_reserved(&s, ip("10.42.2.5")));
+        assert!(!is_reserved(&s, ip("10.42.1.2")));
+        assert!(!is_reserved(&s, ip("10.42.1.254")));
+        assert_eq!(capacity(&s), 253);
+        assert_eq!(capacity(&net("10.42.1.0/30")), 1);
+        assert_eq!(capacity(&net("10.42.1.0/31")), 0);
+        assert_eq!(capacity(&net("10.42.1.0/32")), 0);
+        assert_eq!(gateway(&net("10.42.1.0/31")), None);
+        let v6 = net("fd42:0:0:1::/64");
+        assert_eq!(gateway(&v6), Some(ip("fd42:0:0:1::1")));
+        assert!(!is_reserved(&v6, ip("fd42:0:0:1:ffff:ffff:ffff:ffff")));
+        assert_eq!(capacity(&net("fd42::/126")), 2);
+    }
+
+    #[test]
+    fn allocates_in_order_and_is_idempotent() {
+        let subnets = [net("10.42.1.0/24")];
+        let mut st = State::default();
+        let a = st.allocate(&subnets, &owner("a")).unwrap();
+        let b = st.allocate(&subnets, &owner("b")).unwrap();
+        assert_eq!(a, (ip("10.42.1.2"), subnets[0]));
+        assert_eq!(b.0, ip("10.42.1.3"));
+        assert_eq!(st.allocate(&subnets, &owner("a")).unwrap(), a);
+        let other_if = Owner {
+            ifname: "eth1".into(),
+            ..owner("a")
+        };
+        assert_eq!(st.allocate(&subnets, &other_if).unwrap().0, ip("10.42.1.4"));
+    }
+
+    #[test]
+    fn round_robin_does_not_reuse_at_once() {
+        let subnets = [net("10.42.1.0/24")];
+        let mut st = State::default();
+        st.allocate(&subnets, &owner("a")).unwrap();
+        assert_eq!(st.release(&owner("a")), vec![ip("10.42.1.2")]);
+        assert!(st.release(&owner("a")).is_empty());
+        assert_eq!(
+            st.allocate(&subnets, &owner("b")).unwrap().0,
+            ip("10.42.1.3")
+        );
+    }
+
+    #[test]
+    fn wraps_and_exhausts_and_spills_to_the_next_subnet() {
+        let subnets = [net("10.42.1.0/29"), net("10.42.9.0/30")];
+        let mut st = State::default();
+        // /29: .2 ..= .6 (5 addresses), /30: .2 only.
+        let got: Vec<IpAddr> = (0..6)
+            .map(|i| st.allocate(&subnets, &owner(&format!("c{i}"))).unwrap().0)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "10.42.1.2",
+                "10.42.1.3",
+                "10.42.1.4",
+                "10.42.1.5",
+                "10.42.1.6",
+                "10.42.9.2"
+            ]
+            .map(ip)
+        );
+        let e = st.allocate(&subnets, &owner("x")).unwrap_err();
+        assert_eq!(e.used, 6);
+        assert!(e.to_string().contains("10.42.1.0/29, 10.42.9.0/30"), "{e}");
+        assert_eq!(st.free(&subnets), 0);
+        // Freeing one in the middle: the search wraps around to it.
+        st.release(&owner("c1"));
+        assert_eq!(
+            st.allocate(&subnets, &owner("x")).unwrap().0,
+            ip("10.42.1.3")
+        );
+    }
+
+    #[test]
+    fn moves_when_the_subnet_changes() {
+        let mut st = State::default();
+        st.allocate(&[net("10.42.1.0/24")], &owner("a")).unwrap();
+        let (got, _) = st.allocate(&[net("10.42.7.0/24")], &owner("a")).unwrap();
+        assert_eq!(got, ip("10.42.7.2"));
+        assert_eq!(st.held_by(&owner("a")), vec![got]);
+    }
+
+    #[test]
+    fn gc_keeps_valid_and_other_networks() {
+        let subnets = [net("10.42.1.0/24")];
+        let mut st = State::default();
+        for c in ["a", "b", "c"] {
+            st.allocate(&subnets, &owner(c)).unwrap();
+        }
+        let other = Owner {
+            network: "other".into(),
+            ..owner("z")
+        };
+        st.allocate(&subnets, &other).unwrap();
+        let gone = st.gc("mesh", &[("b".into(), "eth0".into())]);
+        assert_eq!(gone, vec![ip("10.42.1.2"), ip("10.42.1.4")]);
+        assert_eq!(st.allocations.len(), 2);
+    }
+
+    #[test]
+    fn ipv6_allocation_is_cheap() {
+        let subnets = [net("fd42:0:0:1::/64")];
+        let mut st = State::default();
+        let (a, _) = st.allocate(&subnets, &owner("a")).unwrap();
+        assert_eq!(a, ip("fd42:0:0:1::2"));
+        assert!(st.free(&subnets) > 1 << 60);
+    }
+
+    #[test]
+    fn store_round_trip_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("d"));
+        {
+            let l = store.lock().unwrap();
+            let mut st = l.load().unwrap();
+            assert!(st.allocations.is_empty());
+            st.allocate(&[net("10.42.1.0/24")], &owner("a")).unwrap();
+            l.save(&st).unwrap();
+            assert_eq!(l.load().unwrap(), st);
+        }
+        fs::write(store.state_path(), b"{\"version\": 1, \"allocations\": 5}").unwrap();
+        let e = store.lock().unwrap().load().unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("allocations.json"), "{e}");
+    }
+
+    #[test]
+    fn lock_times_out_while_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path()).with_lock_timeout(Duration::from_millis(50));
+        let held = store.lock().unwrap();
+        // A second open file description conflicts with the first, even in one process.
+        let e = store.lock().unwrap_err();
+        assert!(matches!(e, StoreError::LockTimeout { .. }), "{e}");
+        drop(held);
+        store.lock().unwrap();
+    }
+}
