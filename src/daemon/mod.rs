@@ -25,6 +25,8 @@ use status::{unix_now, Status};
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// First retry delay of a failing peer.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// How often per-peer counters in the status are refreshed between reconciles.
+const STATS_EVERY: Duration = Duration::from_secs(5);
 /// How long one long-poll / file watch waits before asking again.
 const WATCH_WAIT: Duration = Duration::from_secs(30);
 
@@ -140,6 +142,8 @@ struct Loop {
     /// Version of the last good metadata.
     version: Option<String>,
     peer_failures: HashMap<String, u32>,
+    /// Errors of the last reconcile, by owner (kept for counter refreshes).
+    last_errors: BTreeMap<String, String>,
 }
 
 impl Loop {
@@ -203,6 +207,7 @@ impl Loop {
         let report = self.driver.reconcile(&plan);
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let errors: BTreeMap<String, String> = report.errors.iter().cloned().collect();
+        self.last_errors = errors.clone();
         for (owner, e) in &report.errors {
             warn!(peer = %owner, error = %e, "not in place");
         }
@@ -234,6 +239,17 @@ impl Loop {
             s.reconciles.last_version = version;
             s.update_peers(&plan, &counters, &errors, now);
         });
+    }
+
+    /// Refresh per-peer state and counters in the status without reconciling.
+    fn refresh_counters(&mut self) {
+        let Some(plan) = self.plan.clone() else {
+            return;
+        };
+        let counters = self.driver.counters(&plan);
+        let errors = self.last_errors.clone();
+        let now = unix_now();
+        self.set_status(|s| s.update_peers(&plan, &counters, &errors, now));
     }
 
     /// When the next reconcile is due: the resync period, or sooner for a failing peer.
@@ -271,6 +287,7 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
         plan: None,
         version: None,
         peer_failures: HashMap::new(),
+        last_errors: BTreeMap::new(),
     };
     lp.load();
     lp.reconcile();
@@ -281,18 +298,23 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
         tx,
     );
     info!(resync_s = lp.cfg.resync.as_secs(), "running");
+    let mut next_reconcile = Instant::now() + lp.next_delay();
+    let mut next_stats = Instant::now() + STATS_EVERY;
     loop {
-        let wait = if lp.plan.is_none() {
+        if lp.plan.is_none() {
             // No good metadata yet: retry loading soon.
-            backoff(1).min(lp.cfg.resync)
-        } else {
-            lp.next_delay()
-        };
+            next_reconcile = next_reconcile.min(Instant::now() + backoff(1).min(lp.cfg.resync));
+        }
+        let wait = next_reconcile
+            .min(next_stats)
+            .saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(Event::Reload(why)) => {
                 info!(why, "reloading");
                 lp.load();
                 lp.reconcile();
+                next_reconcile = Instant::now() + lp.next_delay();
+                next_stats = Instant::now() + STATS_EVERY;
             }
             Ok(Event::Stop(why)) => {
                 if lp.cfg.cleanup_on_exit {
@@ -309,11 +331,18 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            Err(RecvTimeoutError::Timeout) => {
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= next_reconcile => {
                 if lp.plan.is_none() {
                     lp.load();
                 }
                 lp.reconcile();
+                next_reconcile = Instant::now() + lp.next_delay();
+                next_stats = Instant::now() + STATS_EVERY;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                // Between reconciles, keep /status and /metrics counters fresh.
+                lp.refresh_counters();
+                next_stats = Instant::now() + STATS_EVERY;
             }
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
