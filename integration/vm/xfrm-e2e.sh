@@ -198,6 +198,22 @@ apply() {
     return $rc
 }
 
+# Foreign objects in h1 that apply and cleanup must leave alone: an ESP state and a policy
+# with reqid 7 (outside ipsec-mesh's range) and a policy marked with kube-proxy's bit.
+$IP -n h1 xfrm state add src 192.168.77.1 dst 192.168.77.9 proto esp spi 0x7 reqid 7 mode tunnel \
+    aead 'rfc4106(gcm(aes))' 0x0102030405060708090a0b0c0d0e0f1011121314 128 ||
+    abort foreign-objects "cannot add the foreign state"
+$IP -n h1 xfrm policy add src 172.16.1.0/24 dst 172.16.2.0/24 dir out \
+    tmpl src 192.168.77.1 dst 192.168.77.9 proto esp reqid 7 mode tunnel ||
+    abort foreign-objects "cannot add the foreign policy"
+$IP -n h1 xfrm policy add src 0.0.0.0/0 dst 0.0.0.0/0 dir out action block mark 0x4000 mask 0x4000 priority 999999 ||
+    abort foreign-objects "cannot add the foreign block policy"
+foreign_intact() { # -> 0 when h1's foreign state and policies are all there
+    $IP -n h1 xfrm state | grep -q 'spi 0x00000007 reqid 7 mode tunnel' &&
+        $IP -n h1 xfrm policy | grep -q 'src 172.16.1.0/24 dst 172.16.2.0/24' &&
+        $IP -n h1 xfrm policy | grep -q 'mark 0x4000/0x4000'
+}
+
 say "apply on h1 h2 h3"
 for n in $HOSTS; do
     ts=$(now)
@@ -399,6 +415,13 @@ for n in $HOSTS; do
         dump_host $n
     fi
 done
+
+if foreign_intact; then
+    ok foreign-objects "a foreign state and two foreign policies survived apply, flush, re-apply and cleanup"
+else
+    bad foreign-objects "a foreign object in h1 was changed"
+    dump_host 1
+fi
 
 # --- 11. the sidecar with UDP encapsulation (ESP in UDP 4500) ----------------------------
 # `ipsec-mesh run --udp-encap` holds the port-4500 encapsulation socket the kernel needs to
