@@ -96,9 +96,7 @@ pub fn choose_mtu(
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
+    crate::dataplane::rtnl::runtime()
         .map_err(|e| CniError::new(code::IO, format!("cannot start the netlink runtime: {e}")))
 }
 

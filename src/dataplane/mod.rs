@@ -8,5 +8,6 @@ pub mod driver;
 pub mod firewall;
 pub mod netns;
 pub mod routes;
+pub mod rtnl;
 pub mod vxlan;
 pub mod xfrm;

@@ -510,17 +510,11 @@ fn nl_io(e: rtnetlink::Error) -> io::Error {
 /// Open a route socket on the current tokio runtime (the socket lives in the calling
 /// thread's network namespace).
 pub fn connect() -> Result<Handle, RouteError> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Socket)?;
-    tokio::spawn(conn);
-    Ok(handle)
+    super::rtnl::connect().map_err(RouteError::Socket)
 }
 
 fn block_on<T>(f: impl Future<Output = Result<T, RouteError>>) -> Result<T, RouteError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(RouteError::Runtime)?
-        .block_on(f)
+    super::rtnl::block_on(f).map_err(RouteError::Runtime)?
 }
 
 /// Reconcile (sync: own current-thread runtime and socket).

@@ -116,22 +116,11 @@ fn nl_io(e: rtnetlink::Error) -> io::Error {
 /// Open a route socket with extended ACKs (so refusals carry the kernel's words) on the
 /// current tokio runtime, in the calling thread's network namespace.
 pub fn connect() -> Result<Handle, VxlanError> {
-    let (mut conn, handle, _) = rtnetlink::new_connection().map_err(VxlanError::Socket)?;
-    // Without extended ACKs errors are still reported, just without the kernel's message.
-    {
-        use netlink_sys::AsyncSocket;
-        let _ = conn.socket_mut().socket_mut().set_ext_ack(true);
-    }
-    tokio::spawn(conn);
-    Ok(handle)
+    crate::dataplane::rtnl::connect().map_err(VxlanError::Socket)
 }
 
 fn block_on<T>(f: impl Future<Output = Result<T, VxlanError>>) -> Result<T, VxlanError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(VxlanError::Runtime)?
-        .block_on(f)
+    crate::dataplane::rtnl::block_on(f).map_err(VxlanError::Runtime)?
 }
 
 /// Reconcile (sync: own current-thread runtime and socket; not from inside a runtime).
