@@ -15,30 +15,14 @@ use std::process::{Command, Output, Stdio};
 use common::sh;
 use serde_json::{json, Value};
 
+type World = common::Namespaces;
+
 const BRIDGE: &str = env!("CARGO_BIN_EXE_ipsec-mesh-bridge");
 const MESH: &str = env!("CARGO_BIN_EXE_ipsec-mesh");
 const REFERENCE: &str = "/usr/lib/cni";
 
 fn our_bin_dir() -> PathBuf {
     Path::new(BRIDGE).parent().unwrap().to_path_buf()
-}
-
-/// Named namespaces and a scratch directory of one test.
-struct World {
-    prefix: String,
-    names: Vec<String>,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        for n in self.names.iter().rev() {
-            let _ = Command::new("ip")
-                .args(["netns", "del", n])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
 }
 
 /// What a plugin printed.
@@ -50,32 +34,8 @@ struct Answer {
 }
 
 impl World {
-    fn new(tag: &str) -> World {
-        World {
-            prefix: format!("cn{}{tag}", std::process::id()),
-            names: Vec::new(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn ns(&self, role: &str) -> String {
-        format!("{}-{role}", self.prefix)
-    }
-
     fn netns_path(&self, role: &str) -> String {
         format!("/var/run/netns/{}", self.ns(role))
-    }
-
-    fn add(&mut self, role: &str) -> String {
-        let n = self.ns(role);
-        let _ = Command::new("ip")
-            .args(["netns", "del", &n])
-            .stderr(Stdio::null())
-            .status();
-        sh(&format!("ip netns add {n}"));
-        self.names.push(n.clone());
-        sh(&format!("ip -n {n} link set lo up"));
-        n
     }
 
     fn del(&mut self, role: &str) {
@@ -285,7 +245,7 @@ fn pings(w: &World, role: &str, dst: &str) -> bool {
 #[test]
 fn add_check_del_cycle() {
     require_root!();
-    let mut w = World::new("cyc");
+    let mut w = World::new("cn", "cyc");
     w.add("h");
     w.add("c1");
     w.add("c2");
@@ -371,7 +331,7 @@ fn add_check_del_cycle() {
 #[test]
 fn mtu_overhead_mac_and_an_adopted_bridge() {
     require_root!();
-    let mut w = World::new("mtu");
+    let mut w = World::new("cn", "mtu");
     w.add("h");
     w.add("c1");
     w.add("c2");
@@ -416,7 +376,7 @@ fn mtu_overhead_mac_and_an_adopted_bridge() {
 #[test]
 fn a_foreign_interface_is_refused_and_the_address_given_back() {
     require_root!();
-    let mut w = World::new("cfl");
+    let mut w = World::new("cn", "cfl");
     w.add("h");
     w.add("c1");
     w.write_meta(1500, "ipsec");
@@ -440,7 +400,7 @@ fn a_foreign_interface_is_refused_and_the_address_given_back() {
 #[test]
 fn twenty_concurrent_adds_get_twenty_addresses() {
     require_root!();
-    let mut w = World::new("par");
+    let mut w = World::new("cn", "par");
     w.add("h");
     let n = 20;
     for i in 0..n {
@@ -515,7 +475,7 @@ fn reference_bridge_with_our_ipam() {
     if !have_reference() {
         return;
     }
-    let mut w = World::new("rb");
+    let mut w = World::new("cn", "rb");
     w.add("h");
     w.add("c1");
     w.write_meta(1500, "ipsec");
@@ -560,7 +520,7 @@ fn our_bridge_with_reference_host_local() {
     if !have_reference() {
         return;
     }
-    let mut w = World::new("hl");
+    let mut w = World::new("cn", "hl");
     w.add("h");
     w.add("c1");
     let conf = json!({
@@ -582,7 +542,7 @@ fn our_bridge_with_reference_host_local() {
 #[test]
 fn cni_config_output_drives_the_plugins() {
     require_root!();
-    let mut w = World::new("cfg");
+    let mut w = World::new("cn", "cfg");
     w.add("h");
     w.add("c1");
     let meta = w.write_meta(1500, "ipsec");
@@ -619,7 +579,7 @@ fn cni_config_output_drives_the_plugins() {
 #[test]
 fn containers_on_two_hosts_reach_each_other_over_vxlan() {
     require_root!();
-    let mut w = World::new("x");
+    let mut w = World::new("cn", "x");
     let sw = w.add("sw");
     sh(&format!(
         "ip -n {sw} link add br0 type bridge && ip -n {sw} link set br0 up"

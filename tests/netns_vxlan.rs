@@ -19,51 +19,11 @@ use std::time::{Duration, Instant};
 
 use common::{in_new_netns, sh};
 
+type Topo = common::Namespaces;
+
 const BIN: &str = env!("CARGO_BIN_EXE_ipsec-mesh");
 
-/// Named namespaces of one test; deleted on drop (also when the test panics).
-struct Topo {
-    prefix: String,
-    names: Vec<String>,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Topo {
-    fn drop(&mut self) {
-        for n in self.names.iter().rev() {
-            let _ = Command::new("ip")
-                .args(["netns", "del", n])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
 impl Topo {
-    fn new(tag: &str) -> Topo {
-        Topo {
-            prefix: format!("vx{}{tag}", std::process::id()),
-            names: Vec::new(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn ns(&self, role: &str) -> String {
-        format!("{}-{role}", self.prefix)
-    }
-
-    fn add(&mut self, role: &str) -> String {
-        let n = self.ns(role);
-        let _ = Command::new("ip")
-            .args(["netns", "del", &n])
-            .stderr(Stdio::null())
-            .status();
-        sh(&format!("ip netns add {n}"));
-        self.names.push(n.clone());
-        sh(&format!("ip -n {n} link set lo up"));
-        n
-    }
-
     /// Run `cmd` inside namespace `role`.
     fn sh(&self, role: &str, cmd: &str) -> String {
         sh(&format!("ip netns exec {} sh -c '{cmd}'", self.ns(role)))
@@ -162,7 +122,7 @@ fn applied_ok(o: &Output) -> usize {
 
 /// The 3-host topology of the module docs.
 fn three_hosts(tag: &str) -> Topo {
-    let mut t = Topo::new(tag);
+    let mut t = Topo::new("vx", tag);
     let sw = t.add("sw");
     sh(&format!(
         "ip -n {sw} link add br0 type bridge && ip -n {sw} link set br0 up"
