@@ -5,16 +5,31 @@
 //!   `list-conns`, `list-sas`, `initiate`, `terminate`, SA events, ...).
 //! - [`client`]: async client on a Unix socket: connect with retry/backoff, `success`
 //!   checked on every answer, event subscriptions, streamed `list-*` commands.
+//! - [`desired`]: pure: the conns and shared key a plan asks for, normalised `list-conns`
+//!   output, the diff, SA state per conn, charon's failures in words.
+//! - [`batch`]: pipelined requests on dedicated connections (bulk `load-conn`, parallel
+//!   `initiate` with their `control-log` lines).
+//! - [`driver`]: `reconcile`, `cleanup`, `counters`, and [`CharonMesh`] for the
+//!   synchronous driver interface.
+//! - [`revive`]: watches `ike-updown`/`child-updown` and re-initiates lost children with
+//!   per-peer exponential backoff.
 //!
 //! Not `rsvici`: see [`client`] for why (no `success` check, a listener that keeps polling
 //! a dead socket, cancellation-unsafe reads). The codec is validated against real captures in
 //! `vici-fixtures/` (tests/charon_fixtures.rs).
 
+pub mod batch;
 pub mod client;
+pub mod desired;
+pub mod driver;
+pub mod esp;
+pub mod revive;
 pub mod types;
 pub mod wire;
 
 pub use client::{Client, ConnectOptions, EventStream, ListStream, ViciError};
+pub use desired::{Backoff, CharonConfig, Role};
+pub use driver::{cleanup, reconcile, reconcile_config, CharonMesh, CharonReport, PeerState};
 pub use types::{
     AuthConfig, ChildConfig, ChildInfo, ChildMode, ChildSa, Command, ConnConfig, ConnInfo, Event,
     GetConns, GetShared, IkeSa, Initiate, ListConns, ListSas, LoadConn, LoadShared, ParseError,

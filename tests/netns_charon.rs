@@ -1,0 +1,912 @@
+//! Root only: the charon driver's reconcile against real `charon-systemd`s (Debian's
+//! strongSwan 5.9), one per host network namespace, with charon-conf/strongswan-libipsec.conf
+//! (this kernel has no ESP). Needs the packages integration/setup.sh installs.
+//!
+//! Lab: a switch netns (bridge `br0`, br_netfilter + iptables counters), hosts
+//! `host-a`/`host-b`/`host-c` (underlay 192.168.77.N/24 on `eth0`, container bridge `cbr0`
+//! 10.42.N.1/24: with kernel-libipsec each host needs an address inside its own subnet), and
+//! one container netns per host (10.42.N.2, default route via the bridge). Namespace names
+//! start with `ch`. Every charon and namespace is removed when the lab drops, whatever
+//! happened in the test.
+
+#[allow(unused_imports)] // common re-exports helpers this suite does not use
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ipsec_mesh::dataplane::charon::desired::conn_name;
+use ipsec_mesh::dataplane::charon::revive::{self, Check};
+use ipsec_mesh::dataplane::charon::{
+    cleanup, reconcile, reconcile_config, AuthConfig, CharonConfig, CharonReport, ChildConfig,
+    Client, ConnConfig, ConnectOptions, GetConns, GetShared, ListConns, ListSas, LoadConn,
+    LoadShared, PeerState, SharedKeyType, Terminate,
+};
+use ipsec_mesh::model::{Cluster, RawCluster, RawHost, RawNetwork};
+use ipsec_mesh::plan::{plan, Plan, PlanOptions, Psk};
+
+const CHARON: &str = "/usr/sbin/charon-systemd";
+const PSK: &[u8] = b"netns-charon-test-psk-0123456789abcdef";
+
+fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+fn must(cmd: &str, args: &[&str]) -> String {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip(args: &[&str]) -> String {
+    must("ip", args)
+}
+
+fn nsx(ns: &str, args: &[&str]) -> String {
+    let mut a = vec!["netns", "exec", ns];
+    a.extend_from_slice(args);
+    must("ip", &a)
+}
+
+/// One host: its netns, its container netns, its charon.
+struct Host {
+    id: String,
+    n: u8,
+    ns: String,
+    cns: String,
+    dir: PathBuf,
+    conf: String,
+    charon: Option<Child>,
+}
+
+impl Host {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("charon.vici")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("charon.log")).unwrap_or_default()
+    }
+
+    fn container_ip(&self) -> String {
+        format!("10.42.{}.2", self.n)
+    }
+
+    fn write_conf(&self) {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("charon-conf")
+            .join(&self.conf);
+        // the documented override: include the shipped file, re-set socket and log path
+        std::fs::write(
+            self.dir.join("strongswan.conf"),
+            format!(
+                "include {}\ncharon {{\n  plugins {{ vici {{ socket = unix://{} }} }}\n  filelog {{ ipsec-mesh {{ path = {} }} }}\n}}\n",
+                base.display(),
+                self.socket().display(),
+                self.dir.join("charon.log").display()
+            ),
+        )
+        .unwrap();
+    }
+
+    fn start(&mut self) {
+        assert!(self.charon.is_none());
+        self.write_conf();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, CHARON])
+            .env("STRONGSWAN_CONF", self.dir.join("strongswan.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start charon-systemd");
+        self.charon = Some(child);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if let Some(c) = &self.charon {
+            // SAFETY: kill(2) on the pid of our own child process
+            unsafe { libc::kill(c.id() as libc::pid_t, sig) };
+        }
+    }
+
+    fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.charon.take() {
+            let _ = c.wait();
+        }
+    }
+
+    fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        if let Some(mut c) = self.charon.take() {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The lab: a switch and hosts. Dropping it stops every charon and deletes every netns.
+struct Lab {
+    sw: String,
+    hosts: Vec<Host>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            h.stop();
+        }
+        for h in &self.hosts {
+            let _ = run("ip", &["netns", "del", &h.cns]);
+            let _ = run("ip", &["netns", "del", &h.ns]);
+        }
+        let _ = run("ip", &["netns", "del", &self.sw]);
+    }
+}
+
+impl Lab {
+    /// `n` hosts (`host-a`, ...), every charon started with `conf`.
+    fn new(tag: &str, n: usize, conf: &str) -> Lab {
+        Lab::with_confs(tag, &vec![conf; n])
+    }
+
+    /// One host per entry of `confs` (`host-a`, ...), its charon started with that file.
+    fn with_confs(tag: &str, confs: &[&str]) -> Lab {
+        assert!(
+            Path::new(CHARON).exists(),
+            "{CHARON} is missing: run integration/setup.sh (charon-systemd, libcharon-extra-plugins)"
+        );
+        let base = format!("ch{}{tag}", std::process::id() % 100_000);
+        let dir = tempfile::tempdir().unwrap();
+        let mut lab = Lab {
+            sw: format!("{base}sw"),
+            hosts: Vec::new(),
+            _dir: dir,
+        };
+        let _ = run("ip", &["netns", "del", &lab.sw]);
+        ip(&["netns", "add", &lab.sw]);
+        ip(&["-n", &lab.sw, "link", "set", "lo", "up"]);
+        ip(&["-n", &lab.sw, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &lab.sw, "link", "set", "br0", "up"]);
+        for (i, conf) in confs.iter().enumerate() {
+            let letter = (b'a' + i as u8) as char;
+            let hdir = lab._dir.path().join(letter.to_string());
+            std::fs::create_dir_all(&hdir).unwrap();
+            let h = Host {
+                id: format!("host-{letter}"),
+                n: i as u8 + 1,
+                ns: format!("{base}{letter}"),
+                cns: format!("{base}{letter}c"),
+                dir: hdir,
+                conf: conf.to_string(),
+                charon: None,
+            };
+            for ns in [&h.ns, &h.cns] {
+                let _ = run("ip", &["netns", "del", ns]);
+                ip(&["netns", "add", ns]);
+                ip(&["-n", ns, "link", "set", "lo", "up"]);
+            }
+            let port = format!("p{letter}");
+            // underlay: eth0 <-> switch port
+            ip(&[
+                "-n", &h.ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns",
+                &lab.sw,
+            ]);
+            ip(&["-n", &lab.sw, "link", "set", &port, "master", "br0", "up"]);
+            let under = format!("192.168.77.{}/24", h.n);
+            ip(&["-n", &h.ns, "addr", "add", &under, "dev", "eth0"]);
+            ip(&["-n", &h.ns, "link", "set", "eth0", "up"]);
+            // container bridge with the gateway address (inside the host's own subnet)
+            let gw = format!("10.42.{}.1/24", h.n);
+            ip(&["-n", &h.ns, "link", "add", "cbr0", "type", "bridge"]);
+            ip(&["-n", &h.ns, "addr", "add", &gw, "dev", "cbr0"]);
+            ip(&["-n", &h.ns, "link", "set", "cbr0", "up"]);
+            ip(&[
+                "-n", &h.ns, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0",
+                "netns", &h.cns,
+            ]);
+            ip(&["-n", &h.ns, "link", "set", "veth0", "master", "cbr0", "up"]);
+            let cip = format!("{}/24", h.container_ip());
+            ip(&["-n", &h.cns, "addr", "add", &cip, "dev", "eth0"]);
+            ip(&["-n", &h.cns, "link", "set", "eth0", "up"]);
+            ip(&[
+                "-n",
+                &h.cns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.42.{}.1", h.n),
+            ]);
+            nsx(&h.ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            lab.hosts.push(h);
+        }
+        // underlay accounting on the switch: bridged packets through iptables
+        nsx(
+            &lab.sw,
+            &["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"],
+        );
+        for rule in [
+            "-A FORWARD -p udp --dport 4500 -m comment --comment esp-in-udp",
+            "-A FORWARD -p udp --dport 500 -m comment --comment ike",
+            "-A FORWARD -s 10.42.0.0/16 -m comment --comment plaintext-src",
+            "-A FORWARD -d 10.42.0.0/16 -m comment --comment plaintext-dst",
+            "-A FORWARD -p esp -m comment --comment raw-esp",
+        ] {
+            let mut a = vec!["iptables", "-w"];
+            a.extend(rule.split(' '));
+            nsx(&lab.sw, &a);
+        }
+        for h in &mut lab.hosts {
+            h.start();
+        }
+        lab
+    }
+
+    fn host(&self, id: &str) -> &Host {
+        self.hosts.iter().find(|h| h.id == id).unwrap()
+    }
+
+    fn host_mut(&mut self, id: &str) -> &mut Host {
+        self.hosts.iter_mut().find(|h| h.id == id).unwrap()
+    }
+
+    /// Packet counters of the switch's accounting rules, by comment.
+    fn switch_counters(&self) -> BTreeMap<String, u64> {
+        let out = nsx(&self.sw, &["iptables", "-w", "-L", "FORWARD", "-nvx"]);
+        let mut m = BTreeMap::new();
+        for line in out.lines() {
+            if let Some(c) = line.split("/* ").nth(1) {
+                let name = c.trim_end_matches(" */").trim().to_string();
+                let pkts: u64 = line
+                    .split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
+                m.insert(name, pkts);
+            }
+        }
+        m
+    }
+
+    /// ping from host `from`'s container to host `to`'s container.
+    fn ping(&self, from: &str, to: &str) -> bool {
+        let dst = self.host(to).container_ip();
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.host(from).cns,
+                "ping",
+                "-c1",
+                "-W2",
+                &dst,
+            ],
+        )
+        .status
+        .success()
+    }
+
+    fn logs(&self) -> String {
+        self.hosts
+            .iter()
+            .map(|h| {
+                let log = h.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- charon log of {} (tail)\n{}\n", h.id, tail.join("\n"))
+            })
+            .collect()
+    }
+}
+
+fn cluster(ids: &[&str]) -> Cluster {
+    Cluster::validate(&RawCluster {
+        network: RawNetwork {
+            cidr: "10.42.0.0/16".into(),
+            backend: None,
+            mtu: None,
+        },
+        hosts: ids
+            .iter()
+            .map(|id| {
+                let n = id.as_bytes()[id.len() - 1] - b'a' + 1;
+                RawHost {
+                    id: id.to_string(),
+                    agent_ip: format!("192.168.77.{n}"),
+                    subnets: vec![format!("10.42.{n}.0/24")],
+                    ..Default::default()
+                }
+            })
+            .collect(),
+    })
+    .unwrap()
+}
+
+fn plan_for(ids: &[&str], me: &str) -> Plan {
+    plan(&cluster(ids), me, &PlanOptions::default(), None).unwrap()
+}
+
+fn cfg(h: &Host) -> CharonConfig {
+    CharonConfig {
+        vici_socket: h.socket(),
+        initiate_timeout: Duration::from_secs(5),
+        responder_grace: Duration::from_millis(1500),
+        ..Default::default()
+    }
+}
+
+fn opts() -> ConnectOptions {
+    ConnectOptions {
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        max_wait: Some(Duration::from_secs(15)),
+        request_timeout: Duration::from_secs(20),
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn connect(h: &Host) -> Client {
+    Client::connect(h.socket(), &opts())
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", h.id, h.log()))
+}
+
+fn show(id: &str, r: &CharonReport) -> String {
+    format!(
+        "{id}: writes={} loaded={} sent={:?} peers={:?} errors={:?}",
+        r.writes, r.loaded, r.sent, r.peers, r.errors
+    )
+}
+
+/// One reconcile per host, concurrently (as sidecars on several hosts would run).
+async fn reconcile_all(
+    lab: &Lab,
+    clients: &[Client],
+    ids: &[&str],
+    psks: &[&Psk],
+) -> Vec<CharonReport> {
+    reconcile_all_with(lab, clients, ids, psks, &|_| {}).await
+}
+
+/// [`reconcile_all`] with driver settings changed by `tweak`.
+async fn reconcile_all_with(
+    lab: &Lab,
+    clients: &[Client],
+    ids: &[&str],
+    psks: &[&Psk],
+    tweak: &dyn Fn(&mut CharonConfig),
+) -> Vec<CharonReport> {
+    let futs = lab
+        .hosts
+        .iter()
+        .zip(clients)
+        .zip(psks)
+        .filter(|((h, _), _)| ids.contains(&h.id.as_str()))
+        .map(|((h, c), psk)| {
+            let p = plan_for(ids, &h.id);
+            let mut cfg = cfg(h);
+            tweak(&mut cfg);
+            async move {
+                reconcile(c, &p, psk, &cfg)
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: reconcile: {e}", h.id))
+            }
+        });
+    let reports = futures::future::join_all(futs).await;
+    for (h, r) in lab.hosts.iter().zip(&reports) {
+        eprintln!("{}", show(&h.id, r));
+    }
+    reports
+}
+
+/// Installed children of our conns on one host, by conn name, and the count of IKE_SAs.
+async fn installed(c: &Client) -> (BTreeMap<String, usize>, usize) {
+    let sas = c
+        .list(&ListSas {
+            noblock: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut m = BTreeMap::new();
+    for ike in &sas {
+        for ch in &ike.child_sas {
+            if ch.state == "INSTALLED" {
+                *m.entry(ch.name.clone()).or_default() += 1;
+            }
+        }
+    }
+    (m, sas.len())
+}
+
+async fn all_up(clients: &[Client], pairs: usize) -> bool {
+    let mut n = 0;
+    for c in clients {
+        let (m, _) = installed(c).await;
+        n += m.len();
+    }
+    n == 2 * pairs
+}
+
+#[test]
+fn mesh_of_three_pings_through_esp_in_udp_and_a_second_reconcile_writes_nothing() {
+    require_root!();
+    let mut lab = Lab::new("m", 3, "strongswan-libipsec.conf");
+    let ids = ["host-a", "host-b", "host-c"];
+    let psk = Psk::from_bytes(PSK);
+    let psks = [&psk, &psk, &psk];
+    rt().block_on(async {
+        let clients: Vec<Client> = futures::future::join_all(lab.hosts.iter().map(connect)).await;
+        // a foreign conn and shared key on host-a: must survive everything
+        let mut foreign =
+            ConnConfig::ikev2("office-vpn", AuthConfig::psk("a"), AuthConfig::psk("o"));
+        foreign.remote_addrs = vec!["192.0.2.1".into()];
+        foreign.children = vec![ChildConfig::tunnel(
+            "office-vpn",
+            vec!["10.99.0.0/24".into()],
+            vec!["10.98.0.0/24".into()],
+        )];
+        clients[0].call(&LoadConn(foreign)).await.unwrap();
+        clients[0]
+            .call(&LoadShared {
+                id: "office-key".into(),
+                kind: SharedKeyType::Ike,
+                data: b"office-secret-office-secret".to_vec().into(),
+                owners: vec!["o".into()],
+            })
+            .await
+            .unwrap();
+
+        // first reconcile, all hosts at once: a host may initiate before its peer has
+        // loaded anything (reported per peer); the responder's grace covers that
+        let t = Instant::now();
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            let reports = reconcile_all(&lab, &clients, &ids, &psks).await;
+            if rounds == 1 {
+                for (h, r) in lab.hosts.iter().zip(&reports) {
+                    // both conns in one packed load-conn
+                    assert!(
+                        r.loaded == 2 && r.sent("load-conn") == 1 && r.sent("load-shared") == 1,
+                        "{}",
+                        show(&h.id, r)
+                    );
+                }
+            }
+            if reports.iter().all(|r| r.ok()) && all_up(&clients, 3).await {
+                break;
+            }
+            assert!(
+                rounds < 4,
+                "mesh not up after {rounds} reconciles\n{}",
+                lab.logs()
+            );
+        }
+        eprintln!(
+            "mesh of 3 up after {rounds} reconcile round(s), {:?}",
+            t.elapsed()
+        );
+
+        // exactly one IKE_SA and one child per pair on each host: no duplicates
+        for (h, c) in lab.hosts.iter().zip(&clients) {
+            let (m, ikes) = installed(c).await;
+            assert_eq!(ikes, 2, "{}: {m:?}", h.id);
+            assert!(m.values().all(|n| *n == 1), "{}: {m:?}", h.id);
+        }
+        // only the pair's initiator (lower id) rekeys
+        let sas = clients[0].list(&ListSas::default()).await.unwrap();
+        assert!(sas.iter().all(|s| s.rekey_time.is_some()), "host-a rekeys");
+        let sas = clients[2].list(&ListSas::default()).await.unwrap();
+        assert!(
+            sas.iter().all(|s| s.rekey_time.is_none()),
+            "host-c never rekeys"
+        );
+
+        // every container pair pings through the tunnels
+        let before = lab.switch_counters();
+        for a in ids {
+            for b in ids {
+                if a != b {
+                    assert!(lab.ping(a, b), "ping {a} -> {b}\n{}", lab.logs());
+                }
+            }
+        }
+        let after = lab.switch_counters();
+        eprintln!("switch counters before pings {before:?}, after {after:?}");
+        assert!(
+            after["esp-in-udp"] >= before["esp-in-udp"] + 12,
+            "6 pings = 12 ESP-in-UDP packets at least: {after:?}"
+        );
+        assert_eq!(after["plaintext-src"], 0, "no container packet in clear");
+        assert_eq!(after["plaintext-dst"], 0, "no container packet in clear");
+        assert_eq!(after["raw-esp"], 0, "libipsec encapsulates in UDP");
+
+        // nothing changed: no write at all
+        let reports = reconcile_all(&lab, &clients, &ids, &psks).await;
+        for (h, r) in lab.hosts.iter().zip(&reports) {
+            assert_eq!(r.writes, 0, "{}", show(&h.id, r));
+            assert_eq!(
+                r.sent("load-conn") + r.sent("initiate") + r.sent("load-shared"),
+                0
+            );
+            assert!(
+                r.ok() && r.peers.values().all(|s| *s == PeerState::Up),
+                "{}",
+                show(&h.id, r)
+            );
+        }
+
+        // the watcher brings a lost child back: host-a drops its SA with host-b itself
+        // (nobody else restarts it: a is the initiator, b's close_action is none)
+        let watcher = connect(lab.host("host-a")).await;
+        let (tx, rx) = tokio::sync::watch::channel(plan_for(&ids, "host-a"));
+        let wcfg = CharonConfig {
+            backoff: ipsec_mesh::dataplane::charon::Backoff {
+                initial: Duration::from_millis(300),
+                max: Duration::from_secs(5),
+            },
+            ..cfg(lab.host("host-a"))
+        };
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        let watch = async {
+            let e = revive::run(&watcher, rx, &wcfg, |r| {
+                let _ = seen_tx.send(r.clone());
+            })
+            .await;
+            panic!("watcher stopped: {e}");
+        };
+        let drop_and_wait = async {
+            tokio::time::sleep(Duration::from_millis(100)).await; // subscribed
+            let t = Instant::now();
+            let done = clients[0]
+                .call(&Terminate {
+                    ike: Some(conn_name("host-b")),
+                    timeout_ms: Some(2000),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(done.terminated, 1);
+            let r = tokio::time::timeout(Duration::from_secs(10), seen_rx.recv())
+                .await
+                .expect("watcher acted within 10 s")
+                .unwrap();
+            eprintln!("watcher: {r:?} after {:?}", t.elapsed());
+            assert_eq!((r.peer.as_str(), &r.result), ("host-b", &Check::Initiated));
+            assert!(lab.ping("host-a", "host-b"));
+        };
+        tokio::select! {
+            _ = watch => unreachable!(),
+            _ = drop_and_wait => {}
+        }
+        drop(tx);
+
+        // new ESP proposals on every host: a setting list-conns does not show (the digest
+        // does). Every conn is replaced (unload + load); each pair's initiator replaces its
+        // SA; the SAs then use the new proposal and the mesh pings again
+        let aes128 = |c: &mut CharonConfig| c.esp_proposals = vec!["aes128gcm16".into()];
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            let reports = reconcile_all_with(&lab, &clients, &ids, &psks, &aes128).await;
+            if rounds == 1 {
+                for (h, r) in lab.hosts.iter().zip(&reports) {
+                    assert_eq!(r.loaded, 2, "{}", show(&h.id, r));
+                    assert_eq!(r.sent("unload-conn"), 2, "{}", show(&h.id, r));
+                    assert!(
+                        r.changes.iter().any(|c| c.contains("does not show")),
+                        "{:?}",
+                        r.changes
+                    );
+                }
+            }
+            if reports.iter().all(|r| r.ok()) && all_up(&clients, 3).await {
+                break;
+            }
+            assert!(rounds < 3, "mesh not back after the change\n{}", lab.logs());
+        }
+        for (h, c) in lab.hosts.iter().zip(&clients) {
+            let (m, ikes) = installed(c).await;
+            assert_eq!(ikes, 2, "{}: no duplicate after the change: {m:?}", h.id);
+            let mut s = c
+                .stream_raw("list-sas", "list-sa", Default::default())
+                .await
+                .unwrap();
+            while let Some(m) = s.next().await {
+                let m = m.unwrap();
+                for (_, ike) in m.sections() {
+                    for (_, ch) in ike.section("child-sas").unwrap().sections() {
+                        assert_eq!(ch.str("encr-keysize"), Some("128"), "{ch:?}");
+                    }
+                }
+            }
+        }
+        for a in ids {
+            for b in ids {
+                if a != b {
+                    assert!(
+                        lab.ping(a, b),
+                        "ping {a} -> {b} after the change\n{}",
+                        lab.logs()
+                    );
+                }
+            }
+        }
+        let reports = reconcile_all_with(&lab, &clients, &ids, &psks, &aes128).await;
+        assert!(reports.iter().all(|r| r.writes == 0 && r.ok()));
+
+        // host-c leaves the metadata: a and b unload its conn and close its SAs
+        let ab = ["host-a", "host-b"];
+        let reports = reconcile_all_with(&lab, &clients[..2], &ab, &psks[..2], &aes128).await;
+        for (h, r) in lab.hosts.iter().zip(&reports) {
+            assert!(r.ok(), "{}", show(&h.id, r));
+            assert_eq!(
+                (r.sent("unload-conn"), r.unloaded),
+                (1, 1),
+                "{}",
+                show(&h.id, r)
+            );
+            assert!(
+                r.changes
+                    .iter()
+                    .any(|c| c == "unload-conn ipsec-mesh-host-c (peer left)"),
+                "{:?}",
+                r.changes
+            );
+            assert_eq!(r.sent("load-shared"), 1, "owner set changed: new key id");
+            assert_eq!(r.sent("unload-shared"), 1, "old key id unloaded");
+            assert_eq!(r.sent("load-conn") + r.sent("initiate"), 0);
+            assert!(!r.peers.contains_key("host-c"));
+        }
+        for c in &clients[..2] {
+            let conns = c.call(&GetConns).await.unwrap();
+            assert!(!conns.contains(&conn_name("host-c")), "{conns:?}");
+            let (m, _) = installed(c).await;
+            assert!(!m.contains_key(&conn_name("host-c")), "{m:?}");
+        }
+        assert!(lab.ping("host-a", "host-b") && lab.ping("host-b", "host-a"));
+        let reports = reconcile_all_with(&lab, &clients[..2], &ab, &psks[..2], &aes128).await;
+        assert!(reports.iter().all(|r| r.writes == 0));
+
+        // cleanup on host-a: ours gone, the foreign conn and key stay
+        let r = cleanup(&clients[0]).await.unwrap();
+        eprintln!("{}", show("cleanup host-a", &r));
+        assert!(r.ok());
+        assert_eq!(
+            clients[0].call(&GetConns).await.unwrap(),
+            vec!["office-vpn"]
+        );
+        assert_eq!(
+            clients[0].call(&GetShared).await.unwrap(),
+            vec!["office-key"]
+        );
+        assert!(installed(&clients[0]).await.0.is_empty());
+        let listed = clients[0].list(&ListConns::default()).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        lab.host_mut("host-a").stop();
+    });
+}
+
+#[test]
+fn wrong_psk_on_one_host_is_a_clear_per_peer_error_and_other_pairs_are_unaffected() {
+    require_root!();
+    let lab = Lab::new("p", 3, "strongswan-libipsec.conf");
+    let ids = ["host-a", "host-b", "host-c"];
+    let good = Psk::from_bytes(PSK);
+    let bad = Psk::from_bytes(b"a-different-psk-on-host-c-only-0123456789");
+    let psks = [&good, &good, &bad];
+    rt().block_on(async {
+        let clients: Vec<Client> = futures::future::join_all(lab.hosts.iter().map(connect)).await;
+        let mut last = Vec::new();
+        for _ in 0..2 {
+            last = reconcile_all(&lab, &clients, &ids, &psks).await;
+        }
+        let (a, b, c) = (&last[0], &last[1], &last[2]);
+        for (r, who, peer) in [
+            (a, "host-a", "host-c"),
+            (b, "host-b", "host-c"),
+            (c, "host-c", "host-a"),
+            (c, "host-c", "host-b"),
+        ] {
+            let e = r
+                .error_for(peer)
+                .unwrap_or_else(|| panic!("{who} reports no error for {peer}: {}", show(who, r)));
+            assert!(e.contains("PSK"), "{who} -> {peer}: {e}");
+            assert_eq!(r.peers[peer], PeerState::Failed);
+        }
+        eprintln!("host-a about host-c: {}", a.error_for("host-c").unwrap());
+        eprintln!("host-c about host-a: {}", c.error_for("host-a").unwrap());
+        assert_eq!(a.peers["host-b"], PeerState::Up, "{}", show("host-a", a));
+        assert_eq!(b.peers["host-a"], PeerState::Up, "{}", show("host-b", b));
+        assert!(a.error_for("host-b").is_none() && b.error_for("host-a").is_none());
+        assert!(lab.ping("host-a", "host-b") && lab.ping("host-b", "host-a"));
+        assert!(!lab.ping("host-a", "host-c"));
+    });
+}
+
+#[test]
+fn conns_charon_refuses_are_reported_per_peer_and_nothing_else_is_loaded() {
+    require_root!();
+    let lab = Lab::new("r", 1, "strongswan-libipsec.conf");
+    let ids = ["host-a", "host-b", "host-c"];
+    let psk = Psk::from_bytes(PSK);
+    rt().block_on(async {
+        let c = connect(&lab.hosts[0]).await;
+        let p = plan_for(&ids, "host-a");
+        let bad = CharonConfig {
+            esp_proposals: vec!["bogus-cipher".into()],
+            ..cfg(&lab.hosts[0])
+        };
+        let r = reconcile_config(&c, &p, &psk, &bad).await.unwrap();
+        eprintln!("{}", show("host-a", &r));
+        // the pack is refused, then each conn alone: one error per peer, in charon's words
+        assert_eq!(r.sent("load-conn"), 3, "1 pack + 2 single");
+        assert_eq!(r.loaded, 0);
+        for peer in ["host-b", "host-c"] {
+            let e = r.error_for(peer).unwrap();
+            assert!(
+                e.starts_with(&format!("load-conn ipsec-mesh-{peer}: charon refused `load-conn` (conn=ipsec-mesh-{peer}): ")),
+                "{e}"
+            );
+            assert!(e.contains("esp_proposals"), "{e}");
+            assert_eq!(r.peers[peer], PeerState::Failed);
+        }
+        assert!(c.call(&GetConns).await.unwrap().is_empty());
+        // fixed settings load both; without the SA step nothing is initiated
+        let r = reconcile_config(&c, &p, &psk, &cfg(&lab.hosts[0])).await.unwrap();
+        assert!(r.ok() && r.loaded == 2 && r.sent("initiate") == 0, "{}", show("host-a", &r));
+        assert_eq!(r.peers["host-b"], PeerState::Down);
+        let r = reconcile_config(&c, &p, &psk, &cfg(&lab.hosts[0])).await.unwrap();
+        assert_eq!(r.writes, 0, "{}", show("host-a", &r));
+    });
+}
+
+#[test]
+fn kernel_netlink_without_esp_reports_the_child_sa_failure_in_words() {
+    require_root!();
+    // a and b with kernel-netlink on this ESP-less kernel, c with kernel-libipsec
+    let lab = Lab::with_confs(
+        "n",
+        &[
+            "strongswan-netlink.conf",
+            "strongswan-netlink.conf",
+            "strongswan-libipsec.conf",
+        ],
+    );
+    let ids = ["host-a", "host-b", "host-c"];
+    let psk = Psk::from_bytes(PSK);
+    rt().block_on(async {
+        let clients: Vec<Client> = futures::future::join_all(lab.hosts.iter().map(connect)).await;
+        let mut reports = Vec::new();
+        for _ in 0..2 {
+            reports = reconcile_all(&lab, &clients, &ids, &[&psk, &psk, &psk]).await;
+        }
+        let err = |r: &CharonReport, who: &str, peer: &str| {
+            let e = r
+                .error_for(peer)
+                .unwrap_or_else(|| panic!("{}\n{}", show(who, r), lab.logs()))
+                .to_string();
+            eprintln!("{who} about {peer}: {e}");
+            assert_eq!(r.peers[peer], PeerState::Failed);
+            e
+        };
+        let no_esp = "charon could not install the CHILD_SA: the kernel cannot hold ESP SAs";
+        // a -> c: a's own kernel refuses (its control-log says so)
+        let e = err(&reports[0], "host-a", "host-c");
+        assert!(
+            e.starts_with(&format!("initiate ipsec-mesh-host-c: {no_esp} (")),
+            "{e}"
+        );
+        assert!(!e.contains("the peer refused"), "{e}");
+        // a -> b: b's kernel fails first and answers NO_PROPOSAL_CHOSEN; a's probe of its
+        // own kernel still names the cause
+        let e = err(&reports[0], "host-a", "host-b");
+        assert!(
+            e.starts_with(&format!("initiate ipsec-mesh-host-b: {no_esp}")),
+            "{e}"
+        );
+        assert!(e.contains("kernel-libipsec"), "{e}");
+        // c (libipsec, fine itself) -> a: the peer could not install it
+        let e = err(&reports[2], "host-c", "host-a");
+        assert!(e.contains("could not install the CHILD_SA itself"), "{e}");
+    });
+}
+
+#[test]
+fn charon_killed_and_restarted_every_sa_is_back_within_10s() {
+    require_root!();
+    let mut lab = Lab::new("k", 3, "strongswan-libipsec.conf");
+    let ids = ["host-a", "host-b", "host-c"];
+    let psk = Psk::from_bytes(PSK);
+    let psks = [&psk, &psk, &psk];
+    let rt = rt();
+    let mut clients: Vec<Client> =
+        rt.block_on(futures::future::join_all(lab.hosts.iter().map(connect)));
+    rt.block_on(async {
+        for round in 1.. {
+            let r = reconcile_all(&lab, &clients, &ids, &psks).await;
+            if r.iter().all(|r| r.ok()) && all_up(&clients, 3).await {
+                break;
+            }
+            assert!(round < 4, "{}", lab.logs());
+        }
+    });
+    // host-b is initiator towards c and responder towards a: both cases at once
+    lab.host_mut("host-b").kill9();
+    let sock = lab.host("host-b").socket();
+    assert!(sock.exists(), "SIGKILL leaves the socket file behind");
+    let e = rt
+        .block_on(clients[1].call(&GetConns))
+        .expect_err("connection to the dead charon");
+    assert!(e.is_connection_lost(), "{e}");
+    std::fs::remove_file(&sock).unwrap();
+    let t = Instant::now();
+    lab.host_mut("host-b").start();
+    rt.block_on(async {
+        clients[1] = connect(lab.host("host-b")).await;
+        eprintln!("reconnected after {:?}", t.elapsed());
+        let p = plan_for(&ids, "host-b");
+        let r = reconcile(&clients[1], &p, &psk, &cfg(lab.host("host-b")))
+            .await
+            .unwrap();
+        eprintln!("{} after {:?}", show("host-b", &r), t.elapsed());
+        assert_eq!(r.loaded, 2, "a restarted charon forgot every conn");
+        assert_eq!(r.sent("load-shared"), 1);
+        loop {
+            if all_up(&clients, 3).await
+                && ids
+                    .iter()
+                    .all(|a| ids.iter().all(|b| a == b || lab.ping(a, b)))
+            {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "SAs not back within 10 s\n{}",
+                lab.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "every SA back and every pair pinging {:?} after the restart",
+            t.elapsed()
+        );
+        // the peers dropped the stale SAs (INITIAL_CONTACT): one IKE_SA per pair
+        for (h, c) in lab.hosts.iter().zip(&clients) {
+            let (m, ikes) = installed(c).await;
+            assert_eq!(ikes, 2, "{}: {m:?}", h.id);
+        }
+        let reports = reconcile_all(&lab, &clients, &ids, &psks).await;
+        assert!(reports.iter().all(|r| r.writes == 0 && r.ok()));
+    });
+}
