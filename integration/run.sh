@@ -7,6 +7,7 @@
 #   integration/run.sh netns   # the root-only netns suites on this machine's kernel
 #   integration/run.sh vm      # real-ESP tests in Debian's kernel under qemu (root)
 #   integration/run.sh vxlan   # the vxlan driver's netns end-to-end suite (root)
+#   integration/run.sh charon  # the charon driver against real charon-systemd per netns (root)
 #
 # Root suites skip loudly when not run as root; CI runs as root, where they must pass.
 set -euo pipefail
@@ -75,9 +76,10 @@ case "${1:-all}" in
     netns) netns ;;
     vm) vm ;;
     vxlan) cargo test --locked --test netns_vxlan ;;
+    charon) cargo test --locked --test netns_charon --test charon_vici --test charon_fixtures --test charon_client ;;
     setup) setup ;;
     *)
-        echo "usage: $0 [all|unit|netns|vm|vxlan|setup]" >&2
+        echo "usage: $0 [all|unit|netns|vm|vxlan|charon|setup]" >&2
         exit 2
         ;;
 esac

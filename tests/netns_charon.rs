@@ -910,3 +910,193 @@ fn charon_killed_and_restarted_every_sa_is_back_within_10s() {
         assert!(reports.iter().all(|r| r.writes == 0 && r.ok()));
     });
 }
+
+/// Sidecars (`ipsec-mesh run`) of one lab; killed when dropped.
+struct Sidecars(Vec<Child>);
+
+impl Drop for Sidecars {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sidecar_logs(lab: &Lab) -> String {
+    lab.hosts
+        .iter()
+        .map(|h| {
+            format!(
+                "--- sidecar {}\n{}",
+                h.id,
+                std::fs::read_to_string(h.dir.join("sidecar.log")).unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+fn every_pair_pings(lab: &Lab, ids: &[&str]) -> bool {
+    ids.iter()
+        .all(|a| ids.iter().all(|b| a == b || lab.ping(a, b)))
+}
+
+fn wait_for(what: &str, limit: Duration, lab: &Lab, mut ok: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !ok() {
+        assert!(
+            t.elapsed() < limit,
+            "{what}: not within {limit:?}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    t.elapsed()
+}
+
+/// The product as operators run it: `ipsec-mesh run --driver charon` next to each charon.
+#[test]
+fn sidecars_with_driver_charon_mesh_and_bring_every_sa_back_after_charon_restarts() {
+    require_root!();
+    use std::os::unix::fs::PermissionsExt;
+    let mut lab = Lab::new("sc", 3, "strongswan-libipsec.conf");
+    let ids = ["host-a", "host-b", "host-c"];
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("mesh.json");
+    let write_meta = |hosts: &[&str]| {
+        let hs: Vec<String> = hosts
+            .iter()
+            .map(|h| {
+                let n = (h.as_bytes()[5] - b'a' + 1) as u32;
+                format!(
+                    r#"{{"id":"{h}","agent_ip":"192.168.77.{n}","subnets":["10.42.{n}.0/24"]}}"#
+                )
+            })
+            .collect();
+        std::fs::write(
+            &meta,
+            format!(
+                r#"{{"network":{{"cidr":"10.42.0.0/16"}},"hosts":[{}]}}"#,
+                hs.join(",")
+            ),
+        )
+        .unwrap();
+    };
+    write_meta(&ids);
+    let psk = dir.path().join("psk");
+    std::fs::write(&psk, PSK).unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let bin = env!("CARGO_BIN_EXE_ipsec-mesh");
+    let status_sock = |h: &Host| h.dir.join("status.sock");
+    let mut sidecars = Sidecars(Vec::new());
+    for h in &lab.hosts {
+        let log = std::fs::File::create(h.dir.join("sidecar.log")).unwrap();
+        sidecars.0.push(
+            Command::new("ip")
+                .args(["netns", "exec", &h.ns, bin, "run", "--driver", "charon"])
+                .arg("--metadata")
+                .arg(&meta)
+                .args(["--host", &h.id, "--resync", "30"])
+                .arg("--vici-socket")
+                .arg(h.socket())
+                .arg("--psk-file")
+                .arg(&psk)
+                .arg("--listen")
+                .arg(format!("unix:{}", status_sock(h).display()))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start ipsec-mesh run"),
+        );
+    }
+    let t = wait_for("mesh up", Duration::from_secs(30), &lab, || {
+        every_pair_pings(&lab, &ids)
+    });
+    eprintln!("every pair pings {t:?} after the sidecars started");
+    let c = lab.switch_counters();
+    assert!(c["esp-in-udp"] > 0, "{c:?}");
+    assert_eq!(c["plaintext-src"] + c["plaintext-dst"], 0, "{c:?}");
+
+    let status = |h: &Host| -> serde_json::Value {
+        let o = Command::new(bin)
+            .args(["status", "--format", "json", "--listen"])
+            .arg(format!("unix:{}", status_sock(h).display()))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&o.stdout).unwrap_or_default()
+    };
+    wait_for(
+        "status shows both peers up",
+        Duration::from_secs(10),
+        &lab,
+        || {
+            status(lab.host("host-a"))["peers"]
+                .as_array()
+                .is_some_and(|p| p.len() == 2 && p.iter().all(|x| x["state"] == "up"))
+        },
+    );
+
+    // charon on host-b killed -9 and restarted (stale socket removed): the sidecar's event
+    // watcher reconnects and asks for a reconcile; every SA comes back within 10 s.
+    lab.host_mut("host-b").kill9();
+    std::fs::remove_file(lab.host("host-b").socket()).unwrap();
+    let t = Instant::now();
+    lab.host_mut("host-b").start();
+    let back = loop {
+        if every_pair_pings(&lab, &ids) {
+            break t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "SAs not back within 10 s of charon's restart\n{}{}",
+            sidecar_logs(&lab),
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "every pair pings again {:?} after charon's restart",
+        t.elapsed()
+    );
+    assert!(back < Duration::from_secs(10));
+
+    // host-c leaves: its conn is unloaded on the others; a reload with nothing else changed
+    // loads nothing.
+    write_meta(&ids[..2]);
+    let conns = |h: &Host| {
+        must(
+            "swanctl",
+            &[
+                "--list-conns",
+                "--uri",
+                &format!("unix://{}", h.socket().display()),
+            ],
+        )
+    };
+    wait_for(
+        "host-c's conn unloaded",
+        Duration::from_secs(10),
+        &lab,
+        || {
+            ["host-a", "host-b"]
+                .iter()
+                .all(|h| !conns(lab.host(h)).contains(&conn_name("host-c")))
+        },
+    );
+    assert!(conns(lab.host("host-a")).contains(&conn_name("host-b")));
+    for c in &sidecars.0 {
+        // SAFETY: kill(2) on our own child (the `ip netns exec` that exec'd the sidecar).
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGHUP) };
+    }
+    wait_for(
+        "a no-op reconcile after SIGHUP",
+        Duration::from_secs(10),
+        &lab,
+        || {
+            let s = status(lab.host("host-a"));
+            s["reconciles"]["count"].as_u64().unwrap_or(0) >= 3
+                && s["reconciles"]["last_writes"].as_u64() == Some(0)
+        },
+    );
+    assert!(lab.ping("host-a", "host-b") && lab.ping("host-b", "host-a"));
+}

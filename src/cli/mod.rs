@@ -55,6 +55,8 @@ pub enum Driver {
     Xfrm,
     /// VXLAN device with static FDB/neighbour/route entries per peer (no encryption).
     Vxlan,
+    /// strongSwan's charon over VICI: IKEv2 with the PSK, charon installs the SAs.
+    Charon,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -145,6 +147,9 @@ pub struct DriverArgs {
 
     #[command(flatten)]
     pub vxlan: VxlanArgs,
+
+    #[command(flatten)]
+    pub charon: CharonArgs,
 }
 
 impl DriverArgs {
@@ -154,6 +159,9 @@ impl DriverArgs {
             Driver::Xfrm if !have => Err(anyhow!(
                 "--driver xfrm needs --psk-file (the keys are derived from it)"
             )),
+            Driver::Charon if !have => Err(anyhow!(
+                "--driver charon needs --psk-file (charon authenticates peers with it)"
+            )),
             _ => Ok(()),
         }
     }
@@ -161,7 +169,7 @@ impl DriverArgs {
     pub fn build(
         &self,
         opts: &PlanOptions,
-        _psk: Option<&ipsec_mesh::plan::Psk>,
+        psk: Option<&ipsec_mesh::plan::Psk>,
     ) -> Result<Box<dyn ipsec_mesh::dataplane::driver::Driver>> {
         use ipsec_mesh::dataplane::driver::{Forwarding, XfrmMesh};
         Ok(match self.driver {
@@ -176,7 +184,65 @@ impl DriverArgs {
             Driver::Vxlan => Box::new(ipsec_mesh::dataplane::vxlan::VxlanMesh {
                 config: self.vxlan.config()?,
             }),
+            Driver::Charon => Box::new(
+                ipsec_mesh::dataplane::charon::driver::CharonMesh::new(
+                    self.charon.config(opts),
+                    psk,
+                )
+                .map_err(|e| anyhow!("charon driver: {e}"))?,
+            ),
         })
+    }
+}
+
+/// The charon driver's settings.
+#[derive(Args, Debug, Clone)]
+pub struct CharonArgs {
+    /// charon's VICI socket (`charon.plugins.vici.socket`, without `unix://`).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/ipsec-mesh/charon.vici"
+    )]
+    pub vici_socket: std::path::PathBuf,
+
+    /// IKE proposals for charon (comma-separated strongSwan keywords).
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "aes256gcm16-prfsha256-ecp256"
+    )]
+    pub ike_proposals: String,
+
+    /// ESP proposals for charon (comma-separated; default follows --transform).
+    #[arg(long, value_name = "LIST")]
+    pub esp_proposals: Option<String>,
+}
+
+impl CharonArgs {
+    pub fn config(
+        &self,
+        opts: &PlanOptions,
+    ) -> ipsec_mesh::dataplane::charon::desired::CharonConfig {
+        let list = |s: &str| -> Vec<String> {
+            s.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        ipsec_mesh::dataplane::charon::desired::CharonConfig {
+            vici_socket: self.vici_socket.clone(),
+            ike_proposals: list(&self.ike_proposals),
+            esp_proposals: list(
+                self.esp_proposals
+                    .as_deref()
+                    .unwrap_or(opts.transform.name()),
+            ),
+            encap: opts.udp_encap,
+            policies: true,
+            ..Default::default()
+        }
     }
 }
 

@@ -144,6 +144,8 @@ struct Loop {
     peer_failures: HashMap<String, u32>,
     /// Errors of the last reconcile, by owner (kept for counter refreshes).
     last_errors: BTreeMap<String, String>,
+    /// Lets the driver's own watcher ask for a reconcile now.
+    wake: crate::dataplane::driver::Wake,
 }
 
 impl Loop {
@@ -188,6 +190,7 @@ impl Loop {
                     s.metadata.last_error = None;
                 });
                 self.version = Some(version);
+                self.driver.watch(&p, self.wake.clone());
                 self.plan = Some(p);
                 changed
             }
@@ -288,6 +291,14 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
         version: None,
         peer_failures: HashMap::new(),
         last_errors: BTreeMap::new(),
+        wake: {
+            let tx = Mutex::new(tx.clone());
+            Arc::new(move || {
+                if let Ok(tx) = tx.lock() {
+                    let _ = tx.send(Event::Reload("the driver asked for a reconcile"));
+                }
+            })
+        },
     };
     lp.load();
     lp.reconcile();

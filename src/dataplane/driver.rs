@@ -75,7 +75,14 @@ pub trait Driver: Send {
     fn cleanup(&mut self) -> DriverReport;
     /// Per-peer state and counters, by host id.
     fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters>;
+    /// For drivers with a long-lived side (an event watcher): the sidecar calls this with
+    /// every new plan; `wake` asks the sidecar for a reconcile now (e.g. after the daemon the
+    /// driver talks to restarted). One-shot commands never call it.
+    fn watch(&mut self, _plan: &Plan, _wake: Wake) {}
 }
+
+/// Asks the sidecar for a reconcile as soon as possible.
+pub type Wake = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// Settings of the xfrm driver's forwarding part.
 #[derive(Debug, Clone, Default)]

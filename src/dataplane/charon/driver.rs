@@ -42,7 +42,7 @@ use super::types::{
     Terminate, UnloadConn, UnloadShared,
 };
 use super::wire::Message;
-use crate::dataplane::driver::{Driver, DriverReport, PeerCounters};
+use crate::dataplane::driver::{Driver, DriverReport, PeerCounters, Wake};
 use crate::plan::{Plan, Psk};
 
 /// Commands that modify charon's state.
@@ -678,6 +678,8 @@ pub struct CharonMesh {
     psk: Option<Psk>,
     rt: tokio::runtime::Runtime,
     client: Option<Client>,
+    /// Plans for the event watcher thread, once the sidecar started it ([`Driver::watch`]).
+    watcher: Option<tokio::sync::watch::Sender<Plan>>,
 }
 
 impl CharonMesh {
@@ -691,7 +693,61 @@ impl CharonMesh {
                 .enable_all()
                 .build()?,
             client: None,
+            watcher: None,
         })
+    }
+
+    /// The sidecar's event watcher: on its own thread, runtime and VICI connection, it runs
+    /// [`revive::run`](super::revive::run) (lost children re-initiated with per-peer
+    /// backoff); when charon goes away it reconnects (waiting for charon as `connect` says)
+    /// and asks the sidecar to reconcile at once, since a restarted charon has lost every
+    /// conn and key.
+    fn start_watcher(&mut self, plan: &Plan, wake: Wake) -> std::io::Result<()> {
+        let (tx, rx) = tokio::sync::watch::channel(plan.clone());
+        let cfg = self.cfg.clone();
+        let connect = self.connect.clone();
+        std::thread::Builder::new()
+            .name("charon-events".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "charon event watcher: no runtime");
+                        return;
+                    }
+                };
+                let mut first = true;
+                loop {
+                    if rx.has_changed().is_err() {
+                        return; // the driver is gone
+                    }
+                    match rt.block_on(Client::connect(&cfg.vici_socket, &connect)) {
+                        Ok(client) => {
+                            if !first {
+                                tracing::info!("charon is back: asking for a reconcile");
+                                wake();
+                            }
+                            first = false;
+                            let e = rt.block_on(super::revive::run(
+                                &client,
+                                rx.clone(),
+                                &cfg,
+                                |r| tracing::info!(peer = %r.peer, conn = %r.conn, result = ?r.result, "revive"),
+                            ));
+                            tracing::warn!(error = %e, "charon event watcher disconnected");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "charon event watcher cannot connect");
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    }
+                }
+            })?;
+        self.watcher = Some(tx);
+        Ok(())
     }
 
     fn ensure_client(&mut self) -> Result<(), ViciError> {
@@ -779,6 +835,19 @@ impl Driver for CharonMesh {
     fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
         self.with_client(|rt, c, _| rt.block_on(counters(c, plan)))
             .unwrap_or_default()
+    }
+
+    fn watch(&mut self, plan: &Plan, wake: Wake) {
+        match &self.watcher {
+            Some(tx) => {
+                let _ = tx.send(plan.clone());
+            }
+            None => {
+                if let Err(e) = self.start_watcher(plan, wake) {
+                    tracing::error!(error = %e, "cannot start the charon event watcher");
+                }
+            }
+        }
     }
 }
 
