@@ -1100,3 +1100,103 @@ fn sidecars_with_driver_charon_mesh_and_bring_every_sa_back_after_charon_restart
     );
     assert!(lab.ping("host-a", "host-b") && lab.ping("host-b", "host-a"));
 }
+
+/// `--no-charon-policies`: charon gets `policies = no` and children with the plan's reqids;
+/// ipsec-mesh installs the XFRM policies (with those reqids), the block policy, marks and
+/// routes itself, and `cleanup` removes both sides. On this ESP-less kernel charon's
+/// CHILD_SA fails (kernel-netlink), which `apply` reports per peer while our policies keep the
+/// traffic fail closed.
+#[test]
+fn no_charon_policies_ipsec_mesh_owns_the_policies_with_the_plans_reqids() {
+    require_root!();
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::new("np", 2, "strongswan-netlink.conf");
+    let ids = ["host-a", "host-b"];
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("mesh.json");
+    std::fs::write(
+        &meta,
+        r#"{"network":{"cidr":"10.42.0.0/16"},"hosts":[
+            {"id":"host-a","agent_ip":"192.168.77.1","subnets":["10.42.1.0/24"]},
+            {"id":"host-b","agent_ip":"192.168.77.2","subnets":["10.42.2.0/24"]}]}"#,
+    )
+    .unwrap();
+    let psk = dir.path().join("psk");
+    std::fs::write(&psk, PSK).unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let bin = env!("CARGO_BIN_EXE_ipsec-mesh");
+    let mesh = |h: &Host, args: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &h.ns, bin]).args(args);
+        c.args([
+            "--driver",
+            "charon",
+            "--no-charon-policies",
+            "--vici-socket",
+        ])
+        .arg(h.socket());
+        c.output().unwrap()
+    };
+    for h in &lab.hosts {
+        let o = mesh(
+            h,
+            &[
+                "apply",
+                "--metadata",
+                meta.to_str().unwrap(),
+                "--host",
+                &h.id,
+                "--psk-file",
+                psk.to_str().unwrap(),
+            ],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        eprintln!("{} apply: {err}", h.id);
+        let peer = if h.id == "host-a" { "host-b" } else { "host-a" };
+        // The initiator's CHILD_SA fails on this kernel; the responder may still be waiting.
+        if h.id == "host-a" {
+            assert_eq!(o.status.code(), Some(1), "{err}");
+            assert!(err.contains(&format!("ipsec-mesh: {peer}: ")), "{err}");
+        }
+        // Our policies carry the plan's reqid for the peer, as charon's SAs will.
+        let p = plan_for(&ids, &h.id);
+        let reqid = p.peers[0].reqid;
+        let pol = nsx(&h.ns, &["ip", "xfrm", "policy"]);
+        for dir in ["out", "in", "fwd"] {
+            assert!(pol.contains(&format!("dir {dir} priority 10752")), "{pol}");
+        }
+        assert_eq!(pol.matches(&format!("reqid {reqid} ")).count(), 3, "{pol}");
+        assert!(pol.contains("action block"), "{pol}");
+        let save = nsx(&h.ns, &["iptables-save"]);
+        assert!(save.contains("IPSEC-MESH-MARK") && save.contains("IPSEC-MESH-GUARD"));
+        let conns = must(
+            "swanctl",
+            &[
+                "--list-conns",
+                "--uri",
+                &format!("unix://{}", h.socket().display()),
+            ],
+        );
+        assert!(conns.contains(&conn_name(peer)), "{conns}");
+    }
+    for h in &lab.hosts {
+        let o = mesh(h, &["cleanup"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let pol = nsx(&h.ns, &["ip", "xfrm", "policy"]);
+        let reqid = plan_for(&ids, &h.id).peers[0].reqid;
+        assert!(
+            !pol.contains(&format!("reqid {reqid} ")) && !pol.contains("action block"),
+            "{pol}"
+        );
+        assert!(!nsx(&h.ns, &["iptables-save"]).contains("IPSEC-MESH"));
+        let conns = must(
+            "swanctl",
+            &[
+                "--list-conns",
+                "--uri",
+                &format!("unix://{}", h.socket().display()),
+            ],
+        );
+        assert!(!conns.contains("ipsec-mesh-"), "{conns}");
+    }
+}

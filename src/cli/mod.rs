@@ -184,13 +184,28 @@ impl DriverArgs {
             Driver::Vxlan => Box::new(ipsec_mesh::dataplane::vxlan::VxlanMesh {
                 config: self.vxlan.config()?,
             }),
-            Driver::Charon => Box::new(
-                ipsec_mesh::dataplane::charon::driver::CharonMesh::new(
-                    self.charon.config(opts),
-                    psk,
-                )
-                .map_err(|e| anyhow!("charon driver: {e}"))?,
-            ),
+            Driver::Charon => {
+                let charon = Box::new(
+                    ipsec_mesh::dataplane::charon::driver::CharonMesh::new(
+                        self.charon.config(opts),
+                        psk,
+                    )
+                    .map_err(|e| anyhow!("charon driver: {e}"))?,
+                );
+                if self.charon.no_charon_policies {
+                    let policies = Box::new(XfrmMesh::policies_only(
+                        Forwarding {
+                            bridge: self.forwarding.bridge.clone(),
+                            underlay_dev: self.forwarding.underlay_dev.clone(),
+                            routes: self.forwarding.route_config(),
+                        },
+                        opts.marks,
+                    ));
+                    Box::new(ipsec_mesh::dataplane::driver::Stack(vec![policies, charon]))
+                } else {
+                    charon
+                }
+            }
         })
     }
 }
@@ -217,6 +232,12 @@ pub struct CharonArgs {
     /// ESP proposals for charon (comma-separated; default follows --transform).
     #[arg(long, value_name = "LIST")]
     pub esp_proposals: Option<String>,
+
+    /// charon installs SAs only (`policies = no`, children with the plan's reqids);
+    /// ipsec-mesh installs the XFRM policies, marks, guard and routes itself, as the xfrm
+    /// driver does (fail closed while charon negotiates).
+    #[arg(long)]
+    pub no_charon_policies: bool,
 }
 
 impl CharonArgs {
@@ -240,7 +261,7 @@ impl CharonArgs {
                     .unwrap_or(opts.transform.name()),
             ),
             encap: opts.udp_encap,
-            policies: true,
+            policies: !self.no_charon_policies,
             ..Default::default()
         }
     }

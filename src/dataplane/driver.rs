@@ -81,6 +81,53 @@ pub trait Driver: Send {
     fn watch(&mut self, _plan: &Plan, _wake: Wake) {}
 }
 
+/// Several drivers as one: reconciled in order, cleaned up in reverse; counters and name
+/// from the last (the one that owns the SAs).
+pub struct Stack(pub Vec<Box<dyn Driver>>);
+
+impl Driver for Stack {
+    fn name(&self) -> &'static str {
+        self.0.last().map_or("none", |d| d.name())
+    }
+
+    fn reconcile(&mut self, plan: &Plan) -> DriverReport {
+        let mut r = DriverReport::default();
+        for d in &mut self.0 {
+            let x = d.reconcile(plan);
+            r.writes += x.writes;
+            r.changes.extend(x.changes);
+            r.errors.extend(x.errors);
+            r.parts.extend(x.parts);
+        }
+        r
+    }
+
+    fn cleanup(&mut self) -> DriverReport {
+        let mut r = DriverReport::default();
+        for d in self.0.iter_mut().rev() {
+            let x = d.cleanup();
+            r.writes += x.writes;
+            r.changes.extend(x.changes);
+            r.errors.extend(x.errors);
+            r.parts.extend(x.parts);
+        }
+        r
+    }
+
+    fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
+        self.0
+            .last_mut()
+            .map(|d| d.counters(plan))
+            .unwrap_or_default()
+    }
+
+    fn watch(&mut self, plan: &Plan, wake: Wake) {
+        for d in &mut self.0 {
+            d.watch(plan, wake.clone());
+        }
+    }
+}
+
 /// Asks the sidecar for a reconcile as soon as possible.
 pub type Wake = std::sync::Arc<dyn Fn() + Send + Sync>;
 
@@ -96,6 +143,8 @@ pub struct Forwarding {
 pub struct XfrmMesh {
     pub forwarding: Forwarding,
     pub marks: Marks,
+    /// Policies and SAs, or policies only (beside charon with `policies = no`).
+    pub scope: xfrm::Scope,
     /// With UDP encapsulation the kernel decapsulates ESP-in-UDP only on a UDP socket marked
     /// `UDP_ENCAP_ESPINUDP`; the driver holds it for as long as it lives.
     pub encap_socket: Option<std::net::UdpSocket>,
@@ -106,7 +155,17 @@ impl XfrmMesh {
         XfrmMesh {
             forwarding,
             marks,
+            scope: xfrm::Scope::All,
             encap_socket: None,
+        }
+    }
+
+    /// Policies, forwarding and routing only: for charon with `policies = no`, whose SAs
+    /// carry the plan's reqids.
+    pub fn policies_only(forwarding: Forwarding, marks: Marks) -> XfrmMesh {
+        XfrmMesh {
+            scope: xfrm::Scope::PoliciesOnly,
+            ..XfrmMesh::new(forwarding, marks)
         }
     }
 }
@@ -145,7 +204,7 @@ impl Driver for XfrmMesh {
     fn reconcile(&mut self, plan: &Plan) -> DriverReport {
         let mut r = DriverReport::default();
         self.marks = plan.marks;
-        if plan.udp_encap && self.encap_socket.is_none() {
+        if plan.udp_encap && self.scope == xfrm::Scope::All && self.encap_socket.is_none() {
             match open_encap_socket(plan.endpoint.is_ipv6(), xfrm::desired::NAT_T_PORT) {
                 Ok(s) => self.encap_socket = Some(s),
                 Err(e) => r.fail("mesh", "UDP encapsulation socket (port 4500)", &e),
@@ -155,7 +214,7 @@ impl Driver for XfrmMesh {
         }
         // XFRM first: the block policy makes marked traffic fail closed before any marking
         // rule exists.
-        match xfrm::reconcile(plan) {
+        match xfrm::reconcile_scoped(plan, self.scope) {
             Ok(x) => {
                 r.part("xfrm objects", x.writes, x.changes);
                 r.errors
@@ -189,7 +248,7 @@ impl Driver for XfrmMesh {
             Ok(x) => r.part("firewall", x.writes, x.changes),
             Err(e) => r.fail("mesh", "firewall", &e),
         }
-        match xfrm::cleanup(&self.marks) {
+        match xfrm::cleanup_scoped(&self.marks, self.scope) {
             Ok(x) => {
                 r.part("xfrm objects", x.writes, x.changes);
                 r.errors

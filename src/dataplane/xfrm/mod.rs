@@ -38,7 +38,26 @@ impl Report {
 }
 
 /// Read our policies and SAs (recognised by reqid range and mark) from the kernel.
+/// Which objects a reconcile or cleanup manages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Policies and SAs (the IKE-less driver).
+    All,
+    /// Policies only: the SAs (with our reqids) are installed by charon with `policies = no`
+    /// and are never read, changed or deleted here.
+    PoliciesOnly,
+}
+
 pub fn read_current(sock: &mut XfrmSocket, marks: &Marks) -> Result<Current, SocketError> {
+    read_current_scoped(sock, marks, Scope::All)
+}
+
+/// Our policies and, with [`Scope::All`], our SAs.
+pub fn read_current_scoped(
+    sock: &mut XfrmSocket,
+    marks: &Marks,
+    scope: Scope,
+) -> Result<Current, SocketError> {
     let mut cur = Current::default();
     sock.dump_raw(messages::policy_dump(), |bytes| {
         if let Some(p) = messages::parse_policy_raw(bytes) {
@@ -47,6 +66,9 @@ pub fn read_current(sock: &mut XfrmSocket, marks: &Marks) -> Result<Current, Soc
             }
         }
     })?;
+    if scope == Scope::PoliciesOnly {
+        return Ok(cur);
+    }
     for m in sock.dump(messages::sa_dump())? {
         let Some((id, reqid)) = messages::parse_sa_id(&m) else {
             continue;
@@ -229,9 +251,17 @@ fn tune_spd(sock: &mut XfrmSocket, plan: &Plan, report: &mut Report) {
 /// Make the kernel's XFRM state match `plan`: dump, diff, apply only the difference.
 /// Peers fail independently; the error return is for the socket or a dump failing.
 pub fn reconcile(plan: &Plan) -> Result<Report, SocketError> {
+    reconcile_scoped(plan, Scope::All)
+}
+
+/// [`reconcile`] of the objects in `scope`.
+pub fn reconcile_scoped(plan: &Plan, scope: Scope) -> Result<Report, SocketError> {
     let mut sock = XfrmSocket::open()?;
-    let current = read_current(&mut sock, &plan.marks)?;
-    let want = desired::desired(plan);
+    let current = read_current_scoped(&mut sock, &plan.marks, scope)?;
+    let mut want = desired::desired(plan);
+    if scope == Scope::PoliciesOnly {
+        want.sas.clear();
+    }
     let mut steps = reconcile::diff(&current, &want);
     let mut report = Report::default();
 
@@ -269,8 +299,13 @@ pub fn reconcile(plan: &Plan) -> Result<Report, SocketError> {
 
 /// Remove every XFRM object ipsec-mesh owns (and nothing else). Idempotent.
 pub fn cleanup(marks: &Marks) -> Result<Report, SocketError> {
+    cleanup_scoped(marks, Scope::All)
+}
+
+/// [`cleanup`] of the objects in `scope`.
+pub fn cleanup_scoped(marks: &Marks, scope: Scope) -> Result<Report, SocketError> {
     let mut sock = XfrmSocket::open()?;
-    let current = read_current(&mut sock, marks)?;
+    let current = read_current_scoped(&mut sock, marks, scope)?;
     let steps = reconcile::diff(&current, &desired::Desired::default());
     let mut report = Report::default();
     apply_steps(&mut sock, steps, Transform::default(), &mut report)?;
