@@ -63,6 +63,9 @@ vm() {
     "$here/vm/run.sh" "$img" 180
     say "vm: xfrm driver end to end (3 hosts, real ESP)"
     "$here/vm/test-xfrm.sh" 300
+    say "vm: encrypted VXLAN end to end (ESP transport mode for UDP 4789)"
+    VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
+        VM_APPEND="e2e.mode=vxlan-esp" "$here/vm/test-xfrm.sh" 300
 }
 
 case "${1:-all}" in

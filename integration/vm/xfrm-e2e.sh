@@ -169,6 +169,111 @@ done
 ok topology "3 hosts, 3 containers, switch; underlay pings ok"
 plain_base=$(underlay_count plain) # the warm-up pings themselves (ICMP between hosts)
 
+# ping_pairs "a>b ..." COUNT -> runs the pings in parallel; sets PING_OK / PING_FAILED
+ping_pairs() {
+    rm -f /tmp/ping.*
+    pids=""
+    for p in $1; do
+        a=${p%>*} b=${p#*>}
+        ($IP netns exec c$a ping -c "$2" -i 0.2 -W 2 -w 6 10.42.$b.2 >/tmp/ping.$a$b 2>&1
+            echo $? >/tmp/ping.$a$b.rc) &
+        pids="$pids $!"
+    done
+    # Only the pings: sidecars may be running in the background.
+    # shellcheck disable=SC2086
+    wait $pids
+    PING_OK="" PING_FAILED=""
+    for p in $1; do
+        a=${p%>*} b=${p#*>}
+        got=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/ping.$a$b)
+        if [ "$(cat /tmp/ping.$a$b.rc)" = 0 ]; then
+            PING_OK="$PING_OK c$a>c$b(${got:-?}/$2)"
+        else
+            PING_FAILED="$PING_FAILED c$a>c$b(${got:-?}/$2)"
+        fi
+    done
+}
+ALL_PAIRS="1>2 1>3 2>1 2>3 3>1 3>2"
+
+# --- encrypted VXLAN (kernel command line e2e.mode=vxlan-esp) -----------------------------
+# `apply --driver vxlan --vxlan-encrypt`: vtep1042 between the hosts, its UDP 4789 packets in
+# ESP transport mode. Checks: every container pair pings; the underlay carries ESP and no
+# plaintext VXLAN or container packets; second apply writes nothing; h2's SAs flushed ->
+# c2 unreachable, nothing in clear; re-apply -> back; cleanup leaves nothing of ours.
+if grep -qw e2e.mode=vxlan-esp /proc/cmdline; then
+    cat >$META <<'EOF'
+{
+  "network": { "cidr": "10.42.0.0/16", "backend": "vxlan", "mtu": 1500 },
+  "hosts": [
+    { "id": "h1", "agent_ip": "192.168.77.1", "subnets": ["10.42.1.0/24"] },
+    { "id": "h2", "agent_ip": "192.168.77.2", "subnets": ["10.42.2.0/24"] },
+    { "id": "h3", "agent_ip": "192.168.77.3", "subnets": ["10.42.3.0/24"] }
+  ]
+}
+EOF
+    (umask 077 && head -c 40 /dev/urandom >$PSK)
+    $IP netns exec sw $IPT -I FORWARD -p udp --dport 4789 -m comment --comment e2e-vxlan
+    vx_apply() { # N -> sets VX_OUT; returns apply's status
+        VX_OUT=$($IP netns exec h$1 $BIN apply --metadata $META --host h$1 --driver vxlan \
+            --vxlan-encrypt --psk-file $PSK 2>&1)
+    }
+    for n in $HOSTS; do
+        if vx_apply $n; then
+            ok "vxesp-apply-h$n" "$(echo "$VX_OUT" | grep '^vxlan: host')"
+        else
+            echo "$VX_OUT" | sed "s/^/  h$n apply: /"
+            abort "vxesp-apply-h$n" "apply failed"
+        fi
+    done
+    ping_pairs "$ALL_PAIRS" 3
+    if [ -z "$PING_FAILED" ]; then ok vxesp-ping-all "$PING_OK"; else bad vxesp-ping-all "failed:$PING_FAILED ok:$PING_OK"; dump_all; fi
+    esp=$(underlay_count esp) vx=$(underlay_count vxlan) ov=$(underlay_count overlay)
+    if [ "$esp" -gt 0 ] && [ "$vx" -eq 0 ] && [ "$ov" -eq 0 ]; then
+        ok vxesp-underlay "$esp ESP packets, 0 plaintext VXLAN, 0 with container addresses"
+    else
+        bad vxesp-underlay "ESP $esp, plaintext VXLAN $vx, container addresses $ov"
+    fi
+    if $IP -n h1 xfrm state | grep -q 'mode transport' && $IP -n h1 link show vtep1042 | grep -q 'mtu 1413'; then
+        ok vxesp-objects "transport-mode SAs, vtep1042 mtu 1413 (1500 - 50 - 37)"
+    else
+        bad vxesp-objects "$($IP -n h1 xfrm state | head -3; $IP -n h1 link show vtep1042)"
+    fi
+    for n in $HOSTS; do
+        vx_apply $n
+        if echo "$VX_OUT" | grep -q ': 2 peers, 0 writes, 0 errors'; then ok "vxesp-noop-h$n" "0 writes"; else bad "vxesp-noop-h$n" "$VX_OUT"; fi
+    done
+    $IP -n h2 xfrm state flush
+    ping_pairs "1>2 3>2 2>1 2>3" 2
+    fails=$PING_FAILED oks=$PING_OK
+    ping_pairs "1>3 3>1" 2
+    vx=$(underlay_count vxlan) ov=$(underlay_count overlay)
+    if [ -z "$oks" ] && [ -z "$PING_FAILED" ] && [ "$vx" -eq 0 ] && [ "$ov" -eq 0 ]; then
+        ok vxesp-no-sa "c2 unreachable ($fails), c1<->c3 fine, nothing in clear"
+    else
+        bad vxesp-no-sa "to/from c2 ok:$oks; c1<->c3 failed:$PING_FAILED; plaintext VXLAN $vx, container $ov"
+    fi
+    vx_apply 2 || bad vxesp-reapply "$VX_OUT"
+    ping_pairs "$ALL_PAIRS" 3
+    if [ -z "$PING_FAILED" ]; then ok vxesp-recovered "$PING_OK"; else bad vxesp-recovered "failed:$PING_FAILED"; dump_all; fi
+    for n in $HOSTS; do
+        out=$($IP netns exec h$n $BIN cleanup --driver vxlan --vxlan-encrypt 2>&1)
+        rc=$?
+        if [ $rc -eq 0 ] && ! $IP -n h$n link show vtep1042 >/dev/null 2>&1 &&
+            ! $IP -n h$n xfrm policy | grep -q 'dport 4789' && [ -z "$($IP -n h$n xfrm state)" ]; then
+            ok "vxesp-cleanup-h$n" "nothing of ours left"
+        else
+            bad "vxesp-cleanup-h$n" "exit $rc; $out"
+        fi
+    done
+    say "done in $(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')s"
+    if [ -n "$FAILED" ]; then
+        echo "VM-RESULT: FAIL (vxlan-esp:$FAILED)"
+        exit 1
+    fi
+    echo "VM-RESULT: PASS"
+    exit 0
+fi
+
 # --- 2. metadata, PSK, apply -------------------------------------------------------------
 cat >$META <<'EOF'
 {
@@ -254,31 +359,6 @@ for n in $HOSTS; do
 done
 
 # --- 4. positive: every ordered container pair -------------------------------------------
-# ping_pairs "a>b ..." COUNT -> runs the pings in parallel; sets PING_OK / PING_FAILED
-ping_pairs() {
-    rm -f /tmp/ping.*
-    pids=""
-    for p in $1; do
-        a=${p%>*} b=${p#*>}
-        ($IP netns exec c$a ping -c "$2" -i 0.2 -W 2 -w 6 10.42.$b.2 >/tmp/ping.$a$b 2>&1
-            echo $? >/tmp/ping.$a$b.rc) &
-        pids="$pids $!"
-    done
-    # Only the pings: sidecars may be running in the background.
-    # shellcheck disable=SC2086
-    wait $pids
-    PING_OK="" PING_FAILED=""
-    for p in $1; do
-        a=${p%>*} b=${p#*>}
-        got=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/ping.$a$b)
-        if [ "$(cat /tmp/ping.$a$b.rc)" = 0 ]; then
-            PING_OK="$PING_OK c$a>c$b(${got:-?}/$2)"
-        else
-            PING_FAILED="$PING_FAILED c$a>c$b(${got:-?}/$2)"
-        fi
-    done
-}
-ALL_PAIRS="1>2 1>3 2>1 2>3 3>1 3>2"
 say "pinging all 6 container pairs"
 ping_pairs "$ALL_PAIRS" 3
 if [ -z "$PING_FAILED" ]; then ok ping-all "$PING_OK"; else bad ping-all "failed:$PING_FAILED; ok:$PING_OK"; fi

@@ -159,6 +159,9 @@ impl DriverArgs {
             Driver::Xfrm if !have => Err(anyhow!(
                 "--driver xfrm needs --psk-file (the keys are derived from it)"
             )),
+            Driver::Vxlan if self.vxlan.vxlan_encrypt && !have => Err(anyhow!(
+                "--vxlan-encrypt needs --psk-file (the ESP keys are derived from it)"
+            )),
             Driver::Charon if !have => Err(anyhow!(
                 "--driver charon needs --psk-file (charon authenticates peers with it)"
             )),
@@ -181,9 +184,25 @@ impl DriverArgs {
                 },
                 opts.marks,
             )),
-            Driver::Vxlan => Box::new(ipsec_mesh::dataplane::vxlan::VxlanMesh {
-                config: self.vxlan.config()?,
-            }),
+            Driver::Vxlan => {
+                let config = self.vxlan.config()?;
+                let port = config.port;
+                let vxlan = Box::new(ipsec_mesh::dataplane::vxlan::VxlanMesh { config });
+                if self.vxlan.vxlan_encrypt {
+                    Box::new(ipsec_mesh::dataplane::driver::Stack {
+                        drivers: vec![
+                            Box::new(ipsec_mesh::dataplane::driver::VxlanEsp {
+                                port,
+                                marks: opts.marks,
+                            }),
+                            vxlan,
+                        ],
+                        counters_from: 0,
+                    })
+                } else {
+                    vxlan
+                }
+            }
             Driver::Charon => {
                 let charon = Box::new(
                     ipsec_mesh::dataplane::charon::driver::CharonMesh::new(
@@ -201,7 +220,10 @@ impl DriverArgs {
                         },
                         opts.marks,
                     ));
-                    Box::new(ipsec_mesh::dataplane::driver::Stack(vec![policies, charon]))
+                    Box::new(ipsec_mesh::dataplane::driver::Stack {
+                        drivers: vec![policies, charon],
+                        counters_from: 1,
+                    })
                 } else {
                     charon
                 }
@@ -281,6 +303,11 @@ pub struct VxlanArgs {
     /// VXLAN UDP destination port.
     #[arg(long, value_name = "PORT", default_value_t = ipsec_mesh::dataplane::vxlan::objects::DEFAULT_PORT)]
     pub vxlan_port: u16,
+
+    /// Encrypt VXLAN between hosts with ESP in transport mode (keys from --psk-file); VXLAN
+    /// to a peer never leaves in clear, plaintext VXLAN from a peer is refused.
+    #[arg(long)]
+    pub vxlan_encrypt: bool,
 }
 
 impl VxlanArgs {
@@ -289,6 +316,7 @@ impl VxlanArgs {
             dev: self.vxlan_dev.clone(),
             vni: self.vxlan_vni,
             port: self.vxlan_port,
+            esp: self.vxlan_encrypt,
         };
         c.validate().map_err(|e| anyhow!("--vxlan-*: {e}"))?;
         Ok(c)

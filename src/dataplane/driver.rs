@@ -81,18 +81,60 @@ pub trait Driver: Send {
     fn watch(&mut self, _plan: &Plan, _wake: Wake) {}
 }
 
-/// Several drivers as one: reconciled in order, cleaned up in reverse; counters and name
-/// from the last (the one that owns the SAs).
-pub struct Stack(pub Vec<Box<dyn Driver>>);
+/// ESP transport mode for VXLAN between hosts (encrypted VXLAN), stacked before the vxlan
+/// driver so the policies are in place before the device carries anything.
+pub struct VxlanEsp {
+    pub port: u16,
+    pub marks: Marks,
+}
 
-impl Driver for Stack {
+impl Driver for VxlanEsp {
     fn name(&self) -> &'static str {
-        self.0.last().map_or("none", |d| d.name())
+        "vxlan-esp"
     }
 
     fn reconcile(&mut self, plan: &Plan) -> DriverReport {
         let mut r = DriverReport::default();
-        for d in &mut self.0 {
+        match xfrm::reconcile_vxlan_esp(plan, self.port) {
+            Ok(x) => {
+                r.part("xfrm objects", x.writes, x.changes);
+                r.errors
+                    .extend(x.errors.into_iter().map(|(o, e)| (owner_name(&o), e)));
+            }
+            Err(e) => r.fail("mesh", "xfrm", &e),
+        }
+        r
+    }
+
+    fn cleanup(&mut self) -> DriverReport {
+        let mut r = DriverReport::default();
+        match xfrm::cleanup(&self.marks) {
+            Ok(x) => r.part("xfrm objects", x.writes, x.changes),
+            Err(e) => r.fail("mesh", "xfrm", &e),
+        }
+        r
+    }
+
+    fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
+        sa_counters_by_peer(plan)
+    }
+}
+
+/// Several drivers as one: reconciled in order, cleaned up in reverse; name from the last,
+/// per-peer state and counters from `drivers[counters_from]` (the one that sees the SAs).
+pub struct Stack {
+    pub drivers: Vec<Box<dyn Driver>>,
+    pub counters_from: usize,
+}
+
+impl Driver for Stack {
+    fn name(&self) -> &'static str {
+        self.drivers.last().map_or("none", |d| d.name())
+    }
+
+    fn reconcile(&mut self, plan: &Plan) -> DriverReport {
+        let mut r = DriverReport::default();
+        for d in &mut self.drivers {
             let x = d.reconcile(plan);
             r.writes += x.writes;
             r.changes.extend(x.changes);
@@ -104,7 +146,7 @@ impl Driver for Stack {
 
     fn cleanup(&mut self) -> DriverReport {
         let mut r = DriverReport::default();
-        for d in self.0.iter_mut().rev() {
+        for d in self.drivers.iter_mut().rev() {
             let x = d.cleanup();
             r.writes += x.writes;
             r.changes.extend(x.changes);
@@ -115,14 +157,15 @@ impl Driver for Stack {
     }
 
     fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
-        self.0
-            .last_mut()
+        let i = self.counters_from;
+        self.drivers
+            .get_mut(i)
             .map(|d| d.counters(plan))
             .unwrap_or_default()
     }
 
     fn watch(&mut self, plan: &Plan, wake: Wake) {
-        for d in &mut self.0 {
+        for d in &mut self.drivers {
             d.watch(plan, wake.clone());
         }
     }
@@ -260,38 +303,43 @@ impl Driver for XfrmMesh {
     }
 
     fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
-        let sas = xfrm::sa_counters().unwrap_or_default();
-        plan.peers
-            .iter()
-            .map(|p| {
-                let out = sas.get(&xfrm::objects::SaId {
-                    dst: p.endpoint,
-                    spi: p.spi_out,
-                });
-                let inn = sas.get(&xfrm::objects::SaId {
-                    dst: plan.endpoint,
-                    spi: p.spi_in,
-                });
-                let state = if out.is_some() && inn.is_some() {
-                    "up"
-                } else {
-                    "down"
-                };
-                let (bo, po) = out.copied().unwrap_or_default();
-                let (bi, pi) = inn.copied().unwrap_or_default();
-                (
-                    p.host.to_string(),
-                    PeerCounters {
-                        state: state.into(),
-                        bytes_out: bo,
-                        packets_out: po,
-                        bytes_in: bi,
-                        packets_in: pi,
-                    },
-                )
-            })
-            .collect()
+        sa_counters_by_peer(plan)
     }
+}
+
+/// Per-peer state and counters from the kernel's SAs (both SAs present: up).
+fn sa_counters_by_peer(plan: &Plan) -> BTreeMap<String, PeerCounters> {
+    let sas = xfrm::sa_counters().unwrap_or_default();
+    plan.peers
+        .iter()
+        .map(|p| {
+            let out = sas.get(&xfrm::objects::SaId {
+                dst: p.endpoint,
+                spi: p.spi_out,
+            });
+            let inn = sas.get(&xfrm::objects::SaId {
+                dst: plan.endpoint,
+                spi: p.spi_in,
+            });
+            let state = if out.is_some() && inn.is_some() {
+                "up"
+            } else {
+                "down"
+            };
+            let (bo, po) = out.copied().unwrap_or_default();
+            let (bi, pi) = inn.copied().unwrap_or_default();
+            (
+                p.host.to_string(),
+                PeerCounters {
+                    state: state.into(),
+                    bytes_out: bo,
+                    packets_out: po,
+                    bytes_in: bi,
+                    packets_in: pi,
+                },
+            )
+        })
+        .collect()
 }
 
 fn owner_name(o: &xfrm::objects::Owner) -> String {

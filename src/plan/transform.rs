@@ -116,6 +116,12 @@ impl FromStr for Transform {
     }
 }
 
+/// Worst-case bytes ESP transport mode adds to a packet (header, IV, ICV, trailer and the
+/// largest padding): what an encrypted VXLAN device must leave room for.
+pub fn esp_transport_overhead(t: Transform) -> u16 {
+    (8 + t.iv_len() + t.icv_len() + 2 + (t.block_len() - 1)) as u16
+}
+
 /// How packets cross the underlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Encapsulation {
@@ -214,6 +220,12 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn transport_overhead() {
+        assert_eq!(esp_transport_overhead(Transform::Aes256Gcm16), 37);
+        assert_eq!(esp_transport_overhead(Transform::Aes128Sha256), 57);
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub fn kernel_has_esp() -> Option<bool> {
         output_mark: None,
         replay_window: 0,
         oseq_may_wrap: false,
+        transport: false,
     };
     let r = sock
         .batch(vec![

@@ -100,7 +100,11 @@ pub fn desired(plan: &Plan, cfg: &VxlanConfig, underlay: u32) -> Desired {
         port: cfg.port,
         local: plan.endpoint,
         underlay,
-        mtu: u32::from(mtu(plan)),
+        mtu: u32::from(if cfg.esp {
+            mtu(plan) - crate::plan::transform::esp_transport_overhead(plan.transform)
+        } else {
+            mtu(plan)
+        }),
         mac: vtep_mac(plan.host.as_str()),
         no_ipv6_ll: plan.cidr.network().is_ipv4(),
     };
@@ -290,6 +294,7 @@ pub(crate) mod tests {
             dev: "vx9".into(),
             vni: 9,
             port: 8472,
+            esp: false,
         };
         let d = desired(&p, &cfg, 5);
         assert_eq!(d.fdb.len(), 2);

@@ -21,6 +21,8 @@ pub struct VxlanConfig {
     pub dev: String,
     pub vni: u32,
     pub port: u16,
+    /// VXLAN between hosts is ESP-encrypted (transport mode): the device MTU leaves room.
+    pub esp: bool,
 }
 
 impl Default for VxlanConfig {
@@ -29,6 +31,7 @@ impl Default for VxlanConfig {
             dev: DEFAULT_DEV.to_string(),
             vni: DEFAULT_VNI,
             port: DEFAULT_PORT,
+            esp: false,
         }
     }
 }

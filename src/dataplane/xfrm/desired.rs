@@ -65,6 +65,7 @@ pub fn block_policy(plan: &Plan) -> Policy {
             dir: Dir::Out,
             src: any(v6),
             dst: any(v6),
+            l4: L4::ANY,
             mark: Mark {
                 value: plan.marks.encrypt,
                 mask: plan.marks.mask,
@@ -94,11 +95,13 @@ pub fn desired(plan: &Plan) -> Desired {
             src: me,
             dst: p.endpoint,
             reqid: p.reqid,
+            transport: false,
         };
         let in_t = Tmpl {
             src: p.endpoint,
             dst: me,
             reqid: p.reqid,
+            transport: false,
         };
         for &local in &plan.subnets {
             for &remote in &p.subnets {
@@ -107,6 +110,7 @@ pub fn desired(plan: &Plan) -> Desired {
                         dir,
                         src,
                         dst,
+                        l4: L4::ANY,
                         mark,
                     },
                     priority: PAIR_PRIORITY,
@@ -139,6 +143,7 @@ pub fn desired(plan: &Plan) -> Desired {
                     output_mark: None,
                     replay_window: REPLAY_WINDOW,
                     oseq_may_wrap: true,
+                    transport: false,
                 },
             ));
             d.sas.push((
@@ -159,8 +164,65 @@ pub fn desired(plan: &Plan) -> Desired {
                     }),
                     replay_window: REPLAY_WINDOW,
                     oseq_may_wrap: true,
+                    transport: false,
                 },
             ));
+        }
+    }
+    d
+}
+
+/// Encrypted VXLAN: ESP in transport mode for the VXLAN traffic (UDP to `port`) between this
+/// host and each peer. Per peer an `out` and an `in` policy selecting exactly that traffic
+/// (unmarked: VXLAN to a peer never leaves in clear, and plaintext VXLAN from a peer is
+/// refused) and the two SAs, with the same SPIs and keys as the mesh's.
+pub fn vxlan_esp(plan: &Plan, port: u16) -> Desired {
+    let mut d = Desired::default();
+    let me = plan.endpoint;
+    let host = |ip: IpAddr| IpNet::from(ip);
+    let l4 = L4 {
+        proto: 17,
+        dport: port,
+    };
+    for p in &plan.peers {
+        let owner = Owner::Peer(p.host.as_str().into());
+        let pol = |dir, src: IpAddr, dst: IpAddr| Policy {
+            id: PolicyId {
+                dir,
+                src: host(src),
+                dst: host(dst),
+                l4,
+                mark: Mark::NONE,
+            },
+            priority: PAIR_PRIORITY,
+            action: Action::Allow,
+            tmpl: Some(Tmpl {
+                src,
+                dst,
+                reqid: p.reqid,
+                transport: true,
+            }),
+        };
+        d.policies
+            .push((owner.clone(), pol(Dir::Out, me, p.endpoint)));
+        d.policies
+            .push((owner.clone(), pol(Dir::In, p.endpoint, me)));
+        if let (Some(ko), Some(ki)) = (&p.key_out, &p.key_in) {
+            let sa = |src, dst, spi, key| Sa {
+                id: SaId { dst, spi },
+                src,
+                reqid: p.reqid,
+                inner_v6: me.is_ipv6(),
+                crypto: crypto(plan.transform, key),
+                encap: None,
+                output_mark: None,
+                replay_window: REPLAY_WINDOW,
+                oseq_may_wrap: true,
+                transport: true,
+            };
+            d.sas
+                .push((owner.clone(), sa(me, p.endpoint, p.spi_out, ko)));
+            d.sas.push((owner, sa(p.endpoint, me, p.spi_in, ki)));
         }
     }
     d
@@ -244,6 +306,28 @@ mod tests {
         );
         assert!(d.sas[1].1.output_mark.is_some());
         assert_eq!(prefix_thresholds(&p), Some((24, 24)));
+    }
+
+    #[test]
+    fn encrypted_vxlan_selects_udp_to_the_port_between_endpoints() {
+        let p = a_plan(true);
+        let d = vxlan_esp(&p, 4789);
+        assert_eq!(d.policies.len(), 2);
+        assert_eq!(d.sas.len(), 2);
+        let out = &d.policies[0].1;
+        assert_eq!(out.id.src.to_string(), "192.168.77.1/32");
+        assert_eq!(out.id.dst.to_string(), "192.168.77.2/32");
+        assert_eq!(
+            out.id.l4,
+            L4 {
+                proto: 17,
+                dport: 4789
+            }
+        );
+        assert_eq!(out.id.mark, Mark::NONE);
+        assert!(out.tmpl.unwrap().transport);
+        assert!(d.sas.iter().all(|(_, s)| s.transport && s.encap.is_none()));
+        assert_eq!(d.sas[0].1.id.spi, p.peers[0].spi_out);
     }
 
     #[test]

@@ -24,12 +24,18 @@ fn family(ip: &IpAddr) -> u16 {
     }
 }
 
-fn selector(src: &IpNet, dst: &IpNet) -> Selector {
+fn selector(id: &PolicyId) -> Selector {
+    let (src, dst) = (&id.src, &id.dst);
     let mut s = Selector::default();
     s.source_prefix(&src.network(), src.prefix_len());
     s.destination_prefix(&dst.network(), dst.prefix_len());
     // source_prefix leaves the family unset for 0.0.0.0/0; set it explicitly.
     s.family = family(&src.network());
+    s.proto = id.l4.proto;
+    if id.l4.dport != 0 {
+        s.dport = id.l4.dport;
+        s.dport_mask = u16::MAX;
+    }
     s
 }
 
@@ -53,7 +59,11 @@ fn template(t: &Tmpl) -> UserTemplate {
     u.source(&t.src);
     u.destination(&t.dst);
     u.protocol(IPPROTO_ESP);
-    u.mode(XFRM_MODE_TUNNEL);
+    u.mode(if t.transport {
+        XFRM_MODE_TRANSPORT
+    } else {
+        XFRM_MODE_TUNNEL
+    });
     u.reqid(t.reqid);
     u
 }
@@ -61,7 +71,7 @@ fn template(t: &Tmpl) -> UserTemplate {
 /// `XFRM_MSG_NEWPOLICY` (or `UPDPOLICY` when `update`).
 pub fn policy_add(p: &Policy, update: bool) -> XfrmMessage {
     let info = UserPolicyInfo {
-        selector: selector(&p.id.src, &p.id.dst),
+        selector: selector(&p.id),
         priority: p.priority,
         direction: dir_code(p.id.dir),
         action: match p.action {
@@ -91,7 +101,7 @@ pub fn policy_add(p: &Policy, update: bool) -> XfrmMessage {
 pub fn policy_del(id: &PolicyId) -> XfrmMessage {
     XfrmMessage::DeletePolicy(policy::DelGetMessage {
         user_policy_id: UserPolicyId {
-            selector: selector(&id.src, &id.dst),
+            selector: selector(id),
             index: 0,
             direction: dir_code(id.dir),
         },
@@ -128,7 +138,11 @@ pub fn sa_add(sa: &Sa) -> XfrmMessage {
     info.id.spi = sa.id.spi;
     info.id.proto = IPPROTO_ESP;
     info.reqid = sa.reqid;
-    info.mode = XFRM_MODE_TUNNEL;
+    info.mode = if sa.transport {
+        XFRM_MODE_TRANSPORT
+    } else {
+        XFRM_MODE_TUNNEL
+    };
     info.replay_window = sa.replay_window;
     info.family = family(&sa.src);
     info.selector = Selector {
@@ -269,13 +283,16 @@ pub fn parse_policy(msg: &XfrmMessage) -> Option<Policy> {
             }
             XfrmAttrs::Template(ts) => {
                 let [t] = ts.as_slice() else { return None };
-                if t.id.proto != IPPROTO_ESP || t.mode != XFRM_MODE_TUNNEL {
+                if t.id.proto != IPPROTO_ESP
+                    || !(t.mode == XFRM_MODE_TUNNEL || t.mode == XFRM_MODE_TRANSPORT)
+                {
                     return None;
                 }
                 tmpl = Some(Tmpl {
                     src: ip(&t.saddr, t.family)?,
                     dst: ip(&t.id.daddr, t.family)?,
                     reqid: t.reqid,
+                    transport: t.mode == XFRM_MODE_TRANSPORT,
                 });
             }
             XfrmAttrs::PolicyType(t) if t.ptype != XFRM_POLICY_TYPE_MAIN => return None,
@@ -287,6 +304,10 @@ pub fn parse_policy(msg: &XfrmMessage) -> Option<Policy> {
             dir,
             src: net(&sel.saddr, sel.prefixlen_s, sel.family)?,
             dst: net(&sel.daddr, sel.prefixlen_d, sel.family)?,
+            l4: L4 {
+                proto: sel.proto,
+                dport: if sel.dport_mask != 0 { sel.dport } else { 0 },
+            },
             mark,
         },
         priority: i.priority,
@@ -308,6 +329,9 @@ const SEL_SADDR: usize = 16;
 const SEL_FAMILY: usize = 40;
 const SEL_PLEN_D: usize = 42;
 const SEL_PLEN_S: usize = 43;
+const SEL_DPORT: usize = 32;
+const SEL_DPORT_MASK: usize = 34;
+const SEL_PROTO: usize = 44;
 const POL_PRIORITY: usize = 152;
 const POL_DIR: usize = 160;
 const POL_ACTION: usize = 161;
@@ -375,7 +399,7 @@ pub fn parse_policy_raw(msg: &[u8]) -> Option<Policy> {
             XFRMA_TMPL_ID => {
                 if v.len() != TMPL_LEN
                     || v[TMPL_PROTO] != IPPROTO_ESP
-                    || v[TMPL_MODE] != XFRM_MODE_TUNNEL
+                    || !(v[TMPL_MODE] == XFRM_MODE_TUNNEL || v[TMPL_MODE] == XFRM_MODE_TRANSPORT)
                 {
                     return None;
                 }
@@ -384,6 +408,7 @@ pub fn parse_policy_raw(msg: &[u8]) -> Option<Policy> {
                     src: raw_ip(&v[TMPL_SADDR..], tfam)?,
                     dst: raw_ip(&v[TMPL_DADDR..], tfam)?,
                     reqid: ne_u32(v, TMPL_REQID),
+                    transport: v[TMPL_MODE] == XFRM_MODE_TRANSPORT,
                 });
             }
             XFRMA_POLICY_TYPE_ID if v.first().is_some_and(|&t| t != XFRM_POLICY_TYPE_MAIN) => {
@@ -398,6 +423,14 @@ pub fn parse_policy_raw(msg: &[u8]) -> Option<Policy> {
             dir,
             src,
             dst,
+            l4: L4 {
+                proto: i[SEL_PROTO],
+                dport: if i[SEL_DPORT_MASK..SEL_DPORT_MASK + 2] != [0, 0] {
+                    u16::from_be_bytes([i[SEL_DPORT], i[SEL_DPORT + 1]])
+                } else {
+                    0
+                },
+            },
             mark,
         },
         priority: ne_u32(i, POL_PRIORITY),
@@ -445,7 +478,7 @@ pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
         return None;
     };
     let i = &m.user_sa_info;
-    if i.mode != XFRM_MODE_TUNNEL {
+    if i.mode != XFRM_MODE_TUNNEL && i.mode != XFRM_MODE_TRANSPORT {
         return None;
     }
     let mut aead = None;
@@ -498,6 +531,7 @@ pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
         output_mark: output_mark.filter(|m| m.value != 0 || m.mask != 0),
         replay_window: i.replay_window,
         oseq_may_wrap: extra & XFRM_SA_XFLAG_OSEQ_MAY_WRAP != 0,
+        transport: i.mode == XFRM_MODE_TRANSPORT,
     })
 }
 
@@ -518,6 +552,7 @@ mod tests {
                 dir: Dir::Out,
                 src: "10.42.1.0/24".parse().unwrap(),
                 dst: "10.42.2.0/24".parse().unwrap(),
+                l4: L4::ANY,
                 mark: Mark {
                     value: 0x100000,
                     mask: 0x300000,
@@ -529,6 +564,7 @@ mod tests {
                 src: "192.168.77.1".parse().unwrap(),
                 dst: "192.168.77.2".parse().unwrap(),
                 reqid: 0x5000_0001,
+                transport: false,
             }),
         }
     }
@@ -582,6 +618,7 @@ mod tests {
             }),
             replay_window: 0,
             oseq_may_wrap: true,
+            transport: false,
         };
         let msg = sa_add(&sa);
         assert_eq!(msg.message_type(), XFRM_MSG_NEWSA);
@@ -604,6 +641,7 @@ mod tests {
         cbc.output_mark = None;
         cbc.replay_window = 32;
         cbc.oseq_may_wrap = false;
+        cbc.transport = true;
         assert_eq!(parse_sa(&roundtrip(&sa_add(&cbc))), Some(cbc));
         let del = sa_del(&sa.id);
         assert_eq!(del.message_type(), XFRM_MSG_DELSA);
@@ -632,8 +670,20 @@ mod tests {
             src: "2001:db8::1".parse().unwrap(),
             dst: "2001:db8::2".parse().unwrap(),
             reqid: 0x5000_0002,
+            transport: false,
         });
         cases.push(v6);
+        // Encrypted VXLAN: transport mode, UDP 4789 between two hosts.
+        let mut vx = pol();
+        vx.id.src = "192.168.77.1/32".parse().unwrap();
+        vx.id.dst = "192.168.77.2/32".parse().unwrap();
+        vx.id.l4 = L4 {
+            proto: 17,
+            dport: 4789,
+        };
+        vx.id.mark = Mark::NONE;
+        vx.tmpl.as_mut().unwrap().transport = true;
+        cases.push(vx);
         for p in cases {
             let mut m = NetlinkMessage::new(
                 NetlinkHeader::default(),

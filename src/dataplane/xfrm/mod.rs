@@ -162,6 +162,7 @@ fn probe_transform(
         output_mark: None,
         replay_window: 0,
         oseq_may_wrap: false,
+        transport: false,
     };
     let r = sock.batch(vec![
         (messages::sa_add(&sa), NLM_F_CREATE | NLM_F_EXCL),
@@ -256,12 +257,27 @@ pub fn reconcile(plan: &Plan) -> Result<Report, SocketError> {
 
 /// [`reconcile`] of the objects in `scope`.
 pub fn reconcile_scoped(plan: &Plan, scope: Scope) -> Result<Report, SocketError> {
-    let mut sock = XfrmSocket::open()?;
-    let current = read_current_scoped(&mut sock, &plan.marks, scope)?;
     let mut want = desired::desired(plan);
     if scope == Scope::PoliciesOnly {
         want.sas.clear();
     }
+    reconcile_desired(plan, want, scope, true)
+}
+
+/// Encrypted VXLAN: make the kernel hold exactly [`desired::vxlan_esp`] (ESP transport mode
+/// for UDP `port` between this host and its peers).
+pub fn reconcile_vxlan_esp(plan: &Plan, port: u16) -> Result<Report, SocketError> {
+    reconcile_desired(plan, desired::vxlan_esp(plan, port), Scope::All, false)
+}
+
+fn reconcile_desired(
+    plan: &Plan,
+    want: desired::Desired,
+    scope: Scope,
+    tune_hash: bool,
+) -> Result<Report, SocketError> {
+    let mut sock = XfrmSocket::open()?;
+    let current = read_current_scoped(&mut sock, &plan.marks, scope)?;
     let mut steps = reconcile::diff(&current, &want);
     let mut report = Report::default();
 
@@ -285,7 +301,9 @@ pub fn reconcile_scoped(plan: &Plan, scope: Scope) -> Result<Report, SocketError
     }
     // Hash thresholds first, so the policies below land in hash buckets instead of the
     // kernel's linear inexact lists.
-    tune_spd(&mut sock, plan, &mut report);
+    if tune_hash {
+        tune_spd(&mut sock, plan, &mut report);
+    }
     apply_steps(&mut sock, steps, plan.transform, &mut report)?;
     info!(
         writes = report.writes,

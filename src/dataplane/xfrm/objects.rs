@@ -44,12 +44,24 @@ impl fmt::Display for Mark {
     }
 }
 
+/// Transport protocol and destination port of a selector; [`L4::ANY`] selects all traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct L4 {
+    pub proto: u8,
+    pub dport: u16,
+}
+
+impl L4 {
+    pub const ANY: L4 = L4 { proto: 0, dport: 0 };
+}
+
 /// What identifies a policy in the kernel: direction, selector and mark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyId {
     pub dir: Dir,
     pub src: IpNet,
     pub dst: IpNet,
+    pub l4: L4,
     pub mark: Mark,
 }
 
@@ -59,12 +71,13 @@ pub enum Action {
     Block,
 }
 
-/// An ESP tunnel-mode template.
+/// An ESP template: tunnel mode (the mesh) or transport mode (encrypted VXLAN).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tmpl {
     pub src: IpAddr,
     pub dst: IpAddr,
     pub reqid: u32,
+    pub transport: bool,
 }
 
 /// Who a desired or found object belongs to, for per-peer error reports.
@@ -215,6 +228,8 @@ pub struct Sa {
     pub replay_window: u8,
     /// Let the outbound sequence number wrap instead of stopping the SA at 2^32 packets.
     pub oseq_may_wrap: bool,
+    /// Transport mode (encrypted VXLAN) instead of tunnel mode.
+    pub transport: bool,
 }
 
 impl fmt::Display for Sa {
@@ -230,6 +245,9 @@ impl fmt::Display for Sa {
         )?;
         if let Some((s, d)) = self.encap {
             write!(f, " encap udp {s}/{d}")?;
+        }
+        if self.transport {
+            write!(f, " transport")?;
         }
         Ok(())
     }
