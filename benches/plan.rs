@@ -8,26 +8,12 @@ use std::path::Path;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 use ipsec_mesh::metadata::file;
-use ipsec_mesh::model::{RawCluster, RawHost, RawNetwork};
 use ipsec_mesh::plan::{self, PlanOptions, Psk};
 
+mod common;
+
 fn document(n: usize) -> Vec<u8> {
-    let raw = RawCluster {
-        network: RawNetwork {
-            cidr: "10.0.0.0/8".into(),
-            backend: Some("ipsec".into()),
-            mtu: Some(1500),
-        },
-        hosts: (0..n)
-            .map(|i| RawHost {
-                id: format!("host-{i:05}"),
-                agent_ip: format!("172.16.{}.{}", i / 250, i % 250 + 1),
-                subnets: vec![format!("10.{}.{}.0/24", 42 + i / 256, i % 256)],
-                ..Default::default()
-            })
-            .collect(),
-    };
-    serde_json::to_vec(&raw).unwrap()
+    serde_json::to_vec(&common::raw_mesh(n, Some("ipsec"))).unwrap()
 }
 
 fn bench(c: &mut Criterion) {

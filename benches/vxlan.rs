@@ -11,30 +11,12 @@ use std::time::Instant;
 
 use ipsec_mesh::dataplane::netns::{in_new_netns, is_root};
 use ipsec_mesh::dataplane::vxlan::{self, desired, VxlanConfig};
-use ipsec_mesh::model::{Cluster, RawCluster, RawHost, RawNetwork};
-use ipsec_mesh::plan::{self, Plan, PlanOptions};
+use ipsec_mesh::plan::Plan;
 
-fn mesh(peers: usize) -> Cluster {
-    Cluster::validate(&RawCluster {
-        network: RawNetwork {
-            cidr: "10.0.0.0/8".into(),
-            backend: Some("vxlan".into()),
-            mtu: Some(1500),
-        },
-        hosts: (0..=peers)
-            .map(|i| RawHost {
-                id: format!("host-{i:05}"),
-                agent_ip: format!("172.16.{}.{}", i / 250, i % 250 + 1),
-                subnets: vec![format!("10.{}.{}.0/24", 42 + i / 256, i % 256)],
-                ..Default::default()
-            })
-            .collect(),
-    })
-    .unwrap()
-}
+mod common;
 
 fn plan_for(peers: usize) -> Plan {
-    plan::plan(&mesh(peers), "host-00000", &PlanOptions::default(), None).unwrap()
+    common::plan_for(peers, Some("vxlan"), None)
 }
 
 /// The underlay: a veth holding the self endpoint.
