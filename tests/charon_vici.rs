@@ -5,9 +5,8 @@
 #[allow(unused_imports)] // common re-exports helpers this suite does not use
 mod common;
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use ipsec_mesh::dataplane::charon::{
@@ -15,8 +14,6 @@ use ipsec_mesh::dataplane::charon::{
     ListConns, ListSas, LoadConn, LoadShared, SaAction, SaEvent, SharedKeyType, StartAction,
     Terminate, Unique, UnloadConn, UnloadShared, ViciError,
 };
-
-const CHARON: &str = "/usr/sbin/charon-systemd";
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -39,8 +36,9 @@ struct Charon {
 impl Charon {
     fn new(tag: &str, conf: &str) -> Charon {
         assert!(
-            Path::new(CHARON).exists(),
-            "{CHARON} is missing: run integration/setup.sh (charon-systemd, libcharon-extra-plugins)"
+            Path::new(common::CHARON).exists(),
+            "{} is missing: run integration/setup.sh (charon-systemd, libcharon-extra-plugins)",
+            common::CHARON
         );
         let ns = format!("imc-{}-{tag}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
@@ -52,20 +50,7 @@ impl Charon {
             child: None,
         };
         ip(&["-n", &c.ns, "link", "set", "lo", "up"]);
-        let base = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("charon-conf")
-            .join(conf);
-        // the documented override: include the shipped file, re-set socket and log path
-        std::fs::write(
-            c.conf(),
-            format!(
-                "include {}\ncharon {{\n  plugins {{ vici {{ socket = unix://{} }} }}\n  filelog {{ ipsec-mesh {{ path = {} }} }}\n}}\n",
-                base.display(),
-                c.socket().display(),
-                c.dir.path().join("charon.log").display()
-            ),
-        )
-        .unwrap();
+        common::write_charon_conf(c.dir.path(), conf);
         c
     }
 
@@ -83,46 +68,16 @@ impl Charon {
 
     fn start(&mut self) {
         assert!(self.child.is_none());
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, CHARON])
-            .env("STRONGSWAN_CONF", self.conf())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start charon-systemd");
-        self.child = Some(child);
-    }
-
-    fn signal(&mut self, sig: libc::c_int) {
-        if let Some(c) = &self.child {
-            // SAFETY: plain kill(2) on the pid of our own child
-            unsafe { libc::kill(c.id() as libc::pid_t, sig) };
-        }
+        self.child = Some(common::charon_start(&self.ns, &self.conf()));
     }
 
     /// SIGKILL: charon leaves its socket file behind.
     fn kill9(&mut self) {
-        self.signal(libc::SIGKILL);
-        if let Some(mut c) = self.child.take() {
-            let _ = c.wait();
-        }
+        common::charon_kill9(&mut self.child);
     }
 
     fn stop(&mut self) {
-        self.signal(libc::SIGTERM);
-        if let Some(mut c) = self.child.take() {
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(5) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        common::charon_stop(&mut self.child);
     }
 }
 

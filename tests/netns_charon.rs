@@ -13,7 +13,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,7 +27,6 @@ use ipsec_mesh::dataplane::charon::{
 use ipsec_mesh::model::{Cluster, RawCluster, RawHost, RawNetwork};
 use ipsec_mesh::plan::{plan, Plan, PlanOptions, Psk};
 
-const CHARON: &str = "/usr/sbin/charon-systemd";
 const PSK: &[u8] = b"netns-charon-test-psk-0123456789abcdef";
 
 fn run(cmd: &str, args: &[&str]) -> std::process::Output {
@@ -83,65 +81,18 @@ impl Host {
         format!("10.42.{}.2", self.n)
     }
 
-    fn write_conf(&self) {
-        let base = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("charon-conf")
-            .join(&self.conf);
-        // the documented override: include the shipped file, re-set socket and log path
-        std::fs::write(
-            self.dir.join("strongswan.conf"),
-            format!(
-                "include {}\ncharon {{\n  plugins {{ vici {{ socket = unix://{} }} }}\n  filelog {{ ipsec-mesh {{ path = {} }} }}\n}}\n",
-                base.display(),
-                self.socket().display(),
-                self.dir.join("charon.log").display()
-            ),
-        )
-        .unwrap();
-    }
-
     fn start(&mut self) {
         assert!(self.charon.is_none());
-        self.write_conf();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, CHARON])
-            .env("STRONGSWAN_CONF", self.dir.join("strongswan.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start charon-systemd");
-        self.charon = Some(child);
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        if let Some(c) = &self.charon {
-            // SAFETY: kill(2) on the pid of our own child process
-            unsafe { libc::kill(c.id() as libc::pid_t, sig) };
-        }
+        let conf = common::write_charon_conf(&self.dir, &self.conf);
+        self.charon = Some(common::charon_start(&self.ns, &conf));
     }
 
     fn kill9(&mut self) {
-        self.signal(libc::SIGKILL);
-        if let Some(mut c) = self.charon.take() {
-            let _ = c.wait();
-        }
+        common::charon_kill9(&mut self.charon);
     }
 
     fn stop(&mut self) {
-        self.signal(libc::SIGTERM);
-        if let Some(mut c) = self.charon.take() {
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(5) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        common::charon_stop(&mut self.charon);
     }
 }
 
@@ -174,8 +125,9 @@ impl Lab {
     /// One host per entry of `confs` (`host-a`, ...), its charon started with that file.
     fn with_confs(tag: &str, confs: &[&str]) -> Lab {
         assert!(
-            Path::new(CHARON).exists(),
-            "{CHARON} is missing: run integration/setup.sh (charon-systemd, libcharon-extra-plugins)"
+            Path::new(common::CHARON).exists(),
+            "{} is missing: run integration/setup.sh (charon-systemd, libcharon-extra-plugins)",
+            common::CHARON
         );
         let base = format!("ch{}{tag}", std::process::id() % 100_000);
         let dir = tempfile::tempdir().unwrap();

@@ -82,3 +82,73 @@ impl Drop for Namespaces {
         }
     }
 }
+
+/// charon-systemd from Debian (installed by integration/setup.sh).
+pub const CHARON: &str = "/usr/sbin/charon-systemd";
+
+/// The documented override (charon-conf/README.md): a strongswan.conf in `dir` that includes
+/// the shipped `charon-conf/<shipped>` and re-sets the VICI socket (`dir/charon.vici`) and
+/// the log file (`dir/charon.log`). Returns its path.
+pub fn write_charon_conf(dir: &std::path::Path, shipped: &str) -> std::path::PathBuf {
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("charon-conf")
+        .join(shipped);
+    let conf = dir.join("strongswan.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "include {}\ncharon {{\n  plugins {{ vici {{ socket = unix://{} }} }}\n  filelog {{ ipsec-mesh {{ path = {} }} }}\n}}\n",
+            base.display(),
+            dir.join("charon.vici").display(),
+            dir.join("charon.log").display()
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+/// Start charon-systemd in netns `ns` with `conf` (its own process group).
+pub fn charon_start(ns: &str, conf: &std::path::Path) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    Command::new("ip")
+        .args(["netns", "exec", ns, CHARON])
+        .env("STRONGSWAN_CONF", conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("start charon-systemd")
+}
+
+/// Send `sig` to a started charon.
+pub fn charon_signal(child: &Option<std::process::Child>, sig: libc::c_int) {
+    if let Some(c) = child {
+        // SAFETY: kill(2) on the pid of our own child process.
+        unsafe { libc::kill(c.id() as libc::pid_t, sig) };
+    }
+}
+
+/// SIGKILL: charon leaves its socket file behind.
+pub fn charon_kill9(child: &mut Option<std::process::Child>) {
+    charon_signal(child, libc::SIGKILL);
+    if let Some(mut c) = child.take() {
+        let _ = c.wait();
+    }
+}
+
+/// SIGTERM, then SIGKILL after 5 s.
+pub fn charon_stop(child: &mut Option<std::process::Child>) {
+    charon_signal(child, libc::SIGTERM);
+    if let Some(mut c) = child.take() {
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(5) {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
