@@ -17,6 +17,17 @@ cd "$top"
 
 say() { printf '\n==> %s\n' "$*"; }
 
+# Test counts for the closing line: cargo's "test result" lines, plus one per VM suite.
+counts=$(mktemp)
+vm_passed=0
+trap 'rm -f "$counts"' EXIT
+summary() {
+    local passed failed
+    passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i) ~ /^passed;?$/) s += $(i - 1) } END { print s + 0 }' "$counts")
+    failed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i) ~ /^failed;?$/) s += $(i - 1) } END { print s + 0 }' "$counts")
+    echo "tests: $((passed + vm_passed)) passed, $failed failed"
+}
+
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
 setup() {
@@ -34,7 +45,9 @@ unit() {
     say "cargo clippy -D warnings"
     cargo clippy --all-targets --locked -- -D warnings
     say "cargo test"
-    cargo test --locked
+    cargo test --locked 2>&1 | tee "$counts"
+    # PIPESTATUS: cargo's status, not tee's.
+    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 }
 
 netns() {
@@ -61,11 +74,14 @@ vm() {
     img=$(mktemp -d)/smoke.cpio.gz
     "$here/vm/build-initramfs.sh" "$img" --init "$here/vm/smoke-esp.sh"
     "$here/vm/run.sh" "$img" 180
+    vm_passed=$((vm_passed + 1))
     say "vm: xfrm driver end to end (3 hosts, real ESP)"
     "$here/vm/test-xfrm.sh" 300
+    vm_passed=$((vm_passed + 1))
     say "vm: encrypted VXLAN end to end (ESP transport mode for UDP 4789)"
     VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
         VM_APPEND="e2e.mode=vxlan-esp" "$here/vm/test-xfrm.sh" 300
+    vm_passed=$((vm_passed + 1))
 }
 
 case "${1:-all}" in
@@ -74,6 +90,7 @@ case "${1:-all}" in
         unit
         vm
         say "all suites passed"
+        summary
         ;;
     unit) unit ;;
     netns) netns ;;
