@@ -258,3 +258,37 @@ fn missing_psk_is_a_clear_error_and_writes_nothing() {
     })
     .unwrap();
 }
+
+#[test]
+fn ipv6_underlay_and_overlay() {
+    require_root!();
+    in_new_netns(|| {
+        sh("ip link add ul0 type veth peer name ul1 && ip addr add 2001:db8:77::1/64 dev ul0 nodad && ip link set ul0 up && ip link set ul1 up");
+        let f = files(2);
+        std::fs::write(
+            &f.meta,
+            r#"{"network":{"cidr":"fd42::/48"},"hosts":[
+                {"id":"host-1","agent_ip":"2001:db8:77::1","subnets":["fd42:0:0:1::/64"]},
+                {"id":"host-2","agent_ip":"2001:db8:77::2","subnets":["fd42:0:0:2::/64"]}]}"#,
+        )
+        .unwrap();
+        let o = apply(&f);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(err.contains("this kernel cannot hold ESP SAs"), "{err}");
+        let pol = sh("ip -6 xfrm policy");
+        assert!(
+            pol.contains("src fd42:0:0:1::/64 dst fd42:0:0:2::/64"),
+            "{pol}"
+        );
+        assert!(pol.contains("tmpl src 2001:db8:77::1 dst 2001:db8:77::2"), "{pol}");
+        assert!(sh("ip6tables-save").contains("IPSEC-MESH-MARK"));
+        assert!(sh("ip -6 rule").contains("lookup 1042"));
+        let o = apply(&f);
+        assert_eq!(writes_of(&o, "total"), 0, "{}", String::from_utf8_lossy(&o.stdout));
+        let o = ipsec_mesh(&["cleanup", "--driver", "xfrm"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(!sh("ip -6 xfrm policy").contains("fd42"));
+        assert!(!sh("ip6tables-save").contains("IPSEC-MESH"));
+    })
+    .unwrap();
+}
