@@ -44,20 +44,6 @@ impl World {
         self.names.retain(|x| *x != n);
     }
 
-    fn sh(&self, role: &str, cmd: &str) -> String {
-        sh(&format!("ip netns exec {} sh -c '{cmd}'", self.ns(role)))
-    }
-
-    fn try_sh(&self, role: &str, cmd: &str) -> bool {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(role), "sh", "-c", cmd])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    }
-
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

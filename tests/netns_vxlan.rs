@@ -24,21 +24,6 @@ type Topo = common::Namespaces;
 const BIN: &str = env!("CARGO_BIN_EXE_ipsec-mesh");
 
 impl Topo {
-    /// Run `cmd` inside namespace `role`.
-    fn sh(&self, role: &str, cmd: &str) -> String {
-        sh(&format!("ip netns exec {} sh -c '{cmd}'", self.ns(role)))
-    }
-
-    fn try_sh(&self, role: &str, cmd: &str) -> bool {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(role), "sh", "-c", cmd])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    }
-
     fn meta(&self) -> std::path::PathBuf {
         self.dir.path().join("meta.json")
     }

@@ -72,6 +72,24 @@ impl Namespaces {
     }
 }
 
+impl Namespaces {
+    /// Run `cmd` with `sh -c` inside namespace `role`; panic with its stderr on failure.
+    pub fn sh(&self, role: &str, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} sh -c '{cmd}'", self.ns(role)))
+    }
+
+    /// Whether `cmd` succeeds inside namespace `role`.
+    pub fn try_sh(&self, role: &str, cmd: &str) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(role), "sh", "-c", cmd])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+}
+
 impl Drop for Namespaces {
     fn drop(&mut self) {
         for n in self.names.iter().rev() {
