@@ -164,16 +164,9 @@ fn ok(a: &Answer) -> &Value {
     &a.json
 }
 
-fn have_reference() -> bool {
-    let there = Path::new(REFERENCE).join("bridge").exists()
-        && Path::new(REFERENCE).join("host-local").exists();
-    if !there {
-        eprintln!(
-            "SKIP {}: needs the reference CNI plugins in {REFERENCE} (apt-get install containernetworking-plugins)",
-            module_path!()
-        );
-    }
-    there
+fn require_reference() {
+    common::require_program(&format!("{REFERENCE}/bridge"), "containernetworking-plugins");
+    common::require_program(&format!("{REFERENCE}/host-local"), "containernetworking-plugins");
 }
 
 /// The bridge + IPAM configuration for host-a.
@@ -229,6 +222,7 @@ fn pings(w: &World, role: &str, dst: &str) -> bool {
 }
 
 #[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn add_check_del_cycle() {
     require_root!();
     let mut w = World::new("cn", "cyc");
@@ -315,6 +309,7 @@ fn add_check_del_cycle() {
 }
 
 #[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn mtu_overhead_mac_and_an_adopted_bridge() {
     require_root!();
     let mut w = World::new("cn", "mtu");
@@ -360,6 +355,7 @@ fn mtu_overhead_mac_and_an_adopted_bridge() {
 }
 
 #[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn a_foreign_interface_is_refused_and_the_address_given_back() {
     require_root!();
     let mut w = World::new("cn", "cfl");
@@ -384,6 +380,7 @@ fn a_foreign_interface_is_refused_and_the_address_given_back() {
 }
 
 #[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn twenty_concurrent_adds_get_twenty_addresses() {
     require_root!();
     let mut w = World::new("cn", "par");
@@ -456,11 +453,10 @@ fn twenty_concurrent_adds_get_twenty_addresses() {
 }
 
 #[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn reference_bridge_with_our_ipam() {
     require_root!();
-    if !have_reference() {
-        return;
-    }
+    require_reference();
     let mut w = World::new("cn", "rb");
     w.add("h");
     w.add("c1");
@@ -501,11 +497,10 @@ fn reference_bridge_with_our_ipam() {
 }
 
 #[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn our_bridge_with_reference_host_local() {
     require_root!();
-    if !have_reference() {
-        return;
-    }
+    require_reference();
     let mut w = World::new("cn", "hl");
     w.add("h");
     w.add("c1");
@@ -526,6 +521,7 @@ fn our_bridge_with_reference_host_local() {
 }
 
 #[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn cni_config_output_drives_the_plugins() {
     require_root!();
     let mut w = World::new("cn", "cfg");
@@ -563,6 +559,7 @@ fn cni_config_output_drives_the_plugins() {
 /// Two hosts of a vxlan mesh, containers attached by our plugins, the mesh by
 /// `ipsec-mesh apply --driver vxlan`: the containers reach each other across hosts.
 #[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn containers_on_two_hosts_reach_each_other_over_vxlan() {
     require_root!();
     let mut w = World::new("cn", "x");

@@ -5,18 +5,28 @@ use std::process::{Command, Stdio};
 
 pub use ipsec_mesh::dataplane::netns::{in_new_netns, is_root};
 
-/// Skip (loudly) when not root. CI runs as root, so there the test runs.
+/// Root-only tests are `#[ignore = "needs root: ..."]`, so a plain `cargo test` reports them
+/// as ignored (never as passed); `integration/run.sh` runs them as root with
+/// `--include-ignored`. Run without root anyway, they fail: a root test never passes silently.
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !$crate::common::is_root() {
-            eprintln!(
-                "SKIP {}: needs root (network namespaces); CI runs it as root",
-                module_path!()
-            );
-            return;
-        }
+        assert!(
+            $crate::common::is_root(),
+            "{} needs root (network namespaces): run it through integration/run.sh as root",
+            module_path!()
+        );
     };
+}
+
+/// A test that needs an external program fails (never skips) when it is missing: the test
+/// command installs it (integration/setup.sh).
+#[track_caller]
+pub fn require_program(path: &str, package: &str) {
+    assert!(
+        std::path::Path::new(path).exists(),
+        "{path} is missing: run integration/setup.sh (Debian package {package})"
+    );
 }
 
 /// Run a command (in the caller's thread namespace), panic with its stderr on failure,
