@@ -91,11 +91,19 @@ fn split(buf: &[u8]) -> Result<Vec<Raw<'_>>, SocketError> {
     Ok(out)
 }
 
-/// The errno and extended-ACK text of an `NLMSG_ERROR` (0 = ACK).
+/// The errno and extended-ACK text of an `NLMSG_ERROR` (0 = ACK). One too short to hold
+/// the errno is a protocol error (`EPROTO`), never an ACK.
 fn parse_error(m: &Raw<'_>) -> (i32, Option<String>) {
     let b = m.bytes;
     if b.len() < HDR + 4 {
-        return (0, None);
+        return (
+            libc::EPROTO,
+            Some(format!(
+                "truncated NLMSG_ERROR from the kernel ({} bytes, the errno needs {})",
+                b.len(),
+                HDR + 4
+            )),
+        );
     }
     let errno = -(u32_at(b, HDR) as i32);
     let mut message = None;
@@ -329,6 +337,30 @@ mod tests {
         assert!(e
             .to_string()
             .starts_with("Requested type not found (Protocol not supported"));
+    }
+
+    /// A 16-byte `NLMSG_ERROR`: a header and no errno.
+    fn truncated_error(seq: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(HDR as u32).to_ne_bytes());
+        b.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        b.extend_from_slice(&0u16.to_ne_bytes());
+        b.extend_from_slice(&seq.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        b
+    }
+
+    #[test]
+    fn truncated_error_is_not_an_ack() {
+        let b = truncated_error(9);
+        let msgs = split(&b).unwrap();
+        assert_eq!(msgs.len(), 1);
+        let (errno, text) = parse_error(&msgs[0]);
+        assert_eq!(errno, libc::EPROTO);
+        assert!(
+            text.as_deref().unwrap().contains("truncated NLMSG_ERROR"),
+            "{text:?}"
+        );
     }
 
     #[test]
