@@ -25,6 +25,7 @@ ALG='rfc4106(gcm(aes))'
 say() { echo "smoke-esp: [$(cut -d' ' -f1 /proc/uptime)s] $*"; }
 fail() {
     echo "smoke-esp: FAIL: $*"
+    echo "CHECK smoke-esp: FAIL ($*)"
     for ns in $A $B; do
         echo "--- netns $ns"
         $IP -n "$ns" -s xfrm state
@@ -108,4 +109,5 @@ say "no-SA ping failed as expected; XfrmOutNoStates $nostates0 -> $nostates1, vA
 # reply); three leaked echo requests would reach 3.
 [ $((tx1 - tx0)) -lt 3 ] || fail "packets left $A's underlay without an SA (plaintext leak)"
 
+echo "CHECK smoke-esp: ok (ESP ping with GCM, no-SA drop, no plaintext leak)"
 echo "VM-RESULT: PASS"
