@@ -469,6 +469,8 @@ pub enum RouteError {
     Runtime(#[source] io::Error),
     #[error("cannot open a netlink route socket")]
     Socket(#[source] io::Error),
+    #[error("the routing netlink exchange did not finish")]
+    Timeout(#[source] io::Error),
     #[error("dumping {what} failed")]
     Dump {
         what: &'static str,
@@ -514,7 +516,31 @@ pub fn connect() -> Result<Handle, RouteError> {
 }
 
 fn block_on<T>(f: impl Future<Output = Result<T, RouteError>>) -> Result<T, RouteError> {
-    super::rtnl::block_on(f).map_err(RouteError::Runtime)?
+    super::rtnl::block_on(f).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut => RouteError::Timeout(e),
+        _ => RouteError::Runtime(e),
+    })?
+}
+
+/// Collect a dump, failing when the kernel does not finish it within `limit`.
+async fn dump_within<T>(
+    limit: std::time::Duration,
+    what: &'static str,
+    f: impl Future<Output = Result<Vec<T>, rtnetlink::Error>>,
+) -> Result<Vec<T>, RouteError> {
+    let source = match super::rtnl::within(limit, &format!("a dump of {what}"), f).await {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(e)) => nl_io(e),
+        Err(timeout) => timeout,
+    };
+    Err(RouteError::Dump { what, source })
+}
+
+async fn dump<T>(
+    what: &'static str,
+    f: impl Future<Output = Result<Vec<T>, rtnetlink::Error>>,
+) -> Result<Vec<T>, RouteError> {
+    dump_within(super::rtnl::REQUEST_TIMEOUT, what, f).await
 }
 
 /// Reconcile (sync: own current-thread runtime and socket).
@@ -537,16 +563,7 @@ pub async fn resolve_underlay(h: &Handle, u: &Underlay) -> Result<(u32, String),
             .map(|(i, _)| *i)
             .ok_or_else(|| RouteError::UnderlayDeviceNotFound { name: name.clone() })?,
         Underlay::Address(addr) => {
-            let addrs: Vec<_> = h
-                .address()
-                .get()
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| RouteError::Dump {
-                    what: "addresses",
-                    source: nl_io(e),
-                })?;
+            let addrs = dump("addresses", h.address().get().execute().try_collect()).await?;
             addrs
                 .iter()
                 .find(|m| {
@@ -563,16 +580,7 @@ pub async fn resolve_underlay(h: &Handle, u: &Underlay) -> Result<(u32, String),
 }
 
 async fn link_names(h: &Handle) -> Result<BTreeMap<u32, String>, RouteError> {
-    let links: Vec<_> =
-        h.link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| RouteError::Dump {
-                what: "links",
-                source: nl_io(e),
-            })?;
+    let links = dump("links", h.link().get().execute().try_collect()).await?;
     Ok(links
         .into_iter()
         .filter_map(|l| {
@@ -591,16 +599,11 @@ pub async fn dump_owned_rules(
     family: Family,
     config: &RouteConfig,
 ) -> Result<Vec<FoundRule>, RouteError> {
-    let msgs: Vec<RuleMessage> = h
-        .rule()
-        .get(ip_version(family))
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| RouteError::Dump {
-            what: "ip rules",
-            source: nl_io(e),
-        })?;
+    let msgs: Vec<RuleMessage> = dump(
+        "ip rules",
+        h.rule().get(ip_version(family)).execute().try_collect(),
+    )
+    .await?;
     Ok(msgs
         .into_iter()
         .filter_map(parse_rule)
@@ -616,16 +619,7 @@ pub async fn dump_table(
 ) -> Result<Vec<FoundRoute>, RouteError> {
     let mut q = RouteMessage::default();
     q.header.address_family = af(family);
-    let msgs: Vec<RouteMessage> = h
-        .route()
-        .get(q)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| RouteError::Dump {
-            what: "routes",
-            source: nl_io(e),
-        })?;
+    let msgs: Vec<RouteMessage> = dump("routes", h.route().get(q).execute().try_collect()).await?;
     Ok(msgs
         .iter()
         .filter_map(parse_route)
@@ -635,14 +629,17 @@ pub async fn dump_table(
 
 async fn send(mut h: Handle, msg: NetlinkMessage<RouteNetlinkMessage>) -> io::Result<()> {
     let mut resp = h.request(msg).map_err(nl_io)?;
-    while let Some(m) = resp.next().await {
-        if let NetlinkPayload::Error(e) = m.payload {
-            if e.code.is_some() {
-                return Err(e.to_io());
+    let answered = async move {
+        while let Some(m) = resp.next().await {
+            if let NetlinkPayload::Error(e) = m.payload {
+                if e.code.is_some() {
+                    return Err(e.to_io());
+                }
             }
         }
-    }
-    Ok(())
+        Ok(())
+    };
+    super::rtnl::within(super::rtnl::REQUEST_TIMEOUT, "a routing change", answered).await?
 }
 
 /// Send the changes (deletions, then additions, each batch pipelined on one socket);
@@ -682,7 +679,8 @@ async fn execute(
     }
 }
 
-/// Reconcile over an existing handle (async callers, e.g. the daemon).
+/// Reconcile over an existing handle (async callers, on a runtime with timers enabled: every
+/// request waits at most [`super::rtnl::REQUEST_TIMEOUT`] for the kernel).
 pub async fn reconcile_with(h: &Handle, spec: &RouteSpec) -> Result<RouteReport, RouteError> {
     let (index, name) = resolve_underlay(h, &spec.underlay).await?;
     let want = desired(spec, index);
@@ -945,5 +943,28 @@ mod tests {
         let d = desired(&s, 2);
         let r: Vec<String> = d.routes.iter().map(|k| k.dst.to_string()).collect();
         assert_eq!(r, vec!["10.42.2.0/23"]);
+    }
+
+    #[test]
+    fn a_dump_that_never_ends_fails_with_a_timeout() {
+        let rt = crate::dataplane::rtnl::runtime().unwrap();
+        let e = rt
+            .block_on(dump_within::<()>(
+                std::time::Duration::from_millis(50),
+                "routes",
+                std::future::pending(),
+            ))
+            .unwrap_err();
+        assert!(
+            matches!(&e, RouteError::Dump { what: "routes", source } if source.kind() == io::ErrorKind::TimedOut),
+            "{e:?}"
+        );
+        let RouteError::Dump { source, .. } = &e else {
+            unreachable!()
+        };
+        assert_eq!(
+            source.to_string(),
+            "no answer from the kernel within 0.05 s for a dump of routes (rtnetlink)"
+        );
     }
 }

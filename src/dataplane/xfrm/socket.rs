@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io;
+use std::time::Duration;
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
@@ -23,6 +24,9 @@ const CHUNK_BYTES: usize = 64 * 1024;
 const CHUNK_MSGS: usize = 96;
 /// Receive buffer asked for (SO_RCVBUFFORCE as root, else capped by rmem_max).
 const RCVBUF: libc::c_int = 8 * 1024 * 1024;
+/// How long one receive waits for the kernel before the request fails (the kernel answers
+/// XFRM requests while `sendmsg` runs, so this only fires when something is badly wrong).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request the kernel refused: errno and, when the kernel gave one, its extended-ACK
 /// message.
@@ -50,11 +54,19 @@ pub enum SocketError {
     Kernel(#[from] KernelError),
     #[error("XFRM netlink: cannot parse the kernel's answer: {0}")]
     Decode(String),
+    #[error("XFRM netlink: no answer from the kernel within {} for {what}", secs(*.waited))]
+    Timeout { waited: Duration, what: String },
+}
+
+/// `10 s`, `0.2 s`.
+fn secs(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
 }
 
 pub struct XfrmSocket {
     sock: Socket,
     seq: u32,
+    timeout: Duration,
 }
 
 /// One netlink message of a received datagram, split without interpreting the payload.
@@ -155,7 +167,56 @@ impl XfrmSocket {
         sock.set_ext_ack(true)?;
         // Large dumps and batches of ACKs: ask for a big receive buffer.
         force_rcvbuf(&sock);
-        Ok(XfrmSocket { sock, seq: 1 })
+        XfrmSocket::with_socket(sock, DEFAULT_TIMEOUT)
+    }
+
+    /// Wrap a connected netlink socket; every receive waits at most `timeout`.
+    fn with_socket(sock: Socket, timeout: Duration) -> Result<XfrmSocket, SocketError> {
+        let mut s = XfrmSocket {
+            sock,
+            seq: 1,
+            timeout,
+        };
+        s.set_timeout(timeout)?;
+        Ok(s)
+    }
+
+    /// How long one receive waits for the kernel (SO_RCVTIMEO) before the call fails with
+    /// [`SocketError::Timeout`].
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), SocketError> {
+        use std::os::fd::AsRawFd;
+        // A zero timeval would mean "wait forever".
+        let timeout = timeout.max(Duration::from_millis(1));
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+        };
+        // SAFETY: setsockopt on our own socket with a pointer to a timeval of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    /// A receive error, with a timeout named as such.
+    fn recv_error(&self, e: io::Error, what: impl FnOnce() -> String) -> SocketError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => SocketError::Timeout {
+                waited: self.timeout,
+                what: what(),
+            },
+            _ => SocketError::Io(e),
+        }
     }
 
     fn frame(&mut self, msg: XfrmMessage, flags: u16) -> (u32, Vec<u8>) {
@@ -170,8 +231,11 @@ impl XfrmSocket {
         (self.seq, buf)
     }
 
-    fn recv(&self) -> Result<Vec<u8>, SocketError> {
-        Ok(self.sock.recv_from_full()?.0)
+    fn recv(&self, what: impl FnOnce() -> String) -> Result<Vec<u8>, SocketError> {
+        match self.sock.recv_from_full() {
+            Ok((data, _)) => Ok(data),
+            Err(e) => Err(self.recv_error(e, what)),
+        }
     }
 
     /// Dump (`NLM_F_DUMP`) and return every answer message.
@@ -205,8 +269,16 @@ impl XfrmSocket {
         let (seq, buf) = self.frame(msg, NLM_F_DUMP);
         self.sock.send(&buf, 0)?;
         let mut data = vec![0u8; 256 * 1024];
+        let mut got = 0usize;
         loop {
-            let n = self.sock.recv(&mut &mut data[..], 0)?;
+            let n = match self.sock.recv(&mut &mut data[..], 0) {
+                Ok(n) => n,
+                Err(e) => {
+                    return Err(self.recv_error(e, || {
+                        format!("a dump ({got} messages received, no end-of-dump)")
+                    }))
+                }
+            };
             for m in split(&data[..n])? {
                 if m.seq != seq {
                     continue;
@@ -219,7 +291,10 @@ impl XfrmSocket {
                             return Err(KernelError { errno, message }.into());
                         }
                     }
-                    _ => each(m.bytes),
+                    _ => {
+                        got += 1;
+                        each(m.bytes)
+                    }
                 }
             }
         }
@@ -230,7 +305,7 @@ impl XfrmSocket {
         let (seq, buf) = self.frame(msg, 0);
         self.sock.send(&buf, 0)?;
         loop {
-            let data = self.recv()?;
+            let data = self.recv(|| "a query".to_string())?;
             for m in split(&data)? {
                 if m.seq != seq {
                     continue;
@@ -276,7 +351,8 @@ impl XfrmSocket {
             }
             self.sock.send(&chunk, 0)?;
             while !pending.is_empty() {
-                let data = self.recv()?;
+                let left = pending.len();
+                let data = self.recv(|| format!("{left} of {count} requests"))?;
                 for m in split(&data)? {
                     if m.kind != NLMSG_ERROR {
                         continue;
@@ -361,6 +437,93 @@ mod tests {
             text.as_deref().unwrap().contains("truncated NLMSG_ERROR"),
             "{text:?}"
         );
+    }
+
+    /// A stand-in for the kernel: a `NETLINK_USERSOCK` socket that our socket is connected
+    /// to. It reads one datagram and answers with what `reply` makes of each request's
+    /// sequence number (nothing at all when `reply` returns empty bytes).
+    fn fake_kernel(
+        reply: impl Fn(u32) -> Vec<u8> + Send + 'static,
+    ) -> (XfrmSocket, std::thread::JoinHandle<usize>) {
+        const NETLINK_USERSOCK: isize = 2;
+        let mut kernel = Socket::new(NETLINK_USERSOCK).unwrap();
+        let kaddr = kernel.bind_auto().unwrap();
+        let mut ours = Socket::new(NETLINK_USERSOCK).unwrap();
+        let us = ours.bind_auto().unwrap();
+        ours.connect(&kaddr).unwrap();
+        let h = std::thread::spawn(move || {
+            let (data, _) = kernel.recv_from_full().unwrap();
+            let reqs = split(&data).unwrap();
+            let mut out = Vec::new();
+            for m in &reqs {
+                out.extend(reply(m.seq));
+            }
+            if !out.is_empty() {
+                kernel.send_to(&out, &us, 0).unwrap();
+            }
+            reqs.len()
+        });
+        let sock = XfrmSocket::with_socket(ours, Duration::from_millis(200)).unwrap();
+        (sock, h)
+    }
+
+    fn spd_get() -> (XfrmMessage, u16) {
+        (super::super::messages::spdinfo_get(), 0)
+    }
+
+    /// Run `f` on a thread; fail (instead of hanging) when it does not return within 5 s.
+    fn within_5s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the call did not return within 5 s (no receive timeout?)")
+    }
+
+    #[test]
+    fn truncated_error_fails_the_request_in_a_batch() {
+        let (mut sock, kernel) = fake_kernel(truncated_error);
+        let r = within_5s(move || sock.batch(vec![spd_get(), spd_get()]));
+        assert_eq!(kernel.join().unwrap(), 2);
+        let r = r.unwrap();
+        assert_eq!(r.len(), 2);
+        for one in r {
+            let e = one.unwrap_err();
+            assert_eq!(e.errno, libc::EPROTO);
+            assert!(e.to_string().contains("truncated NLMSG_ERROR"), "{e}");
+        }
+    }
+
+    #[test]
+    fn missing_acks_time_out_with_a_clear_error() {
+        let (mut sock, kernel) = fake_kernel(|_| Vec::new());
+        let t = std::time::Instant::now();
+        let r = within_5s(move || sock.batch(vec![spd_get(), spd_get(), spd_get()]));
+        assert_eq!(kernel.join().unwrap(), 3, "the requests reached the peer");
+        let e = r.unwrap_err();
+        assert!(matches!(e, SocketError::Timeout { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "XFRM netlink: no answer from the kernel within 0.2 s for 3 of 3 requests"
+        );
+        assert!(t.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[test]
+    fn silent_dump_and_query_time_out() {
+        let (mut sock, kernel) = fake_kernel(|_| Vec::new());
+        let e = within_5s(move || sock.dump_raw(super::super::messages::sa_dump(), |_| {}))
+            .unwrap_err();
+        kernel.join().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "XFRM netlink: no answer from the kernel within 0.2 s for a dump (0 messages received, no end-of-dump)"
+        );
+        let (mut sock, kernel) = fake_kernel(|_| Vec::new());
+        let e = within_5s(move || sock.query(super::super::messages::spdinfo_get())).unwrap_err();
+        kernel.join().unwrap();
+        assert!(e.to_string().ends_with("within 0.2 s for a query"), "{e}");
     }
 
     #[test]
