@@ -112,34 +112,123 @@ pub fn explain(e: &KernelError, transform: Transform) -> String {
     }
 }
 
-/// Try one throwaway ESP SA (documentation addresses, an SPI outside ipsec-mesh's range,
-/// reqid 0) with the plan's transform, then remove it. `Err` names what the kernel lacks.
+/// What the ESP probe needs from the plan.
+#[derive(Debug, Clone, Copy)]
+struct ProbeSpec {
+    /// Underlay (SA addresses) is IPv6.
+    v6: bool,
+    /// Overlay (selector family) is IPv6.
+    inner_v6: bool,
+    transform: Transform,
+}
+
+impl ProbeSpec {
+    fn of(plan: &Plan) -> ProbeSpec {
+        ProbeSpec {
+            v6: plan.endpoint.is_ipv6(),
+            inner_v6: plan.cidr.network().is_ipv6(),
+            transform: plan.transform,
+        }
+    }
+}
+
+/// The one call the probe makes: [`XfrmSocket::batch`] (a trait so tests can answer it).
+trait Requests {
+    fn batch(
+        &mut self,
+        reqs: Vec<(netlink_packet_xfrm::XfrmMessage, u16)>,
+    ) -> Result<Vec<Result<(), KernelError>>, SocketError>;
+}
+
+impl Requests for XfrmSocket {
+    fn batch(
+        &mut self,
+        reqs: Vec<(netlink_packet_xfrm::XfrmMessage, u16)>,
+    ) -> Result<Vec<Result<(), KernelError>>, SocketError> {
+        XfrmSocket::batch(self, reqs)
+    }
+}
+
+/// Whether a probe SA that was added must be deleted again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterProbe {
+    /// In a private network namespace: it goes away with the namespace.
+    Keep,
+    /// In the host's namespace: delete it (only ever an SA this probe added).
+    Delete,
+}
+
+/// Run `f` on a new thread in a new, private network namespace (no interfaces needed: XFRM
+/// states are kernel objects of the namespace). The namespace dies with the thread, and
+/// nothing done there can touch the caller's namespace.
+fn in_private_netns<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    std::thread::Builder::new()
+        .name("esp-probe".into())
+        .spawn(move || {
+            // SAFETY: unshare only changes the calling thread's namespace membership; this
+            // thread is ours and ends right after `f`.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })?
+        .join()
+        .map_err(|_| std::io::Error::other("the ESP probe thread panicked"))?
+}
+
+/// Can this kernel hold the plan's ESP SAs? `Err` names what it lacks.
+///
+/// The probe adds a throwaway SA (documentation addresses, an SPI outside ipsec-mesh's
+/// range, reqid 0) in a private network namespace of its own, so it never touches the host's
+/// SAs (ESP and crypto support are per kernel, not per namespace). Where no namespace can be
+/// made (no CAP_SYS_ADMIN), it probes in place and deletes the SA only if its own add
+/// succeeded: an SA that already has this identity is never removed.
 fn probe_esp(sock: &mut XfrmSocket, plan: &Plan) -> Result<(), String> {
+    probe_spec(sock, ProbeSpec::of(plan))
+}
+
+fn probe_spec(sock: &mut XfrmSocket, spec: ProbeSpec) -> Result<(), String> {
+    let private = in_private_netns(move || {
+        let mut s = XfrmSocket::open().map_err(|e| e.to_string())?;
+        Ok::<_, String>(probe_with(&mut s, spec, AfterProbe::Keep))
+    });
+    match private {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            debug!(error = %e, "no XFRM socket in a private namespace; probing ESP in place");
+            probe_with(sock, spec, AfterProbe::Delete)
+        }
+        Err(e) => {
+            debug!(error = %e, "cannot make a private namespace; probing ESP in place");
+            probe_with(sock, spec, AfterProbe::Delete)
+        }
+    }
+}
+
+fn probe_with(r: &mut impl Requests, spec: ProbeSpec, after: AfterProbe) -> Result<(), String> {
     let explain_any = |e: SocketError, t| match e {
         SocketError::Kernel(k) => explain(&k, t),
         other => other.to_string(),
     };
-    match probe_transform(sock, plan, plan.transform) {
+    match probe_transform(r, spec, spec.transform, after) {
         Ok(()) => Ok(()),
         Err(first) => {
             // Tell "no ESP at all" from "no crypto for this transform": CBC + HMAC-SHA-256
             // is in every ESP-capable kernel.
             let base = Transform::Aes128Sha256;
-            match probe_transform(sock, plan, base) {
-                Ok(()) => Err(explain_any(first, plan.transform)),
+            match probe_transform(r, spec, base, after) {
+                Ok(()) => Err(explain_any(first, spec.transform)),
                 Err(e) => Err(explain_any(e, base)),
             }
         }
     }
 }
 
-fn probe_transform(
-    sock: &mut XfrmSocket,
-    plan: &Plan,
-    transform: Transform,
-) -> Result<(), SocketError> {
-    let v6 = plan.endpoint.is_ipv6();
-    let (src, dst) = if v6 {
+/// The probe's SA: 192.0.2.1 -> 192.0.2.2 (2001:db8::1 -> ::2), SPI 0x101, reqid 0.
+fn probe_sa(spec: ProbeSpec, transform: Transform) -> Sa {
+    let (src, dst) = if spec.v6 {
         (
             "2001:db8::1".parse().unwrap(),
             "2001:db8::2".parse().unwrap(),
@@ -149,28 +238,56 @@ fn probe_transform(
     };
     let key = crate::plan::KeyDeriver::new(&crate::plan::Psk::from_bytes(&[0; 32]))
         .derive("probe", "probe", 0, transform);
-    let sa = Sa {
+    Sa {
         id: SaId {
             dst,
             spi: 0x0000_0101,
         },
         src,
         reqid: 0,
-        inner_v6: plan.cidr.network().is_ipv6(),
+        inner_v6: spec.inner_v6,
         crypto: desired::crypto(transform, &key),
         encap: None,
         output_mark: None,
         replay_window: 0,
         oseq_may_wrap: false,
         transport: false,
-    };
-    let r = sock.batch(vec![
-        (messages::sa_add(&sa), NLM_F_CREATE | NLM_F_EXCL),
-        (messages::sa_del(&sa.id), 0),
-    ])?;
-    match r.into_iter().next() {
-        Some(Err(e)) => Err(e.into()),
-        _ => Ok(()),
+    }
+}
+
+fn probe_transform(
+    r: &mut impl Requests,
+    spec: ProbeSpec,
+    transform: Transform,
+    after: AfterProbe,
+) -> Result<(), SocketError> {
+    let sa = probe_sa(spec, transform);
+    // The add alone first: what to do next depends on its answer.
+    let added = r
+        .batch(vec![(messages::sa_add(&sa), NLM_F_CREATE | NLM_F_EXCL)])?
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| {
+            Err(KernelError {
+                errno: libc::EPROTO,
+                message: Some("no answer to the ESP probe".into()),
+            })
+        });
+    match added {
+        Ok(()) => {
+            if after == AfterProbe::Delete {
+                let gone = r.batch(vec![(messages::sa_del(&sa.id), 0)]);
+                if !matches!(gone.as_deref(), Ok([Ok(())])) {
+                    warn!(result = ?gone, spi = sa.id.spi, "could not delete the ESP probe SA");
+                }
+            }
+            Ok(())
+        }
+        // The kernel builds the whole SA (ESP type, algorithms, keys) before it looks for a
+        // duplicate, so EEXIST means the SA could have been held. The SA that exists is not
+        // ours: leave it.
+        Err(e) if e.errno == libc::EEXIST => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -328,4 +445,157 @@ pub fn cleanup_scoped(marks: &Marks, scope: Scope) -> Result<Report, SocketError
     let mut report = Report::default();
     apply_steps(&mut sock, steps, Transform::default(), &mut report)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_xfrm::XfrmMessage;
+
+    /// Answers the probe's requests: `answer(n)` for the n-th add (0-based); deletes succeed.
+    /// Records what was sent, in order.
+    struct FakeKernel<F: Fn(usize) -> Result<(), KernelError>> {
+        answer: F,
+        adds: usize,
+        sent: Vec<String>,
+    }
+
+    impl<F: Fn(usize) -> Result<(), KernelError>> Requests for FakeKernel<F> {
+        fn batch(
+            &mut self,
+            reqs: Vec<(XfrmMessage, u16)>,
+        ) -> Result<Vec<Result<(), KernelError>>, SocketError> {
+            Ok(reqs
+                .into_iter()
+                .map(|(m, _)| match m {
+                    XfrmMessage::AddSa(a) => {
+                        self.sent
+                            .push(format!("add spi {:#x}", a.user_sa_info.id.spi));
+                        self.adds += 1;
+                        (self.answer)(self.adds - 1)
+                    }
+                    XfrmMessage::DeleteSa(d) => {
+                        self.sent.push(format!("del spi {:#x}", d.user_sa_id.spi));
+                        Ok(())
+                    }
+                    other => panic!("unexpected request {other:?}"),
+                })
+                .collect())
+        }
+    }
+
+    fn fake<F: Fn(usize) -> Result<(), KernelError>>(answer: F) -> FakeKernel<F> {
+        FakeKernel {
+            answer,
+            adds: 0,
+            sent: Vec::new(),
+        }
+    }
+
+    fn errno(errno: i32) -> KernelError {
+        KernelError {
+            errno,
+            message: None,
+        }
+    }
+
+    const V4: ProbeSpec = ProbeSpec {
+        v6: false,
+        inner_v6: false,
+        transform: Transform::Aes128Gcm16,
+    };
+
+    #[test]
+    fn probe_never_deletes_an_sa_it_did_not_add() {
+        // Somebody else's SA holds the probe's identity (192.0.2.2, SPI 0x101, ESP): the add
+        // fails with EEXIST. That SA must not be deleted, and EEXIST proves the kernel could
+        // build an ESP SA (it constructs the state before it looks for a duplicate).
+        let mut k = fake(|_| Err(errno(libc::EEXIST)));
+        assert_eq!(probe_with(&mut k, V4, AfterProbe::Delete), Ok(()));
+        assert_eq!(
+            k.sent,
+            vec!["add spi 0x101"],
+            "no delete after a failed add"
+        );
+    }
+
+    #[test]
+    fn probe_in_place_deletes_only_the_sa_it_added() {
+        let mut k = fake(|_| Ok(()));
+        assert_eq!(probe_with(&mut k, V4, AfterProbe::Delete), Ok(()));
+        assert_eq!(k.sent, vec!["add spi 0x101", "del spi 0x101"]);
+        // In a private namespace the SA goes away with it: nothing to delete.
+        let mut k = fake(|_| Ok(()));
+        assert_eq!(probe_with(&mut k, V4, AfterProbe::Keep), Ok(()));
+        assert_eq!(k.sent, vec!["add spi 0x101"]);
+    }
+
+    #[test]
+    fn probe_failures_delete_nothing_and_say_what_is_missing() {
+        let mut k = fake(|_| Err(errno(libc::EPROTONOSUPPORT)));
+        let e = probe_with(&mut k, V4, AfterProbe::Delete).unwrap_err();
+        assert!(e.contains("CONFIG_INET_ESP is missing"), "{e}");
+        assert_eq!(k.sent, vec!["add spi 0x101", "add spi 0x101"]);
+        // The plan's transform lacks crypto, CBC + HMAC works: only that SA is deleted.
+        let mut k = fake(|n| {
+            if n == 0 {
+                Err(errno(libc::ENOSYS))
+            } else {
+                Ok(())
+            }
+        });
+        let e = probe_with(&mut k, V4, AfterProbe::Delete).unwrap_err();
+        assert!(e.contains("lacks the crypto for"), "{e}");
+        assert_eq!(
+            k.sent,
+            vec!["add spi 0x101", "add spi 0x101", "del spi 0x101"]
+        );
+    }
+
+    fn netns_inode() -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+    }
+
+    #[test]
+    #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+    fn probe_runs_in_its_own_netns_and_agrees_with_an_in_place_probe() {
+        assert!(
+            crate::dataplane::netns::is_root(),
+            "needs root (unshare CLONE_NEWNET)"
+        );
+        // Everything below runs in a namespace this test made, so even the in-place probe
+        // touches nothing of the machine's.
+        let (outer, inner, private, in_place, left, ms) =
+            crate::dataplane::netns::in_new_netns(|| {
+                let outer = netns_inode();
+                let inner = in_private_netns(netns_inode).unwrap();
+                let mut sock = XfrmSocket::open().unwrap();
+                let spec = ProbeSpec {
+                    transform: Transform::Aes128Sha256,
+                    ..V4
+                };
+                let t = std::time::Instant::now();
+                let private = probe_spec(&mut sock, spec);
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let in_place = probe_with(&mut sock, spec, AfterProbe::Delete);
+                let left: Vec<_> = sock
+                    .dump(messages::sa_dump())
+                    .unwrap()
+                    .iter()
+                    .filter_map(messages::parse_sa_id)
+                    .filter(|(id, _)| id.spi == 0x101)
+                    .collect();
+                (outer, inner, private, in_place, left, ms)
+            })
+            .unwrap();
+        assert_ne!(
+            outer, inner,
+            "the probe thread has a network namespace of its own"
+        );
+        assert_eq!(private, in_place, "both probes ask the same kernel");
+        assert!(left.is_empty(), "no probe SA is left behind: {left:?}");
+        eprintln!("private-namespace ESP probe: {ms:.1} ms, result {private:?}");
+        assert!(ms < 1000.0, "the private-namespace probe took {ms:.1} ms");
+    }
 }
