@@ -257,9 +257,113 @@ fn not_utf8_names_position() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
-    assert!(
-        e.contains("meta.json:5:") && e.contains("not valid UTF-8"),
-        "{e}"
+    let column = at - BASE[..at].rfind('\n').unwrap();
+    assert_eq!(
+        e,
+        format!(
+            "ipsec-mesh: error: {}: not valid UTF-8 (line 5, column {column})\n",
+            p.display()
+        )
+    );
+}
+
+/// Run `plan` on `doc` (written to `dir/x.json`); expect exit 1 and exactly the one stderr
+/// line `ipsec-mesh: error: <file>: <what>`.
+fn rejects_exactly(doc: &str, what: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.json");
+    std::fs::write(&p, doc).unwrap();
+    let o = run(&[
+        "plan",
+        "--metadata",
+        p.to_str().unwrap(),
+        "--host",
+        "host-a",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{doc}\n{err}");
+    assert!(o.stdout.is_empty());
+    assert_eq!(err, format!("ipsec-mesh: error: {}: {what}\n", p.display()));
+}
+
+/// Line and column (as serde_json counts them: up to the end of the token) of the first
+/// `token` in `doc`.
+fn position_after(doc: &str, token: &str) -> (usize, usize) {
+    let end = doc.find(token).unwrap() + token.len();
+    let line = doc[..end].matches('\n').count() + 1;
+    let line_start = doc[..end].rfind('\n').map_or(0, |i| i + 1);
+    (line, end - line_start)
+}
+
+#[test]
+fn a_string_for_the_mtu_names_network_mtu_and_the_position() {
+    // One line, as in the issue: the value ends at column 69.
+    let doc =
+        r#"{"network": {"cidr": "10.42.0.0/16", "backend": "ipsec", "mtu": "big"}, "hosts": []}"#;
+    let (line, column) = position_after(doc, "\"big\"");
+    assert_eq!((line, column), (1, 69));
+    rejects_exactly(
+        doc,
+        "network.mtu: invalid type: string \"big\", expected u32 (line 1, column 69)",
+    );
+    // The multi-line example.
+    let doc = std::fs::read_to_string(example())
+        .unwrap()
+        .replace("\"mtu\": 1500", "\"mtu\": \"big\"");
+    let (line, column) = position_after(&doc, "\"big\"");
+    rejects_exactly(
+        &doc,
+        &format!(
+            "network.mtu: invalid type: string \"big\", expected u32 (line {line}, column {column})"
+        ),
+    );
+}
+
+#[test]
+fn a_wrong_type_in_a_third_hosts_subnets_names_the_indices() {
+    let doc = std::fs::read_to_string(example())
+        .unwrap()
+        .replace("[\"10.42.3.0/24\", ", "[{\"cidr\": \"10.42.3.0/24\"}, ");
+    // serde_json stops at the `{` it did not expect, before consuming it.
+    let (line, column) = position_after(&doc, "\"subnets\": [{");
+    rejects_exactly(
+        &doc,
+        &format!(
+            "hosts[2].subnets[0]: invalid type: map, expected a string (line {line}, column {})",
+            column - 1
+        ),
+    );
+}
+
+#[test]
+fn unknown_and_missing_fields_and_truncation_name_their_object() {
+    let doc = BASE.replace(
+        "\"subnets\": [\"10.42.1.0/24\"]",
+        "\"subnet\": [\"10.42.1.0/24\"]",
+    );
+    let (line, column) = position_after(&doc, "\"subnet\"");
+    rejects_exactly(
+        &doc,
+        &format!(
+            "hosts[0]: unknown field `subnet`, expected one of `id`, `agent_ip`, `subnets`, \
+             `name`, `labels` (line {line}, column {column})"
+        ),
+    );
+    let doc = BASE.replace("\"agent_ip\": \"192.168.77.2\", ", "");
+    let (line, column) = position_after(&doc, "[\"10.42.2.0/24\"] }");
+    rejects_exactly(
+        &doc,
+        &format!("hosts[1]: missing field `agent_ip` (line {line}, column {column})"),
+    );
+    let doc = &BASE[..BASE.find("\"host-b\"").unwrap()];
+    let last = doc.lines().last().unwrap();
+    rejects_exactly(
+        doc,
+        &format!(
+            "hosts[1].id: EOF while parsing a value (line {}, column {})",
+            doc.lines().count(),
+            last.len()
+        ),
     );
 }
 

@@ -306,3 +306,144 @@ fn cni_config_prints_a_conflist_and_a_conf() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no container subnet"));
 }
+
+/// Run and expect an error object: (code, msg, details).
+#[track_caller]
+fn error_of(bin: &str, env: &[(&str, &str)], stdin: &str) -> (u64, String, String) {
+    let (ok, v) = run(bin, env, stdin);
+    assert!(!ok, "expected failure, got {v}");
+    assert!(v["cniVersion"].is_string(), "{v}");
+    (
+        v["code"].as_u64().unwrap_or_default(),
+        v["msg"].as_str().unwrap_or_default().to_string(),
+        v["details"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn stdin_errors_name_the_json_path() {
+    // Wrong types, at the top and nested: msg is `<path> must be ..., not ...`.
+    for (bin, conf, msg) in [
+        (
+            BRIDGE,
+            bridge_conf(json!({"mtu": "big"})),
+            "mtu must be a number, not a string",
+        ),
+        (
+            BRIDGE,
+            bridge_conf(json!({"runtimeConfig": {"mac": 5}})),
+            "runtimeConfig.mac must be a string, not a number",
+        ),
+        (
+            IPAM,
+            bridge_conf(
+                json!({"ipam": {"type": "ipsec-mesh-ipam", "metadata": "/m.json",
+                                        "dataDir": ["/tmp"]}}),
+            ),
+            "ipam.dataDir must be a string, not an array",
+        ),
+        (
+            IPAM,
+            bridge_conf(
+                json!({"ipam": {"type": "ipsec-mesh-ipam", "metadata": "/m.json",
+                                        "routes": [{"dst": "0.0.0.0/0"}, {"dst": 10}]}}),
+            ),
+            "ipam.routes[1].dst must be a string, not a number",
+        ),
+    ] {
+        assert_eq!(
+            error_of(bin, ADD, &conf),
+            (7, msg.to_string(), String::new())
+        );
+    }
+
+    // Not JSON: code 6, the msg names where it broke off, details add the position.
+    let text = "{\"cniVersion\": \"1.0.0\", \"name\": \"mesh\", \"type\": \"t\",\n \"ipam\": {\"routes\": [{\"dst\": ";
+    for bin in [BRIDGE, IPAM] {
+        let (code, msg, details) = error_of(bin, ADD, text);
+        assert_eq!(code, 6);
+        assert_eq!(
+            msg,
+            "the network configuration is not valid JSON at ipam.routes[0].dst"
+        );
+        assert_eq!(
+            details,
+            format!(
+                "ipam.routes[0].dst: EOF while parsing a value (line 2, column {})",
+                text.lines().last().unwrap().len()
+            )
+        );
+    }
+}
+
+#[test]
+fn metadata_prev_result_and_store_errors_name_the_json_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("m.json");
+    let good = r#"{"network":{"cidr":"10.42.0.0/16","mtu":1500},"hosts":[{"id":"host-a","agent_ip":"192.0.2.1","subnets":["10.42.1.0/24"]}]}"#;
+    let conf = |extra: Value| {
+        let mut v = json!({"cniVersion": "1.0.0", "name": "mesh", "type": "ipsec-mesh-ipam",
+               "ipam": {"type": "ipsec-mesh-ipam", "metadata": meta, "host": "host-a",
+                        "dataDir": dir.path().join("d")}});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v.to_string()
+    };
+
+    // The mesh metadata file: file name, JSON path and position in msg.
+    let bad = good.replace("1500", "\"big\"");
+    std::fs::write(&meta, &bad).unwrap();
+    let column = bad.find("\"big\"").unwrap() + "\"big\"".len();
+    assert_eq!(
+        error_of(IPAM, ADD, &conf(json!({}))),
+        (
+            101,
+            format!(
+                "mesh metadata: {}: network.mtu: invalid type: string \"big\", expected u32 \
+                 (line 1, column {column})",
+                meta.display()
+            ),
+            String::new()
+        )
+    );
+    let bad = good.replace("[\"10.42.1.0/24\"]", "[\"10.42.1.0/24\", 42]");
+    std::fs::write(&meta, &bad).unwrap();
+    let (code, msg, _) = error_of(IPAM, ADD, &conf(json!({})));
+    assert_eq!(code, 101);
+    assert!(
+        msg.contains(": hosts[0].subnets[1]: invalid type: integer `42`, expected a string"),
+        "{msg}"
+    );
+
+    // prevResult on CHECK: the path continues inside it.
+    std::fs::write(&meta, good).unwrap();
+    let (ok, v) = run(IPAM, ADD, &conf(json!({})));
+    assert!(ok, "{v}");
+    let mut check = ADD.to_vec();
+    check[0] = ("CNI_COMMAND", "CHECK");
+    let prev = json!({"prevResult": {"cniVersion": "1.0.0",
+                                     "ips": [{"address": "10.42.1.2/24", "gateway": 7}]}});
+    let (code, msg, _) = error_of(IPAM, &check, &conf(prev));
+    assert_eq!(code, 7);
+    assert!(
+        msg.starts_with("prevResult.ips[0].gateway: invalid type: integer `7`"),
+        "{msg}"
+    );
+
+    // The allocation store (our own file): its path and the JSON path in it.
+    let store = dir.path().join("d/allocations.json");
+    let text = std::fs::read_to_string(&store).unwrap();
+    let broken = text.replacen("\"container\": \"cn-errors-test\"", "\"container\": 7", 1);
+    assert_ne!(broken, text, "the store format changed: {text}");
+    std::fs::write(&store, &broken).unwrap();
+    let mut del = ADD.to_vec();
+    del[0] = ("CNI_COMMAND", "DEL");
+    let (code, msg, _) = error_of(IPAM, &del, &conf(json!({})));
+    assert_eq!(code, 104);
+    assert!(msg.contains(&store.display().to_string()), "{msg}");
+    assert!(
+        msg.contains("(allocations[\"10.42.1.2\"].container: invalid type: integer `7`"),
+        "{msg}"
+    );
+}

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ipsec_mesh::metadata::rancher::RancherSource;
-use ipsec_mesh::metadata::{self, MetadataError, MetadataSource};
+use ipsec_mesh::metadata::{self, json, MetadataError, MetadataSource};
 use ipsec_mesh::model::{Backend, Invalid};
 use serde_json::Value;
 
@@ -498,37 +498,163 @@ fn http_500_names_url_and_status() {
     assert!(msg.contains("metadata store not ready"), "{msg}");
 }
 
-#[test]
-fn garbled_json_is_a_parse_error_with_position() {
-    let server = FakeMetadata::start();
-    let body = fixture("hosts.json").replacen("\"agent_ip\":", "\"agent_ip\" ", 1);
-    server.set("/hosts", Reply::Answer { status: 200, body });
+/// The parse error of a load, with its origin checked to be `{base}{path}`.
+fn parse_error(server: &FakeMetadata, path: &str) -> (String, json::JsonError) {
     let e = server.source().load().unwrap_err();
-    match &e {
-        MetadataError::Parse {
-            origin,
-            line,
-            column,
-            message,
-        } => {
-            assert_eq!(origin, &format!("{}/hosts", server.base()));
-            assert_eq!(*line, 3, "{e}");
-            assert!(*column > 1, "{e}");
-            assert!(message.contains("expected `:`"), "{e}");
+    let msg = e.to_string();
+    match e {
+        MetadataError::Parse { origin, error } => {
+            assert_eq!(origin, format!("{}{path}", server.base()), "{msg}");
+            (msg, error)
         }
         other => panic!("expected Parse, got {other:?}"),
     }
 }
 
+/// 1-based line of the first line of `text` containing `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in the answer"))
+        + 1
+}
+
 #[test]
-fn missing_required_field_is_named() {
+fn garbled_json_is_a_parse_error_with_path_and_position() {
+    let server = FakeMetadata::start();
+    let body = fixture("hosts.json").replacen("\"agent_ip\":", "\"agent_ip\" ", 1);
+    server.set("/hosts", Reply::Answer { status: 200, body });
+    let (msg, error) = parse_error(&server, "/hosts");
+    // The colon after the first host's first key is missing: the error is in hosts[0].
+    assert_eq!(error.path, "[0]", "{msg}");
+    assert_eq!(error.line, 3, "{msg}");
+    assert!(error.column > 1, "{msg}");
+    assert!(error.message.contains("expected `:`"), "{msg}");
+    assert_eq!(
+        msg,
+        format!(
+            "{}/hosts: [0]: expected `:` (line 3, column {})",
+            server.base(),
+            error.column
+        )
+    );
+}
+
+#[test]
+fn missing_required_field_names_the_host() {
     let server = FakeMetadata::start();
     let mut hosts = fixture_json("hosts.json");
     hosts[1].as_object_mut().unwrap().remove("agent_ip");
     server.set_json("/hosts", &hosts);
+    let (msg, error) = parse_error(&server, "/hosts");
+    assert_eq!(error.path, "[1]", "{msg}");
+    assert_eq!(error.message, "missing field `agent_ip`", "{msg}");
+    assert!(
+        msg.contains("/hosts: [1]: missing field `agent_ip` (line "),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_bad_field_in_an_answer_names_url_json_path_and_position() {
+    // /hosts: a number where the agent_ip string belongs, in the third host.
+    let server = FakeMetadata::start();
+    let mut hosts = fixture_json("hosts.json");
+    hosts[2]["agent_ip"] = 1921687713.into();
+    let body = serde_json::to_string_pretty(&hosts).unwrap();
+    server.set_json("/hosts", &hosts);
+    let (msg, error) = parse_error(&server, "/hosts");
+    let line = line_of(&body, "1921687713");
+    let column = body
+        .lines()
+        .nth(line - 1)
+        .unwrap()
+        .trim_end_matches(',')
+        .len();
+    assert_eq!(
+        msg,
+        format!(
+            "{}/hosts: [2].agent_ip: invalid type: integer `1921687713`, expected a string \
+             (line {line}, column {column})",
+            server.base()
+        )
+    );
+    assert_eq!((error.line, error.column), (line, column));
+
+    // /containers: a label value that is not a string (its key is quoted in the path).
+    let server = FakeMetadata::start();
+    let mut containers = fixture_json("containers.json");
+    let index = containers
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|c| c["name"] == "shop-db-1")
+        .unwrap();
+    containers[index]["labels"]["io.rancher.stack.name"] = true.into();
+    server.set_json("/containers", &containers);
+    let (msg, error) = parse_error(&server, "/containers");
+    assert_eq!(
+        error.path,
+        format!("[{index}].labels[\"io.rancher.stack.name\"]"),
+        "{msg}"
+    );
+    assert!(
+        error.message.starts_with("invalid type: boolean `true`"),
+        "{msg}"
+    );
+
+    // /self/host: the document itself is an object, so the path is the field.
+    let server = FakeMetadata::start();
+    let mut me = fixture_json("self_host.json");
+    me["uuid"] = serde_json::json!([HOST1]);
+    server.set_json("/self/host", &me);
+    let (msg, error) = parse_error(&server, "/self/host");
+    assert_eq!(error.path, "uuid", "{msg}");
+
+    // /networks: a wrong type; and an answer that is not a list at all.
+    let server = FakeMetadata::start();
+    let mut networks = fixture_json("networks.json");
+    networks[1]["is_default"] = "yes".into();
+    server.set_json("/networks", &networks);
+    let (msg, error) = parse_error(&server, "/networks");
+    assert_eq!(error.path, "[1].is_default", "{msg}");
+    server.set_json("/networks", &serde_json::json!({ "uuid": "x" }));
+    let (msg, error) = parse_error(&server, "/networks");
+    assert_eq!(error.path, "", "{msg}");
+    assert!(
+        msg.contains("/networks: invalid type: map, expected a sequence (line 1, "),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_bad_mtu_in_the_managed_networks_cni_config_names_its_path() {
+    let server = FakeMetadata::start();
+    let mut networks = fixture_json("networks.json");
+    let index = networks
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|n| n["name"] == "ipsec")
+        .unwrap();
+    let uuid = networks[index]["uuid"].as_str().unwrap().to_string();
+    let files = networks[index]["metadata"]["cniConfig"]
+        .as_object_mut()
+        .unwrap();
+    let file = files.keys().next().unwrap().clone();
+    files[&file]["mtu"] = "big".into();
+    server.set_json("/networks", &networks);
     let e = server.source().load().unwrap_err();
-    assert!(matches!(e, MetadataError::Parse { .. }), "{e}");
-    assert!(e.to_string().contains("missing field `agent_ip`"), "{e}");
+    let msg = e.to_string();
+    assert!(matches!(e, MetadataError::Rancher { .. }), "{msg}");
+    assert_eq!(
+        msg,
+        format!(
+            "{}/networks: [{index}] (uuid {uuid:?}).metadata.cniConfig[{file:?}].mtu: \"big\" \
+             is not an MTU (a whole number of bytes)",
+            server.base()
+        )
+    );
 }
 
 #[test]
@@ -566,7 +692,20 @@ fn unparsable_primary_ip_names_the_container() {
         msg.starts_with(&format!("{}/containers: ", server.base())),
         "{msg}"
     );
-    assert!(msg.contains(&uuid) && msg.contains("10.42.1.777"), "{msg}");
+    let index = containers
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|c| c["uuid"] == uuid.as_str())
+        .unwrap();
+    assert_eq!(
+        msg,
+        format!(
+            "{}/containers: [{index}] (uuid {uuid:?}, name \"shop-db-1\").primary_ip: \
+             \"10.42.1.777\" is not an IP address",
+            server.base()
+        )
+    );
 }
 
 #[test]

@@ -480,8 +480,8 @@ impl Plugin for Bridge {
             .prev_result
             .as_ref()
             .ok_or_else(|| CniError::config("CHECK needs prevResult"))?;
-        let prev =
-            CniResult::from_json(prev).map_err(|e| CniError::config(format!("prevResult: {e}")))?;
+        let prev = CniResult::from_json(prev)
+            .map_err(|e| CniError::config(e.under("prevResult").to_string()))?;
         delegate::run(&conf.ipam_type, Command::Check, r.env, r.stdin)?;
         let rt = runtime()?;
         let ns = netns::open(&r.env.netns).map_err(|e| netns_error(&r.env.netns, &e))?;

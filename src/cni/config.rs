@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde_json::{Map, Value};
 
 use super::spec::{self, code, CniError, Route};
+use crate::metadata::json;
 
 /// A CNI command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,9 +193,13 @@ impl NetConf {
     /// Decode stdin: not JSON -> code 6; missing or mistyped keys -> code 7; a version this
     /// plugin does not speak -> code 1.
     pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
-        let v: Value = serde_json::from_slice(stdin).map_err(|e| {
-            CniError::new(code::DECODE, "the network configuration is not valid JSON")
-                .with_details(e.to_string())
+        let v: Value = json::from_slice(stdin).map_err(|e| {
+            let msg = if e.path.is_empty() {
+                "the network configuration is not valid JSON".to_string()
+            } else {
+                format!("the network configuration is not valid JSON at {}", e.path)
+            };
+            CniError::new(code::DECODE, msg).with_details(e.to_string())
         })?;
         let Value::Object(doc) = v else {
             return Err(CniError::new(
@@ -217,7 +222,12 @@ impl NetConf {
         let prev_result = match doc.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(v @ Value::Object(_)) => Some(v.clone()),
-            Some(_) => return Err(CniError::config("prevResult: must be an object")),
+            Some(v) => {
+                return Err(CniError::config(format!(
+                    "prevResult must be an object, not {}",
+                    type_name(v)
+                )))
+            }
         };
         Ok(NetConf {
             cni_version,
@@ -410,14 +420,14 @@ impl BridgeConf {
             check_mtu("mtu", m)?;
         }
         let link_mtu_overhead = opt_u32(d, "", "linkMTUOverhead")?;
+        let runtime_mac = || match d.get("runtimeConfig") {
+            Some(Value::Object(rc)) => opt_str(rc, "runtimeConfig", "mac"),
+            _ => Ok(None),
+        };
         let mac = match opt_str(d, "", "mac")? {
             Some(s) => Some(parse_mac("mac", &s)?),
-            None => match d
-                .get("runtimeConfig")
-                .and_then(|r| r.get("mac"))
-                .and_then(Value::as_str)
-            {
-                Some(s) => Some(parse_mac("runtimeConfig.mac", s)?),
+            None => match runtime_mac()? {
+                Some(s) => Some(parse_mac("runtimeConfig.mac", &s)?),
                 None => match env.args.get("MAC") {
                     Some(s) => Some(parse_mac("CNI_ARGS MAC", s)?),
                     None => None,
@@ -683,6 +693,32 @@ mod tests {
     }
 
     #[test]
+    fn syntax_errors_name_the_path_and_position() {
+        let text = "{\"cniVersion\": \"1.0.0\", \"name\": \"n\", \"type\": \"t\",\n \"ipam\": {\"routes\": [{\"dst\": \"0.0.0.0/0\" ";
+        let e = NetConf::parse(text.as_bytes()).unwrap_err();
+        assert_eq!(e.code, code::DECODE);
+        assert_eq!(
+            e.msg,
+            "the network configuration is not valid JSON at ipam.routes[0]"
+        );
+        assert_eq!(
+            e.details,
+            format!(
+                "ipam.routes[0]: EOF while parsing an object (line 2, column {})",
+                text.lines().last().unwrap().len()
+            )
+        );
+        let e = NetConf::parse(b"{\"a\": 1} x").unwrap_err();
+        assert_eq!(
+            (e.msg.as_str(), e.details.as_str()),
+            (
+                "the network configuration is not valid JSON",
+                "trailing characters (line 1, column 10)"
+            )
+        );
+    }
+
+    #[test]
     fn netconf_errors_have_the_spec_codes() {
         assert_eq!(NetConf::parse(b"{nope").unwrap_err().code, code::DECODE);
         assert_eq!(NetConf::parse(b"[1]").unwrap_err().code, code::DECODE);
@@ -696,6 +732,15 @@ mod tests {
         );
         let e = conf(json!({"cniVersion": "1.0.0", "name": 3, "type": "t"})).unwrap_err();
         assert_eq!(e.msg, "name must be a string, not a number");
+        let e = conf(json!({"cniVersion": "1.0.0", "name": "n", "type": "t", "prevResult": []}))
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (
+                code::INVALID_CONFIG,
+                "prevResult must be an object, not an array"
+            )
+        );
         assert_eq!(
             NetConf::sniff_version(br#"{"cniVersion":"0.4.0"}"#).as_deref(),
             Some("0.4.0")
@@ -762,6 +807,14 @@ mod tests {
                 "mac \"zz:00:00:00:00:00\" is not a MAC",
             ),
             (json!({"mac": "01:00:00:00:00:00"}), "multicast"),
+            (
+                json!({"runtimeConfig": {"mac": 5}}),
+                "runtimeConfig.mac must be a string, not a number",
+            ),
+            (
+                json!({"runtimeConfig": {"mac": "zz"}}),
+                "runtimeConfig.mac \"zz\" is not a MAC",
+            ),
             (json!({"ipam": null}), "ipam is missing"),
             (json!({"ipam": {"metadata": "x"}}), "ipam.type is missing"),
             (json!({"ipam": {"type": "../x"}}), "must be a plugin name"),

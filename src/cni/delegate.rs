@@ -81,7 +81,7 @@ pub fn exec(
     let parsed: Option<Value> = if text.trim().is_empty() {
         None
     } else {
-        match serde_json::from_str(text.trim()) {
+        match crate::metadata::json::from_str::<Value>(text.trim()) {
             Ok(v) => Some(v),
             Err(e) => {
                 return Err(fail(format!(

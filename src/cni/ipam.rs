@@ -151,7 +151,7 @@ impl Plugin for Ipam {
         }
         if let Some(prev) = &r.conf.prev_result {
             let prev = CniResult::from_json(prev)
-                .map_err(|e| CniError::config(format!("prevResult: {e}")))?;
+                .map_err(|e| CniError::config(e.under("prevResult").to_string()))?;
             for ip in &prev.ips {
                 // Only addresses of the family we hand out are ours to vouch for.
                 if held

@@ -12,6 +12,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::metadata::json::{self, JsonError};
+
 /// The versions this implementation reads and writes.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// The newest of them.
@@ -248,8 +250,10 @@ impl CniResult {
     }
 
     /// Read a result (an IPAM plugin's answer, or a `prevResult`) of any supported version.
-    pub fn from_json(v: &Value) -> Result<CniResult, String> {
-        let mut r: CniResult = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    /// Errors name the JSON path in the result (`ips[0].address`); [`JsonError::under`] puts
+    /// them under the key the result came from (`prevResult.ips[0].address`).
+    pub fn from_json(v: &Value) -> Result<CniResult, JsonError> {
+        let mut r: CniResult = json::from_value(v.clone())?;
         for ip in &mut r.ips {
             ip.version = None;
         }
@@ -334,15 +338,39 @@ mod tests {
     }
 
     #[test]
-    fn bad_results_are_rejected() {
-        for bad in [
-            json!({"ips": [{"address": "10.42.1.5"}]}),
-            json!({"ips": [{"address": "x/24"}]}),
-            json!({"ips": [], "routes": [{"gw": "10.0.0.1"}]}),
-            json!({"ips": [{"address": "10.42.1.5/24", "gateway": "nope"}]}),
+    fn bad_results_are_rejected_naming_the_path() {
+        for (bad, path) in [
+            (json!({"ips": [{"address": "10.42.1.5"}]}), "ips[0].address"),
+            (
+                json!({"ips": [{"address": "10.42.1.5/24"}, {"address": "x/24"}]}),
+                "ips[1].address",
+            ),
+            // Route has flattened extra fields: serde sees the whole object at once.
+            (
+                json!({"ips": [], "routes": [{"gw": "10.0.0.1"}]}),
+                "routes[0]",
+            ),
+            (
+                json!({"ips": [{"address": "10.42.1.5/24", "gateway": "nope"}]}),
+                "ips[0].gateway",
+            ),
+            (
+                json!({"ips": [], "dns": {"nameservers": [1]}}),
+                "dns.nameservers[0]",
+            ),
+            (json!({"ips": {}}), "ips"),
+            (json!({"ips": [{}]}), "ips[0]"),
         ] {
-            assert!(CniResult::from_json(&bad).is_err(), "{bad}");
+            let e = CniResult::from_json(&bad).unwrap_err();
+            assert_eq!(e.path, path, "{bad}: {e}");
+            assert_eq!(e.line, 0, "{e}");
+            assert!(e.to_string().starts_with(&format!("{path}: ")), "{e}");
         }
+        let e = CniResult::from_json(&json!({"ips": [{"address": 5}]})).unwrap_err();
+        assert_eq!(
+            e.under("prevResult").to_string(),
+            "prevResult.ips[0].address: invalid type: integer `5`, expected IPv4 or IPv6 network address"
+        );
     }
 
     #[test]

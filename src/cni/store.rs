@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::metadata::json;
+
 /// Who holds an address.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Owner {
@@ -332,7 +334,7 @@ impl Locked<'_> {
             }
             Err(e) => return Err(StoreError::Io { path, source: e }),
         };
-        let state: State = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+        let state: State = json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
             path: path.clone(),
             reason: e.to_string(),
         })?;
@@ -521,6 +523,52 @@ mod tests {
         let e = store.lock().unwrap().load().unwrap_err();
         assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
         assert!(e.to_string().contains("allocations.json"), "{e}");
+        assert!(
+            e.to_string().contains(
+                "(allocations: invalid type: integer `5`, expected a map (line 1, column 31))"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn corrupt_store_errors_name_the_json_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let reason = |body: &str| {
+            fs::write(store.state_path(), body).unwrap();
+            match store.lock().unwrap().load().unwrap_err() {
+                StoreError::Corrupt { path, reason } => {
+                    assert_eq!(path, store.state_path());
+                    reason
+                }
+                e => panic!("expected Corrupt, got {e}"),
+            }
+        };
+        let owner = r#"{"network": "mesh", "container": "c1", "ifname": "eth0"}"#;
+        // A wrong type inside a map entry: the address key is quoted.
+        let r = reason(&format!(
+            r#"{{"version": 1, "allocations": {{"10.42.1.2": {owner}, "10.42.1.3": {{"network": "mesh", "container": 7, "ifname": "eth0"}}}}}}"#
+        ));
+        assert!(
+            r.starts_with(r#"allocations["10.42.1.3"].container: invalid type: integer `7`"#),
+            "{r}"
+        );
+        // A missing field, an unknown field, a bad key, a truncated file.
+        let r = reason(r#"{"version": 1, "allocations": {"10.42.1.2": {"network": "mesh"}}}"#);
+        assert!(
+            r.starts_with(r#"allocations["10.42.1.2"]: missing field `container`"#),
+            "{r}"
+        );
+        let r = reason(r#"{"version": 1, "allocations": {}, "lsat": {}}"#);
+        assert!(r.starts_with("unknown field `lsat`"), "{r}");
+        let r = reason(r#"{"version": 1, "allocations": {}, "last": {"10.42.1.0": "10.42.1.2"}}"#);
+        assert!(r.starts_with(r#"last["10.42.1.0"]: "#), "{r}");
+        let r = reason("{\"version\": 1,\n \"allocations\": {\"10.42.1.2\": ");
+        assert!(
+            r.starts_with(r#"allocations["10.42.1.2"]: EOF while parsing a value (line 2, "#),
+            "{r}"
+        );
     }
 
     #[test]

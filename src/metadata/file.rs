@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ring::digest;
 
-use super::{json_error, MetadataError, MetadataSource, Snapshot};
+use super::{json, json_error, MetadataError, MetadataSource, Snapshot};
 use crate::model::{Cluster, RawCluster};
 
 /// How often a watched file is re-read.
@@ -45,7 +45,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Cluster, MetadataError> {
         }
     })?;
     let origin = path.display().to_string();
-    let raw: RawCluster = serde_json::from_str(text).map_err(|e| json_error(&origin, &e))?;
+    let raw: RawCluster = json::from_str(text).map_err(|e| json_error(&origin, e))?;
     Cluster::validate(&raw).map_err(|error| MetadataError::Invalid { origin, error })
 }
 
@@ -123,34 +123,120 @@ mod tests {
         assert_eq!(c.hosts[1].name.as_deref(), Some("b"));
     }
 
+    /// Line and 1-based column just after the first `needle` in `text` (where serde_json
+    /// reports an error about the value `needle`).
+    fn after(text: &str, needle: &str) -> (usize, usize) {
+        let at = text.find(needle).unwrap() + needle.len();
+        let line = text[..at].matches('\n').count() + 1;
+        let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        (line, at - line_start)
+    }
+
+    fn parse_error(s: &str) -> json::JsonError {
+        match parse_str(s).unwrap_err() {
+            MetadataError::Parse { origin, error } => {
+                assert_eq!(origin, "meta.json");
+                error
+            }
+            e => panic!("expected a parse error, got {e}"),
+        }
+    }
+
     #[test]
-    fn unknown_field_is_an_error_with_position() {
+    fn unknown_field_names_its_object_and_position() {
         let bad = GOOD.replace(
             "\"subnets\": [\"10.42.1.0/24\"]",
             "\"subnet\": [\"10.42.1.0/24\"]",
         );
-        let e = parse_str(&bad).unwrap_err();
-        let msg = e.to_string();
-        assert!(msg.starts_with("meta.json:4:"), "{msg}");
-        assert!(msg.contains("unknown field `subnet`"), "{msg}");
-    }
-
-    #[test]
-    fn missing_field_is_named() {
-        let bad = GOOD.replace("\"agent_ip\": \"192.168.77.1\", ", "");
+        let e = parse_error(&bad);
+        assert_eq!(e.path, "hosts[0]");
+        assert_eq!((e.line, e.column), after(&bad, "\"subnet\""));
         let msg = parse_str(&bad).unwrap_err().to_string();
-        assert!(msg.contains("missing field `agent_ip`"), "{msg}");
+        assert!(
+            msg.starts_with("meta.json: hosts[0]: unknown field `subnet`, expected one of"),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with(&format!("(line 4, column {})", e.column)),
+            "{msg}"
+        );
     }
 
     #[test]
-    fn syntax_error_has_line_and_column() {
-        let bad = GOOD.replace("\"mtu\": 1500 }", "\"mtu\": 1500 ");
-        match parse_str(&bad).unwrap_err() {
-            MetadataError::Parse { line, column, .. } => {
-                assert!(line >= 3 && column > 0, "{line}:{column}")
-            }
-            e => panic!("unexpected {e}"),
-        }
+    fn missing_field_names_its_object() {
+        let bad = GOOD.replace("\"agent_ip\": \"192.168.77.1\", ", "");
+        let e = parse_error(&bad);
+        assert_eq!(e.path, "hosts[0]");
+        assert_eq!(e.message, "missing field `agent_ip`");
+        let bad = GOOD.replace("\"cidr\": \"10.42.0.0/16\", ", "");
+        let msg = parse_str(&bad).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "meta.json: network: missing field `cidr` (line 2, column {})",
+                after(&bad, "\"mtu\": 1500 }").1
+            )
+        );
+    }
+
+    #[test]
+    fn wrong_type_at_a_nested_position_names_the_path() {
+        let bad = GOOD.replace("[\"10.42.2.0/24\"]", "[7]");
+        let e = parse_error(&bad);
+        assert_eq!(e.path, "hosts[1].subnets[0]");
+        assert_eq!(e.message, "invalid type: integer `7`, expected a string");
+        assert_eq!((e.line, e.column), after(&bad, "[7"));
+
+        let bad = GOOD.replace("\"mtu\": 1500", "\"mtu\": \"big\"");
+        let (line, column) = after(&bad, "\"big\"");
+        assert_eq!(
+            parse_str(&bad).unwrap_err().to_string(),
+            format!(
+                "meta.json: network.mtu: invalid type: string \"big\", expected u32 (line {line}, column {column})"
+            )
+        );
+        let bad = GOOD.replace("\"mtu\": 1500", "\"mtu\": -1");
+        let e = parse_error(&bad);
+        assert_eq!(e.path, "network.mtu");
+        assert!(e.message.contains("-1"), "{e}");
+        let bad = GOOD.replace("\"labels\": {}", "\"labels\": {\"zone\": 1, \"a.b\": 2}");
+        assert_eq!(parse_error(&bad).path, "hosts[1].labels.zone");
+        let bad = GOOD.replace("\"labels\": {}", "\"labels\": {\"a.b\": 2}");
+        assert_eq!(parse_error(&bad).path, "hosts[1].labels[\"a.b\"]");
+        let bad = GOOD
+            .replace("\"hosts\": [", "\"hosts\": {")
+            .replace("}\n  ]", "}\n  }");
+        let e = parse_error(&bad);
+        assert_eq!(e.path, "hosts");
+        assert!(e.message.contains("expected a sequence"), "{e}");
+    }
+
+    #[test]
+    fn truncated_json_keeps_line_column_and_the_open_path() {
+        let bad = &GOOD[..GOOD.find("\"host-b\"").unwrap()];
+        let e = parse_error(bad);
+        assert_eq!(e.path, "hosts[1].id");
+        assert!(e.message.starts_with("EOF while parsing"), "{e}");
+        let last_line = bad.lines().last().unwrap();
+        assert_eq!((e.line, e.column), (5, last_line.len()));
+
+        let bad = GOOD.replace("\"mtu\": 1500 }", "\"mtu\": 1500 ]");
+        let e = parse_error(&bad);
+        assert_eq!(e.path, "network");
+        assert_eq!(e.message, "expected `,` or `}`");
+        assert_eq!((e.line, e.column), after(&bad, "1500 ]"));
+
+        let e = parse_error("");
+        assert_eq!(
+            parse_str("").unwrap_err().to_string(),
+            "meta.json: EOF while parsing a value (line 1, column 0)"
+        );
+        assert_eq!(e.path, "");
+        let e = parse_error(&format!("{GOOD} {{}}"));
+        assert_eq!(
+            (e.path.as_str(), e.message.as_str()),
+            ("", "trailing characters")
+        );
     }
 
     #[test]
@@ -160,7 +246,13 @@ mod tests {
         bytes[at] = 0xff;
         let e = parse(Path::new("m.json"), &bytes).unwrap_err();
         assert!(matches!(e, MetadataError::NotUtf8 { line: 5, .. }), "{e}");
-        assert!(e.to_string().starts_with("m.json:5:"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "m.json: not valid UTF-8 (line 5, column {})",
+                at - GOOD[..at].rfind('\n').unwrap()
+            )
+        );
     }
 
     #[test]
@@ -171,21 +263,6 @@ mod tests {
             msg,
             "meta.json: hosts[1] (id \"host-b\").subnets[0]: 10.43.2.0/24 is not inside the network cidr 10.42.0.0/16"
         );
-    }
-
-    #[test]
-    fn wrong_types_and_empty_input() {
-        assert!(parse_str("")
-            .unwrap_err()
-            .to_string()
-            .starts_with("meta.json:1:"));
-        let bad = GOOD.replace("\"mtu\": 1500", "\"mtu\": \"big\"");
-        assert!(parse_str(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("invalid type"));
-        let bad = GOOD.replace("\"mtu\": 1500", "\"mtu\": -1");
-        assert!(parse_str(&bad).is_err());
     }
 
     #[test]

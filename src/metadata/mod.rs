@@ -6,6 +6,7 @@
 //! an `http://` URL is a rancher-metadata service, anything else a file.
 
 pub mod file;
+pub mod json;
 pub mod rancher;
 
 use std::path::PathBuf;
@@ -32,18 +33,19 @@ pub enum MetadataError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}:{line}:{column}: not valid UTF-8")]
+    #[error("{path}: not valid UTF-8 (line {line}, column {column})")]
     NotUtf8 {
         path: PathBuf,
         line: usize,
         column: usize,
     },
-    #[error("{origin}:{line}:{column}: {message}")]
+    /// Not JSON, or JSON of the wrong shape: `meta.json: network.mtu: invalid type: string
+    /// "big", expected u32 (line 1, column 69)`.
+    #[error("{origin}: {error}")]
     Parse {
         origin: String,
-        line: usize,
-        column: usize,
-        message: String,
+        #[source]
+        error: json::JsonError,
     },
     #[error("{origin}: {error}")]
     Invalid {
@@ -83,17 +85,10 @@ pub fn open(src: &str) -> Result<Box<dyn MetadataSource>, MetadataError> {
     }
 }
 
-/// Split a serde_json error into position and message (its Display appends the position).
-pub(crate) fn json_error(origin: &str, e: &serde_json::Error) -> MetadataError {
-    let full = e.to_string();
-    let message = match full.rfind(" at line ") {
-        Some(i) => full[..i].to_string(),
-        None => full,
-    };
+/// A [`json::JsonError`] of the input read from `origin`.
+pub(crate) fn json_error(origin: &str, error: json::JsonError) -> MetadataError {
     MetadataError::Parse {
         origin: origin.to_string(),
-        line: e.line(),
-        column: e.column(),
-        message,
+        error,
     }
 }

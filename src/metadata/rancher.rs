@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{json_error, MetadataError, MetadataSource, Snapshot};
+use super::{json, json_error, MetadataError, MetadataSource, Snapshot};
 use crate::model::{Cluster, RawCluster, RawHost, RawNetwork};
 
 /// The overlay when the managed network's metadata does not name one (Rancher's default).
@@ -164,7 +164,12 @@ pub fn map_answers(a: &Answers) -> Result<RawCluster, MapError> {
         ));
     }
     let net = managed_network(a)?;
-    let raw_network = network_settings(net)?;
+    let net_index = a
+        .networks
+        .iter()
+        .position(|n| std::ptr::eq(n, net))
+        .unwrap_or_default();
+    let raw_network = network_settings(net_index, net)?;
 
     // Host uuid -> its container addresses on the managed network.
     let mut addrs: HashMap<&str, Vec<IpNet>> = a
@@ -172,7 +177,7 @@ pub fn map_answers(a: &Answers) -> Result<RawCluster, MapError> {
         .iter()
         .map(|h| (h.uuid.as_str(), Vec::new()))
         .collect();
-    for c in &a.containers {
+    for (index, c) in a.containers.iter().enumerate() {
         if present(&c.network_uuid) != Some(net.uuid.as_str())
             || present(&c.network_from_container_uuid).is_some()
             || !present(&c.state).is_some_and(|s| LIVE_STATES.contains(&s))
@@ -186,9 +191,9 @@ pub fn map_answers(a: &Answers) -> Result<RawCluster, MapError> {
             map_err(
                 Answer::Containers,
                 format!(
-                    "container {:?}{}: primary_ip {ip:?} is not an IP address",
+                    "[{index}] (uuid {:?}{}).primary_ip: {ip:?} is not an IP address",
                     c.uuid,
-                    present(&c.name).map_or(String::new(), |n| format!(" ({n})")),
+                    present(&c.name).map_or(String::new(), |n| format!(", name {n:?}")),
                 ),
             )
         })?;
@@ -297,8 +302,9 @@ fn cni_files(n: &RancherNetwork) -> Vec<(&str, &serde_json::Map<String, Value>)>
         .unwrap_or_default()
 }
 
-/// cidr, backend and mtu from the managed network's metadata.
-fn network_settings(n: &RancherNetwork) -> Result<RawNetwork, MapError> {
+/// cidr, backend and mtu from the managed network's metadata; `index` is its position in
+/// the `/networks` answer (for the JSON path in errors).
+fn network_settings(index: usize, n: &RancherNetwork) -> Result<RawNetwork, MapError> {
     let files = cni_files(n);
     let literal = |v: Option<&Value>| -> Option<String> {
         let s = v?.as_str()?.trim();
@@ -318,7 +324,8 @@ fn network_settings(n: &RancherNetwork) -> Result<RawNetwork, MapError> {
             map_err(
                 Answer::Networks,
                 format!(
-                    "network {:?}: metadata.cniConfig[{file:?}].mtu is {v}, not an MTU",
+                    "[{index}] (uuid {:?}).metadata.cniConfig[{file:?}].mtu: {v} is not an MTU \
+                     (a whole number of bytes)",
                     n.uuid
                 ),
             )
@@ -351,12 +358,18 @@ fn network_settings(n: &RancherNetwork) -> Result<RawNetwork, MapError> {
     })
 }
 
+/// Decode the JSON answer from `url`; errors name the URL, the JSON path in the answer and
+/// the position (`.../hosts: [1].agent_ip: invalid type: ... (line 9, column 21)`).
+pub fn parse_answer<T: DeserializeOwned>(url: &str, body: &[u8]) -> Result<T, MetadataError> {
+    json::from_slice(body).map_err(|e| json_error(url, e))
+}
+
 /// A `/version` answer: a JSON string (`Accept: application/json`) or the bare text.
 pub fn parse_version(origin: &str, body: &[u8]) -> Result<String, MetadataError> {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
     let version = if text.starts_with('"') {
-        serde_json::from_str::<String>(text).map_err(|e| json_error(origin, &e))?
+        json::from_str::<String>(text).map_err(|e| json_error(origin, e))?
     } else {
         text.to_string()
     };
@@ -482,7 +495,7 @@ impl RancherSource {
     fn get_json<T: DeserializeOwned>(&self, answer: Answer) -> Result<T, MetadataError> {
         let url = self.url(answer.path());
         let body = self.get(&url, self.request_timeout)?;
-        serde_json::from_slice(&body).map_err(|e| json_error(&url, &e))
+        parse_answer(&url, &body)
     }
 
     fn version(&self) -> Result<String, MetadataError> {
@@ -743,7 +756,7 @@ mod tests {
         let settings = |meta: Value, name: &str| {
             let mut n = ipsec_network(meta);
             n["name"] = json!(name);
-            network_settings(&serde_json::from_value(n).unwrap())
+            network_settings(2, &serde_json::from_value(n).unwrap())
         };
         let real = cni(
             "10-rancher.conf",
@@ -794,12 +807,14 @@ mod tests {
         ] {
             let meta = cni("10-rancher.conf", json!({ "mtu": bad }));
             let e = settings(meta, "ipsec").unwrap_err();
-            assert!(
-                e.message
-                    .contains("metadata.cniConfig[\"10-rancher.conf\"].mtu"),
-                "{e}"
+            assert_eq!(
+                e.message,
+                format!(
+                    "[2] (uuid \"net-ipsec\").metadata.cniConfig[\"10-rancher.conf\"].mtu: \
+                     {bad} is not an MTU (a whole number of bytes)"
+                )
             );
-            assert!(e.message.contains("net-ipsec"), "{e}");
+            assert_eq!(e.answer, Answer::Networks);
         }
     }
 
@@ -818,9 +833,9 @@ mod tests {
         );
         let e = map_answers(&a).unwrap_err();
         assert_eq!(e.answer, Answer::Containers);
-        assert!(
-            e.message.contains("\"c-bad\"") && e.message.contains("10.42.0.300"),
-            "{e}"
+        assert_eq!(
+            e.message,
+            "[0] (uuid \"c-bad\", name \"c-c-bad\").primary_ip: \"10.42.0.300\" is not an IP address"
         );
         let a = answers(
             two_hosts(),
@@ -858,6 +873,99 @@ mod tests {
         assert!(e.to_string().contains("missing field `agent_ip`"), "{e}");
     }
 
+    const URL: &str = "http://h/2015-12-19/hosts";
+
+    fn answer_error<T: DeserializeOwned + std::fmt::Debug>(body: &str) -> json::JsonError {
+        match parse_answer::<T>(URL, body.as_bytes()).unwrap_err() {
+            MetadataError::Parse { origin, error } => {
+                assert_eq!(origin, URL);
+                error
+            }
+            e => panic!("expected a parse error, got {e}"),
+        }
+    }
+
+    fn pretty(v: &Value) -> String {
+        serde_json::to_string_pretty(v).unwrap()
+    }
+
+    /// The line (1-based) of the first line of `text` containing `needle`.
+    fn line_of(text: &str, needle: &str) -> usize {
+        text.lines().position(|l| l.contains(needle)).unwrap() + 1
+    }
+
+    #[test]
+    fn answer_errors_name_the_json_path() {
+        // A wrong type at a nested position of /hosts.
+        let mut hosts = two_hosts();
+        hosts[1]["agent_ip"] = json!(5);
+        let body = pretty(&hosts);
+        let e = answer_error::<Vec<RancherHost>>(&body);
+        assert_eq!(e.path, "[1].agent_ip");
+        assert_eq!(e.message, "invalid type: integer `5`, expected a string");
+        assert_eq!(e.line, line_of(&body, "\"agent_ip\": 5"));
+        let msg = parse_answer::<Vec<RancherHost>>(URL, body.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "{URL}: [1].agent_ip: invalid type: integer `5`, expected a string (line {}, column {})",
+                e.line, e.column
+            )
+        );
+
+        // A label value that is not a string: its key is not an identifier, so it is quoted.
+        let mut hosts = two_hosts();
+        hosts[0]["labels"] = json!({ "io.rancher.host.zone": 3 });
+        let e = answer_error::<Vec<RancherHost>>(&pretty(&hosts));
+        assert_eq!(e.path, "[0].labels[\"io.rancher.host.zone\"]");
+
+        // A missing field names the object it is missing from.
+        let mut hosts = two_hosts();
+        hosts[1].as_object_mut().unwrap().remove("agent_ip");
+        let e = answer_error::<Vec<RancherHost>>(&pretty(&hosts));
+        assert_eq!(
+            (e.path.as_str(), e.message.as_str()),
+            ("[1]", "missing field `agent_ip`")
+        );
+
+        // /self/host, /containers and /networks alike.
+        let body = r#"{"uuid": ["h1"], "agent_ip": "192.168.1.1"}"#;
+        let e = answer_error::<RancherHost>(body);
+        // serde_json reports the column of the character before the unexpected `[`.
+        let column = body.find('[').unwrap();
+        assert_eq!((e.path.as_str(), e.line, e.column), ("uuid", 1, column));
+        let mut containers = json!([container("c1", "h1", "10.42.0.8", "net-ipsec", "running")]);
+        containers[0]["system"] = json!("no");
+        let e = answer_error::<Vec<RancherContainer>>(&pretty(&containers));
+        assert_eq!(e.path, "[0].system");
+        assert!(e.message.contains("expected a boolean"), "{e}");
+        let e = answer_error::<Vec<RancherNetwork>>(r#"[{"uuid": "n", "is_default": 1}]"#);
+        assert_eq!(e.path, "[0].is_default");
+
+        // The wrong shape for the whole answer has no path, only the position.
+        let e = answer_error::<Vec<RancherHost>>(r#"{"uuid": "h1"}"#);
+        assert_eq!(e.path, "");
+        assert!(e.message.contains("expected a sequence"), "{e}");
+
+        // Unknown fields are Rancher's additions between releases: accepted.
+        let mut hosts = two_hosts();
+        hosts[0]["brand_new"] = json!({ "x": [1] });
+        assert!(parse_answer::<Vec<RancherHost>>(URL, pretty(&hosts).as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn truncated_answer_keeps_line_column_and_the_open_path() {
+        let body = pretty(&two_hosts());
+        let cut = &body[..body.rfind("\"labels\"").unwrap()];
+        let e = answer_error::<Vec<RancherHost>>(cut);
+        assert_eq!(e.path, "[1]");
+        assert!(e.message.starts_with("EOF while parsing"), "{e}");
+        assert_eq!(e.line, cut.lines().count());
+        assert!(e.column > 0, "{e}");
+    }
+
     #[test]
     fn version_answers_and_query_encoding() {
         assert_eq!(parse_version("u", b"\"42\"\n").unwrap(), "42");
@@ -865,10 +973,14 @@ mod tests {
             parse_version("u", b" 2016-01-01-abc \n").unwrap(),
             "2016-01-01-abc"
         );
-        assert!(matches!(
-            parse_version("u", b"\"42"),
-            Err(MetadataError::Parse { .. })
-        ));
+        assert_eq!(
+            parse_version("u", b"\"42").unwrap_err().to_string(),
+            "u: EOF while parsing a string (line 1, column 3)"
+        );
+        assert_eq!(
+            parse_version("u", b"\"42\" x").unwrap_err().to_string(),
+            "u: trailing characters (line 1, column 6)"
+        );
         assert!(matches!(
             parse_version("u", b"  "),
             Err(MetadataError::Rancher { .. })
