@@ -144,7 +144,9 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Prometheus text exposition of the status.
+/// Prometheus text exposition of the status. Names follow the Prometheus conventions (and
+/// `promtool check metrics`, see tests/metrics_promtool.rs): counters end in `_total`, units
+/// are suffixes (`_seconds`, `_bytes_total`), every family has `# HELP` and `# TYPE`.
 pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
     let mut o = String::new();
     let mut metric = |name: &str, help: &str, kind: &str, samples: Vec<(String, String)>| {
@@ -191,7 +193,7 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
         one(s.reconciles.errors.to_string()),
     );
     metric(
-        "reconcile_duration_seconds_sum",
+        "reconcile_duration_seconds_total",
         "Total time spent reconciling.",
         "counter",
         one(format!("{:.6}", s.reconciles.total_duration_ms / 1e3)),
@@ -273,8 +275,8 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
     );
     if !xfrm_stat.is_empty() {
         metric(
-            "xfrm_stat",
-            "Kernel XFRM error counters (/proc/net/xfrm_stat).",
+            "xfrm_stat_total",
+            "Kernel XFRM error counters (/proc/net/xfrm_stat), by counter name.",
             "counter",
             xfrm_stat
                 .iter()
@@ -326,7 +328,14 @@ mod tests {
         assert!(m.contains("ipsec_mesh_metadata_version_info{version=\"ab\\\"c\"} 1\n"));
         assert!(m.contains("ipsec_mesh_metadata_age_seconds 30\n"));
         assert!(m.contains("ipsec_mesh_peer_bytes_total{peer=\"b\",direction=\"out\"} 7\n"));
-        assert!(m.contains("ipsec_mesh_xfrm_stat{counter=\"XfrmOutNoStates\"} 4\n"));
+        assert!(m.contains("ipsec_mesh_xfrm_stat_total{counter=\"XfrmOutNoStates\"} 4\n"));
+        assert!(m.contains("ipsec_mesh_reconcile_duration_seconds_total 0.000000\n"));
+        // Counters end in `_total` (the Prometheus naming rule promtool checks).
+        for l in m.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut it = l.split(' ').skip(2);
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{l}");
+        }
         // Every sample line belongs to a declared metric.
         for l in m.lines().filter(|l| !l.starts_with('#')) {
             let name = l.split(['{', ' ']).next().unwrap();
