@@ -60,10 +60,13 @@ if command -v strip >/dev/null; then
 else
     cp "$bin" "$stripped"
 fi
+# The replay attacker of the anti-replay check (a static C helper, test-only).
+command -v gcc >/dev/null || die "gcc missing (needed for the esp-replay test helper)"
+gcc -static -O2 -Wall -o "$out/esp-replay" "$here/esp-replay.c" || die "cannot build esp-replay"
 img="$out/xfrm-e2e.cpio.gz"
 say "build-initramfs.sh $img"
 "$here/build-initramfs.sh" "$img" --init "$here/xfrm-e2e.sh" --iptables \
-    --module br_netfilter --bin "$stripped:/usr/bin/ipsec-mesh"
+    --module br_netfilter --bin "$stripped:/usr/bin/ipsec-mesh" --bin "$out/esp-replay:/usr/bin/esp-replay"
 
 # 4. boot and check.
 say "run.sh (timeout ${timeout_s}s)"

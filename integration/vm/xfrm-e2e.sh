@@ -376,6 +376,68 @@ for n in $HOSTS; do
     fi
 done
 
+# --- 5b. ESN and anti-replay on every SA of ours (issue 11) ------------------------------
+# sa_replay_lines NETNS -> "spi reqid esn window wrap" per SA of ours, from `ip -s -d xfrm state`
+sa_replay_lines() {
+    $IP -n "$1" -s -d xfrm state | awk -v lo=$REQID_MIN -v hi=$REQID_MAX '
+        function flush() { if (spi != "" && reqid >= lo && reqid <= hi) print spi, reqid, esn, win, wrap }
+        /^src / { flush(); spi = ""; esn = 0; win = -1; wrap = 0 }
+        $1 == "proto" && $3 == "spi" { spi = $4; reqid = $6 + 0 }
+        /flag .*esn/ { esn = 1 }
+        /replay_window [0-9]+/ { for (i = 1; i <= NF; i++) if ($i == "replay_window") { w = $(i + 1); sub(/,/, "", w); win = w + 0 } }
+        /oseq-may-wrap|extra_flag/ { wrap = 1 }
+        END { flush() }'
+}
+for n in $HOSTS; do
+    lines=$(sa_replay_lines h$n)
+    count=$(echo "$lines" | grep -c .)
+    badl=$(echo "$lines" | awk '$3 != 1 || $4 < 128 || $5 != 0 { printf " [%s]", $0 }')
+    if [ "$count" -eq 4 ] && [ -z "$badl" ]; then
+        ok "esn-replay-h$n" "4 SAs with ESN, replay windows $(echo "$lines" | awk '{ printf "%s%s", (NR > 1 ? "," : ""), $4 }'), no wrap flag"
+    else
+        bad "esn-replay-h$n" "$count SAs; not ESN / window < 128 / wrap flag:${badl:- -}"
+        $IP -n h$n -s -d xfrm state | sed 's/^/    /'
+    fi
+done
+
+# --- 5c. a replayed ESP packet is dropped (issue 11) -------------------------------------
+# sa_stat NETNS SPI -> "packets replay" of that SA (from `ip -s xfrm state`)
+sa_stat() {
+    $IP -n "$1" -s xfrm state | awk -v spi="$2" '
+        /^src / { p = 0 }
+        $1 == "proto" && $3 == "spi" { p = (index($4, spi) == 1) } # -s prints "0x...(decimal)"
+        p && /lifetime current:/ { getline; k = $0; sub(/.*, /, "", k); sub(/\(packets\).*/, "", k); pk = k + 0 }
+        p && /replay-window [0-9]+ replay [0-9]+/ { for (i = 1; i < NF; i++) if ($i == "replay") rp = $(i + 1) + 0 }
+        END { print pk + 0, rp + 0 }'
+}
+if [ -x /usr/bin/esp-replay ]; then
+    rm -f /tmp/replay.out
+    $IP netns exec sw /usr/bin/esp-replay sw1 5 20 >/tmp/replay.out 2>&1 &
+    rpid=$!
+    sleep 0.5
+    # One echo request c2 -> c1: its ESP packet leaves the switch on sw1 towards h1.
+    $IP netns exec c2 ping -c 1 -W 2 10.42.1.2 >/dev/null 2>&1
+    spi=$(sed -n 's/.*captured spi \(0x[0-9a-f]*\).*/\1/p' /tmp/replay.out)
+    if [ -n "$spi" ]; then
+        before=$(sa_stat h1 "$spi")
+        wait $rpid
+        rrc=$?
+        sleep 0.5
+        after=$(sa_stat h1 "$spi")
+        set -- $before $after
+        if [ $rrc -eq 0 ] && [ "$3" -eq "$1" ] && [ "$4" -ge $(($2 + 5)) ]; then
+            ok replay-dropped "5 copies of spi $spi re-sent to h1: replay counter $2->$4, SA packets $1->$3 (nothing reached c1)"
+        else
+            bad replay-dropped "helper rc $rrc; spi $spi packets $1->$3, replay $2->$4; $(tr '\n' ' ' </tmp/replay.out)"
+        fi
+    else
+        wait $rpid
+        bad replay-dropped "no ESP frame captured: $(tr '\n' ' ' </tmp/replay.out)"
+    fi
+else
+    bad replay-dropped "/usr/bin/esp-replay missing from the initramfs"
+fi
+
 # --- 6. nothing but ESP on the underlay --------------------------------------------------
 esp=$(underlay_count esp)
 plain=$(($(underlay_count plain) - plain_base))
@@ -449,6 +511,26 @@ else
         $IP -n h$n -s xfrm state | awk '/^src 192.168.77.2 /{p=1} /^src /&&!/^src 192.168.77.2 /{p=0} p && /anti-replay context|replay-window [0-9]+ replay/' | sed 's/^/    /'
     done
 fi
+# --- 9b. reboot simulation: h2 loses every SA and policy, apply brings it back (issue 11) --
+say "reboot simulation: flushing h2's SAs and policies"
+$IP -n h2 xfrm state flush && $IP -n h2 xfrm policy flush || abort reboot "flush in h2"
+ts=$(now)
+if apply 2 && [ "${LAST_WRITES:-0}" -gt 0 ]; then
+    ok reboot-reapply-h2 "$LAST_WRITES writes"
+else
+    bad reboot-reapply-h2 "exit $rc, writes '$LAST_WRITES'"
+fi
+seq0=$(for n in 1 3; do xfrm_stat h$n XfrmInStateSeqError; done | awk '{ s += $1 } END { print s + 0 }')
+ping_pairs "2>1 2>3 1>2 3>2" 3
+seq1=$(for n in 1 3; do xfrm_stat h$n XfrmInStateSeqError; done | awk '{ s += $1 } END { print s + 0 }')
+took=$(awk -v a="$ts" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}')
+win=$(for n in 1 3; do sa_replay_lines h$n; done | awk '$3 != 1 || $4 < 128 { b = 1 } END { print b + 0 }')
+if [ -z "$PING_FAILED" ] && [ "$win" -eq 0 ]; then
+    ok reboot-recovered "apply + 12 pings in ${took}s: $PING_OK; peers' windows still on (ESN, >= 128); peers' XfrmInStateSeqError $seq0->$seq1"
+else
+    bad reboot-recovered "failed:$PING_FAILED ok:$PING_OK; peers' windows off: $win; XfrmInStateSeqError $seq0->$seq1"
+fi
+
 plain=$(($(underlay_count plain) - plain_base))
 overlay=$(underlay_count overlay)
 if [ "$plain" -eq 0 ] && [ "$overlay" -eq 0 ]; then
@@ -565,6 +647,77 @@ for n in $HOSTS; do
         sed "s/^/  h$n run: /" /tmp/run-h$n.log
     fi
     $IP netns exec h$n $BIN cleanup --driver xfrm >/dev/null 2>&1 || bad "natt-cleanup-h$n" "cleanup failed"
+done
+
+# --- 12. continuous traffic while every sidecar restarts (issue 11) ----------------------
+# Sidecars without UDP encapsulation (with it, the port-4500 socket dies with the process:
+# see README). A flow of 20 packets/s between every container pair runs while the sidecars
+# of h2, h1, h3 are stopped and started again, one after the other: 0 packets may be lost,
+# and the SAs keep their counters (nothing is re-created).
+start_sidecar() { # $1 = host number
+    $IP netns exec h$1 $BIN run --metadata $META --host h$1 --driver xfrm --psk-file $PSK \
+        --listen unix:/tmp/h$1.sock --resync 5 >>/tmp/run-h$1.log 2>&1 &
+    eval "RUN_PID_$1=$!"
+}
+wait_up() { # $1 = host number
+    i=0
+    until $BIN status --listen unix:/tmp/h$1.sock --format json 2>/dev/null | grep -q '"count": [1-9]'; do
+        i=$((i + 1))
+        [ $i -lt 100 ] || return 1
+        sleep 0.1
+    done
+}
+for n in $HOSTS; do start_sidecar $n; done
+for n in $HOSTS; do wait_up $n || bad "flow-sidecar-h$n" "no reconcile reported"; done
+ping_pairs "$ALL_PAIRS" 1 # the mesh is up
+sas0=$(for n in $HOSTS; do our_state_lines h$n; done | awk '{ print $1, $2, $3 }' | sort | tr '\n' ' ')
+FLOW_N=200 # 10 s at 20 packets/s
+rm -f /tmp/flow.*
+fpids=""
+for p in $ALL_PAIRS; do
+    a=${p%>*} b=${p#*>}
+    $IP netns exec c$a ping -q -c $FLOW_N -i 0.05 -W 2 10.42.$b.2 >/tmp/flow.$a$b 2>&1 &
+    fpids="$fpids $!"
+done
+sleep 1
+for n in 2 1 3; do
+    pid=$(eval echo \$RUN_PID_$n)
+    kill -TERM "$pid"
+    wait "$pid"
+    sleep 1
+    start_sidecar $n
+    wait_up $n || bad "flow-restart-h$n" "no reconcile after the restart"
+    sleep 1
+done
+# shellcheck disable=SC2086
+wait $fpids
+lost=""
+summary=""
+for p in $ALL_PAIRS; do
+    a=${p%>*} b=${p#*>}
+    got=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/flow.$a$b)
+    summary="$summary c$a>c$b:${got:-?}/$FLOW_N"
+    [ "${got:-0}" -eq $FLOW_N ] || lost="$lost c$a>c$b(${got:-?}/$FLOW_N)"
+done
+sas1=$(for n in $HOSTS; do our_state_lines h$n; done | awk '{ print $1, $2, $3 }' | sort | tr '\n' ' ')
+if [ -z "$lost" ] && [ "$sas0" = "$sas1" ]; then
+    ok flow-sidecar-restarts "sidecars of h2, h1, h3 restarted during 6 flows at 20/s: 0 lost ($summary); SAs unchanged"
+else
+    bad flow-sidecar-restarts "lost:$lost; SAs changed: $([ "$sas0" = "$sas1" ] && echo no || echo yes)"
+    for n in $HOSTS; do tail -n 20 /tmp/run-h$n.log | sed "s/^/  h$n run: /"; done
+fi
+plain=$(($(underlay_count plain) - plain_base))
+overlay=$(underlay_count overlay)
+if [ "$overlay" -eq 0 ]; then
+    ok flow-no-plaintext "0 packets with container addresses on the underlay"
+else
+    bad flow-no-plaintext "$overlay packets with container addresses on the underlay"
+fi
+for n in $HOSTS; do
+    pid=$(eval echo \$RUN_PID_$n)
+    kill -TERM "$pid"
+    wait "$pid"
+    $IP netns exec h$n $BIN cleanup --driver xfrm >/dev/null 2>&1 || bad "flow-cleanup-h$n" "cleanup failed"
 done
 
 # --- result ------------------------------------------------------------------------------

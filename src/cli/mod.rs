@@ -98,6 +98,10 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 1)]
     pub key_generation: u32,
 
+    /// Anti-replay window of every SA, in packets: 32 to 4096, a multiple of 32 (ESN bitmap).
+    #[arg(long, default_value_t = ipsec_mesh::plan::DEFAULT_REPLAY_WINDOW, value_parser = parse_replay_window)]
+    pub replay_window: u32,
+
     /// Mark for traffic to encrypt (hex or decimal).
     #[arg(long, default_value = "0x100000", value_parser = parse_u32)]
     pub mark_encrypt: u32,
@@ -109,6 +113,16 @@ pub struct PlanArgs {
     /// The mark bits ipsec-mesh owns.
     #[arg(long, default_value = "0x300000", value_parser = parse_u32)]
     pub mark_mask: u32,
+}
+
+fn parse_replay_window(s: &str) -> std::result::Result<u32, String> {
+    let max = ipsec_mesh::dataplane::xfrm::seq::MAX_REPLAY_WINDOW;
+    match s.parse::<u32>() {
+        Ok(n) if (32..=max).contains(&n) && n % 32 == 0 => Ok(n),
+        _ => Err(format!(
+            "{s:?}: the replay window is a number of packets from 32 to {max}, a multiple of 32"
+        )),
+    }
 }
 
 impl PlanArgs {
@@ -124,6 +138,7 @@ impl PlanArgs {
             udp_encap: self.udp_encap,
             generation: self.key_generation,
             marks,
+            replay_window: self.replay_window,
         })
     }
 

@@ -68,6 +68,9 @@ impl Marks {
     }
 }
 
+/// Default anti-replay window of every SA, in packets (Cilium uses 1024 too).
+pub const DEFAULT_REPLAY_WINDOW: u32 = 1024;
+
 /// Knobs that shape the plan beyond the metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanOptions {
@@ -77,6 +80,8 @@ pub struct PlanOptions {
     /// Key generation: part of every key's derivation and the low nibble of every SPI.
     pub generation: u32,
     pub marks: Marks,
+    /// Anti-replay window of every SA, in packets (ESN bitmap; a multiple of 32).
+    pub replay_window: u32,
 }
 
 impl Default for PlanOptions {
@@ -86,6 +91,7 @@ impl Default for PlanOptions {
             udp_encap: false,
             generation: 1,
             marks: Marks::default(),
+            replay_window: DEFAULT_REPLAY_WINDOW,
         }
     }
 }
@@ -137,6 +143,9 @@ pub struct Plan {
     pub udp_encap: bool,
     pub key_generation: u32,
     pub marks: Marks,
+    /// Anti-replay window of every SA (packets).
+    #[serde(skip)]
+    pub replay_window: u32,
     /// Other hosts, sorted by id.
     pub peers: Vec<Peer>,
 }
@@ -230,6 +239,7 @@ pub fn plan_with(
         udp_encap: opts.udp_encap,
         key_generation: gen,
         marks: opts.marks,
+        replay_window: opts.replay_window,
         peers,
     })
 }

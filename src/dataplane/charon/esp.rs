@@ -32,12 +32,12 @@ pub fn kernel_has_esp() -> Option<bool> {
         encap: None,
         output_mark: None,
         replay_window: 0,
-        oseq_may_wrap: false,
+        esn: false,
         transport: false,
     };
     let r = sock
         .batch(vec![
-            (messages::sa_add(&sa), NLM_F_CREATE | NLM_F_EXCL),
+            (messages::sa_add(&sa, 0), NLM_F_CREATE | NLM_F_EXCL),
             (messages::sa_del(&sa.id), 0),
         ])
         .map_err(|e: SocketError| tracing::debug!(error = %e, "ESP probe failed"))

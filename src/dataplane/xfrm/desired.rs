@@ -11,13 +11,6 @@ use crate::plan::{Plan, SaKey, Transform};
 pub const PAIR_PRIORITY: u32 = 0x2a00;
 /// Priority of the fail-closed block policy: below every pair policy.
 pub const BLOCK_PRIORITY: u32 = 0x000f_ff00;
-/// Anti-replay window of every SA: off. The keys are derived, not negotiated, so a host
-/// whose SAs are re-created (reboot, flush, restart after `cleanup`) starts its sequence
-/// numbers at 1 again with the same SPI and key, and a peer with a replay window would drop
-/// its packets until they pass the old highest number — possibly for days. RFC 4303 §2.2:
-/// with manually distributed keys an implementation SHOULD NOT provide anti-replay. Key
-/// generations (new SPIs and keys) are the way to move to fresh SAs.
-pub const REPLAY_WINDOW: u8 = 0;
 /// NAT-T port.
 pub const NAT_T_PORT: u16 = 4500;
 
@@ -141,8 +134,8 @@ pub fn desired(plan: &Plan) -> Desired {
                     crypto: crypto(plan.transform, ko),
                     encap,
                     output_mark: None,
-                    replay_window: REPLAY_WINDOW,
-                    oseq_may_wrap: true,
+                    replay_window: plan.replay_window,
+                    esn: true,
                     transport: false,
                 },
             ));
@@ -162,8 +155,8 @@ pub fn desired(plan: &Plan) -> Desired {
                         value: plan.marks.decrypt,
                         mask: plan.marks.mask,
                     }),
-                    replay_window: REPLAY_WINDOW,
-                    oseq_may_wrap: true,
+                    replay_window: plan.replay_window,
+                    esn: true,
                     transport: false,
                 },
             ));
@@ -216,8 +209,8 @@ pub fn vxlan_esp(plan: &Plan, port: u16) -> Desired {
                 crypto: crypto(plan.transform, key),
                 encap: None,
                 output_mark: None,
-                replay_window: REPLAY_WINDOW,
-                oseq_may_wrap: true,
+                replay_window: plan.replay_window,
+                esn: true,
                 transport: true,
             };
             d.sas

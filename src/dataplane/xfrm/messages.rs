@@ -5,10 +5,11 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use netlink_packet_xfrm::policy::{GetSpdInfoMessage, NewSpdInfoMessage, SpdHThresh, SpdInfoAttrs};
+pub use netlink_packet_xfrm::ReplayEsn;
 use netlink_packet_xfrm::{
-    constants::*, policy, state, Address, Alg, AlgAead, AlgAuth, EncapTmpl, Mark as XMark,
-    Selector, UserPolicyId, UserPolicyInfo, UserSaId, UserSaInfo, UserTemplate, XfrmAttrs,
-    XfrmMessage,
+    constants::*, policy, state, Address, Alg, AlgAead, AlgAuth, AsyncEventId, EncapTmpl,
+    Mark as XMark, NewAsyncEventMessage, Selector, UserPolicyId, UserPolicyInfo, UserSaId,
+    UserSaInfo, UserTemplate, XfrmAttrs, XfrmMessage,
 };
 
 use super::objects::*;
@@ -130,8 +131,26 @@ fn name_str(a: &[u8; 64]) -> String {
     String::from_utf8_lossy(&a[..end]).into_owned()
 }
 
-/// `XFRM_MSG_NEWSA`: an ESP tunnel-mode SA.
-pub fn sa_add(sa: &Sa) -> XfrmMessage {
+/// The ESN replay state of an SA whose counters start at `start` (outbound: the next
+/// sequence number is `start + 1`; inbound: numbers up to `start` count as seen).
+pub fn replay_esn(window: u32, start: u64) -> ReplayEsn {
+    let (hi, lo) = super::seq::split(start);
+    let bmp_len = window.div_ceil(32);
+    ReplayEsn {
+        bmp_len,
+        oseq: lo,
+        seq: lo,
+        oseq_hi: hi,
+        seq_hi: hi,
+        replay_window: window,
+        // Every number below the start counts as seen: nothing older is ever accepted.
+        bmp: vec![u32::MAX; bmp_len as usize],
+    }
+}
+
+/// `XFRM_MSG_NEWSA`: an ESP SA. With `sa.esn`, its sequence counters start at `start`
+/// (see [`super::seq`]); without, at 0 and `start` is ignored.
+pub fn sa_add(sa: &Sa, start: u64) -> XfrmMessage {
     let mut info = UserSaInfo::default();
     info.source(&sa.src);
     info.destination(&sa.id.dst);
@@ -143,7 +162,13 @@ pub fn sa_add(sa: &Sa) -> XfrmMessage {
     } else {
         XFRM_MODE_TUNNEL
     };
-    info.replay_window = sa.replay_window;
+    if sa.esn {
+        // The window lives in XFRMA_REPLAY_ESN_VAL; the kernel refuses both at once.
+        info.flags |= XFRM_STATE_ESN;
+        info.replay_window = 0;
+    } else {
+        info.replay_window = sa.replay_window.min(u32::from(u8::MAX)) as u8;
+    }
     info.family = family(&sa.src);
     info.selector = Selector {
         family: if sa.inner_v6 { AF_INET6 } else { AF_INET },
@@ -193,8 +218,11 @@ pub fn sa_add(sa: &Sa) -> XfrmMessage {
         nlas.push(XfrmAttrs::MarkVal(m.value));
         nlas.push(XfrmAttrs::MarkMask(m.mask));
     }
-    if sa.oseq_may_wrap {
-        nlas.push(XfrmAttrs::ExtraFlags(XFRM_SA_XFLAG_OSEQ_MAY_WRAP));
+    if sa.esn {
+        nlas.push(XfrmAttrs::ReplayStateEsn(replay_esn(
+            sa.replay_window,
+            start,
+        )));
     }
     XfrmMessage::AddSa(state::ModifyMessage {
         user_sa_info: info,
@@ -461,6 +489,68 @@ pub fn parse_sa_id(msg: &XfrmMessage) -> Option<(SaId, u32)> {
     ))
 }
 
+/// The sequence state of a dumped SA with ESN: what [`super::seq`] tends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqState {
+    pub id: SaId,
+    pub src: IpAddr,
+    pub reqid: u32,
+    /// The last outbound sequence number used (64 bits).
+    pub oseq: u64,
+    /// The highest inbound sequence number accepted (64 bits).
+    pub seq: u64,
+    pub replay: ReplayEsn,
+    /// Packets dropped as replays (or outside the window) and failed integrity checks.
+    pub replay_drops: u32,
+    pub integrity_failed: u32,
+    /// Packets and bytes through the SA, and when it was added (seconds since the epoch).
+    pub packets: u64,
+    pub bytes: u64,
+    pub add_time: u64,
+}
+
+/// [`SeqState`] of a dumped SA, if it is an ESP SA with ESN.
+pub fn parse_sa_seq(msg: &XfrmMessage) -> Option<SeqState> {
+    let (id, reqid) = parse_sa_id(msg)?;
+    let XfrmMessage::AddSa(m) = msg else {
+        return None;
+    };
+    let i = &m.user_sa_info;
+    let replay = m.nlas.iter().find_map(|a| match a {
+        XfrmAttrs::ReplayStateEsn(r) => Some(r.clone()),
+        _ => None,
+    })?;
+    Some(SeqState {
+        id,
+        src: ip(&i.saddr, i.family)?,
+        reqid,
+        oseq: super::seq::join(replay.oseq_hi, replay.oseq),
+        seq: super::seq::join(replay.seq_hi, replay.seq),
+        replay_drops: i.stats.replay,
+        integrity_failed: i.stats.integrity_failed,
+        packets: i.lifetime_cur.packets,
+        bytes: i.lifetime_cur.bytes,
+        add_time: i.lifetime_cur.add_time,
+        replay,
+    })
+}
+
+/// `XFRM_MSG_NEWAE` (with `NLM_F_REPLACE`): replace the replay state of SA `s` by `replay`
+/// (same window and bitmap size, as the kernel requires).
+pub fn sa_set_replay(s: &SeqState, replay: ReplayEsn) -> XfrmMessage {
+    let mut id = AsyncEventId::default();
+    id.sa_id.destination(&s.id.dst);
+    id.sa_id.spi = s.id.spi;
+    id.sa_id.proto = IPPROTO_ESP;
+    id.saddr = Address::from_ip(&s.src);
+    id.reqid = s.reqid;
+    id.flags = XFRM_AE_RVAL;
+    XfrmMessage::NewAsyncEvent(NewAsyncEventMessage {
+        id,
+        nlas: vec![XfrmAttrs::ReplayStateEsn(replay)],
+    })
+}
+
 /// Byte and packet counters of a dumped SA.
 pub fn parse_sa_counters(msg: &XfrmMessage) -> Option<(SaId, u32, u64, u64)> {
     let (id, reqid) = parse_sa_id(msg)?;
@@ -486,7 +576,7 @@ pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
     let mut auth = None;
     let mut encap = None;
     let (mut mval, mut mmask) = (None, None);
-    let mut extra = 0u32;
+    let mut esn_window = None;
     for a in &m.nlas {
         match a {
             XfrmAttrs::EncryptionAlgAead(x) => aead = Some(x),
@@ -495,7 +585,7 @@ pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
             XfrmAttrs::EncapsulationTemplate(e) => encap = Some((e.encap_sport, e.encap_dport)),
             XfrmAttrs::MarkVal(v) => mval = Some(*v),
             XfrmAttrs::MarkMask(v) => mmask = Some(*v),
-            XfrmAttrs::ExtraFlags(f) => extra = *f,
+            XfrmAttrs::ReplayStateEsn(r) => esn_window = Some(r.replay_window),
             _ => {}
         }
     }
@@ -529,8 +619,8 @@ pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
         crypto,
         encap,
         output_mark: output_mark.filter(|m| m.value != 0 || m.mask != 0),
-        replay_window: i.replay_window,
-        oseq_may_wrap: extra & XFRM_SA_XFLAG_OSEQ_MAY_WRAP != 0,
+        replay_window: esn_window.unwrap_or(u32::from(i.replay_window)),
+        esn: i.flags & XFRM_STATE_ESN != 0 && esn_window.is_some(),
         transport: i.mode == XFRM_MODE_TRANSPORT,
     })
 }
@@ -616,11 +706,11 @@ mod tests {
                 value: 0x200000,
                 mask: 0x300000,
             }),
-            replay_window: 0,
-            oseq_may_wrap: true,
+            replay_window: 1024,
+            esn: true,
             transport: false,
         };
-        let msg = sa_add(&sa);
+        let msg = sa_add(&sa, 0x0019_8a3b_c4d5_e6f7);
         assert_eq!(msg.message_type(), XFRM_MSG_NEWSA);
         let mut buf = vec![0u8; msg.buffer_len()];
         msg.emit(&mut buf);
@@ -640,9 +730,9 @@ mod tests {
         cbc.encap = None;
         cbc.output_mark = None;
         cbc.replay_window = 32;
-        cbc.oseq_may_wrap = false;
+        cbc.esn = false;
         cbc.transport = true;
-        assert_eq!(parse_sa(&roundtrip(&sa_add(&cbc))), Some(cbc));
+        assert_eq!(parse_sa(&roundtrip(&sa_add(&cbc, 0))), Some(cbc));
         let del = sa_del(&sa.id);
         assert_eq!(del.message_type(), XFRM_MSG_DELSA);
     }

@@ -8,6 +8,7 @@ pub mod desired;
 pub mod messages;
 pub mod objects;
 pub mod reconcile;
+pub mod seq;
 pub mod socket;
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
@@ -29,6 +30,9 @@ pub struct Report {
     pub errors: Vec<(Owner, String)>,
     /// Set when the kernel cannot hold ESP SAs: SAs were skipped, policies installed.
     pub esp_unsupported: Option<String>,
+    /// Sequence states raised to the clock ([`tend_sequences`]); not counted in `writes`,
+    /// which counts objects.
+    pub seq_raises: usize,
 }
 
 impl Report {
@@ -250,7 +254,7 @@ fn probe_sa(spec: ProbeSpec, transform: Transform) -> Sa {
         encap: None,
         output_mark: None,
         replay_window: 0,
-        oseq_may_wrap: false,
+        esn: false,
         transport: false,
     }
 }
@@ -264,7 +268,7 @@ fn probe_transform(
     let sa = probe_sa(spec, transform);
     // The add alone first: what to do next depends on its answer.
     let added = r
-        .batch(vec![(messages::sa_add(&sa), NLM_F_CREATE | NLM_F_EXCL)])?
+        .batch(vec![(messages::sa_add(&sa, 0), NLM_F_CREATE | NLM_F_EXCL)])?
         .into_iter()
         .next()
         .unwrap_or_else(|| {
@@ -291,12 +295,40 @@ fn probe_transform(
     }
 }
 
-fn message(op: &Op) -> (netlink_packet_xfrm::XfrmMessage, u16) {
+/// Where the counters of the SAs a batch creates start: outbound SAs (from this host's
+/// `local` address) at the clock, inbound ones a skew below it ([`seq`]).
+#[derive(Debug, Clone, Copy)]
+struct SeqStarts {
+    now: std::time::SystemTime,
+    local: Option<std::net::IpAddr>,
+}
+
+impl SeqStarts {
+    fn now(local: std::net::IpAddr) -> SeqStarts {
+        SeqStarts {
+            now: std::time::SystemTime::now(),
+            local: Some(local),
+        }
+    }
+
+    fn start(&self, sa: &Sa) -> u64 {
+        if Some(sa.src) == self.local {
+            seq::out_start(self.now, 0)
+        } else {
+            seq::in_start(self.now)
+        }
+    }
+}
+
+fn message(op: &Op, starts: &SeqStarts) -> (netlink_packet_xfrm::XfrmMessage, u16) {
     match op {
         Op::AddPolicy(p) => (messages::policy_add(p, false), NLM_F_CREATE | NLM_F_EXCL),
         Op::UpdatePolicy(p) => (messages::policy_add(p, true), 0),
         Op::DelPolicy(id) => (messages::policy_del(id), 0),
-        Op::AddSa(s) => (messages::sa_add(s), NLM_F_CREATE | NLM_F_EXCL),
+        Op::AddSa(s) => (
+            messages::sa_add(s, starts.start(s)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ),
         Op::DelSa(id) => (messages::sa_del(id), 0),
     }
 }
@@ -306,12 +338,13 @@ fn apply_steps(
     sock: &mut XfrmSocket,
     steps: Vec<Step>,
     transform: Transform,
+    starts: SeqStarts,
     report: &mut Report,
 ) -> Result<(), SocketError> {
     if steps.is_empty() {
         return Ok(());
     }
-    let msgs = steps.iter().map(|s| message(&s.op)).collect();
+    let msgs = steps.iter().map(|s| message(&s.op, &starts)).collect();
     let results = sock.batch(msgs)?;
     report.writes += steps.len();
     for (step, r) in steps.into_iter().zip(results) {
@@ -421,13 +454,111 @@ fn reconcile_desired(
     if tune_hash {
         tune_spd(&mut sock, plan, &mut report);
     }
-    apply_steps(&mut sock, steps, plan.transform, &mut report)?;
+    apply_steps(
+        &mut sock,
+        steps,
+        plan.transform,
+        SeqStarts::now(plan.endpoint),
+        &mut report,
+    )?;
+    if scope == Scope::All && !want.sas.is_empty() {
+        let t = tend_with(&mut sock, plan.endpoint, std::time::SystemTime::now())?;
+        report.seq_raises = t.writes;
+        for (id, why) in t.errors {
+            report.errors.push((
+                Owner::Mesh,
+                format!(
+                    "sa -> {} spi {:#010x}: raising its sequence state: {why}",
+                    id.dst, id.spi
+                ),
+            ));
+        }
+    }
     info!(
         writes = report.writes,
         errors = report.errors.len(),
         policies = want.policies.len(),
         sas = want.sas.len(),
         "xfrm reconcile done"
+    );
+    Ok(report)
+}
+
+/// What one pass of [`tend_sequences`] did.
+#[derive(Debug, Default)]
+pub struct TendReport {
+    /// Replay states replaced (`XFRM_MSG_NEWAE`).
+    pub writes: usize,
+    /// Outbound counters raised to the clock, inbound windows raised.
+    pub raised_out: usize,
+    pub raised_in: usize,
+    /// Outbound SAs whose counter is ahead of the clock (sent > 4 Mpps on average), by SPI.
+    pub ahead: Vec<(SaId, u64)>,
+    /// Per-SA failures, in words.
+    pub errors: Vec<(SaId, String)>,
+}
+
+/// Keep every ESN SA of ours near the clock ([`seq`]): raise lagging outbound counters and
+/// the windows of inbound SAs idle for minutes, in one batch. Writes nothing when every
+/// counter is recent. `local`: this host's underlay address (outbound SAs start there).
+pub fn tend_sequences(local: std::net::IpAddr) -> Result<TendReport, SocketError> {
+    let mut sock = XfrmSocket::open()?;
+    tend_with(&mut sock, local, std::time::SystemTime::now())
+}
+
+fn tend_with(
+    sock: &mut XfrmSocket,
+    local: std::net::IpAddr,
+    now: std::time::SystemTime,
+) -> Result<TendReport, SocketError> {
+    let mut report = TendReport::default();
+    let mut raises = Vec::new();
+    for m in sock.dump(messages::sa_dump())? {
+        let Some(s) = messages::parse_sa_seq(&m) else {
+            continue;
+        };
+        if !crate::plan::ids::is_owned_reqid(s.reqid) {
+            continue;
+        }
+        let mut replay = s.replay.clone();
+        if s.src == local {
+            if let Some(d) = seq::ahead_of_clock(now, s.oseq) {
+                report.ahead.push((s.id, d));
+            }
+            let Some(to) = seq::raise_out(now, s.oseq) else {
+                continue;
+            };
+            (replay.oseq_hi, replay.oseq) = seq::split(to);
+            report.raised_out += 1;
+        } else {
+            let Some(to) = seq::raise_in(now, s.seq) else {
+                continue;
+            };
+            (replay.seq_hi, replay.seq) = seq::split(to);
+            replay.bmp.iter_mut().for_each(|w| *w = u32::MAX);
+            report.raised_in += 1;
+        }
+        raises.push((s.id, messages::sa_set_replay(&s, replay)));
+    }
+    if raises.is_empty() {
+        return Ok(report);
+    }
+    let msgs = raises
+        .iter()
+        .map(|(_, m)| (m.clone(), netlink_packet_core::NLM_F_REPLACE))
+        .collect();
+    let results = sock.batch(msgs)?;
+    report.writes = raises.len();
+    for ((id, _), r) in raises.into_iter().zip(results) {
+        if let Err(e) = r {
+            warn!(spi = id.spi, dst = %id.dst, error = %e, "could not raise the SA's sequence state");
+            report.errors.push((id, e.to_string()));
+        }
+    }
+    debug!(
+        raised_out = report.raised_out,
+        raised_in = report.raised_in,
+        "xfrm sequence states tended"
     );
     Ok(report)
 }
@@ -443,7 +574,11 @@ pub fn cleanup_scoped(marks: &Marks, scope: Scope) -> Result<Report, SocketError
     let current = read_current_scoped(&mut sock, marks, scope)?;
     let steps = reconcile::diff(&current, &desired::Desired::default());
     let mut report = Report::default();
-    apply_steps(&mut sock, steps, Transform::default(), &mut report)?;
+    let starts = SeqStarts {
+        now: std::time::SystemTime::now(),
+        local: None,
+    };
+    apply_steps(&mut sock, steps, Transform::default(), starts, &mut report)?;
     Ok(report)
 }
 

@@ -224,10 +224,11 @@ pub struct Sa {
     pub encap: Option<(u16, u16)>,
     /// Mark put on decrypted packets (`XFRMA_SET_MARK`).
     pub output_mark: Option<Mark>,
-    /// Anti-replay window (0 = off, see [`REPLAY_WINDOW`](super::desired::REPLAY_WINDOW)).
-    pub replay_window: u8,
-    /// Let the outbound sequence number wrap instead of stopping the SA at 2^32 packets.
-    pub oseq_may_wrap: bool,
+    /// Anti-replay window in packets (0 = off). With `esn` it lives in the ESN replay state.
+    pub replay_window: u32,
+    /// Extended (64-bit) sequence numbers (`XFRM_STATE_ESN`): the counter never wraps, so
+    /// an AES-GCM IV (the sequence number) never repeats under one key. See [`super::seq`].
+    pub esn: bool,
     /// Transport mode (encrypted VXLAN) instead of tunnel mode.
     pub transport: bool,
 }
