@@ -3,8 +3,8 @@
 //! (unless asked to clean up); reload on SIGHUP.
 //!
 //! Threads: the main loop (owns the driver; every kernel/charon write happens here), a
-//! metadata watcher (blocking long-poll or file watch), a signal thread (`sigwait`) and the
-//! status server. They talk to the loop through one channel.
+//! metadata watcher (blocking long-poll or file watch), a signal thread (signal-hook) and
+//! the status server (a thread per connection). They talk to the loop through one channel.
 
 pub mod server;
 pub mod status;
@@ -53,39 +53,36 @@ pub fn backoff(failures: u32) -> Duration {
     (BACKOFF_BASE * 2u32.pow(exp)).min(BACKOFF_MAX)
 }
 
-/// Block SIGTERM, SIGINT and SIGHUP in this thread (and the threads it spawns after), and
-/// deliver them to the loop from a `sigwait` thread.
-fn spawn_signal_thread(tx: Sender<Event>) -> std::io::Result<()> {
-    // SAFETY: plain libc signal-set manipulation on a local sigset_t.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        set
-    };
+/// Deliver SIGTERM, SIGINT and SIGHUP to the loop from a signal thread. The handlers
+/// (signal-hook's self-pipe) are process-wide, so this works whatever threads exist already,
+/// and child processes start with every signal unblocked.
+fn spawn_signal_thread(tx: Sender<Event>) -> std::io::Result<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    spawn_signal_thread_for(&[SIGTERM, SIGINT, SIGHUP], tx)
+}
+
+fn spawn_signal_thread_for(
+    signals: &[libc::c_int],
+    tx: Sender<Event>,
+) -> std::io::Result<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGHUP, SIGINT};
+    let mut signals = signal_hook::iterator::Signals::new(signals)?;
+    let handle = signals.handle();
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is a valid, initialised signal set; `sig` is a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            let ev = match sig {
-                libc::SIGHUP => Event::Reload("SIGHUP"),
-                libc::SIGINT => Event::Stop("SIGINT"),
-                _ => Event::Stop("SIGTERM"),
-            };
-            if tx.send(ev).is_err() {
-                return;
+        .spawn(move || {
+            for sig in signals.forever() {
+                let ev = match sig {
+                    SIGHUP => Event::Reload("SIGHUP"),
+                    SIGINT => Event::Stop("SIGINT"),
+                    _ => Event::Stop("SIGTERM"),
+                };
+                if tx.send(ev).is_err() {
+                    return;
+                }
             }
         })?;
-    Ok(())
+    Ok(handle)
 }
 
 /// Watch the source; after a failed watch, retry with backoff capped at `max_retry` (the
@@ -268,7 +265,7 @@ impl Loop {
 /// Run the sidecar until SIGTERM/SIGINT.
 pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel();
-    spawn_signal_thread(tx.clone())?;
+    let _signals = spawn_signal_thread(tx.clone())?;
     let source = metadata::open(&cfg.source)?;
     let status = Arc::new(Mutex::new(Status {
         driver: driver.name().to_string(),
@@ -371,5 +368,29 @@ mod tests {
         assert_eq!(backoff(5), Duration::from_secs(16));
         assert_eq!(backoff(7), BACKOFF_MAX);
         assert_eq!(backoff(1000), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn signals_reach_the_loop_whatever_threads_started_first() {
+        // A thread that exists before the handlers are set up and blocks nothing: with
+        // sigmask + sigwait the kernel could hand it (or the test harness's threads) the
+        // signal, whose default action ends the process.
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let early = std::thread::spawn(move || {
+            let _ = stop_rx.recv();
+        });
+        let (tx, rx) = mpsc::channel();
+        let handle = spawn_signal_thread_for(&[libc::SIGHUP], tx).unwrap();
+        for _ in 0..3 {
+            // SAFETY: kill with our own pid and a signal we handle.
+            assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
+            match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(Event::Reload(why)) => assert_eq!(why, "SIGHUP"),
+                other => panic!("expected a reload, got {other:?}"),
+            }
+        }
+        handle.close();
+        let _ = stop_tx.send(());
+        early.join().unwrap();
     }
 }
