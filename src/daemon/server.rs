@@ -408,6 +408,18 @@ mod tests {
         }
     }
 
+    /// Wait (at most 10 s) until `c` has something to read, without reading it.
+    fn wait_readable(c: &dyn std::os::fd::AsRawFd) {
+        let mut p = libc::pollfd {
+            fd: c.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, 10_000) };
+        assert_eq!(n, 1, "no answer within 10 s");
+    }
+
     /// Cap the client's receive buffer (loopback TCP would otherwise queue tens of MiB
     /// for a client that does not read).
     fn small_rcvbuf(c: &dyn std::os::fd::AsRawFd) {
@@ -486,7 +498,11 @@ mod tests {
             let mut stuck = connect(l);
             small_rcvbuf(&*stuck);
             stuck.write_all(b"GET /status HTTP/1.0\r\n\r\n").unwrap();
-            std::thread::sleep(Duration::from_millis(300));
+            // Rendering 8 MiB takes a while in a debug build: wait for the first bytes, and
+            // count the server's deadline from there.
+            wait_readable(&*stuck);
+            let writing = Instant::now();
+            std::thread::sleep(Duration::from_millis(200));
             let t = Instant::now();
             assert_eq!(get(l, "/healthz").unwrap(), "ok\n", "{l:?}");
             assert!(
@@ -496,7 +512,7 @@ mod tests {
             );
             // Past the write deadline the server gives up on the stuck client: reading now
             // gets what was buffered, then the end, never the whole answer.
-            std::thread::sleep(Duration::from_millis(1500));
+            std::thread::sleep((writing + Duration::from_millis(1500)) - Instant::now());
             let got = read_until_closed(&mut *stuck);
             assert!(
                 got.starts_with(b"HTTP/1.0 200 OK\r\n"),
