@@ -27,6 +27,15 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
         packets_out: 10 * n,
         bytes_in: 2000 * n,
         packets_in: 20 * n,
+        sa: (state == "up").then(|| ipsec_mesh::dataplane::driver::SaDetail {
+            generation: 1,
+            out_added: 1_700_000_000,
+            in_added: 1_700_000_001,
+            seq_out: 7_100_000_000_000_000,
+            seq_in: 7_099_000_000_000_000,
+            replay_drops_in: n as u32,
+            integrity_failed_in: 1,
+        }),
         last_error: err.map(String::from),
         last_change: Some(1_700_000_000 + n),
     };

@@ -241,11 +241,16 @@ impl Loop {
         });
     }
 
-    /// Refresh per-peer state and counters in the status without reconciling.
+    /// Refresh per-peer state and counters in the status without reconciling; first the
+    /// driver's upkeep (the xfrm drivers keep their SAs' sequence counters near the clock).
     fn refresh_counters(&mut self) {
         let Some(plan) = self.plan.clone() else {
             return;
         };
+        let tended = self.driver.tend(&plan);
+        if tended > 0 {
+            tracing::debug!(writes = tended, "sequence counters tended");
+        }
         let counters = self.driver.counters(&plan);
         let errors = self.last_errors.clone();
         let now = unix_now();

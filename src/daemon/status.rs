@@ -52,6 +52,10 @@ pub struct PeerStatus {
     pub packets_out: u64,
     pub bytes_in: u64,
     pub packets_in: u64,
+    /// Per-direction SA detail (xfrm drivers): key generation, SA add times, ESN counters,
+    /// inbound replay and integrity drops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sa: Option<crate::dataplane::driver::SaDetail>,
     pub last_error: Option<String>,
     /// When the state last changed (unix seconds).
     pub last_change: Option<u64>,
@@ -109,6 +113,7 @@ impl Status {
                     packets_out: c.packets_out,
                     bytes_in: c.bytes_in,
                     packets_in: c.packets_in,
+                    sa: c.sa.clone(),
                     last_error: errors.get(&id).cloned(),
                     last_change,
                 }
@@ -273,6 +278,57 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
             })
             .collect(),
     );
+    let with_sa: Vec<(&PeerStatus, &crate::dataplane::driver::SaDetail)> = s
+        .peers
+        .iter()
+        .filter_map(|p| p.sa.as_ref().map(|d| (p, d)))
+        .collect();
+    if !with_sa.is_empty() {
+        let peer = |p: &PeerStatus| format!("{{peer=\"{}\"}}", label(&p.host));
+        let dir =
+            |p: &PeerStatus, d: &str| format!("{{peer=\"{}\",direction=\"{d}\"}}", label(&p.host));
+        metric(
+            "peer_replay_drops_total",
+            "Inbound packets of the peer dropped as replays or outside the anti-replay window.",
+            "counter",
+            with_sa
+                .iter()
+                .map(|(p, d)| (peer(p), d.replay_drops_in.to_string()))
+                .collect(),
+        );
+        metric(
+            "peer_integrity_failures_total",
+            "Inbound packets of the peer that failed the integrity check.",
+            "counter",
+            with_sa
+                .iter()
+                .map(|(p, d)| (peer(p), d.integrity_failed_in.to_string()))
+                .collect(),
+        );
+        metric(
+            "peer_key_generation",
+            "Key generation of the peer's SAs.",
+            "gauge",
+            with_sa
+                .iter()
+                .map(|(p, d)| (peer(p), d.generation.to_string()))
+                .collect(),
+        );
+        let mut age = Vec::new();
+        for (p, d) in &with_sa {
+            for (t, name) in [(d.out_added, "out"), (d.in_added, "in")] {
+                if t > 0 {
+                    age.push((dir(p, name), now.saturating_sub(t).to_string()));
+                }
+            }
+        }
+        metric(
+            "peer_sa_age_seconds",
+            "Seconds since each of the peer's SAs was added.",
+            "gauge",
+            age,
+        );
+    }
     if !xfrm_stat.is_empty() {
         metric(
             "xfrm_stat_total",
@@ -317,6 +373,14 @@ mod tests {
                 host: "b".into(),
                 state: "up".into(),
                 bytes_out: 7,
+                sa: Some(crate::dataplane::driver::SaDetail {
+                    generation: 2,
+                    out_added: 100,
+                    in_added: 0,
+                    replay_drops_in: 5,
+                    integrity_failed_in: 1,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }],
             ..Default::default()
@@ -330,6 +394,14 @@ mod tests {
         assert!(m.contains("ipsec_mesh_peer_bytes_total{peer=\"b\",direction=\"out\"} 7\n"));
         assert!(m.contains("ipsec_mesh_xfrm_stat_total{counter=\"XfrmOutNoStates\"} 4\n"));
         assert!(m.contains("ipsec_mesh_reconcile_duration_seconds_total 0.000000\n"));
+        assert!(m.contains("ipsec_mesh_peer_replay_drops_total{peer=\"b\"} 5\n"));
+        assert!(m.contains("ipsec_mesh_peer_integrity_failures_total{peer=\"b\"} 1\n"));
+        assert!(m.contains("ipsec_mesh_peer_key_generation{peer=\"b\"} 2\n"));
+        assert!(m.contains("ipsec_mesh_peer_sa_age_seconds{peer=\"b\",direction=\"out\"} 30\n"));
+        assert!(
+            !m.contains("direction=\"in\"} 130"),
+            "a missing SA (added 0) has no age"
+        );
         // Counters end in `_total` (the Prometheus naming rule promtool checks).
         for l in m.lines().filter(|l| l.starts_with("# TYPE ")) {
             let mut it = l.split(' ').skip(2);

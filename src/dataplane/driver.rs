@@ -64,6 +64,25 @@ pub struct PeerCounters {
     pub packets_out: u64,
     pub bytes_in: u64,
     pub packets_in: u64,
+    /// For drivers that install the SAs themselves (xfrm, encrypted VXLAN).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sa: Option<SaDetail>,
+}
+
+/// Per-direction detail of a peer's two SAs.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SaDetail {
+    /// Key generation of both directions.
+    pub generation: u32,
+    /// When each SA was added (seconds since the epoch; 0: missing).
+    pub out_added: u64,
+    pub in_added: u64,
+    /// Last sequence number sent and highest accepted (64-bit ESN counters).
+    pub seq_out: u64,
+    pub seq_in: u64,
+    /// Inbound packets dropped as replays (or outside the window), and failing integrity.
+    pub replay_drops_in: u32,
+    pub integrity_failed_in: u32,
 }
 
 /// A dataplane driver.
@@ -79,6 +98,34 @@ pub trait Driver: Send {
     /// every new plan; `wake` asks the sidecar for a reconcile now (e.g. after the daemon the
     /// driver talks to restarted). One-shot commands never call it.
     fn watch(&mut self, _plan: &Plan, _wake: Wake) {}
+    /// Periodic upkeep between reconciles (the sidecar calls it with every counter refresh):
+    /// the xfrm drivers keep their SAs' sequence counters near the clock
+    /// ([`xfrm::tend_sequences`]). Returns the number of kernel writes.
+    fn tend(&mut self, _plan: &Plan) -> usize {
+        0
+    }
+}
+
+/// [`xfrm::tend_sequences`] for a driver's tend, with failures logged (they are retried at
+/// the next refresh and by every reconcile).
+fn tend_xfrm(plan: &Plan) -> usize {
+    match xfrm::tend_sequences(plan.endpoint) {
+        Ok(t) => {
+            for (id, d) in &t.ahead {
+                tracing::warn!(
+                    spi = id.spi,
+                    dst = %id.dst,
+                    ahead_ticks = d,
+                    "an outbound SA's sequence counter is ahead of the clock (> 4 Mpps sustained)"
+                );
+            }
+            t.writes
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not tend the SAs' sequence counters");
+            0
+        }
+    }
 }
 
 /// ESP transport mode for VXLAN between hosts (encrypted VXLAN), stacked before the vxlan
@@ -117,6 +164,10 @@ impl Driver for VxlanEsp {
 
     fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
         sa_counters_by_peer(plan)
+    }
+
+    fn tend(&mut self, plan: &Plan) -> usize {
+        tend_xfrm(plan)
     }
 }
 
@@ -168,6 +219,10 @@ impl Driver for Stack {
         for d in &mut self.drivers {
             d.watch(plan, wake.clone());
         }
+    }
+
+    fn tend(&mut self, plan: &Plan) -> usize {
+        self.drivers.iter_mut().map(|d| d.tend(plan)).sum()
     }
 }
 
@@ -305,6 +360,15 @@ impl Driver for XfrmMesh {
     fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
         sa_counters_by_peer(plan)
     }
+
+    fn tend(&mut self, plan: &Plan) -> usize {
+        // Beside charon (policies only) the SAs are charon's: never touch their counters.
+        if self.scope == xfrm::Scope::All {
+            tend_xfrm(plan)
+        } else {
+            0
+        }
+    }
 }
 
 /// Per-peer state and counters from the kernel's SAs (both SAs present: up).
@@ -326,16 +390,25 @@ fn sa_counters_by_peer(plan: &Plan) -> BTreeMap<String, PeerCounters> {
             } else {
                 "down"
             };
-            let (bo, po) = out.copied().unwrap_or_default();
-            let (bi, pi) = inn.copied().unwrap_or_default();
+            let o = out.copied().unwrap_or_default();
+            let i = inn.copied().unwrap_or_default();
             (
                 p.host.to_string(),
                 PeerCounters {
                     state: state.into(),
-                    bytes_out: bo,
-                    packets_out: po,
-                    bytes_in: bi,
-                    packets_in: pi,
+                    bytes_out: o.bytes,
+                    packets_out: o.packets,
+                    bytes_in: i.bytes,
+                    packets_in: i.packets,
+                    sa: Some(SaDetail {
+                        generation: plan.key_generation,
+                        out_added: o.added,
+                        in_added: i.added,
+                        seq_out: o.oseq,
+                        seq_in: i.seq,
+                        replay_drops_in: i.replay_drops,
+                        integrity_failed_in: i.integrity_failed,
+                    }),
                 },
             )
         })

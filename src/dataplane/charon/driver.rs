@@ -663,6 +663,7 @@ pub async fn counters(
                     packets_out: s.packets_out,
                     bytes_in: s.bytes_in,
                     packets_in: s.packets_in,
+                    sa: None,
                 },
             )
         })

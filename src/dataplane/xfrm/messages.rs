@@ -551,14 +551,54 @@ pub fn sa_set_replay(s: &SeqState, replay: ReplayEsn) -> XfrmMessage {
     })
 }
 
-/// Byte and packet counters of a dumped SA.
-pub fn parse_sa_counters(msg: &XfrmMessage) -> Option<(SaId, u32, u64, u64)> {
+/// Counters of one SA as the kernel reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SaCounters {
+    pub bytes: u64,
+    pub packets: u64,
+    /// Packets dropped as replays or outside the window (inbound).
+    pub replay_drops: u32,
+    /// Packets that failed the integrity check (inbound).
+    pub integrity_failed: u32,
+    /// When the SA was added, seconds since the epoch.
+    pub added: u64,
+    /// The 64-bit sequence counter: last sent (outbound) or highest accepted (inbound); 0
+    /// without ESN.
+    pub oseq: u64,
+    pub seq: u64,
+}
+
+/// Counters of a dumped SA, with its reqid.
+pub fn parse_sa_counters(msg: &XfrmMessage) -> Option<(SaId, u32, SaCounters)> {
     let (id, reqid) = parse_sa_id(msg)?;
     let XfrmMessage::AddSa(m) = msg else {
         return None;
     };
-    let cur = &m.user_sa_info.lifetime_cur;
-    Some((id, reqid, cur.bytes, cur.packets))
+    let i = &m.user_sa_info;
+    let (oseq, seq) = m
+        .nlas
+        .iter()
+        .find_map(|a| match a {
+            XfrmAttrs::ReplayStateEsn(r) => Some((
+                super::seq::join(r.oseq_hi, r.oseq),
+                super::seq::join(r.seq_hi, r.seq),
+            )),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Some((
+        id,
+        reqid,
+        SaCounters {
+            bytes: i.lifetime_cur.bytes,
+            packets: i.lifetime_cur.packets,
+            replay_drops: i.stats.replay,
+            integrity_failed: i.stats.integrity_failed,
+            added: i.lifetime_cur.add_time,
+            oseq,
+            seq,
+        },
+    ))
 }
 
 /// A dumped SA (`NEWSA`) as an [`Sa`], keys included, for comparison with the desired one.

@@ -88,15 +88,15 @@ pub fn read_current_scoped(
     Ok(cur)
 }
 
-/// Byte and packet counters of every ipsec-mesh SA, by identity.
-pub fn sa_counters() -> Result<std::collections::HashMap<SaId, (u64, u64)>, SocketError> {
+/// Counters of every ipsec-mesh SA, by identity.
+pub fn sa_counters() -> Result<std::collections::HashMap<SaId, messages::SaCounters>, SocketError> {
     let mut sock = XfrmSocket::open()?;
     Ok(sock
         .dump(messages::sa_dump())?
         .iter()
         .filter_map(messages::parse_sa_counters)
-        .filter(|(_, reqid, _, _)| crate::plan::ids::is_owned_reqid(*reqid))
-        .map(|(id, _, b, p)| (id, (b, p)))
+        .filter(|(_, reqid, _)| crate::plan::ids::is_owned_reqid(*reqid))
+        .map(|(id, _, c)| (id, c))
         .collect())
 }
 
