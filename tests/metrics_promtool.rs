@@ -27,8 +27,9 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
         packets_out: 10 * n,
         bytes_in: 2000 * n,
         packets_in: 20 * n,
-        sa: (state == "up").then(|| ipsec_mesh::dataplane::driver::SaDetail {
-            generation: 1,
+        sa: (state == "up").then_some(ipsec_mesh::dataplane::driver::SaDetail {
+            generation: 2,
+            in_generation: 1,
             out_added: 1_700_000_000,
             in_added: 1_700_000_001,
             seq_out: 7_100_000_000_000_000,

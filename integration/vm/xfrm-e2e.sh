@@ -211,7 +211,8 @@ if grep -qw e2e.mode=vxlan-esp /proc/cmdline; then
   ]
 }
 EOF
-    (umask 077 && head -c 40 /dev/urandom >$PSK)
+    # Text (base64, one line), so the rotation checks can list the same secret in a key ring.
+(umask 077 && head -c 48 /dev/urandom | base64 >$PSK)
     $IP netns exec sw $IPT -I FORWARD -p udp --dport 4789 -m comment --comment e2e-vxlan
     vx_apply() { # N -> sets VX_OUT; returns apply's status
         VX_OUT=$($IP netns exec h$1 $BIN apply --metadata $META --host h$1 --driver vxlan \
@@ -363,16 +364,20 @@ say "pinging all 6 container pairs"
 ping_pairs "$ALL_PAIRS" 3
 if [ -z "$PING_FAILED" ]; then ok ping-all "$PING_OK"; else bad ping-all "failed:$PING_FAILED; ok:$PING_OK"; fi
 
-# --- 5. every SA counted packets ---------------------------------------------------------
+# --- 5. every SA of the generation in use counted packets -------------------------------
+# Per peer: one outbound SA (generation 1) and inbound SAs for generations 0, 1 and 2 (a
+# peer may switch generation first); the generation is the SPI's last hex digit.
 for n in $HOSTS; do
     lines=$(our_state_lines h$n)
     count=$(echo "$lines" | grep -c .)
-    zero=$(echo "$lines" | awk '$5 == 0 { printf " spi %s (%s->%s)", $3, $1, $2 }')
+    zero=$(echo "$lines" | awk '$5 == 0 && substr($3, 10, 1) == "1" { printf " spi %s (%s->%s)", $3, $1, $2 }')
+    # inbound SAs per generation 0, 1, 2 (want 2 each: one per peer)
+    gens=$(echo "$lines" | awk -v me="192.168.77.$n" '$2 == me { c[substr($3, 10, 1)]++ } END { printf "%d%d%d", c["0"], c["1"], c["2"] }')
     summary=$(echo "$lines" | awk '{ printf "%s%s->%s %s:%d", (NR > 1 ? ", " : ""), $1, $2, $3, $5 }')
-    if [ "$count" -eq 4 ] && [ -z "$zero" ]; then
-        ok "sa-counters-h$n" "$summary"
+    if [ "$count" -eq 8 ] && [ -z "$zero" ] && [ "$gens" = "222" ]; then
+        ok "sa-counters-h$n" "8 SAs (inbound per generation 0/1/2: $gens); $summary"
     else
-        bad "sa-counters-h$n" "$count SAs of ours (want 4); no packets on:${zero:- -}; $summary"
+        bad "sa-counters-h$n" "$count SAs of ours (want 8), inbound SAs of generations 0/1/2: '$gens' (want 222); no packets on:${zero:- -}; $summary"
     fi
 done
 
@@ -392,8 +397,8 @@ for n in $HOSTS; do
     lines=$(sa_replay_lines h$n)
     count=$(echo "$lines" | grep -c .)
     badl=$(echo "$lines" | awk '$3 != 1 || $4 < 128 || $5 != 0 { printf " [%s]", $0 }')
-    if [ "$count" -eq 4 ] && [ -z "$badl" ]; then
-        ok "esn-replay-h$n" "4 SAs with ESN, replay windows $(echo "$lines" | awk '{ printf "%s%s", (NR > 1 ? "," : ""), $4 }'), no wrap flag"
+    if [ "$count" -eq 8 ] && [ -z "$badl" ]; then
+        ok "esn-replay-h$n" "8 SAs with ESN, replay windows $(echo "$lines" | awk '{ printf "%s%s", (NR > 1 ? "," : ""), $4 }'), no wrap flag"
     else
         bad "esn-replay-h$n" "$count SAs; not ESN / window < 128 / wrap flag:${badl:- -}"
         $IP -n h$n -s -d xfrm state | sed 's/^/    /'
@@ -740,6 +745,88 @@ for n in $HOSTS; do
     wait "$pid"
     $IP netns exec h$n $BIN cleanup --driver xfrm >/dev/null 2>&1 || bad "flow-cleanup-h$n" "cleanup failed"
 done
+
+# --- 13. rolling key-generation change and PSK rotation under traffic (issue 11) ----------
+# One-shot applies while a flow of 20 packets/s runs between every container pair:
+#  A. generation 1 -> 2, host by host in the order h2, h1, h3, with pauses;
+#  B. h1 and h2 move on to 3 while h3 stays at 2 (a host that has not moved keeps working);
+#     then h3 catches up;
+#  C. PSK rotation through a key ring: every host lists the old secret for 3 and a new one
+#     for 4; every host moves to 4; every host drops the old secret (no SA of it remains).
+# 0 packets may be lost in any phase, and nothing leaves in clear.
+RING1=/tmp/ring1.psk RING2=/tmp/ring2.psk NEW=$(head -c 48 /dev/urandom | base64)
+(umask 077 && printf '# ipsec-mesh key ring v1\n3 %s\n4 %s\n' "$(cat $PSK)" "$NEW" >$RING1 &&
+    printf '# ipsec-mesh key ring v1\n4 %s\n' "$NEW" >$RING2)
+apply_gen() { # HOST GEN PSKFILE
+    $IP netns exec h$1 $BIN apply --metadata $META --host h$1 --driver xfrm --psk-file $3 \
+        --key-generation $2 >/tmp/apply-gen.$1 2>&1 || {
+        bad "rotation-apply-h$1-gen$2" "$(tail -n 3 /tmp/apply-gen.$1 | tr '\n' ' ')"
+        return 1
+    }
+}
+flow_start() { # COUNT
+    FLOW_N=$1
+    rm -f /tmp/flow.*
+    fpids=""
+    for p in $ALL_PAIRS; do
+        a=${p%>*} b=${p#*>}
+        $IP netns exec c$a ping -q -c "$1" -i 0.05 -W 2 10.42.$b.2 >/tmp/flow.$a$b 2>&1 &
+        fpids="$fpids $!"
+    done
+    sleep 1
+}
+flow_check() { # NAME WHAT
+    # shellcheck disable=SC2086
+    wait $fpids
+    lost="" summary=""
+    for p in $ALL_PAIRS; do
+        a=${p%>*} b=${p#*>}
+        got=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/flow.$a$b)
+        summary="$summary c$a>c$b:${got:-?}"
+        [ "${got:-0}" -eq "$FLOW_N" ] || lost="$lost c$a>c$b(${got:-?}/$FLOW_N)"
+    done
+    if [ -z "$lost" ] && [ "$(underlay_count overlay)" -eq 0 ]; then
+        ok "$1" "$2: 0 of 6x$FLOW_N lost ($summary), nothing in clear"
+    else
+        bad "$1" "$2: lost:$lost; container-address packets on the underlay: $(underlay_count overlay)"
+        dump_all
+    fi
+}
+out_gens() { # HOST -> the generations of its outbound SAs, sorted
+    our_state_lines h$1 | awk -v me="192.168.77.$1" '$1 == me { print substr($3, 10, 1) }' | sort | tr -d '\n'
+}
+in_gens() { # HOST -> the generations of its inbound SAs, sorted
+    our_state_lines h$1 | awk -v me="192.168.77.$1" '$2 == me { print substr($3, 10, 1) }' | sort | tr -d '\n'
+}
+for n in $HOSTS; do apply_gen $n 1 $PSK; done
+ping_pairs "$ALL_PAIRS" 1
+flow_start 300
+for n in 2 1 3; do apply_gen $n 2 $PSK; sleep 2; done
+flow_check rotation-rolling-generation "generation 1 -> 2 on h2, h1, h3 (2 s apart)"
+g="$(out_gens 1) $(out_gens 2) $(out_gens 3) / $(in_gens 1)"
+if [ "$g" = "22 22 22 / 112233" ]; then
+    ok rotation-generation-objects "every host sends with generation 2 and receives 1, 2, 3"
+else
+    bad rotation-generation-objects "out generations per host / h1's inbound: $g"
+fi
+flow_start 200
+apply_gen 1 3 $PSK; sleep 2; apply_gen 2 3 $PSK; sleep 3
+flow_check rotation-peer-left-behind "h1 and h2 at generation 3, h3 still at 2"
+flow_start 300
+apply_gen 3 3 $PSK; sleep 2
+for n in 2 1 3; do apply_gen $n 3 $RING1; sleep 1; done
+for n in 1 3 2; do apply_gen $n 4 $RING1; sleep 1; done
+flow_check rotation-psk-ring "h3 catches up to 3; key ring {3: old, 4: new} on every host; every host moves to 4"
+flow_start 120
+for n in 3 1 2; do apply_gen $n 4 $RING2; sleep 1; done
+flow_check rotation-psk-retired "the old secret dropped from every host's ring"
+left="$(out_gens 1)$(in_gens 1) $(out_gens 2)$(in_gens 2) $(out_gens 3)$(in_gens 3)"
+if [ "$left" = "4444 4444 4444" ]; then
+    ok rotation-old-secret-gone "only generation 4 SAs remain (1 out + 1 in per peer)"
+else
+    bad rotation-old-secret-gone "generations of each host's SAs (out then in): $left"
+fi
+for n in $HOSTS; do $IP netns exec h$n $BIN cleanup --driver xfrm >/dev/null 2>&1 || bad "rotation-cleanup-h$n" "cleanup failed"; done
 
 # --- result ------------------------------------------------------------------------------
 say "done in $(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')s"

@@ -305,14 +305,16 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
                 .map(|(p, d)| (peer(p), d.integrity_failed_in.to_string()))
                 .collect(),
         );
+        let mut gens = Vec::new();
+        for (p, d) in &with_sa {
+            gens.push((dir(p, "out"), d.generation.to_string()));
+            gens.push((dir(p, "in"), d.in_generation.to_string()));
+        }
         metric(
             "peer_key_generation",
-            "Key generation of the peer's SAs.",
+            "Key generation of each direction: sent with (out), newest received (in).",
             "gauge",
-            with_sa
-                .iter()
-                .map(|(p, d)| (peer(p), d.generation.to_string()))
-                .collect(),
+            gens,
         );
         let mut age = Vec::new();
         for (p, d) in &with_sa {
@@ -396,7 +398,7 @@ mod tests {
         assert!(m.contains("ipsec_mesh_reconcile_duration_seconds_total 0.000000\n"));
         assert!(m.contains("ipsec_mesh_peer_replay_drops_total{peer=\"b\"} 5\n"));
         assert!(m.contains("ipsec_mesh_peer_integrity_failures_total{peer=\"b\"} 1\n"));
-        assert!(m.contains("ipsec_mesh_peer_key_generation{peer=\"b\"} 2\n"));
+        assert!(m.contains("ipsec_mesh_peer_key_generation{peer=\"b\",direction=\"out\"} 2\n"));
         assert!(m.contains("ipsec_mesh_peer_sa_age_seconds{peer=\"b\",direction=\"out\"} 30\n"));
         assert!(
             !m.contains("direction=\"in\"} 130"),

@@ -72,8 +72,10 @@ pub struct PeerCounters {
 /// Per-direction detail of a peer's two SAs.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct SaDetail {
-    /// Key generation of both directions.
+    /// Key generation this host sends with.
     pub generation: u32,
+    /// Newest generation the peer's traffic arrived with (the sending one until then).
+    pub in_generation: u32,
     /// When each SA was added (seconds since the epoch; 0: missing).
     pub out_added: u64,
     pub in_added: u64,
@@ -391,7 +393,31 @@ fn sa_counters_by_peer(plan: &Plan) -> BTreeMap<String, PeerCounters> {
                 "down"
             };
             let o = out.copied().unwrap_or_default();
-            let i = inn.copied().unwrap_or_default();
+            // Inbound: every accepted generation's SA; the generation in use is the newest
+            // one that carried traffic.
+            let mut i = inn.copied().unwrap_or_default();
+            let mut in_generation = plan.key_generation;
+            let mut newest = None;
+            for rx in &p.rx {
+                let Some(c) = sas.get(&xfrm::objects::SaId {
+                    dst: plan.endpoint,
+                    spi: rx.spi,
+                }) else {
+                    continue;
+                };
+                if rx.spi != p.spi_in {
+                    i.bytes += c.bytes;
+                    i.packets += c.packets;
+                    i.replay_drops += c.replay_drops;
+                    i.integrity_failed += c.integrity_failed;
+                }
+                if c.packets > 0 && newest.is_none_or(|g| rx.generation > g) {
+                    newest = Some(rx.generation);
+                }
+            }
+            if let Some(g) = newest {
+                in_generation = g;
+            }
             (
                 p.host.to_string(),
                 PeerCounters {
@@ -402,6 +428,7 @@ fn sa_counters_by_peer(plan: &Plan) -> BTreeMap<String, PeerCounters> {
                     packets_in: i.packets,
                     sa: Some(SaDetail {
                         generation: plan.key_generation,
+                        in_generation,
                         out_added: o.added,
                         in_added: i.added,
                         seq_out: o.oseq,

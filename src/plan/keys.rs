@@ -25,8 +25,15 @@ pub const PSK_MIN_LEN: usize = 32;
 /// Longest PSK accepted, in bytes (a sanity bound on what is read).
 pub const PSK_MAX_LEN: usize = 4096;
 
-/// The pre-shared secret.
-pub struct Psk(Zeroizing<Vec<u8>>);
+/// First line of a key-ring PSK file (one secret per key generation; see [`Psk::from_file`]).
+pub const RING_HEADER: &str = "# ipsec-mesh key ring v1";
+
+/// The pre-shared secret: one for every key generation, or a key ring (a secret per
+/// generation, so the PSK can be replaced across a fleet one host at a time).
+pub struct Psk {
+    /// `(None, s)`: `s` keys every generation; `(Some(g), s)`: generation `g` only.
+    secrets: Vec<(Option<u32>, Zeroizing<Vec<u8>>)>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PskError {
@@ -46,6 +53,12 @@ pub enum PskError {
     TooShort { path: PathBuf, len: usize },
     #[error("PSK file {path}: larger than {PSK_MAX_LEN} bytes")]
     TooLong { path: PathBuf },
+    #[error("PSK file {path}: key ring line {line}: {why}")]
+    Ring {
+        path: PathBuf,
+        line: usize,
+        why: String,
+    },
 }
 
 impl Psk {
@@ -86,23 +99,104 @@ impl Psk {
                 path: path.to_path_buf(),
             });
         }
+        if buf.starts_with(RING_HEADER.as_bytes()) {
+            return Psk::parse_ring(path, &buf);
+        }
         if buf.len() < PSK_MIN_LEN {
             return Err(PskError::TooShort {
                 path: path.to_path_buf(),
                 len: buf.len(),
             });
         }
-        Ok(Psk(buf))
+        Ok(Psk {
+            secrets: vec![(None, buf)],
+        })
     }
 
-    /// A PSK from bytes (tests, benchmarks). No length check.
+    /// A key ring: the header line, then `GENERATION SECRET` per line (blank lines and
+    /// `#` comments allowed); each secret is the rest of its line, at least
+    /// [`PSK_MIN_LEN`] bytes; a generation appears once. Errors never show a secret.
+    fn parse_ring(path: &Path, text: &[u8]) -> Result<Psk, PskError> {
+        let err = |line: usize, why: String| PskError::Ring {
+            path: path.to_path_buf(),
+            line,
+            why,
+        };
+        let mut secrets: Vec<(Option<u32>, Zeroizing<Vec<u8>>)> = Vec::new();
+        for (i, raw) in text.split(|&b| b == b'\n').enumerate().skip(1) {
+            let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+            let line = line.trim_ascii();
+            if line.is_empty() || line.starts_with(b"#") {
+                continue;
+            }
+            let n = i + 1;
+            let split = line
+                .iter()
+                .position(|b| b.is_ascii_whitespace())
+                .ok_or_else(|| err(n, "expected `GENERATION SECRET`".into()))?;
+            let gen = std::str::from_utf8(&line[..split])
+                .ok()
+                .and_then(|g| g.parse::<u32>().ok())
+                .ok_or_else(|| err(n, "the generation is not a number (0 to 4294967295)".into()))?;
+            let secret = line[split..].trim_ascii();
+            if secret.len() < PSK_MIN_LEN {
+                return Err(err(
+                    n,
+                    format!(
+                        "generation {gen}: the secret is {} bytes; at least {PSK_MIN_LEN} are required",
+                        secret.len()
+                    ),
+                ));
+            }
+            if secrets.iter().any(|(g, _)| *g == Some(gen)) {
+                return Err(err(n, format!("generation {gen} is listed twice")));
+            }
+            secrets.push((Some(gen), Zeroizing::new(secret.to_vec())));
+        }
+        if secrets.is_empty() {
+            return Err(err(1, "the key ring lists no generation".into()));
+        }
+        Ok(Psk { secrets })
+    }
+
+    /// A PSK from bytes (tests, benchmarks): one secret for every generation. No length check.
     pub fn from_bytes(bytes: &[u8]) -> Psk {
-        Psk(Zeroizing::new(bytes.to_vec()))
+        Psk {
+            secrets: vec![(None, Zeroizing::new(bytes.to_vec()))],
+        }
     }
 
-    /// The secret, for drivers that must hand it on (charon's `load-shared`).
+    /// A key ring from `(generation, secret)` pairs (tests). No length check.
+    pub fn ring(entries: &[(u32, &[u8])]) -> Psk {
+        Psk {
+            secrets: entries
+                .iter()
+                .map(|(g, s)| (Some(*g), Zeroizing::new(s.to_vec())))
+                .collect(),
+        }
+    }
+
+    /// Whether this PSK has a secret for `generation`.
+    pub fn covers(&self, generation: u32) -> bool {
+        self.secrets
+            .iter()
+            .any(|(g, _)| g.is_none() || *g == Some(generation))
+    }
+
+    /// The generations of a key ring (`None`: one secret for every generation).
+    pub fn generations(&self) -> Option<Vec<u32>> {
+        let v: Vec<u32> = self.secrets.iter().filter_map(|(g, _)| *g).collect();
+        (v.len() == self.secrets.len()).then_some(v)
+    }
+
+    /// The secret, for drivers that must hand it on (charon's `load-shared`): the only one,
+    /// or a key ring's highest generation.
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        self.secrets
+            .iter()
+            .max_by_key(|(g, _)| *g)
+            .map(|(_, s)| s.as_slice())
+            .unwrap_or_default()
     }
 }
 
@@ -147,9 +241,10 @@ impl fmt::Debug for SaKey {
     }
 }
 
-/// Derives SA keys; holds the extracted PRK so each key costs one HKDF-Expand.
+/// Derives SA keys; holds the extracted PRK of each secret so each key costs one
+/// HKDF-Expand.
 pub struct KeyDeriver {
-    prk: hkdf::Prk,
+    prks: Vec<(Option<u32>, hkdf::Prk)>,
 }
 
 struct Len(usize);
@@ -163,12 +258,43 @@ impl KeyDeriver {
     pub fn new(psk: &Psk) -> KeyDeriver {
         let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"ipsec-mesh/v1 psk");
         KeyDeriver {
-            prk: salt.extract(psk.expose()),
+            prks: psk
+                .secrets
+                .iter()
+                .map(|(g, s)| (*g, salt.extract(s)))
+                .collect(),
         }
     }
 
-    /// The key of the SA from `src` to `dst`.
+    /// The generations a key ring lists, for messages ("all" for a single secret).
+    pub fn generations_listed(&self) -> String {
+        if self.prks.iter().any(|(g, _)| g.is_none()) {
+            return "all".into();
+        }
+        let mut v: Vec<u32> = self.prks.iter().filter_map(|(g, _)| *g).collect();
+        v.sort_unstable();
+        v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Whether a key can be derived for `generation` (a key ring lists it).
+    pub fn covers(&self, generation: u32) -> bool {
+        self.prks
+            .iter()
+            .any(|(g, _)| g.is_none() || *g == Some(generation))
+    }
+
+    /// The key of the SA from `src` to `dst`. With a key ring, the secret of `generation`
+    /// (callers check [`covers`](Self::covers); an uncovered generation uses the first
+    /// secret, never a missing one).
     pub fn derive(&self, src: &str, dst: &str, generation: u32, transform: Transform) -> SaKey {
+        let prk = &self
+            .prks
+            .iter()
+            .find(|(g, _)| *g == Some(generation))
+            .or_else(|| self.prks.iter().find(|(g, _)| g.is_none()))
+            .or(self.prks.first())
+            .expect("a PSK has at least one secret")
+            .1;
         let tname = transform.name().as_bytes();
         let gen = generation.to_be_bytes();
         let (tl, sl, dl) = (
@@ -188,8 +314,7 @@ impl KeyDeriver {
         ];
         let len = transform.key_len();
         let mut bytes = Zeroizing::new(vec![0u8; len]);
-        self.prk
-            .expand(&info, Len(len))
+        prk.expand(&info, Len(len))
             .and_then(|okm| okm.fill(&mut bytes))
             .expect("HKDF output length is far below its limit");
         let mut ctx = digest::Context::new(&digest::SHA256);
@@ -256,6 +381,49 @@ mod tests {
         std::fs::write(&p, content).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
         p
+    }
+
+    #[test]
+    fn key_ring_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = "old-secret-old-secret-old-secret-1";
+        let b = "new-secret-new-secret-new-secret-2";
+        let text = format!("{RING_HEADER}\n# rotation 2026-12\n\n3 {a}\r\n4\t{b}  \n");
+        let ring = Psk::from_file(&write(dir.path(), "ring", text.as_bytes(), 0o600)).unwrap();
+        assert_eq!(ring.generations(), Some(vec![3, 4]));
+        assert!(ring.covers(3) && ring.covers(4) && !ring.covers(5));
+        assert_eq!(ring.expose(), b.as_bytes(), "charon gets the newest secret");
+        // Generation 3 of the ring derives exactly what the plain secret does.
+        let plain = KeyDeriver::new(&Psk::from_bytes(a.as_bytes()));
+        let d = KeyDeriver::new(&ring);
+        let t = Transform::Aes256Gcm16;
+        assert_eq!(d.derive("x", "y", 3, t), plain.derive("x", "y", 3, t));
+        assert_ne!(d.derive("x", "y", 4, t), plain.derive("x", "y", 4, t));
+        assert_eq!(d.generations_listed(), "3, 4");
+        assert_eq!(plain.generations_listed(), "all");
+        assert!(plain.covers(12345));
+
+        let bad = |name: &str, body: &str| {
+            let f = write(
+                dir.path(),
+                name,
+                format!("{RING_HEADER}\n{body}").as_bytes(),
+                0o600,
+            );
+            Psk::from_file(&f).unwrap_err().to_string()
+        };
+        let e = bad("short", "1 tooshort-secret\n");
+        assert!(e.contains("line 2") && e.contains("at least 32"), "{e}");
+        assert!(!e.contains("tooshort"), "no secret in errors: {e}");
+        let e = bad("dup", &format!("1 {a}\n1 {b}\n"));
+        assert!(e.contains("line 3") && e.contains("listed twice"), "{e}");
+        assert!(!e.contains(a) && !e.contains(b), "{e}");
+        let e = bad("nogen", &format!("x {a}\n"));
+        assert!(e.contains("not a number"), "{e}");
+        let e = bad("empty", "# nothing\n");
+        assert!(e.contains("lists no generation"), "{e}");
+        let e = bad("one-field", "7\n");
+        assert!(e.contains("GENERATION SECRET"), "{e}");
     }
 
     #[test]

@@ -122,6 +122,21 @@ pub struct Peer {
     /// Key of the inbound SA. Never serialized.
     #[serde(skip)]
     pub key_in: Option<SaKey>,
+    /// Every inbound SA this host holds from the peer, one per accepted generation
+    /// ([`rx_generations`]; the current generation's is `spi_in`/`key_in`).
+    pub rx: Vec<RxSa>,
+}
+
+/// One inbound SA from a peer, for one key generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RxSa {
+    pub generation: u32,
+    pub spi: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Never serialized.
+    #[serde(skip)]
+    pub key: Option<SaKey>,
 }
 
 /// The desired mesh for one host.
@@ -154,6 +169,19 @@ pub struct Plan {
 pub enum PlanError {
     #[error("host {id:?} is not in the metadata (known hosts: {known})")]
     UnknownSelf { id: String, known: String },
+    #[error("--key-generation {generation}: the PSK key ring has no secret for it (it lists generations {listed})")]
+    NoSecretForGeneration { generation: u32, listed: String },
+}
+
+/// The generations a host receives with while it sends with `gen`: `gen - 1`, `gen` and
+/// `gen + 1`, those the PSK covers. A peer may therefore move one generation up or down
+/// before this host does, and traffic keeps flowing (rolling rotation; docs/keying.md).
+pub fn rx_generations(gen: u32, keys: Option<&KeyDeriver>) -> Vec<u32> {
+    [gen.checked_sub(1), Some(gen), gen.checked_add(1)]
+        .into_iter()
+        .flatten()
+        .filter(|g| keys.is_none_or(|k| k.covers(*g)))
+        .collect()
 }
 
 /// Slots of every host of a cluster, in `cluster.hosts` order. Computing them is O(hosts);
@@ -193,6 +221,15 @@ pub fn plan_with(
     let host = &cluster.hosts[me];
     let my_ids = ids[me];
     let gen = opts.generation;
+    if let Some(k) = keys {
+        if !k.covers(gen) {
+            return Err(PlanError::NoSecretForGeneration {
+                generation: gen,
+                listed: k.generations_listed(),
+            });
+        }
+    }
+    let rx_gens = rx_generations(gen, keys);
 
     let peers = cluster
         .hosts
@@ -204,6 +241,19 @@ pub fn plan_with(
                 keys.map(|k| k.derive(host.id.as_str(), peer.id.as_str(), gen, opts.transform));
             let key_in =
                 keys.map(|k| k.derive(peer.id.as_str(), host.id.as_str(), gen, opts.transform));
+            let rx = rx_gens
+                .iter()
+                .map(|&g| {
+                    let key = keys
+                        .map(|k| k.derive(peer.id.as_str(), host.id.as_str(), g, opts.transform));
+                    RxSa {
+                        generation: g,
+                        spi: ids::spi(peer_ids, my_ids, g),
+                        key_id: key.as_ref().map(|k| k.id().to_string()),
+                        key,
+                    }
+                })
+                .collect();
             Peer {
                 host: peer.id.clone(),
                 endpoint: peer.agent_ip,
@@ -217,6 +267,7 @@ pub fn plan_with(
                 key_in_id: key_in.as_ref().map(|k| k.id().to_string()),
                 key_out,
                 key_in,
+                rx,
             }
         })
         .collect();

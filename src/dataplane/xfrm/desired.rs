@@ -120,7 +120,7 @@ pub fn desired(plan: &Plan) -> Desired {
                 ));
             }
         }
-        if let (Some(ko), Some(ki)) = (&p.key_out, &p.key_in) {
+        if let Some(ko) = &p.key_out {
             d.sas.push((
                 owner.clone(),
                 Sa {
@@ -139,27 +139,30 @@ pub fn desired(plan: &Plan) -> Desired {
                     transport: false,
                 },
             ));
-            d.sas.push((
-                owner,
-                Sa {
-                    id: SaId {
-                        dst: me,
-                        spi: p.spi_in,
+            // One inbound SA per accepted generation: a peer may switch first.
+            for (rx, ki) in p.rx.iter().filter_map(|r| r.key.as_ref().map(|k| (r, k))) {
+                d.sas.push((
+                    owner.clone(),
+                    Sa {
+                        id: SaId {
+                            dst: me,
+                            spi: rx.spi,
+                        },
+                        src: p.endpoint,
+                        reqid: p.reqid,
+                        inner_v6,
+                        crypto: crypto(plan.transform, ki),
+                        encap,
+                        output_mark: Some(Mark {
+                            value: plan.marks.decrypt,
+                            mask: plan.marks.mask,
+                        }),
+                        replay_window: plan.replay_window,
+                        esn: true,
+                        transport: false,
                     },
-                    src: p.endpoint,
-                    reqid: p.reqid,
-                    inner_v6,
-                    crypto: crypto(plan.transform, ki),
-                    encap,
-                    output_mark: Some(Mark {
-                        value: plan.marks.decrypt,
-                        mask: plan.marks.mask,
-                    }),
-                    replay_window: plan.replay_window,
-                    esn: true,
-                    transport: false,
-                },
-            ));
+                ));
+            }
         }
     }
     d
@@ -200,7 +203,7 @@ pub fn vxlan_esp(plan: &Plan, port: u16) -> Desired {
             .push((owner.clone(), pol(Dir::Out, me, p.endpoint)));
         d.policies
             .push((owner.clone(), pol(Dir::In, p.endpoint, me)));
-        if let (Some(ko), Some(ki)) = (&p.key_out, &p.key_in) {
+        if let Some(ko) = &p.key_out {
             let sa = |src, dst, spi, key| Sa {
                 id: SaId { dst, spi },
                 src,
@@ -215,7 +218,9 @@ pub fn vxlan_esp(plan: &Plan, port: u16) -> Desired {
             };
             d.sas
                 .push((owner.clone(), sa(me, p.endpoint, p.spi_out, ko)));
-            d.sas.push((owner, sa(p.endpoint, me, p.spi_in, ki)));
+            for (rx, ki) in p.rx.iter().filter_map(|r| r.key.as_ref().map(|k| (r, k))) {
+                d.sas.push((owner.clone(), sa(p.endpoint, me, rx.spi, ki)));
+            }
         }
     }
     d
@@ -270,7 +275,8 @@ mod tests {
         let d = desired(&p);
         // block + 2 subnet pairs x 3 directions
         assert_eq!(d.policies.len(), 7);
-        assert_eq!(d.sas.len(), 2);
+        // One out SA; in SAs for generations 0, 1 and 2 (the default generation is 1).
+        assert_eq!(d.sas.len(), 4);
         let out: Vec<_> = d
             .policies
             .iter()
@@ -297,8 +303,58 @@ mod tests {
         assert!(
             matches!(&sa_out.crypto, Crypto::Aead { key, icv_bits: 128, .. } if key.len() == 36)
         );
-        assert!(d.sas[1].1.output_mark.is_some());
+        assert!(d.sas[1..].iter().all(|(_, s)| s.output_mark.is_some()));
+        let in_spis: Vec<u32> = d.sas[1..].iter().map(|(_, s)| s.id.spi).collect();
+        let want: Vec<u32> = p.peers[0].rx.iter().map(|r| r.spi).collect();
+        assert_eq!(in_spis, want);
+        assert!(in_spis.contains(&p.peers[0].spi_in));
+        assert_eq!(
+            in_spis.iter().map(|s| s & 0xf).collect::<Vec<_>>(),
+            vec![0, 1, 2],
+            "the generation is the SPI's low nibble"
+        );
+        assert!(d.sas.iter().all(|(_, s)| s.esn && s.replay_window == 1024));
         assert_eq!(prefix_thresholds(&p), Some((24, 24)));
+    }
+
+    #[test]
+    fn a_key_ring_limits_the_inbound_generations_to_its_secrets() {
+        let c = Cluster::validate(&RawCluster {
+            network: RawNetwork {
+                cidr: "10.42.0.0/16".into(),
+                ..Default::default()
+            },
+            hosts: ["a", "b"]
+                .iter()
+                .enumerate()
+                .map(|(i, id)| RawHost {
+                    id: id.to_string(),
+                    agent_ip: format!("192.168.77.{}", i + 1),
+                    subnets: vec![format!("10.42.{}.0/24", i + 1)],
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .unwrap();
+        let ring = Psk::ring(&[(4, &[4; 32]), (5, &[5; 32])]);
+        let opts = |generation| PlanOptions {
+            generation,
+            ..Default::default()
+        };
+        let p = plan(&c, "a", &opts(4), Some(&ring)).unwrap();
+        let gens: Vec<u32> = p.peers[0].rx.iter().map(|r| r.generation).collect();
+        assert_eq!(gens, vec![4, 5], "3 is not in the ring");
+        assert_eq!(desired(&p).sas.len(), 3);
+        // Keys of different generations come from different secrets.
+        assert_ne!(p.peers[0].rx[0].key_id, p.peers[0].rx[1].key_id);
+        let e = plan(&c, "a", &opts(6), Some(&ring)).unwrap_err();
+        assert!(e.to_string().contains("no secret for it"), "{e}");
+        assert!(e.to_string().contains("4, 5"), "{e}");
+        // The sender's key of generation 5 is what the receiver holds for generation 5.
+        let b = plan(&c, "b", &opts(5), Some(&ring)).unwrap();
+        let rx5 = p.peers[0].rx.iter().find(|r| r.generation == 5).unwrap();
+        assert_eq!(rx5.spi, b.peers[0].spi_out);
+        assert_eq!(rx5.key_id, b.peers[0].key_out_id);
     }
 
     #[test]
@@ -306,7 +362,7 @@ mod tests {
         let p = a_plan(true);
         let d = vxlan_esp(&p, 4789);
         assert_eq!(d.policies.len(), 2);
-        assert_eq!(d.sas.len(), 2);
+        assert_eq!(d.sas.len(), 4, "out + in for generations 0, 1, 2");
         let out = &d.policies[0].1;
         assert_eq!(out.id.src.to_string(), "192.168.77.1/32");
         assert_eq!(out.id.dst.to_string(), "192.168.77.2/32");

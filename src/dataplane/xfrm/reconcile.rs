@@ -259,7 +259,7 @@ mod tests {
         let before = desired(&mk_plan(&HOSTS, "a"));
         let after = desired(&mk_plan(&HOSTS[..2], "a"));
         let steps = diff(&as_current(&before), &after);
-        assert_eq!(steps.len(), 3 + 2, "{steps:#?}");
+        assert_eq!(steps.len(), 3 + 4, "{steps:#?}");
         assert!(steps.iter().all(|s| matches!(s.owner, Owner::Stale(_))));
         assert!(steps
             .iter()
@@ -274,7 +274,7 @@ mod tests {
         let before = desired(&mk_plan(&HOSTS[..2], "a"));
         let after = desired(&mk_plan(&HOSTS, "a"));
         let steps = diff(&as_current(&before), &after);
-        assert_eq!(steps.len(), 5, "3 policies + 2 SAs: {steps:#?}");
+        assert_eq!(steps.len(), 7, "3 policies + 4 SAs: {steps:#?}");
         assert!(steps.iter().all(|s| s.owner == Owner::Peer("c".into())));
     }
 
