@@ -34,8 +34,8 @@ fn ip_batch(p: &Plan, with_sas: bool) -> String {
         };
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
         s.push_str(&format!(
-            "xfrm state add src {} dst {} proto esp spi {:#x} reqid {} mode tunnel replay-window 0 aead '{name}' 0x{hex} {icv_bits}\n",
-            sa.src, sa.id.dst, sa.id.spi, sa.reqid
+            "xfrm state add src {} dst {} proto esp spi {:#x} reqid {} mode tunnel replay-window {} flag esn aead '{name}' 0x{hex} {icv_bits}\n",
+            sa.src, sa.id.dst, sa.id.spi, sa.reqid, sa.replay_window
         ));
     }
     for (_, pol) in d.policies {
@@ -65,15 +65,44 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+/// Kernel slab memory in KiB (`Slab:` of /proc/meminfo) and the `xfrm_state` cache's bytes
+/// (active objects x object size, /proc/slabinfo; 0 where the kernel does not show it).
+fn slab() -> (u64, u64) {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total = meminfo
+        .lines()
+        .find(|l| l.starts_with("Slab:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let slabinfo = std::fs::read_to_string("/proc/slabinfo").unwrap_or_default();
+    let xs = slabinfo
+        .lines()
+        .find(|l| l.starts_with("xfrm_state "))
+        .map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .take(3)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            f.first().copied().unwrap_or(0) * f.get(2).copied().unwrap_or(0)
+        })
+        .unwrap_or(0);
+    (total, xs)
+}
+
 fn case(peers: usize, with_sas: bool) {
     let p = plan_for(peers);
     let grown = plan_for(peers + 1);
     let batch = ip_batch(&p, with_sas);
     let n_pol = desired::desired(&p).policies.len();
     in_new_netns(move || {
+        let (slab0, xs0) = slab();
         let t = Instant::now();
         let first = xfrm::reconcile(&p).unwrap();
         let t_first = ms(t);
+        let (slab1, xs1) = slab();
         let t = Instant::now();
         let noop = xfrm::reconcile(&p).unwrap();
         let t_noop = ms(t);
@@ -82,6 +111,7 @@ fn case(peers: usize, with_sas: bool) {
         let cur = xfrm::read_current(&mut sock, &p.marks).unwrap();
         let t_dump = ms(t);
         assert_eq!(cur.policies.len(), n_pol);
+        let n_sa = cur.sas.len();
         let t = Instant::now();
         let add = xfrm::reconcile(&grown).unwrap();
         let t_add = ms(t);
@@ -101,7 +131,9 @@ fn case(peers: usize, with_sas: bool) {
         })
         .unwrap();
         println!(
-            "peers={peers:>5} policies={n_pol:>6} | first reconcile {t_first:8.1} ms ({} writes) | ip -batch {t_ip:8.1} ms | ratio {:.2}x | no-op {t_noop:6.1} ms ({} writes, dump+parse {t_dump:.1} ms) | +1 host {t_add:6.1} ms ({} writes){}",
+            "peers={peers:>5} policies={n_pol:>6} states={n_sa:>6} | slab +{} KiB (xfrm_state cache +{} KiB) | first reconcile {t_first:8.1} ms ({} writes) | ip -batch {t_ip:8.1} ms | ratio {:.2}x | no-op {t_noop:6.1} ms ({} writes, dump+parse {t_dump:.1} ms) | +1 host {t_add:6.1} ms ({} writes){}",
+            slab1.saturating_sub(slab0),
+            xs1.saturating_sub(xs0) / 1024,
             first.writes,
             t_ip / t_first,
             noop.writes,
