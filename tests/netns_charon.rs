@@ -1,6 +1,10 @@
 //! Root only: the charon driver's reconcile against real `charon-systemd`s (Debian's
-//! strongSwan 5.9), one per host network namespace, with charon-conf/strongswan-libipsec.conf
-//! (this kernel has no ESP). Needs the packages integration/setup.sh installs.
+//! strongSwan 5.9), one per host network namespace, mostly with
+//! charon-conf/strongswan-libipsec.conf (userspace ESP: works on any kernel, this machine's
+//! has no ESP). The kernel-netlink tests expect what the kernel at hand allows
+//! (`common::kernel_has_esp`): CHILD_SA failures in words without ESP, installed SAs with it
+//! (the VM kernel, integration/vm/test-root-suites.sh). Needs the packages
+//! integration/setup.sh installs.
 //!
 //! Lab: a switch netns (bridge `br0`, br_netfilter + iptables counters), hosts
 //! `host-a`/`host-b`/`host-c` (underlay 192.168.77.N/24 on `eth0`, container bridge `cbr0`
@@ -748,9 +752,9 @@ fn conns_charon_refuses_are_reported_per_peer_and_nothing_else_is_loaded() {
 
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
-fn kernel_netlink_without_esp_reports_the_child_sa_failure_in_words() {
+fn kernel_netlink_reports_the_child_sa_failure_in_words_without_esp_and_installs_with_it() {
     require_root!();
-    // a and b with kernel-netlink on this ESP-less kernel, c with kernel-libipsec
+    // a and b with kernel-netlink, c with kernel-libipsec
     let lab = Lab::with_confs(
         "n",
         &[
@@ -761,40 +765,79 @@ fn kernel_netlink_without_esp_reports_the_child_sa_failure_in_words() {
     );
     let ids = ["host-a", "host-b", "host-c"];
     let psk = Psk::from_bytes(PSK);
+    let esp = common::kernel_has_esp();
     rt().block_on(async {
         let clients: Vec<Client> = futures::future::join_all(lab.hosts.iter().map(connect)).await;
-        let mut reports = Vec::new();
-        for _ in 0..2 {
-            reports = reconcile_all(&lab, &clients, &ids, &[&psk, &psk, &psk]).await;
+        if esp {
+            // The kernel holds charon's SAs: every pair comes up, with no error.
+            for round in 1.. {
+                let r = reconcile_all(&lab, &clients, &ids, &[&psk, &psk, &psk]).await;
+                if r.iter().all(|r| r.ok()) && all_up(&clients, 3).await {
+                    for (who, r) in ids.iter().zip(&r) {
+                        assert_eq!(r.peers.len(), 2, "{}", show(who, r));
+                        assert!(
+                            r.peers.values().all(|s| *s == PeerState::Up),
+                            "{}",
+                            show(who, r)
+                        );
+                    }
+                    break;
+                }
+                for (who, r) in ids.iter().zip(&r) {
+                    assert!(
+                        r.errors.iter().all(|(_, e)| !e.contains("cannot hold ESP")),
+                        "{}",
+                        show(who, r)
+                    );
+                }
+                assert!(round < 4, "{}", lab.logs());
+            }
+            // kernel-netlink put them into the kernel: both directions towards each peer
+            // (kernel-libipsec on c keeps its SAs in userspace).
+            for (me, peers) in [(1, [2, 3]), (2, [1, 3])] {
+                let h = &lab.hosts[me - 1];
+                let st = nsx(&h.ns, &["ip", "xfrm", "state"]);
+                for p in peers {
+                    for (src, dst) in [(me, p), (p, me)] {
+                        let sa = format!("src 192.168.77.{src} dst 192.168.77.{dst}\n\tproto esp ");
+                        assert!(st.contains(&sa), "{}: no SA {sa:?}:\n{st}", h.id);
+                    }
+                }
+            }
+        } else {
+            let mut reports = Vec::new();
+            for _ in 0..2 {
+                reports = reconcile_all(&lab, &clients, &ids, &[&psk, &psk, &psk]).await;
+            }
+            let err = |r: &CharonReport, who: &str, peer: &str| {
+                let e = r
+                    .error_for(peer)
+                    .unwrap_or_else(|| panic!("{}\n{}", show(who, r), lab.logs()))
+                    .to_string();
+                eprintln!("{who} about {peer}: {e}");
+                assert_eq!(r.peers[peer], PeerState::Failed);
+                e
+            };
+            let no_esp = "charon could not install the CHILD_SA: the kernel cannot hold ESP SAs";
+            // a -> c: a's own kernel refuses (its control-log says so)
+            let e = err(&reports[0], "host-a", "host-c");
+            assert!(
+                e.starts_with(&format!("initiate ipsec-mesh-host-c: {no_esp} (")),
+                "{e}"
+            );
+            assert!(!e.contains("the peer refused"), "{e}");
+            // a -> b: b's kernel fails first and answers NO_PROPOSAL_CHOSEN; a's probe of its
+            // own kernel still names the cause
+            let e = err(&reports[0], "host-a", "host-b");
+            assert!(
+                e.starts_with(&format!("initiate ipsec-mesh-host-b: {no_esp}")),
+                "{e}"
+            );
+            assert!(e.contains("kernel-libipsec"), "{e}");
+            // c (libipsec, fine itself) -> a: the peer could not install it
+            let e = err(&reports[2], "host-c", "host-a");
+            assert!(e.contains("could not install the CHILD_SA itself"), "{e}");
         }
-        let err = |r: &CharonReport, who: &str, peer: &str| {
-            let e = r
-                .error_for(peer)
-                .unwrap_or_else(|| panic!("{}\n{}", show(who, r), lab.logs()))
-                .to_string();
-            eprintln!("{who} about {peer}: {e}");
-            assert_eq!(r.peers[peer], PeerState::Failed);
-            e
-        };
-        let no_esp = "charon could not install the CHILD_SA: the kernel cannot hold ESP SAs";
-        // a -> c: a's own kernel refuses (its control-log says so)
-        let e = err(&reports[0], "host-a", "host-c");
-        assert!(
-            e.starts_with(&format!("initiate ipsec-mesh-host-c: {no_esp} (")),
-            "{e}"
-        );
-        assert!(!e.contains("the peer refused"), "{e}");
-        // a -> b: b's kernel fails first and answers NO_PROPOSAL_CHOSEN; a's probe of its
-        // own kernel still names the cause
-        let e = err(&reports[0], "host-a", "host-b");
-        assert!(
-            e.starts_with(&format!("initiate ipsec-mesh-host-b: {no_esp}")),
-            "{e}"
-        );
-        assert!(e.contains("kernel-libipsec"), "{e}");
-        // c (libipsec, fine itself) -> a: the peer could not install it
-        let e = err(&reports[2], "host-c", "host-a");
-        assert!(e.contains("could not install the CHILD_SA itself"), "{e}");
     });
 }
 
@@ -1061,9 +1104,9 @@ fn sidecars_with_driver_charon_mesh_and_bring_every_sa_back_after_charon_restart
 
 /// `--no-charon-policies`: charon gets `policies = no` and children with the plan's reqids;
 /// ipsec-mesh installs the XFRM policies (with those reqids), the block policy, marks and
-/// routes itself, and `cleanup` removes both sides. On this ESP-less kernel charon's
+/// routes itself, and `cleanup` removes both sides. Without ESP in the kernel charon's
 /// CHILD_SA fails (kernel-netlink), which `apply` reports per peer while our policies keep the
-/// traffic fail closed.
+/// traffic fail closed; with ESP charon's SAs carry the plan's reqids.
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn no_charon_policies_ipsec_mesh_owns_the_policies_with_the_plans_reqids() {
@@ -1071,6 +1114,7 @@ fn no_charon_policies_ipsec_mesh_owns_the_policies_with_the_plans_reqids() {
     use std::os::unix::fs::PermissionsExt;
     let lab = Lab::new("np", 2, "strongswan-netlink.conf");
     let ids = ["host-a", "host-b"];
+    let esp = common::kernel_has_esp();
     let dir = tempfile::tempdir().unwrap();
     let meta = dir.path().join("mesh.json");
     std::fs::write(
@@ -1112,10 +1156,27 @@ fn no_charon_policies_ipsec_mesh_owns_the_policies_with_the_plans_reqids() {
         let err = String::from_utf8_lossy(&o.stderr);
         eprintln!("{} apply: {err}", h.id);
         let peer = if h.id == "host-a" { "host-b" } else { "host-a" };
-        // The initiator's CHILD_SA fails on this kernel; the responder may still be waiting.
+        // host-a (the pair's initiator) applies first, while host-b's charon has no conn
+        // yet: its initiate fails on any kernel. Without ESP host-b's fails too (the
+        // CHILD_SA); with ESP host-b, initiating after its grace, brings the pair up.
         if h.id == "host-a" {
             assert_eq!(o.status.code(), Some(1), "{err}");
             assert!(err.contains(&format!("ipsec-mesh: {peer}: ")), "{err}");
+        }
+        if esp {
+            assert!(!err.contains("cannot hold ESP"), "{err}");
+            if h.id == "host-b" {
+                assert_eq!(o.status.code(), Some(0), "{err}");
+            }
+        } else if h.id == "host-b" {
+            assert_eq!(o.status.code(), Some(1), "{err}");
+            assert!(
+                err.contains(&format!(
+                    "ipsec-mesh: {peer}: initiate ipsec-mesh-{peer}: charon could not install \
+                     the CHILD_SA: the kernel cannot hold ESP SAs"
+                )),
+                "{err}"
+            );
         }
         // Our policies carry the plan's reqid for the peer, as charon's SAs will.
         let p = plan_for(&ids, &h.id);
@@ -1138,6 +1199,17 @@ fn no_charon_policies_ipsec_mesh_owns_the_policies_with_the_plans_reqids() {
         );
         assert!(conns.contains(&conn_name(peer)), "{conns}");
     }
+    // charon's SAs (or none, without ESP) carry the plan's reqid, as our policies do.
+    for h in &lab.hosts {
+        let reqid = plan_for(&ids, &h.id).peers[0].reqid;
+        let st = nsx(&h.ns, &["ip", "xfrm", "state"]);
+        let (ours, all) = (
+            st.matches(&format!(" reqid {reqid} ")).count(),
+            st.matches("proto esp ").count(),
+        );
+        let want = if esp { 2 } else { 0 };
+        assert_eq!((ours, all), (want, want), "{}: {st}", h.id);
+    }
     for h in &lab.hosts {
         let o = mesh(h, &["cleanup"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -1147,6 +1219,8 @@ fn no_charon_policies_ipsec_mesh_owns_the_policies_with_the_plans_reqids() {
             !pol.contains(&format!("reqid {reqid} ")) && !pol.contains("action block"),
             "{pol}"
         );
+        let st = nsx(&h.ns, &["ip", "xfrm", "state"]);
+        assert!(!st.contains(&format!(" reqid {reqid} ")), "{st}");
         assert!(!nsx(&h.ns, &["iptables-save"]).contains("IPSEC-MESH"));
         let conns = must(
             "swanctl",

@@ -180,3 +180,77 @@ pub fn charon_stop(child: &mut Option<std::process::Child>) {
         let _ = c.wait();
     }
 }
+
+/// Whether the running kernel can hold ESP SAs (`CONFIG_INET_ESP`): this machine's kernel
+/// cannot (/work/shared/TESTBED.md), the VM kernel under qemu can. Probed once per test
+/// process by adding one `cbc(aes)` + `hmac(sha256)` tunnel-mode SA in a throwaway network
+/// namespace (created and deleted here, never the caller's). Root only: the namespace needs
+/// it, and a probe that cannot run panics instead of guessing.
+pub fn kernel_has_esp() -> bool {
+    static ESP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ESP.get_or_init(probe_kernel_esp)
+}
+
+fn probe_kernel_esp() -> bool {
+    let ns = format!("espprobe{}", std::process::id());
+    let ip = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("ESP probe: spawn ip {}: {e}", args.join(" ")))
+    };
+    let _ = ip(&["netns", "del", &ns]);
+    let add = ip(&["netns", "add", &ns]);
+    assert!(
+        add.status.success(),
+        "ESP probe: ip netns add {ns}: {}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let sa = ip(&[
+        "-n",
+        &ns,
+        "xfrm",
+        "state",
+        "add",
+        "src",
+        "192.0.2.1",
+        "dst",
+        "192.0.2.2",
+        "proto",
+        "esp",
+        "spi",
+        "0x101",
+        "reqid",
+        "1",
+        "mode",
+        "tunnel",
+        "enc",
+        "cbc(aes)",
+        "0x000102030405060708090a0b0c0d0e0f",
+        "auth-trunc",
+        "hmac(sha256)",
+        "0x000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+        "128",
+    ]);
+    let del = ip(&["netns", "del", &ns]);
+    assert!(
+        del.status.success(),
+        "ESP probe: ip netns del {ns}: {}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    let has = sa.status.success();
+    eprintln!(
+        "ESP probe: this kernel {} ESP SAs{}",
+        if has { "holds" } else { "cannot hold" },
+        if has {
+            String::new()
+        } else {
+            format!(
+                " (ip xfrm state add: {})",
+                String::from_utf8_lossy(&sa.stderr).trim()
+            )
+        }
+    );
+    has
+}
