@@ -165,8 +165,14 @@ fn ok(a: &Answer) -> &Value {
 }
 
 fn require_reference() {
-    common::require_program(&format!("{REFERENCE}/bridge"), "containernetworking-plugins");
-    common::require_program(&format!("{REFERENCE}/host-local"), "containernetworking-plugins");
+    common::require_program(
+        &format!("{REFERENCE}/bridge"),
+        "containernetworking-plugins",
+    );
+    common::require_program(
+        &format!("{REFERENCE}/host-local"),
+        "containernetworking-plugins",
+    );
 }
 
 /// The bridge + IPAM configuration for host-a.
