@@ -131,12 +131,13 @@ fn case(peers: usize, with_sas: bool) {
         })
         .unwrap();
         println!(
-            "peers={peers:>5} policies={n_pol:>6} states={n_sa:>6} | slab +{} KiB (xfrm_state cache +{} KiB) | first reconcile {t_first:8.1} ms ({} writes) | ip -batch {t_ip:8.1} ms | ratio {:.2}x | no-op {t_noop:6.1} ms ({} writes, dump+parse {t_dump:.1} ms) | +1 host {t_add:6.1} ms ({} writes){}",
+            "peers={peers:>5} policies={n_pol:>6} states={n_sa:>6} | slab +{} KiB (xfrm_state cache +{} KiB) | first reconcile {t_first:8.1} ms ({} writes) | ip -batch {t_ip:8.1} ms | ratio {:.2}x | no-op {t_noop:6.1} ms ({} writes, {} sequence raises, dump+parse {t_dump:.1} ms) | +1 host {t_add:6.1} ms ({} writes){}",
             slab1.saturating_sub(slab0),
             xs1.saturating_sub(xs0) / 1024,
             first.writes,
             t_ip / t_first,
             noop.writes,
+            noop.seq_raises,
             add.writes,
             match (&first.esp_unsupported, with_sas) {
                 (Some(_), _) => " | SAs skipped: kernel has no ESP",

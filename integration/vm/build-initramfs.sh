@@ -265,7 +265,13 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=0755 tmpfs /run
+# Files the image put under /tmp (a project checked out there, as CI's clone may be) must
+# survive the tmpfs mounted over it: copy them in.
+if [ -n "$(ls -A /tmp 2>/dev/null)" ]; then
+    mv /tmp /.image-tmp && mkdir -m 1777 /tmp
+fi
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+[ ! -d /.image-tmp ] || { cp -a /.image-tmp/. /tmp/ && rm -rf /.image-tmp; }
 hostname vm
 /sbin/ip link set lo up
 

@@ -81,7 +81,12 @@ pub fn read_current_scoped(
             continue;
         }
         match messages::parse_sa(&m) {
-            Some(sa) => cur.sas.push(sa),
+            Some(sa) => {
+                if let Some(s) = messages::parse_sa_seq(&m) {
+                    cur.seq.push(s);
+                }
+                cur.sas.push(sa)
+            }
             None => cur.odd_sas.push((id, reqid)),
         }
     }
@@ -454,6 +459,14 @@ fn reconcile_desired(
     if tune_hash {
         tune_spd(&mut sock, plan, &mut report);
     }
+    let touched: std::collections::HashSet<SaId> = steps
+        .iter()
+        .filter_map(|s| match &s.op {
+            Op::AddSa(sa) => Some(sa.id),
+            Op::DelSa(id) => Some(*id),
+            _ => None,
+        })
+        .collect();
     apply_steps(
         &mut sock,
         steps,
@@ -462,7 +475,20 @@ fn reconcile_desired(
         &mut report,
     )?;
     if scope == Scope::All && !want.sas.is_empty() {
-        let t = tend_with(&mut sock, plan.endpoint, std::time::SystemTime::now())?;
+        // From the dump this reconcile started with (no second dump): SAs it replaced or
+        // removed are gone, and the ones it added start at the clock.
+        let states: Vec<messages::SeqState> = current
+            .seq
+            .iter()
+            .filter(|s| !touched.contains(&s.id))
+            .cloned()
+            .collect();
+        let t = apply_raises(
+            &mut sock,
+            &states,
+            plan.endpoint,
+            std::time::SystemTime::now(),
+        )?;
         report.seq_raises = t.writes;
         for (id, why) in t.errors {
             report.errors.push((
@@ -511,15 +537,25 @@ fn tend_with(
     local: std::net::IpAddr,
     now: std::time::SystemTime,
 ) -> Result<TendReport, SocketError> {
+    let states: Vec<messages::SeqState> = sock
+        .dump(messages::sa_dump())?
+        .iter()
+        .filter_map(messages::parse_sa_seq)
+        .filter(|s| crate::plan::ids::is_owned_reqid(s.reqid))
+        .collect();
+    apply_raises(sock, &states, local, now)
+}
+
+/// The replay-state replacements that keep `states` near the clock (pure), with the report
+/// they would give.
+pub fn plan_raises(
+    states: &[messages::SeqState],
+    local: std::net::IpAddr,
+    now: std::time::SystemTime,
+) -> (Vec<(SaId, netlink_packet_xfrm::XfrmMessage)>, TendReport) {
     let mut report = TendReport::default();
     let mut raises = Vec::new();
-    for m in sock.dump(messages::sa_dump())? {
-        let Some(s) = messages::parse_sa_seq(&m) else {
-            continue;
-        };
-        if !crate::plan::ids::is_owned_reqid(s.reqid) {
-            continue;
-        }
+    for s in states {
         let mut replay = s.replay.clone();
         if s.src == local {
             if let Some(d) = seq::ahead_of_clock(now, s.oseq) {
@@ -538,8 +574,18 @@ fn tend_with(
             replay.bmp.iter_mut().for_each(|w| *w = u32::MAX);
             report.raised_in += 1;
         }
-        raises.push((s.id, messages::sa_set_replay(&s, replay)));
+        raises.push((s.id, messages::sa_set_replay(s, replay)));
     }
+    (raises, report)
+}
+
+fn apply_raises(
+    sock: &mut XfrmSocket,
+    states: &[messages::SeqState],
+    local: std::net::IpAddr,
+    now: std::time::SystemTime,
+) -> Result<TendReport, SocketError> {
+    let (raises, mut report) = plan_raises(states, local, now);
     if raises.is_empty() {
         return Ok(report);
     }
@@ -586,6 +632,73 @@ pub fn cleanup_scoped(marks: &Marks, scope: Scope) -> Result<Report, SocketError
 mod tests {
     use super::*;
     use netlink_packet_xfrm::XfrmMessage;
+
+    #[test]
+    fn raises_only_lagging_counters_and_idle_windows() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let c = seq::clock(now);
+        let local: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let peer: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        let st = |spi, src, counter: u64| {
+            let mut replay = messages::replay_esn(1024, counter);
+            replay.bmp[0] = 0x5; // a partly used window
+            messages::SeqState {
+                id: SaId {
+                    dst: if src == local { peer } else { local },
+                    spi,
+                },
+                src,
+                reqid: 0x5000_0001,
+                oseq: counter,
+                seq: counter,
+                replay,
+                replay_drops: 0,
+                integrity_failed: 0,
+                packets: 0,
+                bytes: 0,
+                add_time: 0,
+            }
+        };
+        let t = |s: Duration| seq::ticks(s);
+        let states = vec![
+            st(1, local, c - t(Duration::from_secs(11))), // outbound, lagging: raised
+            st(2, local, c - t(Duration::from_secs(5))),  // outbound, recent
+            st(3, local, c + 40),                         // outbound, ahead of the clock
+            st(4, peer, c - t(Duration::from_secs(301))), // inbound, idle: raised
+            st(5, peer, c - t(Duration::from_secs(200))), // inbound, live
+        ];
+        let (raises, r) = plan_raises(&states, local, now);
+        let spis: Vec<u32> = raises.iter().map(|(id, _)| id.spi).collect();
+        assert_eq!(spis, vec![1, 4]);
+        assert_eq!((r.raised_out, r.raised_in), (1, 1));
+        assert_eq!(r.ahead, vec![(states[2].id, 40)]);
+        let replay = |m: &XfrmMessage| match m {
+            XfrmMessage::NewAsyncEvent(e) => e
+                .nlas
+                .iter()
+                .find_map(|a| match a {
+                    netlink_packet_xfrm::XfrmAttrs::ReplayStateEsn(r) => Some(r.clone()),
+                    _ => None,
+                })
+                .unwrap(),
+            other => panic!("not NEWAE: {other:?}"),
+        };
+        let out = replay(&raises[0].1);
+        assert_eq!(seq::join(out.oseq_hi, out.oseq), c);
+        assert_eq!(out.bmp[0], 0x5, "an outbound raise leaves the rest alone");
+        let inn = replay(&raises[1].1);
+        assert_eq!(seq::join(inn.seq_hi, inn.seq), seq::in_start(now));
+        assert!(
+            inn.bmp.iter().all(|w| *w == u32::MAX),
+            "nothing below the new top is accepted"
+        );
+        assert_eq!(
+            (inn.replay_window, inn.bmp_len),
+            (1024, 32),
+            "same window size"
+        );
+    }
 
     /// Answers the probe's requests: `answer(n)` for the n-th add (0-based); deletes succeed.
     /// Records what was sent, in order.

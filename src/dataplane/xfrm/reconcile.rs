@@ -16,6 +16,8 @@ pub struct Current {
     pub sas: Vec<Sa>,
     /// Our SAs (by reqid) whose shape we do not make: always deleted.
     pub odd_sas: Vec<(SaId, u32)>,
+    /// Sequence state of our ESN SAs, from the same dump (for [`super::plan_raises`]).
+    pub seq: Vec<super::messages::SeqState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,6 +226,7 @@ mod tests {
             policies: d.policies.iter().map(|(_, p)| p.clone()).collect(),
             sas: d.sas.iter().map(|(_, s)| s.clone()).collect(),
             odd_sas: vec![],
+            seq: vec![],
         }
     }
 
