@@ -107,12 +107,7 @@ pub fn sa_counters() -> Result<std::collections::HashMap<SaId, messages::SaCount
 
 /// Explain a refused request in words an operator can act on.
 pub fn explain(e: &KernelError, transform: Transform) -> String {
-    let no_esp = e.errno == libc::EPROTONOSUPPORT
-        || (e.errno == libc::ENOENT
-            && e.message
-                .as_deref()
-                .is_some_and(|m| m.contains("type not found")));
-    if no_esp {
+    if lacks_esp(e) {
         format!("this kernel cannot hold ESP SAs: CONFIG_INET_ESP is missing (kernel said: {e})")
     } else if e.errno == libc::ENOSYS {
         format!("this kernel lacks the crypto for {transform} (kernel said: {e})")
@@ -196,6 +191,47 @@ fn in_private_netns<T: Send + 'static>(
 /// succeeded: an SA that already has this identity is never removed.
 fn probe_esp(sock: &mut XfrmSocket, plan: &Plan) -> Result<(), String> {
     probe_spec(sock, ProbeSpec::of(plan))
+}
+
+/// Whether this kernel can hold ESP SAs at all (`cbc(aes)` + `hmac(sha256)`), with the same
+/// private-namespace probe: `Some(true)` / `Some(false)`, `None` when it cannot tell (no
+/// CAP_NET_ADMIN, no XFRM netlink, another error). For the charon driver's diagnosis.
+pub fn kernel_has_esp() -> Option<bool> {
+    let spec = ProbeSpec {
+        v6: false,
+        inner_v6: false,
+        transform: Transform::Aes128Sha256,
+    };
+    let run = |r: &mut XfrmSocket, after| probe_transform(r, spec, spec.transform, after);
+    let private = in_private_netns(move || {
+        XfrmSocket::open()
+            .map(|mut s| probe_transform(&mut s, spec, spec.transform, AfterProbe::Keep))
+    });
+    let answer = match private {
+        Ok(Ok(r)) => r,
+        _ => {
+            let mut sock = XfrmSocket::open().ok()?;
+            run(&mut sock, AfterProbe::Delete)
+        }
+    };
+    match answer {
+        Ok(()) => Some(true),
+        Err(SocketError::Kernel(k)) if lacks_esp(&k) => Some(false),
+        Err(e) => {
+            debug!(error = %e, "ESP probe inconclusive");
+            None
+        }
+    }
+}
+
+/// The kernel's answer to an ESP SA when it has no ESP (`EPROTONOSUPPORT`, or `ENOENT`
+/// "type not found" depending on the attribute).
+fn lacks_esp(e: &KernelError) -> bool {
+    e.errno == libc::EPROTONOSUPPORT
+        || (e.errno == libc::ENOENT
+            && e.message
+                .as_deref()
+                .is_some_and(|m| m.contains("type not found")))
 }
 
 fn probe_spec(sock: &mut XfrmSocket, spec: ProbeSpec) -> Result<(), String> {
