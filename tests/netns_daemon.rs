@@ -330,11 +330,17 @@ fn expected(plan: &Plan) -> Owned {
             plan.cidr.trunc()
         ),
     ];
+    // The mark chain names no peer: RETURN for the local subnets, one MARK for the overlay.
+    let locals: Vec<IpNet> = plan.subnets.iter().map(IpNet::trunc).collect();
     firewall.extend(
-        routes
+        IpNet::aggregate(&locals)
             .iter()
-            .map(|d| format!("mangle -A IPSEC-MESH-MARK -d {d} -j MARK --set-xmark {MARK}")),
+            .map(|l| format!("mangle -A IPSEC-MESH-MARK -d {l} -j RETURN")),
     );
+    firewall.push(format!(
+        "mangle -A IPSEC-MESH-MARK -d {} -j MARK --set-xmark {MARK}",
+        plan.cidr.trunc()
+    ));
     firewall.sort();
     Owned {
         policies,

@@ -135,6 +135,14 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
+/// A dump without its `# Generated ... on <date>` lines.
+fn without_comments(dump: &str) -> String {
+    dump.lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn count(haystack: &str, line: &str) -> usize {
     haystack.lines().filter(|l| l.trim() == line).count()
 }
@@ -216,9 +224,8 @@ fn apply_reconcile_and_cleanup_touch_only_our_objects() {
         assert_eq!(
             mark_rules,
             vec![
-                "-A IPSEC-MESH-MARK -d 10.42.2.0/24 -j MARK --set-xmark 0x100000/0x300000",
-                "-A IPSEC-MESH-MARK -d 10.42.4.0/24 -j MARK --set-xmark 0x100000/0x300000",
-                "-A IPSEC-MESH-MARK -d 10.42.6.0/23 -j MARK --set-xmark 0x100000/0x300000",
+                "-A IPSEC-MESH-MARK -d 10.42.1.0/24 -j RETURN",
+                "-A IPSEC-MESH-MARK -d 10.42.0.0/16 -j MARK --set-xmark 0x100000/0x300000",
             ]
         );
         let filter = sh("iptables-save -t filter");
@@ -275,13 +282,13 @@ fn apply_reconcile_and_cleanup_touch_only_our_objects() {
         // A second apply writes nothing.
         assert_eq!(apply_all(&plan, FirewallSpec::from_plan(&plan)), (0, 0));
 
-        // host-c leaves: only its mark rule (one chain refill) and its route go.
+        // host-c leaves: the firewall does not change (it names no peer), only its route goes.
         let plan2 = plan_for("10.42.0.0/16", &[A, B, D], "host-a");
-        assert_eq!(apply_all(&plan2, FirewallSpec::from_plan(&plan2)), (1, 1));
-        let mangle = sh("iptables-save -t mangle");
-        assert!(!mangle.contains("10.42.4.0/24"), "{mangle}");
-        assert!(mangle.contains("-d 10.42.2.0/24 -j MARK"), "{mangle}");
-        assert!(mangle.contains("-d 10.42.6.0/23 -j MARK"), "{mangle}");
+        assert_eq!(apply_all(&plan2, FirewallSpec::from_plan(&plan2)), (0, 1));
+        assert_eq!(
+            without_comments(&sh("iptables-save -t mangle")),
+            without_comments(&mangle)
+        );
         assert_eq!(
             our_routes(false),
             set(&["10.42.2.0/24 dev ul0", "10.42.6.0/23 dev ul0"])
@@ -351,11 +358,16 @@ fn ipv6_overlay_uses_ip6tables_and_v6_rules() {
         let (fw, rt) = apply_all(&plan, FirewallSpec::from_plan(&plan));
         assert_eq!((fw, rt), (6, 3));
         let mangle = sh("ip6tables-save -t mangle");
-        assert!(
-            mangle.contains(
-                "-A IPSEC-MESH-MARK -d fd42:0:2::/64 -j MARK --set-xmark 0x100000/0x300000"
-            ),
-            "{mangle}"
+        let mark_rules: Vec<&str> = mangle
+            .lines()
+            .filter(|l| l.starts_with(&format!("-A {MARK_CHAIN} ")))
+            .collect();
+        assert_eq!(
+            mark_rules,
+            vec![
+                "-A IPSEC-MESH-MARK -d fd42:0:1::/64 -j RETURN",
+                "-A IPSEC-MESH-MARK -d fd42::/32 -j MARK --set-xmark 0x100000/0x300000",
+            ]
         );
         assert!(sh("ip6tables-save -t filter").contains("-A IPSEC-MESH-GUARD -d fd42::/32 "));
         assert!(!sh("iptables-save").contains("IPSEC-MESH"), "v4 untouched");
@@ -477,18 +489,21 @@ fn marked_traffic_without_ipsec_policy_is_dropped() {
             ctr.sh("echo x > /dev/udp/10.42.2.5/9");
         }
         assert_eq!(guard_drops(), 3, "{}", sh("iptables-save -c"));
-        let marked = rule_packets(
-            &sh("iptables-save -c -t mangle"),
-            MARK_CHAIN,
-            "10.42.2.0/24",
-        );
+        let marked = rule_packets(&sh("iptables-save -c -t mangle"), MARK_CHAIN, "-j MARK");
         assert_eq!(marked, Some(3));
+
+        // An overlay address of no peer is marked too: no route in table 1042, the main table
+        // sends it back to the bridge, and the guard drops it (never plaintext).
+        ctr.sh("echo x > /dev/udp/10.42.200.5/9");
+        let marked = rule_packets(&sh("iptables-save -c -t mangle"), MARK_CHAIN, "-j MARK");
+        assert_eq!(marked, Some(4));
+        assert_eq!(guard_drops(), 4, "{}", sh("iptables-save -c"));
 
         // Host-originated: OUTPUT mark -> reroute -> OUTPUT guard: the send itself fails.
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         let e = s.send_to(b"x", "10.42.2.5:9").unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
-        assert_eq!(guard_drops(), 4);
+        assert_eq!(guard_drops(), 5);
 
         // Not one packet left through the underlay.
         assert_eq!(tx_packets("ul0"), tx_before, "plaintext left through ul0");
@@ -508,6 +523,151 @@ fn marked_traffic_without_ipsec_policy_is_dropped() {
         .unwrap();
         assert_eq!(r.writes, 1, "{:?}", r.changes);
 
+        cleanup_all();
+        assert_nothing_of_ours(false);
+    })
+    .unwrap();
+}
+
+/// `hosts` hosts as an allocator leaves them: `host-00000` (the self host) owns
+/// 10.42.1.0/24, every other host one /24 drawn at random (fixed seed, no duplicates) from
+/// 10.0.0.0/8, so the remote prefixes do not aggregate into a few blocks. Agent IPs in
+/// 172.16.0.0/16.
+fn spread_mesh(hosts: usize) -> RawCluster {
+    let mut x: u32 = 0x2545_f491;
+    let mut used = BTreeSet::from(["10.42.1.0/24".to_string()]);
+    let mut subnets = vec!["10.42.1.0/24".to_string()];
+    while subnets.len() < hosts {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let n = format!("10.{}.{}.0/24", (x >> 8) & 0xff, x & 0xff);
+        if used.insert(n.clone()) {
+            subnets.push(n);
+        }
+    }
+    RawCluster {
+        network: RawNetwork {
+            cidr: "10.0.0.0/8".into(),
+            backend: None,
+            mtu: None,
+        },
+        hosts: subnets
+            .into_iter()
+            .enumerate()
+            .map(|(i, sn)| RawHost {
+                id: format!("host-{i:05}"),
+                agent_ip: format!("172.16.{}.{}", i / 250, i % 250 + 1),
+                subnets: vec![sn],
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+fn spread_plan(hosts: usize) -> Plan {
+    let c = Cluster::validate(&spread_mesh(hosts)).unwrap();
+    plan::plan(&c, "host-00000", &PlanOptions::default(), None).unwrap()
+}
+
+/// `-A` lines of a table (every chain, ours and foreign).
+fn rule_lines(table: &str) -> usize {
+    sh(&format!("iptables-save -t {table}"))
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .count()
+}
+
+/// (packets through the mark rule, packets through the local RETURN rule).
+fn mark_counters() -> (u64, u64) {
+    let dump = sh("iptables-save -c -t mangle");
+    (
+        rule_packets(&dump, MARK_CHAIN, "-j MARK").unwrap(),
+        rule_packets(&dump, MARK_CHAIN, "-d 10.42.1.0/24 -j RETURN").unwrap(),
+    )
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn rule_count_is_independent_of_peers_and_marks_only_remote_overlay_traffic() {
+    require_root!();
+    in_new_netns(|| {
+        sh("sysctl -qw net.ipv6.conf.default.disable_ipv6=1 net.ipv6.conf.all.disable_ipv6=1");
+        sh(
+            "ip link set lo up && ip link add ul0 type veth peer name ul0p \
+            && ip addr add 172.16.0.1/16 dev ul0 && ip link set ul0 up && ip link set ul0p up \
+            && ip link add cbr0 type bridge && ip addr add 10.42.1.1/24 dev cbr0 \
+            && ip link set cbr0 up",
+        );
+        // The host's own traffic to the overlay first routes via the bridge (main table); the
+        // mark then reroutes it through table 1042.
+        sh("ip route add 10.0.0.0/8 dev cbr0");
+        let one = spread_plan(2);
+        let many = spread_plan(5001);
+        assert_eq!(many.peers.len(), 5000);
+        let remote: Vec<ipnet::IpNet> = many
+            .peers
+            .iter()
+            .flat_map(|p| p.subnets.iter().copied())
+            .collect();
+        let blocks = ipnet::IpNet::aggregate(&remote).len();
+        assert!(blocks > 1000, "spread over the cidr: {blocks} blocks");
+
+        assert_eq!(apply_all(&one, FirewallSpec::from_plan(&one)), (6, 2));
+        let (mangle1, filter1) = (rule_lines("mangle"), rule_lines("filter"));
+        let ours1 = without_comments(&sh("iptables-save"));
+        // 5,000 peers: the firewall writes nothing (it names no peer), the routes grow.
+        let (fw, rt) = apply_all(&many, FirewallSpec::from_plan(&many));
+        assert_eq!(fw, 0);
+        assert!(rt > 1000, "{rt} route writes (routes are aggregated)");
+        assert_eq!(
+            rule_lines("mangle"),
+            mangle1,
+            "mangle rules grew with the peers"
+        );
+        assert_eq!(
+            rule_lines("filter"),
+            filter1,
+            "filter rules grew with the peers"
+        );
+        assert_eq!(without_comments(&sh("iptables-save")), ours1);
+        // PREROUTING + OUTPUT jumps, RETURN for the local /24, one MARK.
+        assert_eq!(mangle1, 4);
+        // FORWARD + OUTPUT jumps, one guard rule.
+        assert_eq!(filter1, 3);
+
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let (m0, r0) = mark_counters();
+        let g0 = guard_drops();
+        // Every 250th peer's subnet (20 peers across the cidr): marked, routed to table 1042
+        // and dropped by the guard (no XFRM policy here): the send fails.
+        let sample: Vec<&ipnet::IpNet> = remote.iter().step_by(250).collect();
+        for n in &sample {
+            let ipnet::IpNet::V4(v4) = n else {
+                unreachable!()
+            };
+            let dst = std::net::Ipv4Addr::from(u32::from(v4.network()) + 5);
+            let e = s.send_to(b"x", (dst, 9)).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{dst}: {e}");
+        }
+        let n = sample.len() as u64;
+        assert_eq!(mark_counters(), (m0 + n, r0));
+        assert_eq!(guard_drops(), g0 + n);
+
+        // The local subnet: RETURN, not marked, not dropped.
+        for _ in 0..3 {
+            s.send_to(b"x", "10.42.1.7:9").unwrap();
+        }
+        assert_eq!(mark_counters(), (m0 + n, r0 + 3));
+        // The underlay (outside the overlay): neither rule, not dropped.
+        for _ in 0..3 {
+            s.send_to(b"x", "172.16.9.9:9").unwrap();
+        }
+        assert_eq!(mark_counters(), (m0 + n, r0 + 3));
+        assert_eq!(guard_drops(), g0 + n);
+
+        // Back to one peer: still no firewall write; cleanup removes everything.
+        assert_eq!(apply_all(&one, FirewallSpec::from_plan(&one)).0, 0);
         cleanup_all();
         assert_nothing_of_ours(false);
     })

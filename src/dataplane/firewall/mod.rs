@@ -1,6 +1,6 @@
-//! fwmark forwarding, netfilter part: mark traffic for remote overlay subnets with the encrypt
-//! mark (table `mangle`) and drop marked traffic that matched no IPsec policy (table `filter`,
-//! fail closed).
+//! fwmark forwarding, netfilter part: mark traffic to the overlay (except this host's own
+//! subnets) with the encrypt mark (table `mangle`) and drop marked traffic that matched no
+//! IPsec policy (table `filter`, fail closed).
 //!
 //! What ipsec-mesh owns here, and nothing else:
 //! - chains whose name starts with [`CHAIN_PREFIX`] (`IPSEC-MESH-MARK`, `IPSEC-MESH-PRE`,
@@ -17,6 +17,37 @@
 //!
 //! Fail-closed order: [`apply`] writes `filter` (guard) before `mangle` (marking);
 //! [`cleanup`] removes marking before the guard.
+//!
+//! # Per-packet cost: constant in the number of peers
+//!
+//! Every packet the host sends (`OUTPUT`) or receives (`PREROUTING`, through
+//! `IPSEC-MESH-PRE` when devices are given) walks `IPSEC-MESH-MARK`, so its length is the
+//! per-packet cost. It holds `-d <local subnet> -j RETURN` for each of this host's own subnets
+//! that lies in the overlay (aggregated), then **one** rule `-d <overlay cidr> -j MARK`: its
+//! length depends on this host's subnets, never on the peers (5,000 peers: still
+//! `local + 1` rules; it used to be one `MARK` rule per aggregated remote prefix). The guard
+//! `IPSEC-MESH-GUARD` is one rule for the overlay cidr. Per-peer selection is left to the
+//! structures built for it: the XFRM policy lookup and the LPM route table.
+//!
+//! Which packets get the mark, and why that is correct:
+//! - **To a remote peer's subnet**: marked (inside the overlay, not local). The mark selects
+//!   policy-routing table 1042 ([`crate::dataplane::routes`]) and that peer's XFRM out policy
+//!   (mark-matched): the packet is encrypted. Same as before.
+//! - **To an overlay address of no peer** (not local, no peer subnet): marked. No pair policy
+//!   matches it, so the catch-all block policy (xfrm driver: `desired::block_policy`, marked
+//!   traffic, lowest priority) drops it; and should no policy exist at all, the guard drops
+//!   it (marked, to the overlay, `--pol none`). Dropped, never plaintext. (The per-prefix form
+//!   left it unmarked: it went wherever the main table routed it, in clear.)
+//! - **To this host's own subnets** (containers on the bridge, decrypted inbound traffic that
+//!   re-enters `PREROUTING`): `RETURN` before the mark rule, never marked.
+//! - **Outside the overlay** (underlay, internet, loopback, and the encrypted outer packets,
+//!   whose destination is a peer's agent IP, outside the overlay by model validation): no
+//!   rule matches, never marked.
+//! - **Arriving on another device** than the bridge / underlay (when the spec names them):
+//!   `IPSEC-MESH-PRE` never jumps to the mark chain for them, as before.
+//!
+//! A peer joining or leaving therefore changes neither table: the firewall writes 0 objects
+//! and only the routes and the XFRM policies change.
 
 pub mod render;
 pub mod runner;
@@ -35,7 +66,7 @@ pub use save::parse_save;
 
 /// Every chain we own starts with this.
 pub const CHAIN_PREFIX: &str = "IPSEC-MESH-";
-/// mangle: sets the encrypt mark on packets for remote overlay subnets.
+/// mangle: sets the encrypt mark on packets to the overlay, except to this host's subnets.
 pub const MARK_CHAIN: &str = "IPSEC-MESH-MARK";
 /// mangle: restricts PREROUTING marking to the bridge / underlay devices (only when a device
 /// is given in the spec).
@@ -121,7 +152,8 @@ pub struct FirewallSpec {
     pub marks: Marks,
     /// The overlay cidr: the guard drops marked, policy-less packets to it.
     pub overlay: IpNet,
-    /// Every peer's subnets (aggregated when rendered).
+    /// Every peer's subnets: validated (inside the overlay, not overlapping a local subnet),
+    /// not rendered (the mark rule covers the whole overlay).
     pub remote_subnets: Vec<IpNet>,
     /// The self host's subnets (never marked; checked not to overlap the remote ones).
     pub local_subnets: Vec<IpNet>,

@@ -105,17 +105,37 @@ pub fn aggregate(nets: &[IpNet]) -> Vec<IpNet> {
     IpNet::aggregate(&v)
 }
 
+/// The local subnets that lie in (or cover part of) the overlay, host bits cleared and
+/// aggregated: the only destinations inside the overlay that are never marked.
+pub fn local_exclusions(spec: &FirewallSpec) -> Vec<IpNet> {
+    let overlay = spec.overlay.trunc();
+    aggregate(&spec.local_subnets)
+        .into_iter()
+        .filter(|l| overlay.contains(l) || l.contains(&overlay))
+        .collect()
+}
+
+/// The mark chain: `RETURN` for each local exclusion, then one `MARK` rule for the whole
+/// overlay. Its length depends on this host's subnets only, never on the peers (see the
+/// module docs of [`super`] for why marking the whole overlay is correct).
+fn mark_rules(spec: &FirewallSpec, set: &str) -> Vec<String> {
+    let mut rules: Vec<String> = local_exclusions(spec)
+        .iter()
+        .map(|l| format!("-d {l} -j RETURN"))
+        .collect();
+    rules.push(format!("-d {} {set}", spec.overlay.trunc()));
+    rules
+}
+
 /// The desired state of each table for `spec` (validate the spec first).
 pub fn desired(spec: &FirewallSpec) -> BTreeMap<Table, TableState> {
     let m = spec.marks;
     let set = format!("-j MARK --set-xmark {}/{}", hex(m.encrypt), hex(m.mask));
 
     let mut mangle = TableState::default();
-    let mark_rules = aggregate(&spec.remote_subnets)
-        .iter()
-        .map(|p| format!("-d {p} {set}"))
-        .collect();
-    mangle.chains.insert(MARK_CHAIN.to_string(), mark_rules);
+    mangle
+        .chains
+        .insert(MARK_CHAIN.to_string(), mark_rules(spec, &set));
 
     let mut devs: Vec<&str> = [&spec.bridge_dev, &spec.underlay_dev]
         .into_iter()
@@ -135,7 +155,8 @@ pub fn desired(spec: &FirewallSpec) -> BTreeMap<Table, TableState> {
     }
     mangle.jumps.push(Jump::to("OUTPUT", MARK_CHAIN));
 
-    // Marked packets only ever go to remote subnets, all inside the overlay; the encrypted
+    // Marked packets only ever go to the overlay (the mark chain marks nothing else); the
+    // guard is one rule whatever the number of peers. The encrypted
     // (outer) packet still carries the mark when it passes OUTPUT again, but goes to a peer's
     // underlay address, outside the overlay, so `-d <overlay>` lets it through.
     let mut filter = TableState::default();
@@ -267,7 +288,7 @@ mod tests {
     }
 
     #[test]
-    fn renders_mark_chain_aggregated_and_deduplicated() {
+    fn mark_chain_excludes_local_subnets_and_marks_the_overlay_once() {
         let d = desired(&spec(&[
             "10.42.3.0/24",
             "10.42.2.0/24",
@@ -278,9 +299,8 @@ mod tests {
         assert_eq!(
             d[&Table::Mangle].chains[MARK_CHAIN],
             vec![
-                "-d 10.42.2.0/23 -j MARK --set-xmark 0x100000/0x300000",
-                "-d 10.42.8.0/24 -j MARK --set-xmark 0x100000/0x300000",
-                "-d 10.42.9.7/32 -j MARK --set-xmark 0x100000/0x300000",
+                "-d 10.42.1.0/24 -j RETURN",
+                "-d 10.42.0.0/16 -j MARK --set-xmark 0x100000/0x300000",
             ]
         );
         assert_eq!(
@@ -291,6 +311,62 @@ mod tests {
             ]
         );
         assert!(!d[&Table::Mangle].chains.contains_key(PRE_CHAIN));
+    }
+
+    #[test]
+    fn rule_counts_do_not_depend_on_the_peers() {
+        // 5,000 remote /24s spread over the overlay (not one block) vs one peer vs none.
+        let mut s = spec(&[]);
+        s.overlay = net("10.0.0.0/8");
+        s.local_subnets = vec![net("10.42.1.0/24")];
+        let one = desired(&s);
+        let mut x: u32 = 0x9e37_79b9;
+        let mut remote = std::collections::BTreeSet::new();
+        while remote.len() < 5000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let n: IpNet = format!("10.{}.{}.0/24", (x >> 8) & 0xff, x & 0xff)
+                .parse()
+                .unwrap();
+            if n != net("10.42.1.0/24") {
+                remote.insert(n);
+            }
+        }
+        s.remote_subnets = remote.into_iter().collect();
+        s.validate().unwrap();
+        assert!(
+            aggregate(&s.remote_subnets).len() > 1000,
+            "spread, not a block"
+        );
+        let many = desired(&s);
+        assert_eq!(many, one, "the rules are the same with 0 and 5,000 peers");
+        assert_eq!(many[&Table::Mangle].chains[MARK_CHAIN].len(), 2);
+        assert_eq!(many[&Table::Filter].chains[GUARD_CHAIN].len(), 1);
+    }
+
+    #[test]
+    fn local_exclusions_are_aggregated_and_inside_the_overlay() {
+        let mut s = spec(&[]);
+        s.local_subnets = vec![
+            net("10.42.5.7/32"),
+            net("10.42.5.6/32"),
+            net("10.42.1.9/24"),
+            net("192.168.3.0/24"),
+        ];
+        assert_eq!(
+            local_exclusions(&s),
+            vec![net("10.42.1.0/24"), net("10.42.5.6/31")]
+        );
+        let m = &desired(&s)[&Table::Mangle].chains[MARK_CHAIN];
+        assert_eq!(
+            m,
+            &vec![
+                "-d 10.42.1.0/24 -j RETURN".to_string(),
+                "-d 10.42.5.6/31 -j RETURN".to_string(),
+                "-d 10.42.0.0/16 -j MARK --set-xmark 0x100000/0x300000".to_string(),
+            ]
+        );
     }
 
     #[test]
@@ -351,8 +427,8 @@ mod tests {
         assert_eq!(
             d[&Table::Mangle].chains[MARK_CHAIN],
             vec![
-                "-d fd42:0:2::/64 -j MARK --set-xmark 0x100000/0x300000",
-                "-d fd42:0:3::/64 -j MARK --set-xmark 0x100000/0x300000"
+                "-d fd42:0:1::/64 -j RETURN",
+                "-d fd42::/32 -j MARK --set-xmark 0x100000/0x300000"
             ]
         );
         assert!(d[&Table::Filter].chains[GUARD_CHAIN][0].starts_with("-d fd42::/32 "));
@@ -397,7 +473,8 @@ mod tests {
             "*mangle\n\
              :IPSEC-MESH-MARK - [0:0]\n\
              -F IPSEC-MESH-MARK\n\
-             -A IPSEC-MESH-MARK -d 10.42.2.0/24 -j MARK --set-xmark 0x100000/0x300000\n\
+             -A IPSEC-MESH-MARK -d 10.42.1.0/24 -j RETURN\n\
+             -A IPSEC-MESH-MARK -d 10.42.0.0/16 -j MARK --set-xmark 0x100000/0x300000\n\
              -I PREROUTING 1 -j IPSEC-MESH-MARK\n\
              -I OUTPUT 1 -j IPSEC-MESH-MARK\n\
              COMMIT\n"
@@ -407,8 +484,15 @@ mod tests {
 
     #[test]
     fn diff_refills_changed_chain_only() {
+        // A peer leaving changes nothing; a local subnet added refills the mark chain only.
         let old = desired(&spec(&["10.42.2.0/24", "10.42.4.0/24"]));
-        let new = desired(&spec(&["10.42.2.0/24"]));
+        let same = desired(&spec(&["10.42.2.0/24"]));
+        for t in [Table::Mangle, Table::Filter] {
+            assert!(diff_table(&old[&t], &same[&t]).is_empty());
+        }
+        let mut s = spec(&["10.42.2.0/24"]);
+        s.local_subnets.push(net("10.42.3.0/24"));
+        let new = desired(&s);
         let ch = diff_table(&old[&Table::Mangle], &new[&Table::Mangle]);
         assert_eq!(
             ch,
