@@ -698,11 +698,11 @@ mod tests {
         };
         let t = |s: Duration| seq::ticks(s);
         let states = vec![
-            st(1, local, c - t(Duration::from_secs(11))), // outbound, lagging: raised
-            st(2, local, c - t(Duration::from_secs(5))),  // outbound, recent
+            st(1, local, c - t(Duration::from_secs(61))), // outbound, lagging: raised
+            st(2, local, c - t(Duration::from_secs(55))), // outbound, recent
             st(3, local, c + 40),                         // outbound, ahead of the clock
-            st(4, peer, c - t(Duration::from_secs(301))), // inbound, idle: raised
-            st(5, peer, c - t(Duration::from_secs(200))), // inbound, live
+            st(4, peer, c - t(Duration::from_secs(361))), // inbound, idle: raised
+            st(5, peer, c - t(Duration::from_secs(350))), // inbound, idle but recent enough
         ];
         let (raises, r) = plan_raises(&states, local, now);
         let spis: Vec<u32> = raises.iter().map(|(id, _)| id.spi).collect();

@@ -20,7 +20,7 @@
 //!   any pause or restart, while packets older than the window are dropped as replays.
 //!
 //! Consequence: hosts' clocks must agree within [`RECEIVE_SKEW`] minus [`SEND_LAG`] (behind)
-//! and about 12 minutes (ahead); NTP gives milliseconds. See docs/keying.md.
+//! and about 11 minutes (ahead); NTP gives milliseconds. See docs/keying.md.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,7 +29,10 @@ pub const TICKS_PER_SEC: u64 = 4_000_000;
 /// How far a receiver's window trails its clock after a start or raise.
 pub const RECEIVE_SKEW: Duration = Duration::from_secs(300);
 /// How far a sender's counter may trail its clock before the sidecar raises it.
-pub const SEND_LAG: Duration = Duration::from_secs(10);
+pub const SEND_LAG: Duration = Duration::from_secs(60);
+/// How far beyond [`RECEIVE_SKEW`] an inbound window may fall behind before it is raised (so
+/// an idle SA is raised once a minute, not at every look).
+pub const RECEIVE_SLACK: Duration = Duration::from_secs(60);
 /// Largest anti-replay window accepted (packets; the ESN bitmap is `window / 32` words).
 pub const MAX_REPLAY_WINDOW: u32 = 4096;
 
@@ -69,7 +72,7 @@ pub fn raise_out(now: SystemTime, oseq: u64) -> Option<u64> {
 /// inference range.
 pub fn raise_in(now: SystemTime, seq: u64) -> Option<u64> {
     let target = in_start(now);
-    (target > seq).then_some(target)
+    (target > seq.saturating_add(ticks(RECEIVE_SLACK))).then_some(target)
 }
 
 /// How far (in ticks) an outbound counter is ahead of the clock, if it is: the SA sent more
@@ -111,10 +114,12 @@ mod tests {
         // The kernel infers seq_hi correctly for numbers up to 2^32 above the window.
         let range = Duration::from_secs((1u64 << 32) / TICKS_PER_SEC);
         assert!(
-            range > RECEIVE_SKEW + SEND_LAG + Duration::from_secs(300),
+            range > RECEIVE_SKEW + RECEIVE_SLACK + SEND_LAG + Duration::from_secs(300),
             "{range:?}"
         );
-        assert!(RECEIVE_SKEW > SEND_LAG * 10);
+        // A tended sender (at most SEND_LAG + one 5 s refresh behind) stays above a raised
+        // window with minutes to spare for clock offsets.
+        assert!(RECEIVE_SKEW > SEND_LAG + Duration::from_secs(5 + 180));
     }
 
     #[test]
@@ -138,9 +143,13 @@ mod tests {
             sender - raised < 1 << 32,
             "within the kernel's seq_hi inference"
         );
-        // A recent window is left alone (a live sender keeps it recent).
+        // A recent window is left alone (a live sender keeps it recent), and so is one that
+        // was just raised: nothing to do at the next look.
         assert_eq!(raise_in(at(1000), window), None);
         assert_eq!(raise_in(at(1000), clock(at(990))), None);
+        assert_eq!(raise_in(at(1059), window), None);
+        assert_eq!(raise_in(at(5005), raised), None);
+        assert!(raise_in(at(1061), window).is_some());
     }
 
     #[test]
