@@ -300,45 +300,9 @@ fn mentions(pid: i32, s: &str) -> bool {
     cmdline(pid).contains(s) || env.contains(s)
 }
 
-/// Whether this kernel holds ESP SAs: one `cbc(aes)` + `hmac(sha256)` SA added in a
-/// throwaway namespace (what the script probes too, but done here independently of it).
-fn kernel_has_esp() -> bool {
-    static ESP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ESP.get_or_init(|| {
-        let ns = format!("imdemotest{}-probe", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        common::sh(&format!("ip netns add {ns}"));
-        let ok = Command::new("ip")
-            .args([
-                "-n",
-                &ns,
-                "xfrm",
-                "state",
-                "add",
-                "src",
-                "192.0.2.1",
-                "dst",
-                "192.0.2.2",
-            ])
-            .args([
-                "proto", "esp", "spi", "0x100", "mode", "tunnel", "enc", "cbc(aes)",
-            ])
-            .arg("0x000102030405060708090a0b0c0d0e0f")
-            .args(["auth-trunc", "hmac(sha256)"])
-            .arg("0x000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
-            .arg("128")
-            .output()
-            .unwrap()
-            .status
-            .success();
-        common::sh(&format!("ip netns del {ns}"));
-        ok
-    })
-}
-
 /// The default driver the script must pick on this kernel.
 fn default_driver() -> &'static str {
-    if kernel_has_esp() {
+    if common::kernel_has_esp() {
         "xfrm"
     } else {
         common::require_program(common::CHARON, "charon-systemd");
@@ -529,7 +493,7 @@ fn xfrm_driver_as_the_kernel_allows() {
     let mut d = Demo::start(&["--driver", "xfrm"]);
     let code = d.finish();
     let text = d.text();
-    if kernel_has_esp() {
+    if common::kernel_has_esp() {
         assert_eq!(code, Some(0), "{text}");
         assert_status_and_pings(&d, "xfrm", 3);
     } else {
