@@ -467,25 +467,9 @@ impl Netns {
     /// `src A dst B` (its `sel src ...` line is inside the block).
     fn sas(&self) -> Vec<String> {
         let text = check(Command::new("ip").args(["-n", &self.name, "xfrm", "state"]));
-        let mut blocks: Vec<String> = Vec::new();
-        for l in text.lines() {
-            match blocks.last_mut() {
-                Some(b) if !l.starts_with("src ") => {
-                    b.push(' ');
-                    b.push_str(l);
-                }
-                _ => blocks.push(l.to_string()),
-            }
-        }
-        let mut ours: Vec<String> = blocks
+        let mut ours: Vec<String> = common::parse_our_sas(&text)
             .iter()
-            .filter_map(|b| {
-                let w: Vec<&str> = b.split_whitespace().collect();
-                let after = |k: &str| w.iter().position(|x| *x == k).map(|i| w[i + 1]);
-                let spi = u32::from_str_radix(after("spi")?.trim_start_matches("0x"), 16).ok()?;
-                let reqid: u32 = after("reqid")?.parse().ok()?;
-                is_owned_reqid(reqid).then(|| canon_sa(w[1], w[3], spi, reqid))
-            })
+            .map(|(src, dst, spi, reqid)| canon_sa(src, dst, *spi, *reqid))
             .collect();
         ours.sort();
         ours

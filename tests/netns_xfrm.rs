@@ -123,31 +123,7 @@ type SaRow = (String, String, u32, u32);
 
 /// Our SAs (reqid in 0x50000000..0x58000000), sorted.
 fn our_sas() -> Vec<SaRow> {
-    // One block per SA, from a line starting with "src " (its "sel src" line is inside).
-    let mut blocks: Vec<String> = Vec::new();
-    for l in sh("ip xfrm state").lines() {
-        match blocks.last_mut() {
-            Some(b) if !l.starts_with("src ") => {
-                b.push(' ');
-                b.push_str(l);
-            }
-            _ => blocks.push(l.to_string()),
-        }
-    }
-    let mut v: Vec<SaRow> = blocks
-        .iter()
-        .filter_map(|b| {
-            let w: Vec<&str> = b.split_whitespace().collect();
-            let after = |k: &str| w.iter().position(|x| *x == k).map(|i| w[i + 1]);
-            let spi = u32::from_str_radix(after("spi")?.trim_start_matches("0x"), 16).ok()?;
-            let reqid: u32 = after("reqid")?.parse().ok()?;
-            (0x5000_0000..0x5800_0000)
-                .contains(&reqid)
-                .then(|| (w[1].to_string(), w[3].to_string(), spi, reqid))
-        })
-        .collect();
-    v.sort();
-    v
+    common::parse_our_sas(&sh("ip xfrm state"))
 }
 
 /// The SAs the plan asks for: per peer self -> peer (`spi_out`) and one peer -> self SA per

@@ -254,3 +254,32 @@ fn probe_kernel_esp() -> bool {
     );
     has
 }
+
+/// ipsec-mesh's SAs (reqid in its range) in `ip xfrm state` output `text`, as (src, dst, spi,
+/// reqid), sorted. One block per SA starts with a line `src A dst B` (its `sel src` line is
+/// inside the block).
+pub fn parse_our_sas(text: &str) -> Vec<(String, String, u32, u32)> {
+    let mut blocks: Vec<String> = Vec::new();
+    for l in text.lines() {
+        match blocks.last_mut() {
+            Some(b) if !l.starts_with("src ") => {
+                b.push(' ');
+                b.push_str(l);
+            }
+            _ => blocks.push(l.to_string()),
+        }
+    }
+    let mut v: Vec<(String, String, u32, u32)> = blocks
+        .iter()
+        .filter_map(|b| {
+            let w: Vec<&str> = b.split_whitespace().collect();
+            let after = |k: &str| w.iter().position(|x| *x == k).map(|i| w[i + 1]);
+            let spi = u32::from_str_radix(after("spi")?.trim_start_matches("0x"), 16).ok()?;
+            let reqid: u32 = after("reqid")?.parse().ok()?;
+            ipsec_mesh::plan::ids::is_owned_reqid(reqid)
+                .then(|| (w[1].to_string(), w[3].to_string(), spi, reqid))
+        })
+        .collect();
+    v.sort();
+    v
+}
