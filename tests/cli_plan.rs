@@ -434,3 +434,144 @@ fn bad_flags_are_usage_errors() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("outside the mask"));
 }
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn rekey_every_takes_the_generation_from_the_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let psk = psk_file(dir.path(), &[b'k'; 40], 0o600);
+    let meta = example();
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "plan",
+            "--metadata",
+            meta.to_str().unwrap(),
+            "--host",
+            "host-a",
+            "--psk-file",
+            psk.to_str().unwrap(),
+            "--format",
+            "json",
+        ];
+        a.extend_from_slice(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let plan_json = |extra: &[&str]| {
+        let a = args(extra);
+        let o = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()
+    };
+    let t0 = unix_now();
+    let v = plan_json(&["--rekey-every", "10", "--key-generation", "3"]);
+    let t1 = unix_now();
+    let gen = v["key_generation"].as_u64().unwrap();
+    assert!(
+        (3 + t0 / 10..=3 + t1 / 10).contains(&gen),
+        "generation {gen} is not 3 + unix time / 10 ({t0}..{t1})"
+    );
+    for p in v["peers"].as_array().unwrap() {
+        assert_eq!(p["out_generation"].as_u64(), Some(gen));
+        assert_eq!(p["spi_out"].as_u64().unwrap() & 0xf, gen & 0xf);
+        let rx: Vec<u64> = p["rx"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["generation"].as_u64().unwrap())
+            .collect();
+        assert_eq!(rx, vec![gen - 1, gen, gen + 1]);
+    }
+    // Without the flag the generation is the one given.
+    let v = plan_json(&["--key-generation", "3"]);
+    assert_eq!(v["key_generation"].as_u64(), Some(3));
+}
+
+#[test]
+fn rekey_flags_that_cannot_work_are_refused_with_the_flag_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = example();
+    let meta = meta.to_str().unwrap();
+    let ring = dir.path().join("ring");
+    std::fs::write(
+        &ring,
+        format!("# ipsec-mesh key ring v1\n1 {}\n", "s".repeat(40)),
+    )
+    .unwrap();
+    std::fs::set_permissions(&ring, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let plain = psk_file(dir.path(), &[b'k'; 40], 0o600);
+    let fails = |args: Vec<String>, needle: &str| {
+        let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
+        assert!(e.contains(needle), "{needle:?} not in {e}");
+        assert!(!e.contains("panicked"), "{e}");
+        assert!(!e.contains(&"s".repeat(40)), "secret leaked: {e}");
+    };
+    let ring = ring.to_str().unwrap();
+    let plain = plain.to_str().unwrap();
+    let base = ["--metadata", meta, "--host", "host-a"];
+    let with = |cmd: &str, extra: &[&str]| {
+        let mut v = vec![cmd];
+        v.extend_from_slice(&base);
+        v.extend_from_slice(extra);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    fails(
+        with("plan", &["--psk-file", ring, "--rekey-every", "60"]),
+        "key ring",
+    );
+    fails(
+        with("plan", &["--psk-file", plain, "--rekey-every", "5"]),
+        "--rekey-every 5: the period must be at least 10 seconds",
+    );
+    fails(
+        with(
+            "apply",
+            &[
+                "--psk-file",
+                plain,
+                "--driver",
+                "charon",
+                "--rekey-every",
+                "60",
+            ],
+        ),
+        "charon rekeys its SAs over IKE",
+    );
+    fails(
+        with(
+            "run",
+            &[
+                "--psk-file",
+                plain,
+                "--driver",
+                "xfrm",
+                "--rekey-bytes",
+                "100",
+            ],
+        ),
+        "need --rekey-every",
+    );
+    fails(
+        with(
+            "run",
+            &[
+                "--psk-file",
+                plain,
+                "--driver",
+                "xfrm",
+                "--rekey-every",
+                "60",
+                "--rekey-packets",
+                "0",
+            ],
+        ),
+        "at least 1",
+    );
+}

@@ -29,6 +29,7 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
         packets_in: 20 * n,
         sa: (state == "up").then_some(ipsec_mesh::dataplane::driver::SaDetail {
             generation: 2,
+            ahead: n == 4,
             in_generation: 1,
             out_added: 1_700_000_000,
             in_added: 1_700_000_001,
@@ -57,6 +58,16 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
             total_duration_ms: 321.25,
             last_writes: 6,
             last_version: Some("41".into()),
+        },
+        keying: ipsec_mesh::daemon::status::KeyingStatus {
+            generation: 2,
+            rekey_every_s: Some(3600),
+            next_rekey_at: Some(1_700_003_600),
+            rekey_bytes: Some(1 << 40),
+            rekey_packets: None,
+            ahead: vec!["host-\"d\"".into()],
+            rekeys_age: 4,
+            rekeys_usage: 1,
         },
         peers: vec![
             peer("host-b", "up", 2, None),

@@ -28,6 +28,7 @@ pub struct ApplyCmd {
 pub fn run(cmd: ApplyCmd) -> Result<ExitCode> {
     let opts = cmd.plan.options()?;
     let psk = cmd.plan.psk()?;
+    cmd.plan.check_rekey(psk.as_ref(), Some(&cmd.driver))?;
     cmd.driver.check_psk(psk.is_some())?;
     let snap = super::load(&cmd.source)?;
     let me = super::self_id(&cmd.source, &snap)?;

@@ -9,7 +9,7 @@ mod status;
 
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use ipsec_mesh::metadata::{self, Snapshot};
@@ -98,6 +98,11 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 1)]
     pub key_generation: u32,
 
+    /// Maximum key age, seconds (xfrm drivers): the generation sent with advances every
+    /// SECS from --key-generation (+ unix time / SECS); needs a plain PSK file, not a key ring.
+    #[arg(long, value_name = "SECS")]
+    pub rekey_every: Option<u64>,
+
     /// Anti-replay window of every SA, in packets: 32 to 4096, a multiple of 32 (ESN bitmap).
     #[arg(long, default_value_t = ipsec_mesh::plan::DEFAULT_REPLAY_WINDOW, value_parser = parse_replay_window)]
     pub replay_window: u32,
@@ -133,13 +138,55 @@ impl PlanArgs {
             mask: self.mark_mask,
         };
         marks.validate().map_err(|e| anyhow!("--mark-*: {e}"))?;
+        let rekey = self.rekey(None, None)?;
         Ok(PlanOptions {
             transform: self.transform,
             udp_encap: self.udp_encap,
-            generation: self.key_generation,
+            generation: rekey.generation(self.key_generation, std::time::SystemTime::now()),
             marks,
             replay_window: self.replay_window,
+            ahead: Default::default(),
         })
+    }
+
+    /// The rekey settings (`--rekey-every` here, the usage limits from `run`), checked.
+    pub fn rekey(
+        &self,
+        bytes: Option<u64>,
+        packets: Option<u64>,
+    ) -> Result<ipsec_mesh::plan::rekey::Rekey> {
+        let r = ipsec_mesh::plan::rekey::Rekey {
+            every: self.rekey_every.map(std::time::Duration::from_secs),
+            bytes,
+            packets,
+        };
+        r.validate().map_err(|e| anyhow!(e))?;
+        Ok(r)
+    }
+
+    /// Check the rekey settings against the PSK and driver: a key ring lists fixed
+    /// generations, and charon rekeys its own SAs over IKE.
+    pub fn check_rekey(
+        &self,
+        psk: Option<&ipsec_mesh::plan::Psk>,
+        driver: Option<&DriverArgs>,
+    ) -> Result<()> {
+        let Some(p) = self.rekey_every else {
+            return Ok(());
+        };
+        if psk.and_then(|k| k.generations()).is_some() {
+            bail!(
+                "--rekey-every {p}: the PSK file is a key ring (fixed generations); automatic \
+                 rekeying needs a plain PSK file, which keys every generation"
+            );
+        }
+        if driver.is_some_and(|d| matches!(d.driver, Driver::Charon)) {
+            bail!(
+                "--rekey-every {p}: with --driver charon, charon rekeys its SAs over IKE \
+                 (rekey_time in its connection settings)"
+            );
+        }
+        Ok(())
     }
 
     pub fn psk(&self) -> Result<Option<ipsec_mesh::plan::Psk>> {

@@ -30,6 +30,7 @@ pub struct PlanCmd {
 pub fn run(cmd: PlanCmd) -> Result<ExitCode> {
     let opts = cmd.plan.options()?;
     let psk = cmd.plan.psk()?;
+    cmd.plan.check_rekey(psk.as_ref(), None)?;
     let snap = super::load(&cmd.source)?;
     let cluster = &snap.cluster;
 

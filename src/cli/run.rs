@@ -29,6 +29,15 @@ pub struct RunCmd {
     #[arg(long, default_value = server::DEFAULT_LISTEN, value_name = "ADDR")]
     pub listen: String,
 
+    /// Usage-limit rekey (with --rekey-every): once the outbound SA to a peer carried this
+    /// many bytes, that direction moves one key generation ahead (docs/keying.md).
+    #[arg(long, value_name = "N")]
+    pub rekey_bytes: Option<u64>,
+
+    /// Usage-limit rekey by packets (with --rekey-every), like --rekey-bytes.
+    #[arg(long, value_name = "N")]
+    pub rekey_packets: Option<u64>,
+
     /// Remove everything owned when stopping (default: the dataplane stays).
     #[arg(long)]
     pub cleanup_on_exit: bool,
@@ -39,7 +48,9 @@ pub fn run(cmd: RunCmd) -> Result<ExitCode> {
         bail!("--resync: must be at least 1 second");
     }
     let opts = cmd.plan.options()?;
+    let rekey = cmd.plan.rekey(cmd.rekey_bytes, cmd.rekey_packets)?;
     let psk = cmd.plan.psk()?;
+    cmd.plan.check_rekey(psk.as_ref(), Some(&cmd.driver))?;
     cmd.driver.check_psk(psk.is_some())?;
     let driver = cmd.driver.build(&opts, psk.as_ref())?;
     let cfg = daemon::DaemonConfig {
@@ -48,7 +59,9 @@ pub fn run(cmd: RunCmd) -> Result<ExitCode> {
         resync: Duration::from_secs(cmd.resync),
         listen: (cmd.listen != "none").then(|| server::Listen::parse(&cmd.listen)),
         cleanup_on_exit: cmd.cleanup_on_exit,
+        base_generation: cmd.plan.key_generation,
         plan: opts,
+        rekey,
         psk,
     };
     daemon::run(cfg, driver)?;

@@ -40,6 +40,38 @@ pub fn run(cmd: StatusCmd) -> Result<ExitCode> {
     if let Some(e) = md["last_error"].as_str() {
         println!("metadata error (last good state kept): {e}");
     }
+    let k = &v["keying"];
+    if let Some(every) = k["rekey_every_s"].as_u64() {
+        let next = k["next_rekey_at"].as_u64().unwrap_or(0);
+        let now = ipsec_mesh::daemon::status::unix_now();
+        let limit = match (k["rekey_bytes"].as_u64(), k["rekey_packets"].as_u64()) {
+            (None, None) => "no usage limit".to_string(),
+            (b, p) => format!(
+                "usage limit {}{}{}",
+                b.map(|b| format!("{b} bytes")).unwrap_or_default(),
+                if b.is_some() && p.is_some() {
+                    " or "
+                } else {
+                    ""
+                },
+                p.map(|p| format!("{p} packets")).unwrap_or_default()
+            ),
+        };
+        let ahead: Vec<&str> = k["ahead"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h.as_str())
+            .collect();
+        println!(
+            "keys: generation {}, rekey every {every} s, next rekey at {next} (in {} s), {limit}; ahead: {}; rekeys: {} by age, {} by usage",
+            k["generation"],
+            next.saturating_sub(now),
+            if ahead.is_empty() { "-".to_string() } else { ahead.join(",") },
+            k["rekeys_age"],
+            k["rekeys_usage"],
+        );
+    }
     for e in v["mesh_errors"].as_array().into_iter().flatten() {
         println!("error: {}", e.as_str().unwrap_or_default());
     }

@@ -9,15 +9,16 @@
 pub mod server;
 pub mod status;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{error, info, warn};
 
-use crate::dataplane::driver::Driver;
+use crate::dataplane::driver::{Driver, PeerCounters};
 use crate::metadata::{self, MetadataSource, Snapshot};
+use crate::plan::rekey::{Reason, Rekey};
 use crate::plan::{self, Plan, PlanOptions, Psk};
 use status::{unix_now, Status};
 
@@ -36,7 +37,11 @@ pub struct DaemonConfig {
     pub resync: Duration,
     pub listen: Option<server::Listen>,
     pub cleanup_on_exit: bool,
+    /// Plan options; `generation` is recomputed from `base_generation` and `rekey`.
     pub plan: PlanOptions,
+    /// `--key-generation`: the generation sent with, or the base of the rekey periods.
+    pub base_generation: u32,
+    pub rekey: Rekey,
     pub psk: Option<Psk>,
 }
 
@@ -143,6 +148,14 @@ struct Loop {
     last_errors: BTreeMap<String, String>,
     /// Lets the driver's own watcher ask for a reconcile now.
     wake: crate::dataplane::driver::Wake,
+    /// The last good metadata and the self host's id in it.
+    snapshot: Option<(Snapshot, String)>,
+    /// Key generation of the current plan.
+    generation: Option<u32>,
+    /// Peers whose outbound direction is one generation ahead (usage-limit rekey).
+    ahead: BTreeSet<String>,
+    /// Whether `ahead` was taken over from the kernel (SAs left by an earlier run).
+    ahead_seeded: bool,
 }
 
 impl Loop {
@@ -166,29 +179,34 @@ impl Loop {
             .ok_or_else(|| "no local address is the agent_ip of a host; pass --host".to_string())
     }
 
-    /// Load, validate and plan. On failure the last good plan stays and the error is shown.
+    /// Load and validate the metadata, then plan. On failure the last good plan stays and
+    /// the error is shown. Returns whether the plan changed.
     fn load(&mut self) -> bool {
         let snap = self.source.load().map_err(|e| e.to_string());
-        let planned = snap.and_then(|snap| {
+        let loaded = snap.and_then(|snap| {
             let me = self.self_id(&snap)?;
-            let p = plan::plan(&snap.cluster, &me, &self.cfg.plan, self.cfg.psk.as_ref())
-                .map_err(|e| e.to_string())?;
-            Ok((snap.version, p))
+            Ok((snap, me))
         });
-        match planned {
-            Ok((version, p)) => {
-                let changed = self.plan.as_ref() != Some(&p);
-                info!(version = %version, peers = p.peers.len(), changed, "metadata loaded");
-                let host = p.host.to_string();
-                self.set_status(|s| {
-                    s.host = Some(host);
-                    s.metadata.version = Some(version.clone());
-                    s.metadata.loaded_at = Some(unix_now());
-                    s.metadata.last_error = None;
-                });
-                self.version = Some(version);
-                self.driver.watch(&p, self.wake.clone());
-                self.plan = Some(p);
+        match loaded {
+            Ok((snap, me)) => {
+                let version = snap.version.clone();
+                let previous = self.snapshot.replace((snap, me));
+                self.set_status(|s| s.metadata.last_error = None);
+                let Some(changed) = self.replan() else {
+                    // Not plannable (e.g. the self host left): keep the last good state.
+                    self.snapshot = previous;
+                    return false;
+                };
+                if let Some(p) = &self.plan {
+                    info!(version = %version, peers = p.peers.len(), changed, "metadata loaded");
+                    let host = p.host.to_string();
+                    self.set_status(|s| {
+                        s.host = Some(host);
+                        s.metadata.version = Some(version.clone());
+                        s.metadata.loaded_at = Some(unix_now());
+                    });
+                    self.version = Some(version);
+                }
                 changed
             }
             Err(e) => {
@@ -199,10 +217,123 @@ impl Loop {
         }
     }
 
-    fn reconcile(&mut self) {
+    /// Plan from the last good metadata, with the key generation of this moment and the
+    /// directions that are ahead. Returns whether the plan changed, `None` if planning failed
+    /// (the error is in the status; the last good plan stays).
+    fn replan(&mut self) -> Option<bool> {
+        let (snap, me) = self.snapshot.as_ref()?;
+        let now = SystemTime::now();
+        let gen = self.cfg.rekey.generation(self.cfg.base_generation, now);
+        if self.generation.is_some_and(|g| g != gen) {
+            info!(
+                from = self.generation,
+                to = gen,
+                "key generation advanced (--rekey-every)"
+            );
+            self.ahead.clear();
+            self.set_status(|s| s.keying.count(Reason::Age));
+        }
+        let mut opts = self.cfg.plan.clone();
+        opts.generation = gen;
+        opts.ahead = self.ahead.clone();
+        match plan::plan(&snap.cluster, me, &opts, self.cfg.psk.as_ref()) {
+            Ok(p) => {
+                self.generation = Some(gen);
+                // Peers that left are no longer ahead.
+                self.ahead
+                    .retain(|h| p.peers.iter().any(|q| q.host.as_str() == h));
+                let changed = self.plan.as_ref() != Some(&p);
+                let rekey = self.cfg.rekey;
+                let ahead: Vec<String> = self.ahead.iter().cloned().collect();
+                self.set_status(|s| s.keying.update(&rekey, gen, ahead, now));
+                self.driver.watch(&p, self.wake.clone());
+                self.plan = Some(p);
+                Some(changed)
+            }
+            Err(e) => {
+                let e = e.to_string();
+                error!(error = %e, "metadata rejected; keeping the last good state");
+                self.set_status(|s| s.metadata.last_error = Some(e));
+                None
+            }
+        }
+    }
+
+    /// Before the first reconcile: directions an earlier run moved ahead (their outbound SA
+    /// in the kernel has the next generation) stay ahead, so a restart never goes back to a
+    /// key that reached its usage limit.
+    fn seed_ahead(&mut self) {
+        if self.ahead_seeded || !self.cfg.rekey.enabled() {
+            return;
+        }
         let Some(plan) = self.plan.clone() else {
             return;
         };
+        self.ahead_seeded = true;
+        let found: Vec<String> = self
+            .driver
+            .counters(&plan)
+            .into_iter()
+            .filter(|(_, c)| c.sa.as_ref().is_some_and(|d| d.ahead))
+            .map(|(h, _)| h)
+            .collect();
+        if !found.is_empty() {
+            info!(
+                peers = found.len(),
+                "outbound directions found one generation ahead stay ahead"
+            );
+            self.ahead.extend(found);
+            let _ = self.replan();
+        }
+    }
+
+    /// Usage-limit rekey: directions whose outbound SA reached the limit move one generation
+    /// ahead. Returns whether the plan changed (the caller reconciles).
+    fn check_usage(&mut self, counters: &BTreeMap<String, PeerCounters>) -> bool {
+        let rekey = self.cfg.rekey;
+        if !rekey.may_move_ahead(SystemTime::now()) {
+            return false;
+        }
+        let mut moved = 0;
+        for (host, c) in counters {
+            let on_plan_generation = c.sa.as_ref().is_some_and(|d| !d.ahead);
+            if on_plan_generation
+                && !self.ahead.contains(host)
+                && rekey.exhausted(c.bytes_out, c.packets_out)
+            {
+                info!(
+                    peer = %host,
+                    bytes = c.bytes_out,
+                    packets = c.packets_out,
+                    "usage limit reached: the outbound direction moves one key generation ahead"
+                );
+                self.ahead.insert(host.clone());
+                moved += 1;
+            }
+        }
+        if moved == 0 {
+            return false;
+        }
+        self.set_status(|s| {
+            for _ in 0..moved {
+                s.keying.count(Reason::Usage);
+            }
+        });
+        self.replan() == Some(true)
+    }
+
+    /// Reconcile; then, if a usage limit moved directions ahead, reconcile again for them.
+    fn reconcile(&mut self) {
+        while let Some(counters) = self.reconcile_once() {
+            if !self.check_usage(&counters) {
+                break;
+            }
+        }
+    }
+
+    /// One reconcile of the current plan; the counters read after it.
+    fn reconcile_once(&mut self) -> Option<BTreeMap<String, PeerCounters>> {
+        let plan = self.plan.clone()?;
         let t = Instant::now();
         let report = self.driver.reconcile(&plan);
         let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -239,6 +370,7 @@ impl Loop {
             s.reconciles.last_version = version;
             s.update_peers(&plan, &counters, &errors, now);
         });
+        Some(counters)
     }
 
     /// Refresh per-peer state and counters in the status without reconciling; first the
@@ -255,15 +387,24 @@ impl Loop {
         let errors = self.last_errors.clone();
         let now = unix_now();
         self.set_status(|s| s.update_peers(&plan, &counters, &errors, now));
+        if self.check_usage(&counters) {
+            self.reconcile();
+        }
     }
 
-    /// When the next reconcile is due: the resync period, or sooner for a failing peer.
+    /// When the next reconcile is due: the resync period, sooner for a failing peer, and
+    /// at the next key generation (just after its boundary).
     fn next_delay(&self) -> Duration {
-        self.peer_failures
+        let d = self
+            .peer_failures
             .values()
             .map(|&n| backoff(n))
             .min()
-            .map_or(self.cfg.resync, |b| b.min(self.cfg.resync))
+            .map_or(self.cfg.resync, |b| b.min(self.cfg.resync));
+        match self.cfg.rekey.until_next(SystemTime::now()) {
+            Some(t) => d.min(t + Duration::from_millis(20)),
+            None => d,
+        }
     }
 }
 
@@ -293,6 +434,10 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
         version: None,
         peer_failures: HashMap::new(),
         last_errors: BTreeMap::new(),
+        snapshot: None,
+        generation: None,
+        ahead: BTreeSet::new(),
+        ahead_seeded: false,
         wake: {
             let tx = Mutex::new(tx.clone());
             Arc::new(move || {
@@ -303,6 +448,7 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
         },
     };
     lp.load();
+    lp.seed_ahead();
     lp.reconcile();
     spawn_watcher(
         metadata::open(&lp.cfg.source)?,
@@ -325,6 +471,7 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
             Ok(Event::Reload(why)) => {
                 info!(why, "reloading");
                 lp.load();
+                lp.seed_ahead();
                 lp.reconcile();
                 next_reconcile = Instant::now() + lp.next_delay();
                 next_stats = Instant::now() + STATS_EVERY;
@@ -347,7 +494,11 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
             Err(RecvTimeoutError::Timeout) if Instant::now() >= next_reconcile => {
                 if lp.plan.is_none() {
                     lp.load();
+                } else {
+                    // The key generation may have advanced (--rekey-every).
+                    let _ = lp.replan();
                 }
+                lp.seed_ahead();
                 lp.reconcile();
                 next_reconcile = Instant::now() + lp.next_delay();
                 next_stats = Instant::now() + STATS_EVERY;

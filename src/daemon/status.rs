@@ -40,6 +40,49 @@ pub struct ReconcileStatus {
     pub last_version: Option<String>,
 }
 
+/// Key generations and automatic rekeying (xfrm drivers; docs/keying.md).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KeyingStatus {
+    /// The generation sent with (directions in `ahead` send with the next one).
+    pub generation: u32,
+    /// `--rekey-every` in seconds (maximum key age), if set.
+    pub rekey_every_s: Option<u64>,
+    /// When the generation next advances (unix seconds): the next rekey due by age.
+    pub next_rekey_at: Option<u64>,
+    /// Usage limits of one outbound SA (`--rekey-bytes`, `--rekey-packets`).
+    pub rekey_bytes: Option<u64>,
+    pub rekey_packets: Option<u64>,
+    /// Peers whose outbound direction moved one generation ahead on its usage limit.
+    pub ahead: Vec<String>,
+    /// Rekeys since the start: generation advances (age) and directions moved ahead (usage).
+    pub rekeys_age: u64,
+    pub rekeys_usage: u64,
+}
+
+impl KeyingStatus {
+    pub fn update(
+        &mut self,
+        r: &crate::plan::rekey::Rekey,
+        generation: u32,
+        ahead: Vec<String>,
+        now: SystemTime,
+    ) {
+        self.generation = generation;
+        self.rekey_every_s = r.every.map(|d| d.as_secs());
+        self.next_rekey_at = r.next_at(now);
+        self.rekey_bytes = r.bytes;
+        self.rekey_packets = r.packets;
+        self.ahead = ahead;
+    }
+
+    pub fn count(&mut self, why: crate::plan::rekey::Reason) {
+        match why {
+            crate::plan::rekey::Reason::Age => self.rekeys_age += 1,
+            crate::plan::rekey::Reason::Usage => self.rekeys_usage += 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PeerStatus {
     pub host: String,
@@ -67,6 +110,7 @@ pub struct Status {
     pub driver: String,
     pub metadata: MetadataStatus,
     pub reconciles: ReconcileStatus,
+    pub keying: KeyingStatus,
     pub peers: Vec<PeerStatus>,
     /// Errors not tied to one peer (shared objects, the driver as a whole).
     pub mesh_errors: Vec<String>,
@@ -236,6 +280,32 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
         "1 while the latest metadata failed to load or validate.",
         "gauge",
         one(u8::from(s.metadata.last_error.is_some()).to_string()),
+    );
+    metric(
+        "key_generation",
+        "Key generation this host sends with (directions ahead use the next one).",
+        "gauge",
+        one(s.keying.generation.to_string()),
+    );
+    if let Some(t) = s.keying.next_rekey_at {
+        metric(
+            "next_rekey_timestamp_seconds",
+            "When the key generation next advances (--rekey-every), unix time.",
+            "gauge",
+            one(t.to_string()),
+        );
+    }
+    metric(
+        "rekeys_total",
+        "Automatic rekeys: generation advances (age) and directions moved ahead (usage).",
+        "counter",
+        vec![
+            ("{reason=\"age\"}".into(), s.keying.rekeys_age.to_string()),
+            (
+                "{reason=\"usage\"}".into(),
+                s.keying.rekeys_usage.to_string(),
+            ),
+        ],
     );
     let per_peer = |f: &dyn Fn(&PeerStatus) -> u64, dir: &str| -> Vec<(String, String)> {
         s.peers

@@ -72,8 +72,11 @@ pub struct PeerCounters {
 /// Per-direction detail of a peer's two SAs.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct SaDetail {
-    /// Key generation this host sends with.
+    /// Key generation this host sends with to the peer.
     pub generation: u32,
+    /// The outbound SA in the kernel is one generation ahead of the plan's
+    /// (usage-limit rekey; [`crate::plan::rekey`]).
+    pub ahead: bool,
     /// Newest generation the peer's traffic arrived with (the sending one until then).
     pub in_generation: u32,
     /// When each SA was added (seconds since the epoch; 0: missing).
@@ -379,10 +382,24 @@ fn sa_counters_by_peer(plan: &Plan) -> BTreeMap<String, PeerCounters> {
     plan.peers
         .iter()
         .map(|p| {
-            let out = sas.get(&xfrm::objects::SaId {
-                dst: p.endpoint,
-                spi: p.spi_out,
-            });
+            // The plan's outbound SA, else the one a generation ahead (left by an earlier run
+            // that moved this direction ahead on its usage limit).
+            let next = plan.key_generation.checked_add(1);
+            let candidates = [
+                Some((p.spi_out, p.out_generation)),
+                next.map(|g| (crate::plan::ids::with_generation(p.spi_out, g), g)),
+            ];
+            let (out, out_generation) = candidates
+                .into_iter()
+                .flatten()
+                .find_map(|(spi, g)| {
+                    sas.get(&xfrm::objects::SaId {
+                        dst: p.endpoint,
+                        spi,
+                    })
+                    .map(|c| (Some(c), g))
+                })
+                .unwrap_or((None, p.out_generation));
             let inn = sas.get(&xfrm::objects::SaId {
                 dst: plan.endpoint,
                 spi: p.spi_in,
@@ -427,7 +444,8 @@ fn sa_counters_by_peer(plan: &Plan) -> BTreeMap<String, PeerCounters> {
                     bytes_in: i.bytes,
                     packets_in: i.packets,
                     sa: Some(SaDetail {
-                        generation: plan.key_generation,
+                        generation: out_generation,
+                        ahead: out.is_some() && out_generation > plan.key_generation,
                         in_generation,
                         out_added: o.added,
                         in_added: i.added,

@@ -66,6 +66,11 @@ pub fn spi(src: HostIds, dst: HostIds, generation: u32) -> u32 {
     SPI_FLAG | ((src.slot ^ dst.spread) << 4) | (generation & 0xf)
 }
 
+/// The SPI of the same pair and direction as `spi`, in generation `generation`.
+pub fn with_generation(spi: u32, generation: u32) -> u32 {
+    (spi & !0xf) | (generation & 0xf)
+}
+
 /// Assign slots to `ids` (distinct host ids, any order) in a space of `bits` bits.
 /// The result is in the order of `ids`. Panics only if there are more ids than slots.
 pub fn assign(ids: &[&str], bits: u32) -> Vec<HostIds> {

@@ -5,8 +5,10 @@
 
 pub mod ids;
 pub mod keys;
+pub mod rekey;
 pub mod transform;
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -82,6 +84,9 @@ pub struct PlanOptions {
     pub marks: Marks,
     /// Anti-replay window of every SA, in packets (ESN bitmap; a multiple of 32).
     pub replay_window: u32,
+    /// Peers (host ids) whose outbound direction sends one generation ahead, with
+    /// `generation + 1`, which they already accept (a usage-limit rekey; [`rekey`]).
+    pub ahead: BTreeSet<String>,
 }
 
 impl Default for PlanOptions {
@@ -92,6 +97,7 @@ impl Default for PlanOptions {
             generation: 1,
             marks: Marks::default(),
             replay_window: DEFAULT_REPLAY_WINDOW,
+            ahead: BTreeSet::new(),
         }
     }
 }
@@ -106,6 +112,8 @@ pub struct Peer {
     pub reqid: u32,
     /// SPI of the SA self -> peer (equals the peer's `spi_in` from self).
     pub spi_out: u32,
+    /// Key generation of the SA self -> peer: the plan's, or one ahead (`PlanOptions::ahead`).
+    pub out_generation: u32,
     /// SPI of the SA peer -> self.
     pub spi_in: u32,
     /// Mark on traffic to encrypt towards this peer (under `Plan::marks.mask`).
@@ -237,8 +245,17 @@ pub fn plan_with(
         .zip(ids)
         .filter(|(h, _)| h.id != host.id)
         .map(|(peer, &peer_ids)| {
+            let out_gen = match gen.checked_add(1) {
+                Some(next)
+                    if opts.ahead.contains(peer.id.as_str())
+                        && keys.is_none_or(|k| k.covers(next)) =>
+                {
+                    next
+                }
+                _ => gen,
+            };
             let key_out =
-                keys.map(|k| k.derive(host.id.as_str(), peer.id.as_str(), gen, opts.transform));
+                keys.map(|k| k.derive(host.id.as_str(), peer.id.as_str(), out_gen, opts.transform));
             let key_in =
                 keys.map(|k| k.derive(peer.id.as_str(), host.id.as_str(), gen, opts.transform));
             let rx = rx_gens
@@ -259,7 +276,8 @@ pub fn plan_with(
                 endpoint: peer.agent_ip,
                 subnets: peer.subnets.clone(),
                 reqid: peer_ids.reqid(),
-                spi_out: ids::spi(my_ids, peer_ids, gen),
+                spi_out: ids::spi(my_ids, peer_ids, out_gen),
+                out_generation: out_gen,
                 spi_in: ids::spi(peer_ids, my_ids, gen),
                 mark_out: opts.marks.encrypt,
                 mark_in: opts.marks.decrypt,
@@ -331,6 +349,41 @@ mod tests {
                 .collect(),
         })
         .unwrap()
+    }
+
+    #[test]
+    fn a_direction_ahead_sends_with_the_next_generation_its_peer_already_accepts() {
+        let c = cluster(3);
+        let psk = Psk::from_bytes(&[7u8; 32]);
+        let o = PlanOptions {
+            generation: 9,
+            ..PlanOptions::default()
+        };
+        let mut ahead = o.clone();
+        ahead.ahead.insert("host-1".into());
+        let a = plan(&c, "host-0", &o, Some(&psk)).unwrap();
+        let a2 = plan(&c, "host-0", &ahead, Some(&psk)).unwrap();
+        let b = plan(&c, "host-1", &o, Some(&psk)).unwrap();
+        let (p1, q1) = (&a.peers[0], &a2.peers[0]);
+        assert_eq!((p1.out_generation, q1.out_generation), (9, 10));
+        assert_ne!(p1.spi_out, q1.spi_out);
+        assert_ne!(p1.key_out_id, q1.key_out_id);
+        assert_eq!(ids::with_generation(p1.spi_out, 10), q1.spi_out);
+        // host-1, still at 9, holds an inbound SA for generation 10 from host-0: same SPI, key.
+        let from_a = b
+            .peers
+            .iter()
+            .find(|p| p.host.as_str() == "host-0")
+            .unwrap();
+        let rx10 = from_a.rx.iter().find(|r| r.generation == 10).unwrap();
+        assert_eq!((rx10.spi, &rx10.key_id), (q1.spi_out, &q1.key_out_id));
+        // Only that direction moved: the other peer and the inbound side are unchanged.
+        assert_eq!(a.peers[1], a2.peers[1]);
+        assert_eq!((p1.spi_in, &p1.rx), (q1.spi_in, &q1.rx));
+        // A key ring without the next generation keeps the direction where it is.
+        let ring = Psk::ring(&[(9, &[1u8; 32])]);
+        let r = plan(&c, "host-0", &ahead, Some(&ring)).unwrap();
+        assert_eq!(r.peers[0].out_generation, 9);
     }
 
     #[test]
