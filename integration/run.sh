@@ -166,7 +166,7 @@ vm() {
     "$here/vm/build-initramfs.sh" "$img" --init "$here/vm/smoke-esp.sh" || { fail_stage vm-initramfs; return; }
     vm_suite smoke "$here/vm/run.sh" "$img" 180
     say "vm: xfrm driver end to end (3 hosts, real ESP)"
-    vm_suite xfrm "$here/vm/test-xfrm.sh" 300
+    vm_suite xfrm "$here/vm/test-xfrm.sh" 420
     say "vm: encrypted VXLAN end to end (ESP transport mode for UDP 4789)"
     VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
         VM_APPEND="e2e.mode=vxlan-esp" vm_suite vxesp "$here/vm/test-xfrm.sh" 300
