@@ -232,13 +232,24 @@ fn apply_is_idempotent_installs_or_reports_the_sas_and_cleanup_leaves_only_forei
         let p = plan_of(&f, "host-1");
         assert_eq!(p.peers.len(), 2);
         assert_sas_as_the_kernel_allows(&o, &p);
-        // 1 block + 2 peers x (2 local x 2 remote subnet pairs) x 3 directions.
-        assert_eq!(our_policies().len(), 1 + 2 * 4 * 3, "{:#?}", our_policies());
-        assert!(writes(&o) >= 25);
+        // 1 block + 2 peers x 2 remote prefixes x 3 directions: the local side of every pair
+        // policy is the wildcard, so this host's 2 subnets do not multiply them.
+        assert_eq!(our_policies().len(), 1 + 2 * 2 * 3, "{:#?}", our_policies());
+        assert!(writes(&o) >= 13);
         let pol = sh("ip xfrm policy");
         assert!(
-            pol.contains("src 10.42.1.0/24 dst 10.42.2.0/24 \n\tdir out priority 10752"),
+            pol.contains("src 0.0.0.0/0 dst 10.42.2.0/24 \n\tdir out priority 10752"),
             "{pol}"
+        );
+        assert!(
+            pol.contains("src 10.42.2.0/24 dst 0.0.0.0/0 \n\tdir fwd priority 10752"),
+            "{pol}"
+        );
+        // Every pair policy is in the SPD hash table: thresholds local 0, remote 24 bits.
+        let count = sh("ip -s -s xfrm policy count");
+        assert!(
+            count.contains("SPD IPv4 thresholds: local 0 remote 24"),
+            "{count}"
         );
         assert!(pol.contains("mark 0x100000/0x300000"));
         foreign_intact();
@@ -259,7 +270,7 @@ fn apply_is_idempotent_installs_or_reports_the_sas_and_cleanup_leaves_only_forei
             String::from_utf8_lossy(&o.stdout)
         );
 
-        // host-3 leaves: only its 12 policies (and, with ESP, its SAs) go.
+        // host-3 leaves: only its 6 policies (and, with ESP, its SAs) go.
         let plan3 = plan_of(&f, "host-1");
         rewrite(&f, 2);
         let o = apply(&f);
@@ -271,12 +282,12 @@ fn apply_is_idempotent_installs_or_reports_the_sas_and_cleanup_leaves_only_forei
         let sa_writes = if kernel_has_esp() { host3 } else { 0 };
         assert_eq!(
             writes(&o),
-            12 + sa_writes,
+            6 + sa_writes,
             "{}",
             String::from_utf8_lossy(&o.stdout)
         );
         let ours = our_policies();
-        assert_eq!(ours.len(), 1 + 4 * 3);
+        assert_eq!(ours.len(), 1 + 2 * 3);
         assert!(ours.iter().all(|p| !p.contains("192.168.77.3")));
         assert_sas_as_the_kernel_allows(&o, &plan_of(&f, "host-1"));
         assert!(our_sas()
@@ -308,26 +319,26 @@ fn drifted_policy_is_repaired_with_one_write() {
         let f = files(2);
         apply(&f);
         let before = our_policies();
-        sh("ip xfrm policy del src 10.42.1.0/24 dst 10.42.2.0/24 dir out mark 0x100000 mask 0x300000");
+        sh("ip xfrm policy del src 0.0.0.0/0 dst 10.42.2.0/24 dir out mark 0x100000 mask 0x300000");
         assert_eq!(our_policies().len(), before.len() - 1);
         let o = apply(&f);
         assert_eq!(writes(&o), 1);
         assert_eq!(our_policies().len(), before.len());
         // One of ours changed by hand (priority) is updated in place.
-        let reqid = sh("ip xfrm policy list src 10.42.101.0/24 dst 10.42.2.0/24 dir out");
+        let reqid = sh("ip xfrm policy list src 0.0.0.0/0 dst 10.42.2.0/24 dir out");
         let reqid = reqid.split_whitespace().skip_while(|w| *w != "reqid").nth(1).unwrap().to_string();
-        sh(&format!("ip xfrm policy update src 10.42.101.0/24 dst 10.42.2.0/24 dir out priority 5 mark 0x100000 mask 0x300000 tmpl src 192.168.77.1 dst 192.168.77.2 proto esp reqid {reqid} mode tunnel"));
+        sh(&format!("ip xfrm policy update src 0.0.0.0/0 dst 10.42.2.0/24 dir out priority 5 mark 0x100000 mask 0x300000 tmpl src 192.168.77.1 dst 192.168.77.2 proto esp reqid {reqid} mode tunnel"));
         let o = apply(&f);
         assert_eq!(writes(&o), 1, "{}", String::from_utf8_lossy(&o.stdout));
         assert!(!sh("ip xfrm policy").contains("priority 5 "));
 
         // A foreign policy squatting on one of our selectors is left alone and reported
         // against that peer; the other objects stay in place.
-        sh("ip xfrm policy update src 10.42.101.0/24 dst 10.42.2.0/24 dir out priority 5 mark 0x100000 mask 0x300000 tmpl src 192.168.77.1 dst 192.168.77.2 proto esp reqid 1 mode tunnel");
+        sh("ip xfrm policy update src 0.0.0.0/0 dst 10.42.2.0/24 dir out priority 5 mark 0x100000 mask 0x300000 tmpl src 192.168.77.1 dst 192.168.77.2 proto esp reqid 1 mode tunnel");
         let o = apply(&f);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1));
-        assert!(err.contains("ipsec-mesh: host-2: + policy out 10.42.101.0/24 -> 10.42.2.0/24"), "{err}");
+        assert!(err.contains("ipsec-mesh: host-2: + policy out 0.0.0.0/0 -> 10.42.2.0/24"), "{err}");
         assert!(err.contains("is not ipsec-mesh's (left untouched)"), "{err}");
         assert!(sh("ip xfrm policy").contains("reqid 1 mode tunnel"));
     })
@@ -389,7 +400,7 @@ fn ipv6_underlay_and_overlay() {
         }
         let pol = sh("ip -6 xfrm policy");
         assert!(
-            pol.contains("src fd42:0:0:1::/64 dst fd42:0:0:2::/64"),
+            pol.contains("src ::/0 dst fd42:0:0:2::/64"),
             "{pol}"
         );
         assert!(pol.contains("tmpl src 2001:db8:77::1 dst 2001:db8:77::2"), "{pol}");
@@ -402,6 +413,107 @@ fn ipv6_underlay_and_overlay() {
         assert!(!sh("ip -6 xfrm policy").contains("fd42"));
         assert!(our_sas().is_empty(), "{:?}", our_sas());
         assert!(!sh("ip6tables-save").contains("IPSEC-MESH"));
+    })
+    .unwrap();
+}
+
+/// Rancher's shape: `hosts` hosts with `containers` /32s each, drawn at random (fixed seed,
+/// no duplicates) from the overlay 10.42.0.0/16, so a host's addresses do not aggregate.
+fn rancher_doc(hosts: usize, containers: usize) -> String {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut used = std::collections::HashSet::new();
+    let hs: Vec<String> = (1..=hosts)
+        .map(|i| {
+            let mut mine = Vec::new();
+            while mine.len() < containers {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let a = (x >> 16) as u16;
+                if a & 0xff == 0 || a & 0xff == 0xff || !used.insert(a) {
+                    continue;
+                }
+                mine.push(format!("\"10.42.{}.{}/32\"", a >> 8, a & 0xff));
+            }
+            format!(
+                r#"{{"id":"host-{i}","agent_ip":"192.168.{}.{}","subnets":[{}]}}"#,
+                76 + i / 250,
+                i % 250 + 1,
+                mine.join(",")
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"network":{{"cidr":"10.42.0.0/16"}},"hosts":[{}]}}"#,
+        hs.join(",")
+    )
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn rancher_shaped_cluster_policies_grow_with_remote_prefixes_not_local_times_remote() {
+    require_root!();
+    in_new_netns(|| {
+        sh(
+            "ip link add ul0 type veth peer name ul1 && ip addr add 192.168.76.2/22 dev ul0 \
+            && ip link set ul0 up && ip link set ul1 up \
+            && ip route add default via 192.168.79.254 dev ul0 \
+            && ip neigh add 192.168.79.254 lladdr 02:00:00:00:00:fe dev ul0",
+        );
+        let f = files(1);
+        std::fs::write(&f.meta, rancher_doc(500, 10)).unwrap();
+        let o = apply(&f);
+        let p = plan_of(&f, "host-1");
+        assert_eq!(p.peers.len(), 499);
+        let remote: usize = p
+            .peers
+            .iter()
+            .map(|q| ipnet::IpNet::aggregate(&q.subnets).len())
+            .sum();
+        let local = p.subnets.len();
+        assert_eq!(local, 10);
+        // 3 per remote prefix + the block policy; the old form had local x remote x 3.
+        let ours = our_policies();
+        assert_eq!(
+            ours.len(),
+            3 * remote + 1,
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(remote >= 4_900, "random /32s barely aggregate: {remote}");
+        let (l, r) = ipsec_mesh::dataplane::xfrm::desired::prefix_thresholds(&p).unwrap();
+        assert_eq!(l, 0);
+        assert!(r >= 31, "{r}");
+        let count = sh("ip -s -s xfrm policy count");
+        assert!(
+            count.contains(&format!("SPD IPv4 thresholds: local 0 remote {r}")),
+            "{count}"
+        );
+        // A packet the host sends to a container of a peer resolves that peer's policy (no SA
+        // on a kernel without ESP: counted as XfrmOutNoStates, dropped, not sent in clear);
+        // one to an address outside the overlay matches none.
+        let stat = |k: &str| -> u64 {
+            sh("cat /proc/net/xfrm_stat")
+                .lines()
+                .find_map(|l| {
+                    let mut w = l.split_whitespace();
+                    (w.next() == Some(k)).then(|| w.next().unwrap().parse().unwrap())
+                })
+                .unwrap()
+        };
+        let target = p.peers[250].subnets[3].addr();
+        if !kernel_has_esp() {
+            let before = stat("XfrmOutNoStates");
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let _ = s.send_to(b"x", (target, 9));
+            let _ = s.send_to(b"x", ("192.0.2.9", 9));
+            assert_eq!(stat("XfrmOutNoStates"), before + 1, "to {target}");
+        }
+        assert_eq!(
+            stat("XfrmOutPolBlock"),
+            0,
+            "no packet fell to the block policy"
+        );
     })
     .unwrap();
 }

@@ -72,6 +72,14 @@ pub fn block_policy(plan: &Plan) -> Policy {
 
 /// Policies and SAs for `plan`. Peers without keys (no PSK) get policies only: their
 /// traffic is blocked, never sent in clear.
+///
+/// Per peer and remote prefix: `out 0/0 -> prefix` (encrypt mark; whatever the source: a
+/// container, the host itself), `in` and `fwd` `prefix -> 0/0` (no mark) with the peer's
+/// tunnel template. Inbound this means: a packet whose source is in a peer's prefix is
+/// accepted only if it came through an SA from that peer's endpoint with that peer's reqid;
+/// in clear it is dropped (`XfrmInNoPols`/`XfrmInTmplMismatch`), and a peer cannot inject
+/// packets claiming another peer's addresses. Traffic from anywhere else (the host's own
+/// containers, the internet) matches none of them.
 pub fn desired(plan: &Plan) -> Desired {
     let mut d = Desired::default();
     d.policies.push((Owner::Mesh, block_policy(plan)));
@@ -96,29 +104,37 @@ pub fn desired(plan: &Plan) -> Desired {
             reqid: p.reqid,
             transport: false,
         };
-        for &local in &plan.subnets {
-            for &remote in &p.subnets {
-                let pol = |dir, src, dst, mark, tmpl| Policy {
-                    id: PolicyId {
-                        dir,
-                        src,
-                        dst,
-                        l4: L4::ANY,
-                        mark,
-                    },
-                    priority: PAIR_PRIORITY,
-                    action: Action::Allow,
-                    tmpl: Some(tmpl),
-                };
-                d.policies
-                    .push((owner.clone(), pol(Dir::Out, local, remote, out_mark, out_t)));
-                d.policies
-                    .push((owner.clone(), pol(Dir::In, remote, local, Mark::NONE, in_t)));
-                d.policies.push((
-                    owner.clone(),
-                    pol(Dir::Fwd, remote, local, Mark::NONE, in_t),
-                ));
-            }
+        // One policy per direction and remote prefix, the local side a wildcard: the count
+        // grows with the remote prefixes, not with local x remote, and with the SPD hash
+        // thresholds set to (local 0, remote = shortest remote prefix) every one of them is
+        // in the kernel's policy hash table, so the lookup per packet does not depend on
+        // their number (see [`prefix_thresholds`] and BENCHMARKS.md).
+        for remote in aggregate(&p.subnets) {
+            let pol = |dir, src, dst, mark, tmpl| Policy {
+                id: PolicyId {
+                    dir,
+                    src,
+                    dst,
+                    l4: L4::ANY,
+                    mark,
+                },
+                priority: PAIR_PRIORITY,
+                action: Action::Allow,
+                tmpl: Some(tmpl),
+            };
+            let anywhere = any(inner_v6);
+            d.policies.push((
+                owner.clone(),
+                pol(Dir::Out, anywhere, remote, out_mark, out_t),
+            ));
+            d.policies.push((
+                owner.clone(),
+                pol(Dir::In, remote, anywhere, Mark::NONE, in_t),
+            ));
+            d.policies.push((
+                owner.clone(),
+                pol(Dir::Fwd, remote, anywhere, Mark::NONE, in_t),
+            ));
         }
         if let Some(ko) = &p.key_out {
             d.sas.push((
@@ -226,9 +242,17 @@ pub fn vxlan_esp(plan: &Plan, port: u16) -> Desired {
     d
 }
 
-/// Shortest local and remote prefix lengths in use (for the SPD hash thresholds).
+/// Prefixes with host bits cleared, deduplicated, adjacent ones merged.
+fn aggregate(nets: &[IpNet]) -> Vec<IpNet> {
+    let v: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+    IpNet::aggregate(&v)
+}
+
+/// The SPD hash thresholds (local, remote prefix bits) that put every pair policy in the
+/// kernel's policy hash table: the local side of each is a wildcard (0 bits), the remote side
+/// at least the shortest remote prefix. `None` without peers.
 pub fn prefix_thresholds(plan: &Plan) -> Option<(u8, u8)> {
-    let local = plan.subnets.iter().map(|n| n.prefix_len()).min()?;
+    let local = 0;
     let remote = plan
         .peers
         .iter()
@@ -314,7 +338,53 @@ mod tests {
             "the generation is the SPI's low nibble"
         );
         assert!(d.sas.iter().all(|(_, s)| s.esn && s.replay_window == 1024));
-        assert_eq!(prefix_thresholds(&p), Some((24, 24)));
+        assert_eq!(prefix_thresholds(&p), Some((0, 24)));
+        // The local side of every pair policy is the wildcard; the remote side a peer prefix.
+        for (_, x) in d.policies.iter().filter(|(_, x)| x.tmpl.is_some()) {
+            let (local, remote) = match x.id.dir {
+                Dir::Out => (x.id.src, x.id.dst),
+                _ => (x.id.dst, x.id.src),
+            };
+            assert_eq!(local.prefix_len(), 0, "{x:?}");
+            assert!(p.peers[0].subnets.contains(&remote), "{x:?}");
+        }
+    }
+
+    #[test]
+    fn policies_do_not_multiply_with_local_subnets() {
+        // A Rancher-shaped host: 10 local /32s and 2 peers with 10 random /32s each.
+        let host = |id: &str, ip: &str, subnets: &[String]| RawHost {
+            id: id.into(),
+            agent_ip: ip.into(),
+            subnets: subnets.to_vec(),
+            ..Default::default()
+        };
+        let addrs = |seed: u32| -> Vec<String> {
+            (0..10u32)
+                .map(|i| {
+                    let x = (seed * 7919 + i * 104_729) % 65_000;
+                    format!("10.42.{}.{}/32", x / 254, x % 254 + 1)
+                })
+                .collect()
+        };
+        let (a, b, c) = (addrs(1), addrs(2), addrs(3));
+        let cluster = Cluster::validate(&RawCluster {
+            network: RawNetwork {
+                cidr: "10.42.0.0/16".into(),
+                ..Default::default()
+            },
+            hosts: vec![
+                host("a", "192.168.77.1", &a),
+                host("b", "192.168.77.2", &b),
+                host("c", "192.168.77.3", &c),
+            ],
+        })
+        .unwrap();
+        let p = plan(&cluster, "a", &PlanOptions::default(), None).unwrap();
+        let d = desired(&p);
+        // 3 directions x 20 remote prefixes + the block policy (was 3 x 10 x 20 + 1 = 601).
+        assert_eq!(d.policies.len(), 3 * 20 + 1);
+        assert_eq!(prefix_thresholds(&p), Some((0, 32)));
     }
 
     #[test]
