@@ -62,6 +62,12 @@ fn join(prefix: &str, path: &str) -> String {
 
 /// Decode a JSON text (the whole input: trailing characters are an error).
 pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, JsonError> {
+    // The path-tracking decoder costs about as much as the parse itself (100,000 hosts:
+    // BENCHMARKS.md), so a document is decoded plainly first and again with the path only
+    // when it fails; the error is the same either way.
+    if let Ok(v) = serde_json::from_slice(bytes) {
+        return Ok(v);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(convert)?;
     de.end().map_err(|e| plain(&e))?;

@@ -320,10 +320,12 @@ impl KeyDeriver {
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(b"ipsec-mesh/v1 key-id");
         ctx.update(&bytes);
-        let id = ctx.finish().as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = String::with_capacity(16);
+        for b in &ctx.finish().as_ref()[..8] {
+            id.push(HEX[usize::from(b >> 4)] as char);
+            id.push(HEX[usize::from(b & 0xf)] as char);
+        }
         SaKey {
             bytes,
             transform,

@@ -239,56 +239,63 @@ pub fn plan_with(
     }
     let rx_gens = rx_generations(gen, keys);
 
-    let peers = cluster
+    let make_peer = |&(peer, peer_ids): &(&crate::model::Host, HostIds)| -> Peer {
+        let out_gen = match gen.checked_add(1) {
+            Some(next)
+                if opts.ahead.contains(peer.id.as_str()) && keys.is_none_or(|k| k.covers(next)) =>
+            {
+                next
+            }
+            _ => gen,
+        };
+        let key_out =
+            keys.map(|k| k.derive(host.id.as_str(), peer.id.as_str(), out_gen, opts.transform));
+        let rx: Vec<RxSa> = rx_gens
+            .iter()
+            .map(|&g| {
+                let key =
+                    keys.map(|k| k.derive(peer.id.as_str(), host.id.as_str(), g, opts.transform));
+                RxSa {
+                    generation: g,
+                    spi: ids::spi(peer_ids, my_ids, g),
+                    key_id: key.as_ref().map(|k| k.id().to_string()),
+                    key,
+                }
+            })
+            .collect();
+        // The current generation's inbound key is one of the receive set's (always, as the
+        // sending generation is covered); derived once.
+        let key_in = rx
+            .iter()
+            .find(|r| r.generation == gen)
+            .and_then(|r| r.key.clone())
+            .or_else(|| {
+                keys.map(|k| k.derive(peer.id.as_str(), host.id.as_str(), gen, opts.transform))
+            });
+        Peer {
+            host: peer.id.clone(),
+            endpoint: peer.agent_ip,
+            subnets: peer.subnets.clone(),
+            reqid: peer_ids.reqid(),
+            spi_out: ids::spi(my_ids, peer_ids, out_gen),
+            out_generation: out_gen,
+            spi_in: ids::spi(peer_ids, my_ids, gen),
+            mark_out: opts.marks.encrypt,
+            mark_in: opts.marks.decrypt,
+            key_out_id: key_out.as_ref().map(|k| k.id().to_string()),
+            key_in_id: key_in.as_ref().map(|k| k.id().to_string()),
+            key_out,
+            key_in,
+            rx,
+        }
+    };
+    let others: Vec<(&crate::model::Host, HostIds)> = cluster
         .hosts
         .iter()
-        .zip(ids)
+        .zip(ids.iter().copied())
         .filter(|(h, _)| h.id != host.id)
-        .map(|(peer, &peer_ids)| {
-            let out_gen = match gen.checked_add(1) {
-                Some(next)
-                    if opts.ahead.contains(peer.id.as_str())
-                        && keys.is_none_or(|k| k.covers(next)) =>
-                {
-                    next
-                }
-                _ => gen,
-            };
-            let key_out =
-                keys.map(|k| k.derive(host.id.as_str(), peer.id.as_str(), out_gen, opts.transform));
-            let key_in =
-                keys.map(|k| k.derive(peer.id.as_str(), host.id.as_str(), gen, opts.transform));
-            let rx = rx_gens
-                .iter()
-                .map(|&g| {
-                    let key = keys
-                        .map(|k| k.derive(peer.id.as_str(), host.id.as_str(), g, opts.transform));
-                    RxSa {
-                        generation: g,
-                        spi: ids::spi(peer_ids, my_ids, g),
-                        key_id: key.as_ref().map(|k| k.id().to_string()),
-                        key,
-                    }
-                })
-                .collect();
-            Peer {
-                host: peer.id.clone(),
-                endpoint: peer.agent_ip,
-                subnets: peer.subnets.clone(),
-                reqid: peer_ids.reqid(),
-                spi_out: ids::spi(my_ids, peer_ids, out_gen),
-                out_generation: out_gen,
-                spi_in: ids::spi(peer_ids, my_ids, gen),
-                mark_out: opts.marks.encrypt,
-                mark_in: opts.marks.decrypt,
-                key_out_id: key_out.as_ref().map(|k| k.id().to_string()),
-                key_in_id: key_in.as_ref().map(|k| k.id().to_string()),
-                key_out,
-                key_in,
-                rx,
-            }
-        })
         .collect();
+    let peers = derive_in_parallel(&others, keys.is_some(), &make_peer);
 
     let encap = Encapsulation {
         backend: cluster.network.backend,
@@ -310,6 +317,34 @@ pub fn plan_with(
         marks: opts.marks,
         replay_window: opts.replay_window,
         peers,
+    })
+}
+
+/// Peers from which parallel key derivation pays for its threads.
+const PARALLEL_FROM: usize = 4096;
+
+/// `make` over `items` in order; with keys and many items, on every available core (key
+/// derivation is most of the planner's time at fleet scale). The result does not depend on
+/// the number of threads.
+fn derive_in_parallel<T: Sync, U: Send>(
+    items: &[T],
+    keyed: bool,
+    make: &(dyn Fn(&T) -> U + Sync),
+) -> Vec<U> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if !keyed || items.len() < PARALLEL_FROM || threads < 2 {
+        return items.iter().map(make).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items
+            .chunks(chunk)
+            .map(|c| s.spawn(move || c.iter().map(make).collect::<Vec<U>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().expect("key derivation does not panic"))
+            .collect()
     })
 }
 
@@ -384,6 +419,44 @@ mod tests {
         let ring = Psk::ring(&[(9, &[1u8; 32])]);
         let r = plan(&c, "host-0", &ahead, Some(&ring)).unwrap();
         assert_eq!(r.peers[0].out_generation, 9);
+    }
+
+    #[test]
+    fn parallel_derivation_keeps_order_and_keys() {
+        let v: Vec<usize> = (0..10_000).collect();
+        let par = derive_in_parallel(&v, true, &|x: &usize| x * 3);
+        assert_eq!(par, v.iter().map(|x| x * 3).collect::<Vec<_>>());
+        let c = Cluster::validate(&RawCluster {
+            network: RawNetwork {
+                cidr: "10.0.0.0/8".into(),
+                backend: None,
+                mtu: None,
+            },
+            hosts: (0..PARALLEL_FROM + 5)
+                .map(|i| RawHost {
+                    id: format!("host-{i}"),
+                    agent_ip: format!("172.16.{}.{}", i / 250, i % 250 + 1),
+                    subnets: vec![format!("10.{}.{}.0/24", i / 256, i % 256)],
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .unwrap();
+        let psk = Psk::from_bytes(&[7u8; 32]);
+        let p = plan(&c, "host-0", &PlanOptions::default(), Some(&psk)).unwrap();
+        let k = KeyDeriver::new(&psk);
+        let t = Transform::default();
+        for q in p.peers.iter().step_by(397) {
+            let out = k.derive("host-0", q.host.as_str(), 1, t);
+            let inn = k.derive(q.host.as_str(), "host-0", 1, t);
+            assert_eq!(q.key_out_id.as_deref(), Some(out.id()));
+            assert_eq!(q.key_in_id.as_deref(), Some(inn.id()));
+            assert_eq!(q.rx[1].key_id.as_deref(), Some(inn.id()));
+        }
+        let hosts: Vec<&str> = p.peers.iter().map(|q| q.host.as_str()).collect();
+        let mut sorted = hosts.clone();
+        sorted.sort();
+        assert_eq!(hosts, sorted, "peers stay sorted by id");
     }
 
     #[test]
