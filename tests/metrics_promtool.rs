@@ -58,6 +58,7 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
             total_duration_ms: 321.25,
             last_writes: 6,
             last_version: Some("41".into()),
+            driver_wakes: 2,
         },
         keying: ipsec_mesh::daemon::status::KeyingStatus {
             generation: 2,

@@ -286,7 +286,9 @@ cat >$META <<'EOF'
   ]
 }
 EOF
-(umask 077 && head -c 40 /dev/urandom >$PSK)
+# Text (base64, no newline), so the rotation section can put the same secret in a key-ring line
+# (a raw binary secret may hold a newline byte: a flaky ring).
+(umask 077 && head -c 40 /dev/urandom | base64 | tr -d "\n" >$PSK)
 chmod 600 $PSK
 
 LAST_WRITES=""

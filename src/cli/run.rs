@@ -21,8 +21,10 @@ pub struct RunCmd {
     #[command(flatten)]
     pub driver: DriverArgs,
 
-    /// Seconds between resyncs that repair drift.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    /// Seconds between full resyncs. Changes to the XFRM, route, rule and VXLAN objects
+    /// are repaired at once (kernel notifications); this is the safety net, and the repair
+    /// of iptables changes (which notify nothing).
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
     pub resync: u64,
 
     /// Status and metrics listener: host:port, or unix:/path. "none" disables it.

@@ -50,6 +50,9 @@ enum Event {
     /// The metadata may have changed (watcher) or a reload was asked for (SIGHUP).
     Reload(&'static str),
     Stop(&'static str),
+    /// The driver saw a change to its objects (kernel notification, charon restarted):
+    /// reconcile now, from the metadata already loaded.
+    Repair,
 }
 
 /// Retry delay after `failures` consecutive failures.
@@ -442,7 +445,7 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
             let tx = Mutex::new(tx.clone());
             Arc::new(move || {
                 if let Ok(tx) = tx.lock() {
-                    let _ = tx.send(Event::Reload("the driver asked for a reconcile"));
+                    let _ = tx.send(Event::Repair);
                 }
             })
         },
@@ -472,6 +475,18 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
                 info!(why, "reloading");
                 lp.load();
                 lp.seed_ahead();
+                lp.reconcile();
+                next_reconcile = Instant::now() + lp.next_delay();
+                next_stats = Instant::now() + STATS_EVERY;
+            }
+            Ok(Event::Repair) => {
+                info!("the driver saw a change to its objects: reconciling");
+                lp.set_status(|s| s.reconciles.driver_wakes += 1);
+                if lp.plan.is_none() {
+                    lp.load();
+                } else {
+                    let _ = lp.replan();
+                }
                 lp.reconcile();
                 next_reconcile = Instant::now() + lp.next_delay();
                 next_stats = Instant::now() + STATS_EVERY;

@@ -38,6 +38,9 @@ pub struct ReconcileStatus {
     /// Metadata version of the plan the last reconcile applied: once it equals
     /// `metadata.version`, the dataplane has been reconciled to the current metadata.
     pub last_version: Option<String>,
+    /// Reconciles asked for by the driver: a kernel notification about one of its objects
+    /// (drift repaired at once) or, for charon, the daemon restarting.
+    pub driver_wakes: u64,
 }
 
 /// Key generations and automatic rekeying (xfrm drivers; docs/keying.md).
@@ -234,6 +237,12 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
         "Reconciles run.",
         "counter",
         one(s.reconciles.count.to_string()),
+    );
+    metric(
+        "reconcile_driver_wakes_total",
+        "Reconciles asked for by the driver (a kernel change to its objects, charon restarted).",
+        "counter",
+        one(s.reconciles.driver_wakes.to_string()),
     );
     metric(
         "reconcile_errors_total",

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{firewall, routes, xfrm};
+use super::{firewall, notify, routes, xfrm};
 use crate::plan::{Marks, Plan};
 
 /// The outcome of one reconcile or cleanup of a driver.
@@ -111,6 +111,14 @@ pub trait Driver: Send {
     }
 }
 
+/// Kernel change notifications for the sidecar ([`notify`]); without them (a failure is
+/// logged) drift waits for the next resync.
+pub fn start_notify(filter: notify::Filter, wake: Wake) {
+    if let Err(e) = notify::ensure(filter, wake) {
+        tracing::warn!(error = %e, "cannot subscribe to kernel change notifications; drift is repaired at each resync only");
+    }
+}
+
 /// [`xfrm::tend_sequences`] for a driver's tend, with failures logged (they are retried at
 /// the next refresh and by every reconcile).
 fn tend_xfrm(plan: &Plan) -> usize {
@@ -169,6 +177,18 @@ impl Driver for VxlanEsp {
 
     fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
         sa_counters_by_peer(plan)
+    }
+
+    fn watch(&mut self, _plan: &Plan, wake: Wake) {
+        start_notify(
+            notify::Filter {
+                mark_mask: None,
+                table: None,
+                rule_priority: None,
+                device: None,
+            },
+            wake,
+        );
     }
 
     fn tend(&mut self, plan: &Plan) -> usize {
@@ -364,6 +384,18 @@ impl Driver for XfrmMesh {
 
     fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
         sa_counters_by_peer(plan)
+    }
+
+    fn watch(&mut self, _plan: &Plan, wake: Wake) {
+        start_notify(
+            notify::Filter {
+                mark_mask: Some(self.marks.mask),
+                table: Some(self.forwarding.routes.table),
+                rule_priority: Some(self.forwarding.routes.priority),
+                device: None,
+            },
+            wake,
+        );
     }
 
     fn tend(&mut self, plan: &Plan) -> usize {

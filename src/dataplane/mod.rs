@@ -7,6 +7,7 @@ pub mod charon;
 pub mod driver;
 pub mod firewall;
 pub mod netns;
+pub mod notify;
 pub mod routes;
 pub mod rtnl;
 pub mod vxlan;

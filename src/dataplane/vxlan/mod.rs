@@ -497,6 +497,18 @@ impl Driver for VxlanMesh {
         "vxlan"
     }
 
+    fn watch(&mut self, _plan: &Plan, wake: crate::dataplane::driver::Wake) {
+        crate::dataplane::driver::start_notify(
+            crate::dataplane::notify::Filter {
+                mark_mask: None,
+                table: None,
+                rule_priority: None,
+                device: Some(self.config.dev.clone()),
+            },
+            wake,
+        );
+    }
+
     fn reconcile(&mut self, plan: &Plan) -> DriverReport {
         to_driver_report(reconcile(plan, &self.config), "vxlan")
     }
