@@ -92,6 +92,14 @@ fn slab() -> (u64, u64) {
     (total, xs)
 }
 
+/// This process's peak RSS (planner + driver, as the sidecar holds them).
+fn max_rss_mib() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    ru.ru_maxrss as u64 / 1024
+}
+
 fn case(peers: usize, with_sas: bool) {
     let p = plan_for(peers);
     let grown = plan_for(peers + 1);
@@ -131,7 +139,9 @@ fn case(peers: usize, with_sas: bool) {
         })
         .unwrap();
         println!(
-            "peers={peers:>5} policies={n_pol:>6} states={n_sa:>6} | slab +{} KiB (xfrm_state cache +{} KiB) | first reconcile {t_first:8.1} ms ({} writes) | ip -batch {t_ip:8.1} ms | ratio {:.2}x | no-op {t_noop:6.1} ms ({} writes, {} sequence raises, dump+parse {t_dump:.1} ms) | +1 host {t_add:6.1} ms ({} writes){}",
+            "peers={peers:>5} policies={n_pol:>6} states={n_sa:>6} errors={} | peak RSS {} MiB | slab +{} KiB (xfrm_state cache +{} KiB) | first reconcile {t_first:8.1} ms ({} writes) | ip -batch {t_ip:8.1} ms | ratio {:.2}x | no-op {t_noop:6.1} ms ({} writes, {} sequence raises, dump+parse {t_dump:.1} ms) | +1 host {t_add:6.1} ms ({} writes){}",
+            first.errors.len() + noop.errors.len() + add.errors.len(),
+            max_rss_mib(),
             slab1.saturating_sub(slab0),
             xs1.saturating_sub(xs0) / 1024,
             first.writes,
@@ -158,7 +168,7 @@ fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     // In a kernel with ESP (the VM: integration/vm/bench-xfrm.sh) the baseline adds the SAs too.
     let with_sas = std::env::args().any(|a| a == "--with-sas");
-    let sizes: &[usize] = if full { &[1_000, 5_000] } else { &[50] };
+    let sizes: &[usize] = if full { &[1_000, 5_000, 20_000] } else { &[50] };
     for &n in sizes {
         case(n, with_sas);
     }

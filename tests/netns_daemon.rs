@@ -1878,6 +1878,14 @@ fn kernel_changes_to_our_objects_are_repaired_at_once_and_foreign_ones_cost_noth
     if common::kernel_has_esp() {
         drifts.push("ip xfrm state deleteall src 192.168.77.2 dst 192.168.77.1 proto esp".into());
     }
+    // 1 s on a real machine; the VM harness (TCG, where looking at the kernel takes seconds)
+    // raises it (integration/vm/root-suites-guest.sh).
+    let bound = Duration::from_millis(
+        std::env::var("IPSEC_MESH_TEST_REPAIR_BOUND_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000),
+    );
     let mut times = Vec::new();
     for d in &drifts {
         let w0 = wakes(&f);
@@ -1888,7 +1896,7 @@ fn kernel_changes_to_our_objects_are_repaired_at_once_and_foreign_ones_cost_noth
         });
         let took = t.elapsed();
         assert!(
-            took < Duration::from_secs(1),
+            took < bound,
             "`{d}` repaired after {took:?} (--resync 600)\n{}",
             f.log_tail()
         );
@@ -1932,7 +1940,7 @@ fn kernel_changes_to_our_objects_are_repaired_at_once_and_foreign_ones_cost_noth
         "{storm_wakes} reconciles for a foreign storm"
     );
     assert!(
-        cpu < 2.0,
+        cpu < 2.0 * bound.as_secs_f64().max(1.0),
         "the sidecar used {cpu:.2} s of CPU during a foreign storm"
     );
     assert_eq!(f.ns.owned(), want, "nothing of ours changed");
