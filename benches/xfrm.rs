@@ -140,7 +140,13 @@ fn case(peers: usize, with_sas: bool) {
         .unwrap();
         println!(
             "peers={peers:>5} policies={n_pol:>6} states={n_sa:>6} errors={} | peak RSS {} MiB | slab +{} KiB (xfrm_state cache +{} KiB) | first reconcile {t_first:8.1} ms ({} writes) | ip -batch {t_ip:8.1} ms | ratio {:.2}x | no-op {t_noop:6.1} ms ({} writes, {} sequence raises, dump+parse {t_dump:.1} ms) | +1 host {t_add:6.1} ms ({} writes){}",
-            first.errors.len() + noop.errors.len() + add.errors.len(),
+            // Per-peer "this kernel cannot hold ESP SAs" reports are expected here; anything
+            // else (ENOBUFS, a timeout, a refused policy) is an error.
+            [&first, &noop, &add]
+                .iter()
+                .flat_map(|r| r.errors.iter())
+                .filter(|(_, e)| !e.contains("ESP"))
+                .count(),
             max_rss_mib(),
             slab1.saturating_sub(slab0),
             xs1.saturating_sub(xs0) / 1024,
