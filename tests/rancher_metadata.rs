@@ -737,3 +737,72 @@ fn a_hung_request_times_out() {
     assert!(msg.contains("/containers: "), "{msg}");
     assert!(msg.contains("no complete answer within 0.3s"), "{msg}");
 }
+
+#[test]
+fn a_null_or_404_self_host_is_a_clear_error_and_host_makes_it_unneeded() {
+    let server = FakeMetadata::start();
+    for (status, body, needle) in [
+        (
+            200,
+            "null",
+            "null: rancher-metadata knows this container but not its host",
+        ),
+        (
+            404,
+            "Not found",
+            "HTTP status 404 Not Found: rancher-metadata does not know",
+        ),
+    ] {
+        server.set(
+            "/self/host",
+            Reply::Answer {
+                status,
+                body: body.into(),
+            },
+        );
+        let e = server.source().load().unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+        assert!(e.contains("pass --host") && e.contains("/self/host"), "{e}");
+        // With --host the answer is never asked for, and the snapshot is complete.
+        let before = server.seen().len();
+        let mut src = server.source();
+        src.set_self_host(HOST2);
+        let snap = src.load().unwrap();
+        assert_eq!(snap.self_id.as_ref().unwrap().as_str(), HOST2);
+        assert_eq!(snap.cluster.hosts.len(), 3);
+        assert!(
+            server.seen()[before..]
+                .iter()
+                .all(|s| s.target != format!("{PREFIX}/self/host")),
+            "/self/host asked for despite --host"
+        );
+    }
+    let mut src = server.source();
+    src.set_self_host("no-such-uuid");
+    let e = src.load().unwrap_err().to_string();
+    assert!(
+        e.contains("--host \"no-such-uuid\" is not the uuid of a listed host"),
+        "{e}"
+    );
+    // The same through the CLI: `plan --host` works while /self/host answers null.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ipsec-mesh"))
+        .args(["plan", "--metadata", &server.base(), "--host", HOST1])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn stopping_containers_still_count_as_rancher_does() {
+    let server = FakeMetadata::start();
+    let mut containers = fixture_json("containers.json");
+    // plugin-manager's IsContainerConsideredRunning: running, starting, stopping.
+    container_named(&mut containers, "nightly-batch-1")["state"] = "stopping".into();
+    server.set_json("/containers", &containers);
+    let snap = server.source().load().unwrap();
+    assert_eq!(subnets_of(&snap, HOST1), ["10.42.1.4/30", "10.42.1.8/31"]);
+    container_named(&mut containers, "nightly-batch-1")["state"] = "stopped".into();
+    server.set_json("/containers", &containers);
+    let snap = server.source().load().unwrap();
+    assert_eq!(subnets_of(&snap, HOST1), ["10.42.1.4/30", "10.42.1.9/32"]);
+}

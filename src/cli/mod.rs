@@ -428,7 +428,7 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 
 /// Load the metadata once.
 pub fn load(src: &SourceArgs) -> Result<Snapshot> {
-    let mut source = metadata::open(&src.metadata)?;
+    let mut source = metadata::open_for(&src.metadata, src.host.as_deref())?;
     Ok(source.load()?)
 }
 

@@ -415,7 +415,7 @@ impl Loop {
 pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel();
     let _signals = spawn_signal_thread(tx.clone())?;
-    let source = metadata::open(&cfg.source)?;
+    let source = metadata::open_for(&cfg.source, cfg.host.as_deref())?;
     let status = Arc::new(Mutex::new(Status {
         driver: driver.name().to_string(),
         metadata: status::MetadataStatus {
@@ -454,7 +454,7 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
     lp.seed_ahead();
     lp.reconcile();
     spawn_watcher(
-        metadata::open(&lp.cfg.source)?,
+        metadata::open_for(&lp.cfg.source, lp.cfg.host.as_deref())?,
         lp.version.clone().unwrap_or_default(),
         lp.cfg.resync,
         tx,

@@ -67,6 +67,10 @@ pub trait MetadataSource: Send {
     /// Read and validate the current metadata.
     fn load(&mut self) -> Result<Snapshot, MetadataError>;
 
+    /// The host this process runs on, when the caller knows it (`--host`): a source that
+    /// would otherwise ask for it (rancher-metadata's `/self/host`) does not.
+    fn set_self_host(&mut self, _host: &str) {}
+
     /// Block until the content may differ from `version`, or `max_wait` has passed.
     /// Returns the new version, or `None` when nothing changed within `max_wait`.
     fn wait_for_change(
@@ -74,6 +78,15 @@ pub trait MetadataSource: Send {
         version: &str,
         max_wait: Duration,
     ) -> Result<Option<String>, MetadataError>;
+}
+
+/// [`open`], told the self host when `--host` names it.
+pub fn open_for(src: &str, host: Option<&str>) -> Result<Box<dyn MetadataSource>, MetadataError> {
+    let mut s = open(src)?;
+    if let Some(h) = host {
+        s.set_self_host(h);
+    }
+    Ok(s)
 }
 
 /// Open the source named by a `--metadata` argument.

@@ -43,8 +43,10 @@ const NETWORK_SERVICE_LABELS: [&str; 3] = [
     "io.rancher.network.arpsync",
     "io.rancher.cni.link_mtu_overhead",
 ];
-/// Container states whose address is live (what Rancher's plugin-manager accepts).
-const LIVE_STATES: [&str; 2] = ["running", "starting"];
+/// Container states whose address is live: what Rancher's plugin-manager counts as running
+/// (`IsContainerConsideredRunning`: running, starting and stopping; a stopping container
+/// still has traffic until it has stopped).
+const LIVE_STATES: [&str; 3] = ["running", "starting", "stopping"];
 /// A cniConfig value that is resolved per host from a host label, not a literal.
 const HOST_LABEL_KEYWORD: &str = "__host_label__";
 
@@ -403,6 +405,8 @@ pub struct RancherSource {
     base: String,
     agent: ureq::Agent,
     request_timeout: Duration,
+    /// `--host`: the self host, so `/self/host` is not needed.
+    self_host: Option<String>,
 }
 
 impl RancherSource {
@@ -444,6 +448,7 @@ impl RancherSource {
             base,
             agent,
             request_timeout: REQUEST_TIMEOUT,
+            self_host: None,
         })
     }
 
@@ -505,15 +510,56 @@ impl RancherSource {
     }
 
     /// Read all the answers (the version first, so the snapshot is never newer than it).
+    /// With `--host` the self host is that entry of `/hosts`, and `/self/host` is not asked.
     fn read(&self) -> Result<(String, Answers), MetadataError> {
         let version = self.version()?;
+        let hosts: Vec<RancherHost> = self.get_json(Answer::Hosts)?;
+        let self_host = match &self.self_host {
+            Some(id) => hosts
+                .iter()
+                .find(|h| h.uuid == *id)
+                .cloned()
+                .ok_or_else(|| MetadataError::Rancher {
+                    url: self.url(Answer::Hosts.path()),
+                    message: format!("--host {id:?} is not the uuid of a listed host"),
+                })?,
+            None => self.self_host_answer()?,
+        };
         let answers = Answers {
-            self_host: self.get_json(Answer::SelfHost)?,
-            hosts: self.get_json(Answer::Hosts)?,
+            self_host,
+            hosts,
             containers: self.get_json(Answer::Containers)?,
             networks: self.get_json(Answer::Networks)?,
         };
         Ok((version, answers))
+    }
+
+    /// `/self/host`, with the real server's two ways of not knowing said in words: `200 null`
+    /// (this container points at a host no longer listed) and 404.
+    fn self_host_answer(&self) -> Result<RancherHost, MetadataError> {
+        let url = self.url(Answer::SelfHost.path());
+        let body = match self.get(&url, self.request_timeout) {
+            Ok(b) => b,
+            Err(MetadataError::Http { message, .. }) if message.contains("404") => {
+                return Err(MetadataError::Rancher {
+                    url,
+                    message:
+                        "HTTP status 404 Not Found: rancher-metadata does not know which host this \
+                              container runs on; pass --host"
+                            .into(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if body.trim_ascii() == b"null" {
+            return Err(MetadataError::Rancher {
+                url,
+                message: "null: rancher-metadata knows this container but not its host (it \
+                          points at a host no longer listed); pass --host"
+                    .into(),
+            });
+        }
+        parse_answer(&url, &body)
     }
 }
 
@@ -535,6 +581,10 @@ fn describe(e: &ureq::Error, timeout: Duration) -> String {
 impl MetadataSource for RancherSource {
     fn origin(&self) -> String {
         self.base.clone()
+    }
+
+    fn set_self_host(&mut self, host: &str) {
+        self.self_host = Some(host.to_string());
     }
 
     fn load(&mut self) -> Result<Snapshot, MetadataError> {
