@@ -565,12 +565,15 @@ fn a_bad_field_in_an_answer_names_url_json_path_and_position() {
     server.set_json("/hosts", &hosts);
     let (msg, error) = parse_error(&server, "/hosts");
     let line = line_of(&body, "1921687713");
+    // Answers are decoded as they arrive: the reader has taken the character after the
+    // number (the comma) when it sees the number is of the wrong type.
     let column = body
         .lines()
         .nth(line - 1)
         .unwrap()
         .trim_end_matches(',')
-        .len();
+        .len()
+        + 1;
     assert_eq!(
         msg,
         format!(
@@ -805,4 +808,123 @@ fn stopping_containers_still_count_as_rancher_does() {
     server.set_json("/containers", &containers);
     let snap = server.source().load().unwrap();
     assert_eq!(subnets_of(&snap, HOST1), ["10.42.1.4/30", "10.42.1.9/32"]);
+}
+
+/// Add `hosts` hosts with `per_host` containers each to the fixture's answers, Rancher-shaped:
+/// every container a /32 drawn at random (fixed seed, no duplicates) from the managed
+/// network's 10.42.0.0/16, `"links": null`, `hostname: null`, states spread as a live
+/// environment has them. Returns the sizes of the `/hosts` and `/containers` bodies.
+fn rancher_environment(server: &FakeMetadata, hosts: usize, per_host: usize) -> (usize, usize) {
+    let mut hs = fixture_json("hosts.json");
+    let mut cs = fixture_json("containers.json");
+    let host_t = hs[1].clone();
+    let cont_t = container_named(&mut cs, "shop-web-1").clone();
+    let mut used: std::collections::HashSet<u32> = cs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["primary_ip"].as_str()?.parse::<std::net::Ipv4Addr>().ok())
+        .map(u32::from)
+        .collect();
+    let mut x: u64 = 0x853c_49e6_748f_ea9b;
+    let states = [
+        "running", "running", "running", "starting", "stopping", "stopped",
+    ];
+    for i in 0..hosts {
+        let uuid = format!("{i:08x}-0000-4000-8000-000000000000");
+        let mut h = host_t.clone();
+        h["uuid"] = uuid.clone().into();
+        h["name"] = format!("gen-{i}").into();
+        h["host_id"] = (100 + i).into();
+        h["agent_ip"] = format!("172.20.{}.{}", i / 250, i % 250 + 1).into();
+        hs.as_array_mut().unwrap().push(h);
+        for j in 0..per_host {
+            let ip = loop {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let a = 0x0a2a_0000 | (x as u32 & 0xffff);
+                if a & 0xff != 0 && a & 0xff != 0xff && used.insert(a) {
+                    break std::net::Ipv4Addr::from(a);
+                }
+            };
+            let mut c = cont_t.clone();
+            c["uuid"] = format!("{i:08x}-{j:04x}-4000-8000-c0ffee000000").into();
+            c["name"] = format!("gen-{i}-{j}").into();
+            c["host_uuid"] = uuid.clone().into();
+            c["primary_ip"] = ip.to_string().into();
+            c["ips"] = serde_json::json!([ip.to_string()]);
+            c["links"] = Value::Null;
+            c["hostname"] = Value::Null;
+            c["state"] = states[(x % states.len() as u64) as usize].into();
+            cs.as_array_mut().unwrap().push(c);
+        }
+    }
+    let (hb, cb) = (
+        serde_json::to_string(&hs).unwrap(),
+        serde_json::to_string(&cs).unwrap(),
+    );
+    let sizes = (hb.len(), cb.len());
+    server.set(
+        "/hosts",
+        Reply::Answer {
+            status: 200,
+            body: hb,
+        },
+    );
+    server.set(
+        "/containers",
+        Reply::Answer {
+            status: 200,
+            body: cb,
+        },
+    );
+    sizes
+}
+
+#[test]
+fn a_6000_host_environment_is_decoded_as_it_arrives_and_the_limit_is_a_setting() {
+    let server = FakeMetadata::start();
+    let (hosts_len, containers_len) = rancher_environment(&server, 6_000, 10);
+    assert!(
+        containers_len > 64 << 20,
+        "the answer ({containers_len} bytes) is above the old fixed 64 MiB limit"
+    );
+    let t = Instant::now();
+    let snap = server.source().load().unwrap();
+    eprintln!(
+        "6,000 hosts x 10 containers: /hosts {:.1} MB, /containers {:.1} MB, loaded in {:.2} s",
+        hosts_len as f64 / 1e6,
+        containers_len as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(snap.cluster.hosts.len(), 6_003);
+    // Random /32s: a generated host's live containers barely aggregate.
+    let h = snap
+        .cluster
+        .host("00000007-0000-4000-8000-000000000000")
+        .unwrap();
+    assert!(h.subnets.len() >= 5, "{:?}", h.subnets);
+    assert!(h
+        .subnets
+        .iter()
+        .all(|s| s.to_string().starts_with("10.42.")));
+    // Planning the whole mesh for the self host works.
+    let p = ipsec_mesh::plan::plan(
+        &snap.cluster,
+        HOST1,
+        &ipsec_mesh::plan::PlanOptions::default(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(p.peers.len(), 6_002);
+
+    // Below the answer's size: a clear error naming the setting, no partial state.
+    let mut src = server.source();
+    src.set_body_limit(16 << 20);
+    let e = src.load().unwrap_err().to_string();
+    assert!(
+        e.contains("/containers") && e.contains("larger than 16 MiB (--metadata-max-mb)"),
+        "{e}"
+    );
 }

@@ -77,6 +77,11 @@ pub struct SourceArgs {
     /// host whose agent_ip is configured on a local interface.
     #[arg(long, value_name = "ID")]
     pub host: Option<String>,
+
+    /// Largest metadata answer accepted from a metadata service, in MiB (answers are decoded
+    /// as they arrive: memory follows the hosts and containers, not this limit).
+    #[arg(long, value_name = "MIB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub metadata_max_mb: u64,
 }
 
 /// Options that shape the plan beyond the metadata.
@@ -428,7 +433,11 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 
 /// Load the metadata once.
 pub fn load(src: &SourceArgs) -> Result<Snapshot> {
-    let mut source = metadata::open_for(&src.metadata, src.host.as_deref())?;
+    let mut source = metadata::open_for(
+        &src.metadata,
+        src.host.as_deref(),
+        src.metadata_max_mb << 20,
+    )?;
     Ok(source.load()?)
 }
 

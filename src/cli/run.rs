@@ -58,6 +58,7 @@ pub fn run(cmd: RunCmd) -> Result<ExitCode> {
     let cfg = daemon::DaemonConfig {
         source: cmd.source.metadata.clone(),
         host: cmd.source.host.clone(),
+        metadata_max_bytes: cmd.source.metadata_max_mb << 20,
         resync: Duration::from_secs(cmd.resync),
         listen: (cmd.listen != "none").then(|| server::Listen::parse(&cmd.listen)),
         cleanup_on_exit: cmd.cleanup_on_exit,

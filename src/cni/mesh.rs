@@ -29,7 +29,7 @@ pub fn metadata_error(e: &MetadataError) -> CniError {
 /// Load `src` and find this host: `host` if given, else what the source says (rancher's
 /// `/self/host`), else the host whose `agent_ip` is a local address.
 pub fn load(src: &str, host: Option<&str>) -> Result<Mesh, CniError> {
-    let snapshot = metadata::open_for(src, host)
+    let snapshot = metadata::open_for(src, host, crate::metadata::rancher::DEFAULT_BODY_LIMIT)
         .and_then(|mut s| s.load())
         .map_err(|e| metadata_error(&e))?;
     let self_id = self_host(&snapshot, src, host)?;

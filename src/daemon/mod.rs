@@ -34,6 +34,8 @@ const WATCH_WAIT: Duration = Duration::from_secs(30);
 pub struct DaemonConfig {
     pub source: String,
     pub host: Option<String>,
+    /// Largest metadata answer accepted, bytes.
+    pub metadata_max_bytes: u64,
     pub resync: Duration,
     pub listen: Option<server::Listen>,
     pub cleanup_on_exit: bool,
@@ -415,7 +417,7 @@ impl Loop {
 pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel();
     let _signals = spawn_signal_thread(tx.clone())?;
-    let source = metadata::open_for(&cfg.source, cfg.host.as_deref())?;
+    let source = metadata::open_for(&cfg.source, cfg.host.as_deref(), cfg.metadata_max_bytes)?;
     let status = Arc::new(Mutex::new(Status {
         driver: driver.name().to_string(),
         metadata: status::MetadataStatus {
@@ -454,7 +456,11 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
     lp.seed_ahead();
     lp.reconcile();
     spawn_watcher(
-        metadata::open_for(&lp.cfg.source, lp.cfg.host.as_deref())?,
+        metadata::open_for(
+            &lp.cfg.source,
+            lp.cfg.host.as_deref(),
+            lp.cfg.metadata_max_bytes,
+        )?,
         lp.version.clone().unwrap_or_default(),
         lp.cfg.resync,
         tx,

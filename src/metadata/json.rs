@@ -74,6 +74,16 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, JsonError> {
     Ok(value)
 }
 
+/// Decode a document as it is read (memory bounded by `T`, not by the document), with the
+/// JSON path of an error.
+pub fn from_reader<T: DeserializeOwned, R: std::io::Read>(r: R) -> Result<T, JsonError> {
+    let mut de =
+        serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(1 << 16, r));
+    let value = serde_path_to_error::deserialize(&mut de).map_err(convert)?;
+    de.end().map_err(|e| plain(&e))?;
+    Ok(value)
+}
+
 /// [`from_slice`] of a string.
 pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, JsonError> {
     from_slice(text.as_bytes())

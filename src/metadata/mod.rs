@@ -71,6 +71,9 @@ pub trait MetadataSource: Send {
     /// would otherwise ask for it (rancher-metadata's `/self/host`) does not.
     fn set_self_host(&mut self, _host: &str) {}
 
+    /// Largest answer a network source accepts (`--metadata-max-mb`).
+    fn set_body_limit(&mut self, _bytes: u64) {}
+
     /// Block until the content may differ from `version`, or `max_wait` has passed.
     /// Returns the new version, or `None` when nothing changed within `max_wait`.
     fn wait_for_change(
@@ -80,9 +83,14 @@ pub trait MetadataSource: Send {
     ) -> Result<Option<String>, MetadataError>;
 }
 
-/// [`open`], told the self host when `--host` names it.
-pub fn open_for(src: &str, host: Option<&str>) -> Result<Box<dyn MetadataSource>, MetadataError> {
+/// [`open`], told the self host when `--host` names it and the largest answer to accept.
+pub fn open_for(
+    src: &str,
+    host: Option<&str>,
+    max_bytes: u64,
+) -> Result<Box<dyn MetadataSource>, MetadataError> {
     let mut s = open(src)?;
+    s.set_body_limit(max_bytes);
     if let Some(h) = host {
         s.set_self_host(h);
     }

@@ -31,9 +31,17 @@ pub const DEFAULT_CIDR: &str = "10.42.0.0/16";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Extra time the client gives a long-poll beyond the `maxWait` it asked the server for.
 pub const WAIT_GRACE: Duration = Duration::from_secs(5);
+/// How long the body of a large answer may take to arrive and decode once it has started
+/// (`/containers` of thousands of hosts is tens of MB); the answer must start within the
+/// request timeout.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(120);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest answer accepted (`/containers` of a big environment is a few MB).
-const BODY_LIMIT: u64 = 64 * 1024 * 1024;
+/// Largest answer accepted by default (`--metadata-max-mb`): `/containers` of 4,500 hosts x 10
+/// containers is 70 MB, and answers are decoded as they arrive, so memory follows the model,
+/// not this limit.
+pub const DEFAULT_BODY_LIMIT: u64 = 1024 * 1024 * 1024;
+/// Largest error page read for the message.
+const ERROR_BODY_LIMIT: u64 = 64 * 1024;
 
 /// Container label of Rancher <= 1.1's per-host network agent (value `NetworkAgent`).
 const LABEL_SYSTEM: &str = "io.rancher.container.system";
@@ -407,6 +415,8 @@ pub struct RancherSource {
     request_timeout: Duration,
     /// `--host`: the self host, so `/self/host` is not needed.
     self_host: Option<String>,
+    /// Largest answer accepted, bytes.
+    body_limit: u64,
 }
 
 impl RancherSource {
@@ -449,6 +459,7 @@ impl RancherSource {
             agent,
             request_timeout: REQUEST_TIMEOUT,
             self_host: None,
+            body_limit: DEFAULT_BODY_LIMIT,
         })
     }
 
@@ -462,8 +473,24 @@ impl RancherSource {
         format!("{}{path}", self.base)
     }
 
-    /// GET `url`; the body of a 2xx answer, else an error naming the URL.
-    fn get(&self, url: &str, timeout: Duration) -> Result<Vec<u8>, MetadataError> {
+    /// GET `url`: the response of a 2xx answer, else an error naming the URL and status.
+    /// `timeout` bounds the whole exchange.
+    fn call(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<ureq::http::Response<ureq::Body>, MetadataError> {
+        self.call_with(url, timeout, None)
+    }
+
+    /// [`call`](Self::call); with `body`, `timeout` bounds the exchange up to the answer's
+    /// headers and `body` the reading of the body.
+    fn call_with(
+        &self,
+        url: &str,
+        timeout: Duration,
+        body: Option<Duration>,
+    ) -> Result<ureq::http::Response<ureq::Body>, MetadataError> {
         let http_err = |message: String| MetadataError::Http {
             url: url.to_string(),
             message,
@@ -473,18 +500,20 @@ impl RancherSource {
             .get(url)
             .header("Accept", "application/json")
             .config()
-            .timeout_global(Some(timeout))
+            .timeout_global(Some(body.map_or(timeout, |b| timeout + b)))
+            .timeout_recv_response(Some(timeout))
+            .timeout_recv_body(body)
             .build()
             .call()
             .map_err(|e| http_err(describe(&e, timeout)))?;
         let status = response.status();
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(BODY_LIMIT)
-            .read_to_vec()
-            .map_err(|e| http_err(format!("reading the answer: {}", describe(&e, timeout))))?;
         if !status.is_success() {
+            let body = response
+                .body_mut()
+                .with_config()
+                .limit(ERROR_BODY_LIMIT)
+                .read_to_vec()
+                .unwrap_or_default();
             let text = String::from_utf8_lossy(&body);
             let snippet: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
             let snippet: String = snippet.chars().take(200).collect();
@@ -494,13 +523,52 @@ impl RancherSource {
             }
             return Err(http_err(message));
         }
-        Ok(body)
+        Ok(response)
     }
 
+    fn too_large(&self, url: &str) -> MetadataError {
+        MetadataError::Http {
+            url: url.to_string(),
+            message: format!(
+                "the answer is larger than {} MiB (--metadata-max-mb)",
+                self.body_limit / (1024 * 1024)
+            ),
+        }
+    }
+
+    /// GET `url`; the body of a 2xx answer.
+    fn get(&self, url: &str, timeout: Duration) -> Result<Vec<u8>, MetadataError> {
+        let mut response = self.call(url, timeout)?;
+        response
+            .body_mut()
+            .with_config()
+            .limit(self.body_limit)
+            .read_to_vec()
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => self.too_large(url),
+                e => MetadataError::Http {
+                    url: url.to_string(),
+                    message: format!("reading the answer: {}", describe(&e, timeout)),
+                },
+            })
+    }
+
+    /// GET an answer and decode it as it arrives.
     fn get_json<T: DeserializeOwned>(&self, answer: Answer) -> Result<T, MetadataError> {
         let url = self.url(answer.path());
-        let body = self.get(&url, self.request_timeout)?;
-        parse_answer(&url, &body)
+        let mut response = self.call_with(&url, self.request_timeout, Some(BODY_TIMEOUT))?;
+        let reader = response
+            .body_mut()
+            .with_config()
+            .limit(self.body_limit)
+            .reader();
+        json::from_reader(reader).map_err(|e| {
+            if e.message.contains("exceeds limit") || e.message.contains("larger than") {
+                self.too_large(&url)
+            } else {
+                json_error(&url, e)
+            }
+        })
     }
 
     fn version(&self) -> Result<String, MetadataError> {
@@ -581,6 +649,10 @@ fn describe(e: &ureq::Error, timeout: Duration) -> String {
 impl MetadataSource for RancherSource {
     fn origin(&self) -> String {
         self.base.clone()
+    }
+
+    fn set_body_limit(&mut self, bytes: u64) {
+        self.body_limit = bytes;
     }
 
     fn set_self_host(&mut self, host: &str) {
