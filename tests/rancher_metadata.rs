@@ -1,6 +1,13 @@
 //! The rancher-metadata source against an in-test HTTP/1.1 server that serves recorded answers
 //! (tests/fixtures/rancher/*.json, in the real API's format) and implements the long-poll
 //! `GET /version?wait=true&value=<v>&maxWait=<s>`.
+//!
+//! Real rancher-metadata behaviour it copies: `/version` is a UUID; answers come as
+//! `text/plain` (JSON inside, because the client asks `Accept: application/json`);
+//! `/self/host` can be `200 null` or 404; `"links": null` and `hostname: null` in generated
+//! environments, with random /32 addressing ([`rancher_environment`]). Not copied yet: the
+//! 5 s re-check tick of held long-polls, the re-ordering of answers on reload, sidekicks with
+//! `primary_ip: null`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -17,6 +24,8 @@ use ipsec_mesh::model::{Backend, Invalid};
 use serde_json::Value;
 
 const PREFIX: &str = "/2015-12-19";
+/// The first `/version`: like the real server's, a UUID (it changes on every reload).
+const V0: &str = "6c1f0b0e-8a43-4d8e-9a1f-3b2d7e5c9a10";
 const HOST1: &str = "0f8d6c3e-5b0a-4c1e-9a53-2f1b7e4d9a01";
 const HOST2: &str = "b3a4c1d2-7e8f-4a6b-9c0d-1e2f3a4b5c02";
 const HOST3: &str = "c7e8f9a0-1b2c-4d3e-8f4a-5b6c7d8e9f03";
@@ -89,7 +98,7 @@ impl FakeMetadata {
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                version: "31".to_string(),
+                version: V0.to_string(),
                 answers,
                 seen: Vec::new(),
             }),
@@ -268,7 +277,7 @@ fn serve(conn: TcpStream, s: &Shared) {
             let mut conn = conn;
             let _ = write!(
                 conn,
-                "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n\
                  Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
@@ -307,7 +316,7 @@ fn load_maps_hosts_network_and_aggregated_subnets() {
     assert_eq!(src.origin(), server.base());
     let snap = src.load().unwrap();
 
-    assert_eq!(snap.version, "31");
+    assert_eq!(snap.version, V0);
     assert_eq!(snap.self_id.as_ref().unwrap().as_str(), HOST1);
     let net = &snap.cluster.network;
     assert_eq!(net.cidr.to_string(), "10.42.0.0/16");
@@ -410,7 +419,7 @@ fn long_poll_returns_the_new_version_promptly_after_a_change() {
         .unwrap();
     assert_eq!(
         wait.target,
-        format!("{PREFIX}/version?wait=true&value=31&maxWait=20")
+        format!("{PREFIX}/version?wait=true&value={V0}&maxWait=20")
     );
 
     let snap = src.load().unwrap();
@@ -432,7 +441,7 @@ fn long_poll_returns_none_after_max_wait_without_a_change() {
     let mut src = server.source();
     let started = Instant::now();
     let r = src
-        .wait_for_change("31", Duration::from_millis(1000))
+        .wait_for_change(V0, Duration::from_millis(1000))
         .unwrap();
     assert_eq!(r, None);
     // The server held the request for maxWait (1s) before answering the same version.
@@ -446,7 +455,7 @@ fn long_poll_with_a_stale_version_returns_at_once_and_encodes_the_value() {
     let r = src
         .wait_for_change("30 old&x", Duration::from_secs(30))
         .unwrap();
-    assert_eq!(r, Some("31".to_string()));
+    assert_eq!(r, Some(V0.to_string()));
     let seen = server.seen();
     assert_eq!(
         seen[0].target,
@@ -470,9 +479,7 @@ fn server_down_is_a_clear_http_error() {
         }
         other => panic!("expected Http, got {other:?}"),
     }
-    let e = src
-        .wait_for_change("31", Duration::from_secs(1))
-        .unwrap_err();
+    let e = src.wait_for_change(V0, Duration::from_secs(1)).unwrap_err();
     assert!(matches!(e, MetadataError::Http { .. }), "{e}");
     assert!(e.to_string().contains("/version?wait=true"), "{e}");
 }
