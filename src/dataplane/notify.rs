@@ -55,34 +55,19 @@ pub enum Verdict {
     Unknown,
 }
 
-// Netlink families and groups.
+// Netlink family, groups, message types and attributes (linux/xfrm.h, via the crate).
 const NETLINK_XFRM: i32 = 6;
-const XFRMNLGRP_EXPIRE: u32 = 2;
-const XFRMNLGRP_SA: u32 = 3;
-const XFRMNLGRP_POLICY: u32 = 4;
-const RTNLGRP_LINK: u32 = 1;
-const RTNLGRP_NEIGH: u32 = 3;
-const RTNLGRP_IPV4_ROUTE: u32 = 7;
-const RTNLGRP_IPV4_RULE: u32 = 8;
-const RTNLGRP_IPV6_ROUTE: u32 = 11;
-const RTNLGRP_IPV6_RULE: u32 = 19;
-
-// XFRM message types and attributes.
-const XFRM_MSG_NEWSA: u16 = 16;
-const XFRM_MSG_DELSA: u16 = 17;
-const XFRM_MSG_NEWPOLICY: u16 = 19;
-const XFRM_MSG_DELPOLICY: u16 = 20;
-const XFRM_MSG_EXPIRE: u16 = 24;
-const XFRM_MSG_UPDPOLICY: u16 = 25;
-const XFRM_MSG_UPDSA: u16 = 26;
-const XFRM_MSG_POLEXPIRE: u16 = 27;
-const XFRMA_TMPL: u16 = 5;
-const XFRMA_SA: u16 = 6;
 #[cfg(test)]
-const XFRMA_POLICY: u16 = 7;
-const XFRMA_MARK: u16 = 21;
-/// `struct xfrm_userpolicy_info` (selector 56 + lifetimes 96 + 12, aligned to 8).
-const USERPOLICY_INFO_LEN: usize = 168;
+use netlink_packet_xfrm::constants::XFRMA_POLICY;
+use netlink_packet_xfrm::constants::{
+    XFRMA_MARK, XFRMA_SA, XFRMA_TMPL, XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA,
+    XFRM_MSG_DELPOLICY, XFRM_MSG_DELSA, XFRM_MSG_EXPIRE, XFRM_MSG_NEWPOLICY, XFRM_MSG_NEWSA,
+    XFRM_MSG_POLEXPIRE, XFRM_MSG_UPDPOLICY, XFRM_MSG_UPDSA,
+};
+// Layouts: the policy ones are owned by the xfrm message module.
+use super::xfrm::messages::{
+    POL_INFO_LEN as USERPOLICY_INFO_LEN, TMPL_LEN as USER_TMPL_LEN, TMPL_REQID as USER_TMPL_REQID,
+};
 /// `struct xfrm_userpolicy_id` (selector 56 + index + dir, aligned).
 const USERPOLICY_ID_LEN: usize = 64;
 /// `struct xfrm_usersa_info`; `reqid` at 208 (selector 56, id 24, saddr 16, lifetimes 96,
@@ -91,9 +76,12 @@ const USERSA_INFO_LEN: usize = 224;
 const USERSA_REQID: usize = 208;
 /// `struct xfrm_usersa_id`.
 const USERSA_ID_LEN: usize = 24;
-/// `struct xfrm_user_tmpl` (64 bytes); `reqid` at 44.
-const USER_TMPL_LEN: usize = 64;
-const USER_TMPL_REQID: usize = 44;
+const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_NEIGH: u32 = 3;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV4_RULE: u32 = 8;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
+const RTNLGRP_IPV6_RULE: u32 = 19;
 
 // rtnetlink message types and attributes.
 const RTM_NEWLINK: u16 = 16;

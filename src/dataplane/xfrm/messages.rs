@@ -349,9 +349,10 @@ pub fn parse_policy(msg: &XfrmMessage) -> Option<Policy> {
 }
 
 // Offsets in `struct xfrm_userpolicy_info` (after the 16-byte netlink header) and
-// `struct xfrm_user_tmpl`, as the kernel lays them out (linux/xfrm.h).
+// `struct xfrm_user_tmpl`, as the kernel lays them out (linux/xfrm.h); also used by
+// `dataplane::notify` to attribute change notifications.
 const NLMSG_HDR: usize = 16;
-const POL_INFO_LEN: usize = 168;
+pub(crate) const POL_INFO_LEN: usize = 168;
 const SEL_DADDR: usize = 0;
 const SEL_SADDR: usize = 16;
 const SEL_FAMILY: usize = 40;
@@ -363,12 +364,12 @@ const SEL_PROTO: usize = 44;
 const POL_PRIORITY: usize = 152;
 const POL_DIR: usize = 160;
 const POL_ACTION: usize = 161;
-const TMPL_LEN: usize = 64;
+pub(crate) const TMPL_LEN: usize = 64;
 const TMPL_DADDR: usize = 0;
 const TMPL_PROTO: usize = 20;
 const TMPL_FAMILY: usize = 24;
 const TMPL_SADDR: usize = 28;
-const TMPL_REQID: usize = 44;
+pub(crate) const TMPL_REQID: usize = 44;
 const TMPL_MODE: usize = 48;
 const XFRMA_TMPL_ID: u16 = 5;
 const XFRMA_POLICY_TYPE_ID: u16 = 16;
