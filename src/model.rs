@@ -50,6 +50,15 @@ pub struct RawHost {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The host's VTEP address on the overlay (the VXLAN device's address), when the source
+    /// names one; see [`Host::vtep`] for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep: Option<String>,
+    /// Set by sources whose subnets are aggregates of workload addresses (rancher-metadata:
+    /// one /32 per container), where any address inside a subnet may be a workload's, so no
+    /// VTEP address is derived from them. Not part of the file format.
+    #[serde(skip)]
+    pub workload_subnets: bool,
 }
 
 /// Which dataplane the network uses.
@@ -143,6 +152,14 @@ pub struct Host {
     /// Container subnets on this host, sorted, no host bits, inside the network cidr.
     pub subnets: Vec<IpNet>,
     pub labels: BTreeMap<String, String>,
+    /// The host's VTEP address: the address of its VXLAN device, towards which peers route
+    /// its subnets. An address no workload can hold: the metadata's `vtep` if given
+    /// (rancher-metadata: the host's network agent container's address), otherwise the
+    /// network address of the host's first subnet that has one to spare (IPv4 /30 or wider,
+    /// IPv6 /126 or wider; an allocator never hands it out). None when neither exists
+    /// (e.g. a rancher-metadata host without a network agent): such a host cannot be a
+    /// VXLAN peer, and the vxlan driver reports it.
+    pub vtep: Option<IpAddr>,
 }
 
 /// A validated cluster. Hosts are sorted by id, so the order of the input changes nothing.
@@ -223,6 +240,16 @@ pub enum Invalid {
         first_host: String,
         other_family: u8,
     },
+    #[error("vtep {value} is not inside the network cidr {cidr}")]
+    VtepOutsideCidr { value: IpAddr, cidr: IpNet },
+    #[error("vtep {value} lies inside {subnet} of host {other_host:?}, where it may be a workload's address")]
+    VtepInOtherHost {
+        value: IpAddr,
+        subnet: IpNet,
+        other_host: String,
+    },
+    #[error("vtep {value} is also the VTEP address of host {other_host:?}")]
+    DuplicateVtep { value: IpAddr, other_host: String },
     #[error("the host list is empty")]
     NoHosts,
     #[error("{value} is outside {MTU_MIN}..={MTU_MAX}")]
@@ -295,6 +322,55 @@ fn parse_endpoint(value: &str) -> Result<IpAddr, Invalid> {
         }),
         None => Ok(ip),
     }
+}
+
+/// The network address of the first of `subnets` that has one to spare: IPv4 /30 or wider,
+/// IPv6 /126 or wider (in a /31 or /32 every address may be a host's).
+fn spare_network_address(subnets: &[IpNet]) -> Option<IpAddr> {
+    subnets
+        .iter()
+        .find(|n| n.prefix_len() + 2 <= n.max_prefix_len())
+        .map(IpNet::network)
+}
+
+/// Every VTEP address is unique and lies in no other host's subnet (where a workload of that
+/// host could hold it). `hosts` are in input order; `subnets` is sorted by network address
+/// and free of overlaps.
+fn check_vteps(
+    raw: &RawCluster,
+    hosts: &[Host],
+    subnets: &[(IpNet, usize, usize)],
+) -> Result<(), ValidationError> {
+    let mut seen: HashMap<IpAddr, usize> = HashMap::with_capacity(hosts.len());
+    for (i, h) in hosts.iter().enumerate() {
+        let Some(ip) = h.vtep else { continue };
+        let at = || Location::host(i, &raw.hosts[i].id, "vtep");
+        // The only subnet that can hold `ip`: the last one starting at or before it.
+        let k = subnets.partition_point(|(n, _, _)| n.network() <= ip);
+        if let Some(&(net, owner, _)) = k.checked_sub(1).map(|k| &subnets[k]) {
+            if owner != i && net.contains(&ip) {
+                return Err(err(
+                    at(),
+                    Invalid::VtepInOtherHost {
+                        value: ip,
+                        subnet: net,
+                        other_host: raw.hosts[owner].id.clone(),
+                    },
+                ));
+            }
+        }
+        if let Some(&other) = seen.get(&ip) {
+            return Err(err(
+                at(),
+                Invalid::DuplicateVtep {
+                    value: ip,
+                    other_host: raw.hosts[other].id.clone(),
+                },
+            ));
+        }
+        seen.insert(ip, i);
+    }
+    Ok(())
 }
 
 impl Cluster {
@@ -385,12 +461,29 @@ impl Cluster {
             }
             subnets.sort();
 
+            let vtep = match &rh.vtep {
+                Some(v) => {
+                    let ip =
+                        parse_endpoint(v).map_err(|e| err(Location::host(i, &rh.id, "vtep"), e))?;
+                    if !cidr.contains(&ip) {
+                        return Err(err(
+                            Location::host(i, &rh.id, "vtep"),
+                            Invalid::VtepOutsideCidr { value: ip, cidr },
+                        ));
+                    }
+                    Some(ip)
+                }
+                None if rh.workload_subnets => None,
+                None => spare_network_address(&subnets),
+            };
+
             hosts.push(Host {
                 id,
                 name: rh.name.clone(),
                 agent_ip,
                 subnets,
                 labels: rh.labels.clone(),
+                vtep,
             });
         }
 
@@ -431,6 +524,8 @@ impl Cluster {
                 widest = Some((net, i, j));
             }
         }
+
+        check_vteps(raw, &hosts, &all_subnets)?;
 
         hosts.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Cluster {
@@ -489,6 +584,101 @@ mod tests {
 
     fn fails(r: &RawCluster) -> ValidationError {
         Cluster::validate(r).expect_err("validation should fail")
+    }
+
+    fn with_vtep(mut h: RawHost, vtep: &str) -> RawHost {
+        h.vtep = Some(vtep.into());
+        h
+    }
+
+    fn vtep_of(c: &Cluster, id: &str) -> Option<String> {
+        c.host(id).unwrap().vtep.map(|v| v.to_string())
+    }
+
+    #[test]
+    fn vtep_defaults_to_a_spare_network_address_only() {
+        let mut r = raw(vec![
+            host("a", "192.168.77.1", &["10.42.1.0/24", "10.42.9.0/24"]),
+            host("b", "192.168.77.2", &["10.42.2.0/31", "10.42.3.0/30"]),
+            host("c", "192.168.77.3", &["10.42.4.7/32"]),
+            host("d", "192.168.77.4", &[]),
+            host("e", "192.168.77.5", &["10.42.5.0/24"]),
+        ]);
+        r.hosts[4].workload_subnets = true;
+        let c = Cluster::validate(&r).unwrap();
+        assert_eq!(vtep_of(&c, "a").as_deref(), Some("10.42.1.0"));
+        // A /31 has no spare address; the /30 after it has.
+        assert_eq!(vtep_of(&c, "b").as_deref(), Some("10.42.3.0"));
+        assert_eq!(vtep_of(&c, "c"), None);
+        assert_eq!(vtep_of(&c, "d"), None);
+        // Aggregated workload addresses: nothing is derived.
+        assert_eq!(vtep_of(&c, "e"), None);
+
+        let mut r6 = raw(vec![
+            host("a", "2001:db8::1", &["fd42:0:0:1::/64"]),
+            host("b", "2001:db8::2", &["fd42:0:0:2::/127"]),
+        ]);
+        r6.network.cidr = "fd42::/48".into();
+        let c = Cluster::validate(&r6).unwrap();
+        assert_eq!(vtep_of(&c, "a").as_deref(), Some("fd42:0:0:1::"));
+        assert_eq!(vtep_of(&c, "b"), None);
+    }
+
+    #[test]
+    fn an_explicit_vtep_may_sit_in_its_own_subnets_or_outside_them() {
+        let r = raw(vec![
+            with_vtep(host("a", "192.168.77.1", &["10.42.1.7/32"]), "10.42.1.7"),
+            with_vtep(host("b", "192.168.77.2", &["10.42.2.0/24"]), "10.42.200.2"),
+        ]);
+        let c = Cluster::validate(&r).unwrap();
+        assert_eq!(vtep_of(&c, "a").as_deref(), Some("10.42.1.7"));
+        assert_eq!(vtep_of(&c, "b").as_deref(), Some("10.42.200.2"));
+    }
+
+    #[test]
+    fn bad_vteps_name_the_field_and_the_reason() {
+        let e = fails(&raw(vec![with_vtep(
+            host("a", "192.168.77.1", &["10.42.1.0/24"]),
+            "10.42.1.x",
+        )]));
+        assert_eq!(
+            e.to_string(),
+            r#"hosts[0] (id "a").vtep: "10.42.1.x" is not an IP address"#
+        );
+
+        let e = fails(&raw(vec![with_vtep(
+            host("a", "192.168.77.1", &["10.42.1.0/24"]),
+            "10.43.0.1",
+        )]));
+        assert_eq!(
+            e.to_string(),
+            r#"hosts[0] (id "a").vtep: vtep 10.43.0.1 is not inside the network cidr 10.42.0.0/16"#
+        );
+
+        // Inside another host's subnet: it may be one of that host's containers.
+        let e = fails(&raw(vec![
+            host("a", "192.168.77.1", &["10.42.1.0/24", "10.42.4.241/32"]),
+            with_vtep(host("b", "192.168.77.2", &["10.42.2.0/24"]), "10.42.4.241"),
+        ]));
+        assert_eq!(
+            e.to_string(),
+            r#"hosts[1] (id "b").vtep: vtep 10.42.4.241 lies inside 10.42.4.241/32 of host "a", where it may be a workload's address"#
+        );
+        // Someone else's derived VTEP is inside that host's subnet too.
+        let e = fails(&raw(vec![
+            host("a", "192.168.77.1", &["10.42.1.0/24"]),
+            with_vtep(host("b", "192.168.77.2", &["10.42.2.0/24"]), "10.42.1.0"),
+        ]));
+        assert!(matches!(e.what, Invalid::VtepInOtherHost { .. }), "{e}");
+
+        let e = fails(&raw(vec![
+            with_vtep(host("a", "192.168.77.1", &["10.42.1.0/24"]), "10.42.200.1"),
+            with_vtep(host("b", "192.168.77.2", &["10.42.2.0/24"]), "10.42.200.1"),
+        ]));
+        assert_eq!(
+            e.to_string(),
+            r#"hosts[1] (id "b").vtep: vtep 10.42.200.1 is also the VTEP address of host "a""#
+        );
     }
 
     #[test]

@@ -346,7 +346,7 @@ fn unknown_and_missing_fields_and_truncation_name_their_object() {
         &doc,
         &format!(
             "hosts[0]: unknown field `subnet`, expected one of `id`, `agent_ip`, `subnets`, \
-             `name`, `labels` (line {line}, column {column})"
+             `name`, `labels`, `vtep` (line {line}, column {column})"
         ),
     );
     let doc = BASE.replace("\"agent_ip\": \"192.168.77.2\", ", "");

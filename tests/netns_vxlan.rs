@@ -153,7 +153,7 @@ fn state(t: &Topo, n: u32) -> String {
     s += &t.sh(&h, "bridge fdb show dev vtep1042");
     s += &t.sh(&h, "ip neigh show dev vtep1042");
     s += &t.sh(&h, "ip route show dev vtep1042");
-    s += &t.sh(&h, "ip -4 addr show dev vtep1042 | grep inet");
+    s += &t.sh(&h, "ip -4 addr show dev vtep1042 | grep inet || true");
     let mut lines: Vec<&str> = s.lines().map(str::trim).collect();
     lines.sort();
     lines.join("\n")
@@ -519,4 +519,157 @@ fn foreign_device_and_foreign_route_are_left_alone_and_reported() {
         assert!(!sh("ip link").contains("vtep1042"));
     })
     .unwrap();
+}
+
+/// Containers addressed as Rancher does (a /32 each, drawn anywhere in the /16, not one block
+/// per host): hosts h1..h3 as in the module docs, but container cN has only `ADDRS[N-1]/32`
+/// on eth0, with a link-local gateway on the host's end of its veth (no bridge).
+const RANCHER_ADDRS: [&str; 3] = ["10.42.7.179", "10.42.4.241", "10.42.1.13"];
+
+fn rancher_shaped_hosts(tag: &str) -> Topo {
+    let mut t = Topo::new("vx", tag);
+    let sw = t.add("sw");
+    sh(&format!(
+        "ip -n {sw} link add br0 type bridge && ip -n {sw} link set br0 up"
+    ));
+    for n in 1..=3 {
+        let h = t.add(&format!("h{n}"));
+        let c = t.add(&format!("c{n}"));
+        let ip = RANCHER_ADDRS[n - 1];
+        sh(&format!(
+            "ip link add u{n} netns {h} type veth peer name sw{n} netns {sw} && \
+             ip -n {sw} link set sw{n} master br0 && ip -n {sw} link set sw{n} up && \
+             ip -n {h} link set u{n} up && ip -n {h} addr add 192.168.77.{n}/24 dev u{n} && \
+             ip link add vc{n} netns {h} type veth peer name eth0 netns {c} && \
+             ip -n {h} link set vc{n} up && ip -n {h} addr add 169.254.1.1/32 dev vc{n} && \
+             ip -n {h} route add {ip}/32 dev vc{n} && \
+             ip -n {c} link set eth0 up && ip -n {c} addr add {ip}/32 dev eth0 && \
+             ip -n {c} route add 169.254.1.1 dev eth0 && \
+             ip -n {c} route add default via 169.254.1.1 dev eth0 && \
+             ip netns exec {h} sysctl -qw net.ipv4.ip_forward=1"
+        ));
+    }
+    t
+}
+
+/// Rancher-shaped metadata: each host's subnets are its containers' /32s; `vteps[N-1]` is
+/// host N's `vtep` (None: no field). h2 also lists its network agent's address 10.42.66.6.
+fn write_rancher_meta(t: &Topo, vteps: [Option<&str>; 3]) {
+    let hosts: Vec<String> = (1..=3)
+        .map(|n| {
+            let mut subnets = vec![format!("\"{}/32\"", RANCHER_ADDRS[n - 1])];
+            if n == 2 {
+                subnets.push("\"10.42.66.6/32\"".into());
+            }
+            let vtep = vteps[n - 1].map_or(String::new(), |v| format!(r#","vtep":"{v}""#));
+            format!(
+                r#"{{"id":"h{n}","agent_ip":"192.168.77.{n}","subnets":[{}]{vtep}}}"#,
+                subnets.join(",")
+            )
+        })
+        .collect();
+    std::fs::write(
+        t.meta(),
+        format!(
+            r#"{{"network":{{"cidr":"10.42.0.0/16","backend":"vxlan","mtu":1500}},"hosts":[{}]}}"#,
+            hosts.join(",")
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn the_vtep_never_takes_a_containers_address() {
+    require_root!();
+    let t = rancher_shaped_hosts("r");
+
+    // Without a `vtep`, /32 subnets have no spare address: no VTEP is made up (the first
+    // address of h2's first subnet is its container c2), every host is reported by name,
+    // and no container address is routed as a gateway.
+    write_rancher_meta(&t, [None, None, None]);
+    let o = t.apply(1, &[]);
+    assert!(!o.status.success(), "must fail: {}", text(&o));
+    let out = text(&o);
+    for h in ["h1", "h2", "h3"] {
+        assert!(
+            out.contains(&format!("host \"{h}\" has no VTEP address")),
+            "{h} not named:\n{out}"
+        );
+    }
+    let s1 = state(&t, 1);
+    assert!(!s1.contains(" via "), "nothing may be routed:\n{s1}");
+    assert!(!s1.contains("inet "), "no address may be taken:\n{s1}");
+
+    // A `vtep` inside another host's subnets is refused by name; the dataplane is unchanged.
+    write_rancher_meta(&t, [Some("10.42.4.241"), Some("10.42.66.6"), None]);
+    let o = t.apply(1, &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(
+            r#"hosts[0] (id "h1").vtep: vtep 10.42.4.241 lies inside 10.42.4.241/32 of host "h2""#
+        ),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(state(&t, 1), s1, "a refused metadata changes nothing");
+
+    // VTEPs that no workload holds: h1 and h3 outside their subnets, h2 its agent's address.
+    write_rancher_meta(
+        &t,
+        [Some("10.42.200.1"), Some("10.42.66.6"), Some("10.42.200.3")],
+    );
+    for n in 1..=3 {
+        applied_ok(&t.apply(n, &[]));
+    }
+    let s1 = state(&t, 1);
+    for want in [
+        "inet 10.42.200.1/32",
+        "10.42.4.241 via 10.42.66.6 proto static onlink",
+        "10.42.66.6 via 10.42.66.6 proto static onlink",
+        "10.42.1.13 via 10.42.200.3 proto static onlink",
+        "10.42.200.3 via 10.42.200.3 proto static onlink",
+        "10.42.66.6 lladdr ",
+        "10.42.200.3 lladdr ",
+    ] {
+        assert!(s1.contains(want), "{want:?} not in\n{s1}");
+    }
+    for ip in RANCHER_ADDRS {
+        assert!(
+            !s1.contains(&format!("via {ip} ")),
+            "{ip} routed as a gateway:\n{s1}"
+        );
+        assert!(
+            !s1.contains(&format!("{ip} lladdr")),
+            "{ip} is a neighbour:\n{s1}"
+        );
+    }
+    // Every container pair, and each host to every remote container (from its VTEP address,
+    // which the peer routes back through the tunnel).
+    let mut failed = Vec::new();
+    for a in 1..=3usize {
+        for b in (1..=3usize).filter(|b| *b != a) {
+            let dst = RANCHER_ADDRS[b - 1];
+            if !pings(&t, &format!("c{a}"), dst) {
+                failed.push(format!("c{a}->c{b}"));
+            }
+            if !pings(&t, &format!("h{a}"), dst) {
+                failed.push(format!("h{a}->c{b}"));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "pings failed: {failed:?}\n{}",
+        state(&t, 1)
+    );
+    for n in 1..=3 {
+        assert_eq!(
+            applied_ok(&t.apply(n, &[])),
+            0,
+            "a second apply writes nothing"
+        );
+        let o = t.mesh(n, &["cleanup", "--driver", "vxlan"]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
 }

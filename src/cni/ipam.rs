@@ -2,7 +2,8 @@
 //!
 //! ADD loads the metadata (one request, no polling), finds this host and allocates one
 //! address from the first of its subnets with room, under the store's lock
-//! ([`super::store`]); the same (network, container, ifname) gets the same address again.
+//! ([`super::store`]), never the host's VTEP address (which the metadata may place inside a
+//! subnet: `hosts[].vtep`); the same (network, container, ifname) gets the same address again.
 //! The result carries the subnet's gateway (its first address) and the configured `routes`.
 //! DEL, CHECK and GC only touch the store, so they work while the metadata is unreachable.
 
@@ -52,8 +53,8 @@ pub fn result_for(ip: IpAddr, subnet: &IpNet, conf: &IpamConf) -> CniResult {
     }
 }
 
-/// This host's subnets in the metadata.
-fn host_subnets(conf: &IpamConf) -> Result<(String, Vec<IpNet>), CniError> {
+/// This host's id, subnets and VTEP address in the metadata.
+fn host_subnets(conf: &IpamConf) -> Result<(String, Vec<IpNet>, Option<IpAddr>), CniError> {
     let m = mesh::load(&conf.metadata, conf.host.as_deref())?;
     let host = m.snapshot.cluster.host(&m.self_id).ok_or_else(|| {
         CniError::new(
@@ -70,7 +71,7 @@ fn host_subnets(conf: &IpamConf) -> Result<(String, Vec<IpNet>), CniError> {
             ),
         ));
     }
-    Ok((m.self_id, host.subnets.clone()))
+    Ok((m.self_id, host.subnets.clone(), host.vtep))
 }
 
 /// `cni.dev/valid-attachments` of a GC request: (container id, ifname) pairs.
@@ -100,14 +101,14 @@ pub fn valid_attachments(
 impl Plugin for Ipam {
     fn add(&self, r: &Request) -> Result<CniResult, CniError> {
         let conf = IpamConf::parse(r.conf)?;
-        let (host, subnets) = host_subnets(&conf)?;
+        let (host, subnets, vtep) = host_subnets(&conf)?;
         let store = Store::new(&conf.data_dir);
         let lock = store.lock().map_err(store_error)?;
         let mut st = lock.load().map_err(store_error)?;
         let before = st.clone();
         let who = owner(&conf, r);
         let (ip, subnet) = st
-            .allocate(&subnets, &who)
+            .allocate_avoiding(&subnets, vtep.as_slice(), &who)
             .map_err(|e| CniError::new(code::EXHAUSTED, format!("host {host:?}: {e}")))?;
         if st != before {
             lock.save(&st).map_err(store_error)?;
@@ -197,7 +198,7 @@ impl Plugin for Ipam {
         let not_available =
             |e: CniError| CniError::new(code::NOT_AVAILABLE, e.msg).with_details(e.details);
         let conf = IpamConf::parse(r.conf)?;
-        let (host, subnets) = host_subnets(&conf).map_err(not_available)?;
+        let (host, subnets, _) = host_subnets(&conf).map_err(not_available)?;
         let store = Store::new(&conf.data_dir);
         let free = {
             let lock = store.lock().map_err(|e| not_available(store_error(e)))?;

@@ -143,8 +143,21 @@ impl State {
         subnets: &[IpNet],
         owner: &Owner,
     ) -> Result<(IpAddr, IpNet), Exhausted> {
+        self.allocate_avoiding(subnets, &[], owner)
+    }
+
+    /// [`State::allocate`], never handing out one of `reserved` (the host's VTEP address when
+    /// the metadata puts it inside a subnet); an owner holding one gets a new address.
+    pub fn allocate_avoiding(
+        &mut self,
+        subnets: &[IpNet],
+        reserved: &[IpAddr],
+        owner: &Owner,
+    ) -> Result<(IpAddr, IpNet), Exhausted> {
         if let Some(found) = self.find(owner, subnets) {
-            return Ok(found);
+            if !reserved.contains(&found.0) {
+                return Ok(found);
+            }
         }
         self.release(owner);
         let mut used_total = 0u128;
@@ -153,11 +166,15 @@ impl State {
                 continue;
             };
             let size = last - first + 1;
-            let used = self
-                .allocations
-                .keys()
-                .filter(|ip| subnet.contains(*ip))
-                .count() as u128;
+            let held = |ip: &IpAddr| {
+                let v = to_u128(*ip);
+                subnet.contains(ip) && (first..=last).contains(&v)
+            };
+            let used = (self.allocations.keys().filter(|ip| held(ip)).count()
+                + reserved
+                    .iter()
+                    .filter(|ip| held(ip) && !self.allocations.contains_key(ip))
+                    .count()) as u128;
             used_total += used.min(size);
             if used >= size {
                 continue;
@@ -171,6 +188,10 @@ impl State {
             let mut v = start;
             for _ in 0..tries {
                 let ip = from_u128(v, subnet.network());
+                if reserved.contains(&ip) {
+                    v = if v >= last { first } else { v + 1 };
+                    continue;
+                }
                 if let std::collections::btree_map::Entry::Vacant(e) = self.allocations.entry(ip) {
                     e.insert(owner.clone());
                     self.last.insert(*subnet, ip);
@@ -388,6 +409,40 @@ mod tests {
             container: c.into(),
             ifname: "eth0".into(),
         }
+    }
+
+    #[test]
+    fn a_reserved_vtep_address_is_never_handed_out() {
+        let subnets = [net("10.42.1.0/29")]; // .2 ..= .6 allocatable
+        let vtep = [ip("10.42.1.3")];
+        let mut st = State::default();
+        let got: Vec<IpAddr> = (0..4)
+            .map(|i| {
+                st.allocate_avoiding(&subnets, &vtep, &owner(&format!("c{i}")))
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        assert_eq!(
+            got,
+            ["10.42.1.2", "10.42.1.4", "10.42.1.5", "10.42.1.6"].map(ip)
+        );
+        let e = st
+            .allocate_avoiding(&subnets, &vtep, &owner("c4"))
+            .unwrap_err();
+        assert_eq!(e.used, 5, "4 containers + the VTEP fill the /29");
+        // An owner that held the address before it became the VTEP moves off it.
+        let mut st = State::default();
+        assert_eq!(
+            st.allocate(&subnets, &owner("a")).unwrap().0,
+            ip("10.42.1.2")
+        );
+        let moved = st
+            .allocate_avoiding(&subnets, &[ip("10.42.1.2")], &owner("a"))
+            .unwrap()
+            .0;
+        assert_eq!(moved, ip("10.42.1.3"));
+        assert_eq!(st.held_by(&owner("a")), [moved]);
     }
 
     #[test]

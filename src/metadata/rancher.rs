@@ -187,6 +187,9 @@ pub fn map_answers(a: &Answers) -> Result<RawCluster, MapError> {
         .iter()
         .map(|h| (h.uuid.as_str(), Vec::new()))
         .collect();
+    // Host uuid -> the managed-network address of its network agent container: the VTEP
+    // address (as rancher-net used its own container's address), never a workload's.
+    let mut vteps: HashMap<&str, ((bool, &str), IpAddr)> = HashMap::new();
     for (index, c) in a.containers.iter().enumerate() {
         if present(&c.network_uuid) != Some(net.uuid.as_str())
             || present(&c.network_from_container_uuid).is_some()
@@ -208,6 +211,18 @@ pub fn map_answers(a: &Answers) -> Result<RawCluster, MapError> {
             )
         })?;
         let host = present(&c.host_uuid).unwrap_or("");
+        if is_network_agent(c) {
+            // Two agents on one host (an upgrade: the old one stopping, the new one starting):
+            // prefer a running one, then the lowest uuid, so the answer's order (which the
+            // server shuffles on every reload) changes nothing.
+            let rank = (present(&c.state) != Some("running"), c.uuid.as_str());
+            match vteps.get(host) {
+                Some((r, _)) if *r <= rank => {}
+                _ => {
+                    vteps.insert(host, (rank, ip));
+                }
+            }
+        }
         match addrs.get_mut(host) {
             Some(list) => list.push(IpNet::from(ip)),
             None => tracing::warn!(
@@ -234,6 +249,9 @@ pub fn map_answers(a: &Answers) -> Result<RawCluster, MapError> {
                     .or(present(&h.hostname))
                     .map(str::to_string),
                 labels: h.labels.clone().unwrap_or_default(),
+                vtep: vteps.get(h.uuid.as_str()).map(|(_, ip)| ip.to_string()),
+                // Every address in an aggregate of container /32s may be a container's.
+                workload_subnets: true,
             }
         })
         .collect();
@@ -787,6 +805,55 @@ mod tests {
         assert_eq!(raw.hosts[1].subnets, vec!["10.42.7.1/32"]);
         let c = Cluster::validate(&raw).unwrap();
         assert_eq!(c.hosts.len(), 2);
+    }
+
+    fn agent(uuid: &str, host: &str, ip: &str, state: &str) -> Value {
+        let mut c = container(uuid, host, ip, "net-ipsec", state);
+        c["system"] = json!(true);
+        c["labels"] = json!({ "io.rancher.network.macsync": "true" });
+        c
+    }
+
+    #[test]
+    fn the_vtep_is_the_hosts_network_agent_never_a_workload() {
+        // Random /32s as Rancher hands them out: h1's first (lowest) address is a workload's
+        // (10.42.1.179, the address the VTEP once took); its agent is 10.42.200.3. During an
+        // upgrade h2 has two agents, the stopping old one and the running new one.
+        let a = answers(
+            json!([
+                host("h1", "192.168.1.1"),
+                host("h2", "192.168.1.2"),
+                host("h3", "192.168.1.3")
+            ]),
+            json!([
+                container("db", "h1", "10.42.1.179", "net-ipsec", "running"),
+                agent("agent-1", "h1", "10.42.200.3", "running"),
+                agent("agent-2-old", "h2", "10.42.4.9", "stopping"),
+                container("web", "h2", "10.42.4.241", "net-ipsec", "running"),
+                agent("agent-2-new", "h2", "10.42.66.6", "running"),
+                agent("agent-3-gone", "h3", "10.42.9.9", "stopped"),
+                container("app", "h3", "10.42.0.4", "net-ipsec", "running"),
+                container("app2", "h3", "10.42.0.5", "net-ipsec", "running"),
+            ]),
+            json!([ipsec_network(json!({}))]),
+        );
+        let raw = map_answers(&a).unwrap();
+        let vtep = |i: usize| raw.hosts[i].vtep.clone();
+        assert_eq!(vtep(0).as_deref(), Some("10.42.200.3"));
+        assert_eq!(vtep(1).as_deref(), Some("10.42.66.6"));
+        assert_eq!(vtep(2), None);
+        assert!(raw.hosts.iter().all(|h| h.workload_subnets));
+        let c = Cluster::validate(&raw).unwrap();
+        // h3's aggregate 10.42.0.4/31 starts with a container: nothing is derived from it.
+        assert_eq!(
+            c.host("h3").unwrap().subnets,
+            ["10.42.0.4/31".parse().unwrap()]
+        );
+        assert_eq!(c.host("h3").unwrap().vtep, None);
+        // The answer's order changes nothing (the real server shuffles on every reload).
+        let mut b = a.clone();
+        b.containers.reverse();
+        assert_eq!(map_answers(&b).unwrap(), raw);
     }
 
     #[test]

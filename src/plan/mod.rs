@@ -108,6 +108,9 @@ pub struct Peer {
     pub host: HostId,
     pub endpoint: IpAddr,
     pub subnets: Vec<IpNet>,
+    /// The peer's VTEP address ([`crate::model::Host::vtep`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vtep: Option<IpAddr>,
     /// Request id of this pair's policies and SAs on the self host.
     pub reqid: u32,
     /// SPI of the SA self -> peer (equals the peer's `spi_in` from self).
@@ -156,6 +159,9 @@ pub struct Plan {
     pub endpoint: IpAddr,
     /// The self host's container subnets.
     pub subnets: Vec<IpNet>,
+    /// The self host's VTEP address ([`crate::model::Host::vtep`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vtep: Option<IpAddr>,
     /// The overlay cidr.
     pub cidr: IpNet,
     /// Underlay MTU from the metadata.
@@ -276,6 +282,7 @@ pub fn plan_with(
             host: peer.id.clone(),
             endpoint: peer.agent_ip,
             subnets: peer.subnets.clone(),
+            vtep: peer.vtep,
             reqid: peer_ids.reqid(),
             spi_out: ids::spi(my_ids, peer_ids, out_gen),
             out_generation: out_gen,
@@ -308,6 +315,7 @@ pub fn plan_with(
         backend: cluster.network.backend,
         endpoint: host.agent_ip,
         subnets: host.subnets.clone(),
+        vtep: host.vtep,
         cidr: cluster.network.cidr,
         underlay_mtu: cluster.network.mtu,
         mtu: overlay_mtu(cluster.network.mtu, encap),

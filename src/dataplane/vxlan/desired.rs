@@ -1,20 +1,29 @@
 //! The desired VXLAN state for one host, from its plan (pure).
 //!
-//! Addressing (the Flannel scheme): every host's VTEP address is the first address of its
-//! first container subnet (`10.42.N.0/24` -> `10.42.N.0`), put on our device as a host
-//! address (`/32`, `/128` for IPv6). Towards each peer:
+//! Addressing: every host has a VTEP address ([`crate::model::Host::vtep`]), an overlay
+//! address that no workload can hold, put on our device as a host address (`/32`, `/128` for
+//! IPv6). It is the metadata's `vtep` when given (rancher-metadata: the host's network agent
+//! container's address, as rancher-net used its own container's address), otherwise the
+//! network address of the host's first subnet with one to spare (`10.42.N.0/24` ->
+//! `10.42.N.0`, the Flannel scheme: an allocator never hands the network address out). It is
+//! never derived from rancher-metadata's subnets, which aggregate container /32s: there, the
+//! first address of a subnet is a container's (a VTEP taking it cut that container off).
+//! Towards each peer:
 //!
 //! - FDB `00:00:00:00:00:00 dst <peer endpoint>` (broadcast/unknown/multicast) and
 //!   FDB `<peer VTEP MAC> dst <peer endpoint>`;
 //! - a permanent neighbour `<peer VTEP address> lladdr <peer VTEP MAC>`;
-//! - `route <peer subnet> via <peer VTEP address> dev <our device> onlink`, one per subnet.
+//! - `route <peer subnet> via <peer VTEP address> dev <our device> onlink`, one per subnet,
+//!   and `route <peer VTEP address>/32 via <peer VTEP address> onlink` when no subnet of the
+//!   peer holds its VTEP address (a `vtep` outside its subnets).
 //!
-//! The network address is never a container's address and the gateway `.1` usually sits on
-//! the container bridge, so `.0` is free on every host. Being inside the peer's own subnet,
-//! the gateway needs `onlink`, and no route of its own. Traffic the host itself sends to a
-//! remote container leaves from its VTEP address, which the peer routes back through the
-//! same tunnel; forwarded container traffic keeps its own addresses. Neither ARP nor learning
-//! is involved: every mapping is static, so nothing floods and nothing ages out.
+//! A peer without a VTEP address gets its FDB entries but no neighbour or route, and, if it
+//! has subnets, is reported ([`Desired::no_vtep`]): they are unreachable until the metadata
+//! gives it one. Being possibly inside the peer's own subnet, the gateway needs `onlink`. Traffic the
+//! host itself sends to a remote container leaves from its VTEP address, which the peer
+//! routes back through the same tunnel; forwarded container traffic keeps its own addresses.
+//! Neither ARP nor learning is involved: every mapping is static, so nothing floods and
+//! nothing ages out.
 //!
 //! A host's VTEP MAC is derived from its id (see [`vtep_mac`]), so every host computes every
 //! other host's MAC without talking to it.
@@ -35,11 +44,6 @@ pub fn vtep_mac(host_id: &str) -> Mac {
     m.copy_from_slice(&d.as_ref()[..6]);
     m[0] = (m[0] | 0x02) & !0x01;
     Mac(m)
-}
-
-/// A host's VTEP address: the first address of its first subnet (None without subnets).
-pub fn vtep_ip(subnets: &[IpNet]) -> Option<IpAddr> {
-    subnets.first().map(|n| n.network())
 }
 
 /// `ip` as a host prefix (/32 or /128).
@@ -76,6 +80,8 @@ pub struct Desired {
     pub fdb: Vec<(Owner, FdbEntry)>,
     pub neighbours: Vec<(Owner, Neighbour)>,
     pub routes: Vec<(Owner, Route)>,
+    /// Peers with subnets but without a VTEP address (nothing routes to them).
+    pub no_vtep: Vec<Owner>,
 }
 
 impl Desired {
@@ -111,6 +117,7 @@ pub fn desired(plan: &Plan, cfg: &VxlanConfig, underlay: u32) -> Desired {
     let mut fdb = Vec::with_capacity(plan.peers.len() * 2);
     let mut neighbours = Vec::with_capacity(plan.peers.len());
     let mut routes = Vec::with_capacity(plan.peers.len());
+    let mut no_vtep = Vec::new();
     for p in &plan.peers {
         let owner = Owner::Peer(p.host.to_string());
         let mac = vtep_mac(p.host.as_str());
@@ -128,10 +135,22 @@ pub fn desired(plan: &Plan, cfg: &VxlanConfig, underlay: u32) -> Desired {
                 dst: p.endpoint,
             },
         ));
-        let Some(via) = vtep_ip(&p.subnets) else {
+        let Some(via) = p.vtep else {
+            if !p.subnets.is_empty() {
+                no_vtep.push(owner);
+            }
             continue;
         };
         neighbours.push((owner.clone(), Neighbour { ip: via, mac }));
+        if !p.subnets.iter().any(|s| s.contains(&via)) {
+            routes.push((
+                owner.clone(),
+                Route {
+                    dst: host_prefix(via),
+                    via,
+                },
+            ));
+        }
         for s in &p.subnets {
             routes.push((
                 owner.clone(),
@@ -144,10 +163,11 @@ pub fn desired(plan: &Plan, cfg: &VxlanConfig, underlay: u32) -> Desired {
     }
     Desired {
         device,
-        address: vtep_ip(&plan.subnets).map(host_prefix),
+        address: plan.vtep.map(host_prefix),
         fdb,
         neighbours,
         routes,
+        no_vtep,
     }
 }
 
@@ -208,15 +228,119 @@ pub(crate) mod tests {
         });
     }
 
+    /// A plan for `me` among raw hosts (vtep and workload_subnets as given).
+    fn raw_plan(hosts: Vec<RawHost>, me: &str) -> Plan {
+        let c = Cluster::validate(&RawCluster {
+            network: RawNetwork {
+                cidr: "10.42.0.0/16".into(),
+                backend: Some("vxlan".into()),
+                mtu: Some(1500),
+            },
+            hosts,
+        })
+        .unwrap();
+        plan(&c, me, &PlanOptions::default(), None).unwrap()
+    }
+
+    /// A rancher-metadata-shaped host: aggregated container /32s, VTEP from its agent.
+    fn rancher_host(id: &str, ip: &str, subnets: &[&str], vtep: Option<&str>) -> RawHost {
+        RawHost {
+            id: id.into(),
+            agent_ip: ip.into(),
+            subnets: subnets.iter().map(|s| s.to_string()).collect(),
+            vtep: vtep.map(str::to_string),
+            workload_subnets: true,
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn vtep_ip_is_the_first_subnets_network_address() {
-        let nets: Vec<IpNet> = vec!["10.42.7.0/24".parse().unwrap()];
-        assert_eq!(vtep_ip(&nets), Some("10.42.7.0".parse().unwrap()));
-        assert_eq!(vtep_ip(&[]), None);
+    fn file_mode_vtep_is_the_first_subnets_network_address() {
+        let p = mk_plan(&HOSTS, "h1", "vxlan");
+        let d = desired(&p, &VxlanConfig::default(), 7);
+        assert_eq!(d.address, Some("10.42.1.0/32".parse().unwrap()));
+        let h2 = p.peers.iter().find(|p| p.host.as_str() == "h2").unwrap();
+        assert_eq!(h2.vtep, Some("10.42.2.0".parse().unwrap()));
+        assert!(d.no_vtep.is_empty());
         assert_eq!(
             host_prefix("fd42::".parse().unwrap()).to_string(),
             "fd42::/128"
         );
+    }
+
+    #[test]
+    fn rancher_addressing_never_routes_a_container_as_a_vtep() {
+        // Random container /32s; node-2's agent is 10.42.4.1, its other containers
+        // 10.42.4.241 (the case that broke: it was taken as the VTEP) and 10.42.9.17; node-3
+        // has no agent yet.
+        let hosts = vec![
+            rancher_host(
+                "node-1",
+                "192.168.77.1",
+                &["10.42.1.179/32"],
+                Some("10.42.1.179"),
+            ),
+            rancher_host(
+                "node-2",
+                "192.168.77.2",
+                &["10.42.4.1/32", "10.42.4.241/32", "10.42.9.17/32"],
+                Some("10.42.4.1"),
+            ),
+            rancher_host("node-3", "192.168.77.3", &["10.42.0.4/30"], None),
+        ];
+        let p = raw_plan(hosts, "node-1");
+        let d = desired(&p, &VxlanConfig::default(), 7);
+        assert_eq!(d.address, Some("10.42.1.179/32".parse().unwrap()));
+        let via: IpAddr = "10.42.4.1".parse().unwrap();
+        let routes: Vec<(IpNet, IpAddr)> = d.routes.iter().map(|(_, r)| (r.dst, r.via)).collect();
+        assert_eq!(
+            routes,
+            [
+                ("10.42.4.1/32".parse().unwrap(), via),
+                ("10.42.4.241/32".parse().unwrap(), via),
+                ("10.42.9.17/32".parse().unwrap(), via),
+            ]
+        );
+        assert_eq!(
+            d.neighbours.iter().map(|(_, n)| n.ip).collect::<Vec<_>>(),
+            [via]
+        );
+        // node-3: an aggregate /30 of containers; its network address 10.42.0.4 is a
+        // container, so it has no VTEP, and is reported instead of being routed.
+        assert_eq!(d.no_vtep, [Owner::Peer("node-3".into())]);
+        assert!(d
+            .routes
+            .iter()
+            .all(|(o, _)| *o != Owner::Peer("node-3".into())));
+        assert_eq!(
+            d.fdb
+                .iter()
+                .filter(|(o, _)| *o == Owner::Peer("node-3".into()))
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_vtep_outside_the_peers_subnets_gets_a_route_of_its_own() {
+        let mut h2 = rancher_host("h2", "192.168.77.2", &["10.42.2.0/24"], Some("10.42.200.2"));
+        h2.workload_subnets = false;
+        let hosts = vec![
+            rancher_host("h1", "192.168.77.1", &["10.42.1.0/24"], Some("10.42.200.1")),
+            h2,
+        ];
+        let p = raw_plan(hosts, "h1");
+        let d = desired(&p, &VxlanConfig::default(), 7);
+        let via: IpAddr = "10.42.200.2".parse().unwrap();
+        let routes: Vec<(IpNet, IpAddr)> = d.routes.iter().map(|(_, r)| (r.dst, r.via)).collect();
+        assert_eq!(
+            routes,
+            [
+                ("10.42.200.2/32".parse().unwrap(), via),
+                ("10.42.2.0/24".parse().unwrap(), via),
+            ]
+        );
+        assert_eq!(d.address, Some("10.42.200.1/32".parse().unwrap()));
     }
 
     #[test]

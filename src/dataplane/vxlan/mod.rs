@@ -300,6 +300,15 @@ async fn execute(h: &Handle, steps: &[Step], index: u32, dev: &str, report: &mut
     all_ok
 }
 
+/// Why `host` has no VTEP address, and what gives it one.
+fn no_vtep_reason(host: &str) -> String {
+    format!(
+        "host {host:?} has no VTEP address: no `vtep` in its metadata (rancher-metadata: no \
+         running network agent container on the managed network) and no subnet of /30 (IPv6 \
+         /126) or wider whose network address could serve; its subnets are not routed"
+    )
+}
+
 /// Make the kernel's VXLAN state match `plan`: dump, diff, apply only the difference.
 /// Peers fail independently; the error return is for the socket, a dump or the underlay
 /// lookup failing.
@@ -322,6 +331,16 @@ pub async fn reconcile_with(
     let want = desired::desired(plan, cfg, underlay);
     let dev = cfg.dev.as_str();
     let mut report = Report::default();
+    if want.address.is_none() && !plan.subnets.is_empty() {
+        report
+            .errors
+            .push((Owner::Mesh, no_vtep_reason(plan.host.as_str())));
+    }
+    for owner in &want.no_vtep {
+        report
+            .errors
+            .push((owner.clone(), no_vtep_reason(&owner.to_string())));
+    }
 
     let found = find_device(h, dev).await?;
     let action = reconcile::diff_device(found.as_ref(), &want.device);
