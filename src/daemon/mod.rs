@@ -417,7 +417,8 @@ impl Loop {
 pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel();
     let _signals = spawn_signal_thread(tx.clone())?;
-    let source = metadata::open_for(&cfg.source, cfg.host.as_deref(), cfg.metadata_max_bytes)?;
+    let open = || metadata::open_for(&cfg.source, cfg.host.as_deref(), cfg.metadata_max_bytes);
+    let (source, watch_source) = (open()?, open()?);
     let status = Arc::new(Mutex::new(Status {
         driver: driver.name().to_string(),
         metadata: status::MetadataStatus {
@@ -430,10 +431,39 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
         server::spawn(l, status.clone())
             .map_err(|e| anyhow::anyhow!("--listen {l:?}: cannot listen: {e}"))?;
     }
+    run_loop(
+        cfg,
+        driver,
+        Sources {
+            source,
+            watch_source,
+        },
+        status,
+        (tx, rx),
+    );
+    Ok(())
+}
+
+/// The metadata source the loop loads from and the one its watcher blocks on.
+struct Sources {
+    source: Box<dyn MetadataSource>,
+    watch_source: Box<dyn MetadataSource>,
+}
+
+/// The loop itself (no signals, no status server): load, reconcile, then react to events
+/// on `events` until a stop event arrives or every sender is gone.
+fn run_loop(
+    cfg: DaemonConfig,
+    driver: Box<dyn Driver>,
+    sources: Sources,
+    status: Arc<Mutex<Status>>,
+    events: (Sender<Event>, mpsc::Receiver<Event>),
+) {
+    let (tx, rx) = events;
     let mut lp = Loop {
         cfg,
         driver,
-        source,
+        source: sources.source,
         status,
         plan: None,
         version: None,
@@ -456,11 +486,7 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
     lp.seed_ahead();
     lp.reconcile();
     spawn_watcher(
-        metadata::open_for(
-            &lp.cfg.source,
-            lp.cfg.host.as_deref(),
-            lp.cfg.metadata_max_bytes,
-        )?,
+        sources.watch_source,
         lp.version.clone().unwrap_or_default(),
         lp.cfg.resync,
         tx,
@@ -479,9 +505,21 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
         match rx.recv_timeout(wait) {
             Ok(Event::Reload(why)) => {
                 info!(why, "reloading");
-                lp.load();
+                let changed = lp.load();
                 lp.seed_ahead();
-                lp.reconcile();
+                // A change elsewhere in the fleet (another host's container on another
+                // network, a stopped container of a peer that still has others...) that
+                // leaves this host's plan as it was: nothing to write, and the kernel watch
+                // and the resync look after drift. A reload asked for (SIGHUP), a source
+                // that came back or a last reconcile with errors reconciles anyway.
+                if !changed && why == "metadata changed" && lp.last_errors.is_empty() {
+                    info!("this host's plan is unchanged: nothing to reconcile");
+                    // The dataplane already matches this version.
+                    let version = lp.version.clone();
+                    lp.set_status(|s| s.reconciles.last_version = version);
+                } else {
+                    lp.reconcile();
+                }
                 next_reconcile = Instant::now() + lp.next_delay();
                 next_stats = Instant::now() + STATS_EVERY;
             }
@@ -510,7 +548,7 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
                 } else {
                     info!(why, "stopping; the dataplane stays in place");
                 }
-                return Ok(());
+                return;
             }
             Err(RecvTimeoutError::Timeout) if Instant::now() >= next_reconcile => {
                 if lp.plan.is_none() {
@@ -529,7 +567,7 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
                 lp.refresh_counters();
                 next_stats = Instant::now() + STATS_EVERY;
             }
-            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(RecvTimeoutError::Disconnected) => return,
         }
     }
 }
@@ -537,6 +575,324 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::driver::DriverReport;
+    use crate::model::{Cluster, RawCluster, RawHost, RawNetwork};
+    use std::sync::Condvar;
+
+    /// A metadata source the test changes: each change bumps the version and wakes the
+    /// watcher's long-poll, as a file watch or rancher-metadata's long-poll does.
+    /// (version, what a load returns), and the condition a long-poll waits on.
+    type FakeState = (Mutex<(u64, Result<RawCluster, String>)>, Condvar);
+
+    #[derive(Clone)]
+    struct FakeSource(Arc<FakeState>);
+
+    impl FakeSource {
+        fn new(raw: RawCluster) -> FakeSource {
+            FakeSource(Arc::new((Mutex::new((1, Ok(raw))), Condvar::new())))
+        }
+        fn set(&self, next: Result<RawCluster, String>) {
+            let mut g = self.0 .0.lock().unwrap();
+            g.0 += 1;
+            g.1 = next;
+            self.0 .1.notify_all();
+        }
+        fn edit(&self, f: impl FnOnce(&mut RawCluster)) {
+            let mut raw = self.0 .0.lock().unwrap().1.clone().unwrap();
+            f(&mut raw);
+            self.set(Ok(raw));
+        }
+    }
+
+    impl MetadataSource for FakeSource {
+        fn origin(&self) -> String {
+            "fake".into()
+        }
+        fn load(&mut self) -> Result<Snapshot, metadata::MetadataError> {
+            let g = self.0 .0.lock().unwrap();
+            let raw =
+                g.1.clone()
+                    .map_err(|message| metadata::MetadataError::Rancher {
+                        url: "fake".into(),
+                        message,
+                    })?;
+            let cluster =
+                Cluster::validate(&raw).map_err(|error| metadata::MetadataError::Invalid {
+                    origin: "fake".into(),
+                    error,
+                })?;
+            Ok(Snapshot {
+                cluster,
+                version: g.0.to_string(),
+                self_id: None,
+            })
+        }
+        fn wait_for_change(
+            &mut self,
+            version: &str,
+            max_wait: Duration,
+        ) -> Result<Option<String>, metadata::MetadataError> {
+            let (m, cv) = &*self.0;
+            let g = m.lock().unwrap();
+            let (g, _) = cv
+                .wait_timeout_while(g, max_wait, |g| g.0.to_string() == version)
+                .unwrap();
+            Ok((g.0.to_string() != version).then(|| g.0.to_string()))
+        }
+    }
+
+    /// A driver that records every plan it is asked to reconcile and fails a peer as often
+    /// as told.
+    #[derive(Clone, Default)]
+    struct FakeDriver {
+        reconciled: Arc<Mutex<Vec<(Instant, Plan)>>>,
+        fail: Arc<Mutex<BTreeMap<String, u32>>>,
+    }
+
+    impl Driver for FakeDriver {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn reconcile(&mut self, plan: &Plan) -> DriverReport {
+            self.reconciled
+                .lock()
+                .unwrap()
+                .push((Instant::now(), plan.clone()));
+            let mut r = DriverReport::default();
+            for (peer, left) in self.fail.lock().unwrap().iter_mut() {
+                if *left > 0 {
+                    *left -= 1;
+                    r.errors.push((peer.clone(), "told to fail".into()));
+                }
+            }
+            r
+        }
+        fn cleanup(&mut self) -> DriverReport {
+            DriverReport::default()
+        }
+        fn counters(&mut self, _plan: &Plan) -> BTreeMap<String, PeerCounters> {
+            BTreeMap::new()
+        }
+    }
+
+    fn cluster() -> RawCluster {
+        let host = |id: &str, n: u8| RawHost {
+            id: id.into(),
+            agent_ip: format!("192.168.77.{n}"),
+            subnets: vec![format!("10.42.{n}.0/24")],
+            ..Default::default()
+        };
+        RawCluster {
+            network: RawNetwork {
+                cidr: "10.42.0.0/16".into(),
+                ..Default::default()
+            },
+            hosts: vec![host("a", 1), host("b", 2), host("c", 3)],
+        }
+    }
+
+    /// A running loop for host "a" over `src` and `driver`.
+    struct Running {
+        tx: Sender<Event>,
+        status: Arc<Mutex<Status>>,
+        driver: FakeDriver,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Running {
+        fn start(src: &FakeSource, driver: &FakeDriver, resync: Duration) -> Running {
+            let cfg = DaemonConfig {
+                source: "fake".into(),
+                host: Some("a".into()),
+                metadata_max_bytes: 1 << 20,
+                resync,
+                listen: None,
+                cleanup_on_exit: false,
+                plan: PlanOptions::default(),
+                base_generation: 1,
+                rekey: Rekey::default(),
+                psk: None,
+            };
+            let status = Arc::new(Mutex::new(Status::default()));
+            let (tx, rx) = mpsc::channel();
+            let sources = Sources {
+                source: Box::new(src.clone()),
+                watch_source: Box::new(src.clone()),
+            };
+            let (d, st, t) = (driver.clone(), status.clone(), tx.clone());
+            let thread = std::thread::spawn(move || {
+                run_loop(cfg, Box::new(d), sources, st, (t, rx));
+            });
+            Running {
+                tx,
+                status,
+                driver: driver.clone(),
+                thread: Some(thread),
+            }
+        }
+
+        fn reconciles(&self) -> usize {
+            self.driver.reconciled.lock().unwrap().len()
+        }
+
+        fn last_plan(&self) -> Plan {
+            self.driver
+                .reconciled
+                .lock()
+                .unwrap()
+                .last()
+                .unwrap()
+                .1
+                .clone()
+        }
+
+        /// Wait (up to 10 s) until `f` holds for the status; panics with `what` otherwise.
+        fn wait(&self, what: &str, f: impl Fn(&Status, usize) -> bool) {
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if f(&self.status.lock().unwrap(), self.reconciles()) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!(
+                "timed out waiting for {what}: {:?}",
+                self.status.lock().unwrap().reconciles
+            );
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.tx.send(Event::Stop("test over"));
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn version_done(s: &Status, v: &str) -> bool {
+        s.metadata.version.as_deref() == Some(v) && s.reconciles.last_version.as_deref() == Some(v)
+    }
+
+    #[test]
+    fn a_reload_reconciles_only_when_this_hosts_plan_changes() {
+        let src = FakeSource::new(cluster());
+        let r = Running::start(&src, &FakeDriver::default(), Duration::from_secs(3600));
+        r.wait("the first reconcile", |s, n| n == 1 && version_done(s, "1"));
+
+        // Another host's name is not part of this host's plan: nothing to write.
+        src.edit(|c| c.hosts[1].name = Some("bee".into()));
+        r.wait("version 2 taken", |s, _| version_done(s, "2"));
+        assert_eq!(r.reconciles(), 1, "an unchanged plan is not reconciled");
+
+        // A peer's subnets are: one reconcile, with them.
+        src.edit(|c| c.hosts[1].subnets = vec!["10.42.20.0/24".into()]);
+        r.wait("version 3 reconciled", |s, n| {
+            n == 2 && version_done(s, "3")
+        });
+        let b = r
+            .last_plan()
+            .peers
+            .into_iter()
+            .find(|p| p.host.as_str() == "b");
+        assert_eq!(b.unwrap().subnets, ["10.42.20.0/24".parse().unwrap()]);
+
+        // A reload asked for (SIGHUP) reconciles even so.
+        r.tx.send(Event::Reload("SIGHUP")).unwrap();
+        r.wait("the forced reconcile", |_, n| n == 3);
+    }
+
+    #[test]
+    fn bad_metadata_keeps_the_last_good_plan_until_fixed() {
+        let src = FakeSource::new(cluster());
+        let r = Running::start(&src, &FakeDriver::default(), Duration::from_secs(3600));
+        r.wait("the first reconcile", |_, n| n == 1);
+        let good = r.last_plan();
+
+        src.set(Err("the service answered garbage".into()));
+        r.wait("the error shown", |s, _| {
+            s.metadata
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("garbage"))
+        });
+        let mut bad = cluster();
+        bad.hosts[2].agent_ip = bad.hosts[1].agent_ip.clone();
+        src.set(Ok(bad));
+        r.wait("the validation error shown", |s, _| {
+            s.metadata
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("hosts[2]") && e.contains("agent_ip"))
+        });
+        assert_eq!(r.reconciles(), 1, "nothing applied from bad metadata");
+        assert_eq!(
+            r.status.lock().unwrap().metadata.version.as_deref(),
+            Some("1")
+        );
+
+        let mut fixed = cluster();
+        fixed.hosts[2].subnets = vec!["10.42.30.0/24".into()];
+        src.set(Ok(fixed));
+        r.wait("the fix applied", |s, n| {
+            n == 2 && s.metadata.last_error.is_none()
+        });
+        assert_ne!(r.last_plan(), good);
+    }
+
+    #[test]
+    fn a_failing_peer_is_retried_with_backoff_long_before_the_resync() {
+        let src = FakeSource::new(cluster());
+        let driver = FakeDriver::default();
+        driver.fail.lock().unwrap().insert("b".into(), 2);
+        let r = Running::start(&src, &driver, Duration::from_secs(3600));
+        r.wait("the third reconcile", |_, n| n == 3);
+        let at: Vec<Instant> = driver
+            .reconciled
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(t, _)| *t)
+            .collect();
+        // backoff(1) = 1 s after the first failure, backoff(2) = 2 s after the second.
+        assert!(
+            at[1] - at[0] >= Duration::from_millis(950),
+            "{:?}",
+            at[1] - at[0]
+        );
+        assert!(
+            at[2] - at[1] >= Duration::from_millis(1950),
+            "{:?}",
+            at[2] - at[1]
+        );
+        // Healthy again: the next reconcile waits for the resync.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(r.reconciles(), 3);
+        assert_eq!(r.status.lock().unwrap().reconciles.errors, 2);
+    }
+
+    #[test]
+    fn the_resync_reconciles_on_its_timer() {
+        let src = FakeSource::new(cluster());
+        let r = Running::start(&src, &FakeDriver::default(), Duration::from_millis(100));
+        r.wait("five reconciles", |_, n| n >= 5);
+        let at: Vec<Instant> = r
+            .driver
+            .reconciled
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(t, _)| *t)
+            .collect();
+        for w in at.windows(2) {
+            assert!(
+                w[1] - w[0] >= Duration::from_millis(95),
+                "{:?}",
+                w[1] - w[0]
+            );
+        }
+    }
 
     #[test]
     fn backoff_grows_and_caps() {
