@@ -7,9 +7,8 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use ipsec_mesh::daemon::status::{
-    metrics, parse_xfrm_stat, MetadataStatus, PeerStatus, ReconcileStatus, Status,
-};
+use ipsec_mesh::daemon::status::{metrics, MetadataStatus, PeerStatus, ReconcileStatus, Status};
+use ipsec_mesh::dataplane::xfrm;
 
 const PROMTOOL: &str = "/usr/bin/promtool";
 
@@ -78,7 +77,7 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
         ],
         mesh_errors: vec!["routes: dumping links failed".into()],
     };
-    let xfrm = parse_xfrm_stat(
+    let xfrm = xfrm::stat::parse(
         "XfrmInError             \t0\nXfrmInNoStates          \t5\nXfrmOutNoStates         \t4\nXfrmOutPolBlock         \t1\n",
     );
     (status, xfrm)

@@ -34,6 +34,7 @@ use super::netns;
 use super::plugin::{Plugin, Request};
 use super::spec::{code, CniError, CniResult, Interface, IpConfig, Route};
 use super::store;
+use crate::dataplane::sysctl;
 
 /// The bridge plugin.
 #[derive(Debug, Default)]
@@ -168,24 +169,14 @@ async fn ensure_bridge(h: &rtnetlink::Handle, name: &str, mtu: u32) -> Result<Li
 
 /// Turn on forwarding for the families of `ips` (the bridge is their gateway).
 fn enable_forwarding(ips: &[IpConfig]) -> Result<(), CniError> {
-    let mut paths = Vec::new();
-    if ips.iter().any(|i| i.address.addr().is_ipv4()) {
-        paths.push("/proc/sys/net/ipv4/ip_forward");
-    }
-    if ips.iter().any(|i| i.address.addr().is_ipv6()) {
-        paths.push("/proc/sys/net/ipv6/conf/all/forwarding");
-    }
-    for p in paths {
-        if std::fs::read_to_string(p)
-            .map(|s| s.trim() == "1")
-            .unwrap_or(false)
-        {
-            continue;
-        }
-        std::fs::write(p, "1")
-            .map_err(|e| CniError::new(code::IO, format!("enabling forwarding ({p}): {e}")))?;
-    }
-    Ok(())
+    let v4 = ips.iter().any(|i| i.address.addr().is_ipv4());
+    let v6 = ips.iter().any(|i| i.address.addr().is_ipv6());
+    sysctl::enable_forwarding(v4, v6).map_err(|e| {
+        CniError::new(
+            code::IO,
+            format!("enabling forwarding ({}): {}", e.path, e.source),
+        )
+    })
 }
 
 /// The gateway of an address: the IPAM's, else (for a gateway bridge) the subnet's first.

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use super::status::{metrics, unix_now, xfrm_stat, Status};
+use super::status::{metrics, unix_now, Status};
+use crate::dataplane::xfrm;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9542";
@@ -46,7 +47,7 @@ pub fn route(path: &str, status: &Status) -> (&'static str, &'static str, String
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4",
-            metrics(status, &xfrm_stat(), unix_now()),
+            metrics(status, &xfrm::stat::read(), unix_now()),
         ),
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     }

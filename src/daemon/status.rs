@@ -174,22 +174,6 @@ impl Status {
     }
 }
 
-/// `/proc/net/xfrm_stat` as (name, value) pairs (empty when absent).
-pub fn xfrm_stat() -> Vec<(String, u64)> {
-    std::fs::read_to_string("/proc/net/xfrm_stat")
-        .map(|s| parse_xfrm_stat(&s))
-        .unwrap_or_default()
-}
-
-pub fn parse_xfrm_stat(text: &str) -> Vec<(String, u64)> {
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -427,15 +411,6 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn xfrm_stat_parses() {
-        let v = parse_xfrm_stat("XfrmInError             \t0\nXfrmOutNoStates         \t4\n");
-        assert_eq!(
-            v,
-            vec![("XfrmInError".into(), 0), ("XfrmOutNoStates".into(), 4)]
-        );
-    }
 
     #[test]
     fn metrics_render() {

@@ -293,32 +293,6 @@ impl XfrmMesh {
     }
 }
 
-/// Bind UDP `port` on the endpoint's family and mark it for ESP-in-UDP decapsulation.
-pub fn open_encap_socket(v6: bool, port: u16) -> std::io::Result<std::net::UdpSocket> {
-    use std::os::fd::AsRawFd;
-    let addr: std::net::SocketAddr = if v6 {
-        (std::net::Ipv6Addr::UNSPECIFIED, port).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, port).into()
-    };
-    let sock = std::net::UdpSocket::bind(addr)?;
-    let kind: libc::c_int = 2; // UDP_ENCAP_ESPINUDP
-                               // SAFETY: setsockopt on a socket we own, with a pointer to a c_int of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_UDP,
-            100, // UDP_ENCAP
-            &kind as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(sock)
-}
-
 impl Driver for XfrmMesh {
     fn name(&self) -> &'static str {
         "xfrm"
@@ -328,7 +302,7 @@ impl Driver for XfrmMesh {
         let mut r = DriverReport::default();
         self.marks = plan.marks;
         if plan.udp_encap && self.scope == xfrm::Scope::All && self.encap_socket.is_none() {
-            match open_encap_socket(plan.endpoint.is_ipv6(), xfrm::desired::NAT_T_PORT) {
+            match xfrm::encap::open_socket(plan.endpoint.is_ipv6(), xfrm::desired::NAT_T_PORT) {
                 Ok(s) => self.encap_socket = Some(s),
                 Err(e) => r.fail("mesh", "UDP encapsulation socket (port 4500)", &e),
             }

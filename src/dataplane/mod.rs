@@ -10,5 +10,6 @@ pub mod netns;
 pub mod notify;
 pub mod routes;
 pub mod rtnl;
+pub mod sysctl;
 pub mod vxlan;
 pub mod xfrm;

@@ -2,14 +2,17 @@
 //!
 //! `objects` (comparable values) <- `desired` (pure, from the plan) and `messages` (pure,
 //! build/parse) -> `reconcile::diff` (pure) -> [`reconcile`] here, the only function that
-//! talks to the kernel, through `socket`.
+//! talks to the kernel, through `socket`. Beside it: `encap` (the UDP socket ESP-in-UDP
+//! needs) and `stat` (the kernel's XFRM error counters).
 
 pub mod desired;
+pub mod encap;
 pub mod messages;
 pub mod objects;
 pub mod reconcile;
 pub mod seq;
 pub mod socket;
+pub mod stat;
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use tracing::{debug, info, warn};
