@@ -541,6 +541,13 @@ impl Cluster {
             .map(|i| &self.hosts[i])
     }
 
+    /// The first `max` host ids, comma-separated (`…` when there are more), for errors.
+    pub fn known_ids(&self, max: usize) -> String {
+        let ids: Vec<&str> = self.hosts.iter().take(max).map(|h| h.id.as_str()).collect();
+        let more = if self.hosts.len() > max { ", …" } else { "" };
+        format!("{}{more}", ids.join(", "))
+    }
+
     /// The host whose agent_ip is one of `addrs` (self discovery from local addresses).
     pub fn host_by_agent_ip(&self, addrs: &[IpAddr]) -> Option<&Host> {
         self.hosts.iter().find(|h| addrs.contains(&h.agent_ip))

@@ -155,7 +155,7 @@ fn all_hosts_and_self_discovery_failure() {
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
-        e.contains("cannot tell which host this is") && e.contains("--host"),
+        e.contains("cannot tell which host of") && e.contains("pass --host ID"),
         "{e}"
     );
 }

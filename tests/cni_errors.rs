@@ -199,7 +199,7 @@ fn ipam_unknown_host_and_bad_metadata() {
         ADD,
         &conf("host-z"),
         102,
-        "host \"host-z\" is not in the mesh metadata",
+        "host \"host-z\" is not in the metadata",
     );
     let (ok, v) = run(IPAM, ADD, &conf("host-a"));
     assert!(ok, "{v}");

@@ -9,11 +9,10 @@ mod status;
 
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use ipsec_mesh::metadata::{self, Snapshot};
-use ipsec_mesh::model::Cluster;
 use ipsec_mesh::plan::{Marks, PlanOptions, Transform};
 
 #[derive(Parser, Debug)]
@@ -441,29 +440,14 @@ pub fn load(src: &SourceArgs) -> Result<Snapshot> {
     Ok(source.load()?)
 }
 
-/// Which host this is: `--host`, else what the source says, else a local address match.
+/// Which host this is ([`metadata::self_host`]).
 pub fn self_id(src: &SourceArgs, snap: &Snapshot) -> Result<String> {
-    if let Some(h) = &src.host {
-        return Ok(h.clone());
-    }
-    if let Some(h) = &snap.self_id {
-        return Ok(h.to_string());
-    }
-    let addrs = ipsec_mesh::localaddr::local_addresses().context("listing local addresses")?;
-    match snap.cluster.host_by_agent_ip(&addrs) {
-        Some(h) => Ok(h.id.to_string()),
-        None => Err(anyhow!(
-            "cannot tell which host this is: no local address is the agent_ip of a host in {}; pass --host ID (known hosts: {})",
-            src.metadata,
-            known(&snap.cluster)
-        )),
-    }
-}
-
-fn known(c: &Cluster) -> String {
-    let ids: Vec<&str> = c.hosts.iter().take(8).map(|h| h.id.as_str()).collect();
-    let more = if c.hosts.len() > 8 { ", …" } else { "" };
-    format!("{}{more}", ids.join(", "))
+    Ok(metadata::self_host(
+        snap,
+        &src.metadata,
+        src.host.as_deref(),
+        "pass --host ID",
+    )?)
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {

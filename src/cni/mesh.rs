@@ -37,43 +37,8 @@ pub fn load(src: &str, host: Option<&str>) -> Result<Mesh, CniError> {
 }
 
 fn self_host(snap: &Snapshot, src: &str, host: Option<&str>) -> Result<String, CniError> {
-    let known = || {
-        let ids: Vec<&str> = snap
-            .cluster
-            .hosts
-            .iter()
-            .take(8)
-            .map(|h| h.id.as_str())
-            .collect();
-        ids.join(", ")
-    };
-    if let Some(h) = host {
-        if snap.cluster.host(h).is_none() {
-            return Err(CniError::new(
-                code::UNKNOWN_HOST,
-                format!(
-                    "host {h:?} is not in the mesh metadata {src} (known hosts: {})",
-                    known()
-                ),
-            ));
-        }
-        return Ok(h.to_string());
-    }
-    if let Some(h) = &snap.self_id {
-        return Ok(h.to_string());
-    }
-    let addrs = crate::localaddr::local_addresses()
-        .map_err(|e| CniError::new(code::UNKNOWN_HOST, format!("listing local addresses: {e}")))?;
-    match snap.cluster.host_by_agent_ip(&addrs) {
-        Some(h) => Ok(h.id.to_string()),
-        None => Err(CniError::new(
-            code::UNKNOWN_HOST,
-            format!(
-                "cannot tell which host of {src} this is: no local address is a host's agent_ip; set \"host\" in the ipam section (known hosts: {})",
-                known()
-            ),
-        )),
-    }
+    metadata::self_host(snap, src, host, "set \"host\" in the ipam section")
+        .map_err(|e| CniError::new(code::UNKNOWN_HOST, e.to_string()))
 }
 
 /// (container MTU, underlay MTU) the planner gives this host for `mesh`'s transform.

@@ -171,17 +171,13 @@ impl Loop {
     }
 
     fn self_id(&self, snap: &Snapshot) -> Result<String, String> {
-        if let Some(h) = &self.cfg.host {
-            return Ok(h.clone());
-        }
-        if let Some(h) = &snap.self_id {
-            return Ok(h.to_string());
-        }
-        let addrs = crate::localaddr::local_addresses().map_err(|e| e.to_string())?;
-        snap.cluster
-            .host_by_agent_ip(&addrs)
-            .map(|h| h.id.to_string())
-            .ok_or_else(|| "no local address is the agent_ip of a host; pass --host".to_string())
+        metadata::self_host(
+            snap,
+            &self.cfg.source,
+            self.cfg.host.as_deref(),
+            "pass --host",
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// Load and validate the metadata, then plan. On failure the last good plan stays and

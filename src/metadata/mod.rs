@@ -83,6 +83,68 @@ pub trait MetadataSource: Send {
     ) -> Result<Option<String>, MetadataError>;
 }
 
+/// Why the host this process runs on could not be told.
+#[derive(Debug, thiserror::Error)]
+pub enum SelfHostError {
+    #[error("host {host:?} is not in the metadata {origin} (known hosts: {known})")]
+    Unknown {
+        host: String,
+        origin: String,
+        known: String,
+    },
+    #[error("cannot tell which host of {origin} this is: no local address is the agent_ip of a host; {hint} (known hosts: {known})")]
+    NoLocalMatch {
+        origin: String,
+        hint: &'static str,
+        known: String,
+    },
+    #[error("cannot tell which host of {origin} this is: listing local addresses: {source}")]
+    LocalAddresses {
+        origin: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The host this process runs on, the one place every caller asks: `host` (`--host`, the
+/// CNI config's `host`) if given and listed, else what the source says (rancher-metadata's
+/// `/self/host`), else the host whose `agent_ip` is a local address. `hint` says how the
+/// caller names the host explicitly (for the error when none matches).
+pub fn self_host(
+    snap: &Snapshot,
+    origin: &str,
+    host: Option<&str>,
+    hint: &'static str,
+) -> Result<String, SelfHostError> {
+    let known = || snap.cluster.known_ids(8);
+    if let Some(h) = host {
+        if snap.cluster.host(h).is_none() {
+            return Err(SelfHostError::Unknown {
+                host: h.to_string(),
+                origin: origin.to_string(),
+                known: known(),
+            });
+        }
+        return Ok(h.to_string());
+    }
+    if let Some(h) = &snap.self_id {
+        return Ok(h.to_string());
+    }
+    let addrs =
+        crate::localaddr::local_addresses().map_err(|source| SelfHostError::LocalAddresses {
+            origin: origin.to_string(),
+            source,
+        })?;
+    match snap.cluster.host_by_agent_ip(&addrs) {
+        Some(h) => Ok(h.id.to_string()),
+        None => Err(SelfHostError::NoLocalMatch {
+            origin: origin.to_string(),
+            hint,
+            known: known(),
+        }),
+    }
+}
+
 /// [`open`], told the self host when `--host` names it and the largest answer to accept.
 pub fn open_for(
     src: &str,

@@ -9,6 +9,8 @@
 //!   `FORWARD`), inserted at the top.
 //!
 //! Layers, each usable alone:
+//! - [`backend`]: the [`Firewall`] trait the forwarding layer calls, and its backends chosen
+//!   by name (`iptables`, `none`).
 //! - [`render`] (pure): a [`FirewallSpec`] -> the desired [`TableState`] per table; the diff of
 //!   two states -> [`Change`]s -> `iptables-restore --noflush` input.
 //! - [`save`] (pure): `iptables-save` output -> the [`TableState`] of our chains and jumps.
@@ -49,6 +51,7 @@
 //! A peer joining or leaving therefore changes neither table: the firewall writes 0 objects
 //! and only the routes and the XFRM policies change.
 
+pub mod backend;
 pub mod render;
 pub mod runner;
 pub mod save;
@@ -60,6 +63,7 @@ use ipnet::IpNet;
 
 use crate::plan::{Marks, Plan};
 
+pub use backend::{Firewall, FirewallKind};
 pub use render::{desired, diff_table, render_restore, Change, Jump, TableState};
 pub use runner::{apply, apply_with, cleanup, cleanup_with, Iptables};
 pub use save::parse_save;

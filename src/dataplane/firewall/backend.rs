@@ -1,0 +1,153 @@
+//! Firewall backends behind one small trait, chosen by name when the driver is built
+//! (`--firewall`), as netavark picks its firewall driver: the forwarding layer asks a backend
+//! to make the kernel match a [`FirewallSpec`] and to remove what it owns, and knows nothing
+//! of the tool behind it.
+//!
+//! - [`Iptables`] (`iptables`): the `iptables-save` / `iptables-restore` backend
+//!   ([`super::runner`]): render, parse the saved state, diff, one atomic restore per table,
+//!   0 writes when unchanged.
+//! - [`NoFirewall`] (`none`): writes nothing, for operators who manage the firewall
+//!   themselves. They then own the encrypt mark on traffic to remote overlay subnets and the
+//!   fail-closed guard (the XFRM block policy still drops marked traffic that no pair policy
+//!   takes; see [`super`] for what the rules must do).
+//!
+//! Every backend owns only its own objects, writes nothing when the kernel already matches,
+//! and removes in `cleanup` exactly what it owns.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::{runner, FirewallError, FirewallReport, FirewallSpec};
+
+/// A firewall backend.
+pub trait Firewall: Send + Sync {
+    /// The name it is chosen by (`--firewall NAME`).
+    fn name(&self) -> &'static str;
+    /// Make the kernel's rules of ours match `spec`; writes nothing when they already do.
+    fn apply(&self, spec: &FirewallSpec) -> Result<FirewallReport, FirewallError>;
+    /// Remove every rule, chain or table of ours, nothing else; idempotent.
+    fn cleanup(&self) -> Result<FirewallReport, FirewallError>;
+}
+
+/// Which backend (`--firewall`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum FirewallKind {
+    #[default]
+    Iptables,
+    None,
+}
+
+impl FirewallKind {
+    pub const ALL: [FirewallKind; 2] = [FirewallKind::Iptables, FirewallKind::None];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FirewallKind::Iptables => "iptables",
+            FirewallKind::None => "none",
+        }
+    }
+
+    /// The backend of this kind.
+    pub fn backend(self) -> Box<dyn Firewall> {
+        match self {
+            FirewallKind::Iptables => Box::new(Iptables),
+            FirewallKind::None => Box::new(NoFirewall),
+        }
+    }
+}
+
+impl fmt::Display for FirewallKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for FirewallKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<FirewallKind, String> {
+        FirewallKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = FirewallKind::ALL.iter().map(|k| k.as_str()).collect();
+                format!(
+                    "unknown firewall backend {s:?} (one of: {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// `iptables-restore` / `ip6tables-restore` ([`super::runner`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Iptables;
+
+impl Firewall for Iptables {
+    fn name(&self) -> &'static str {
+        FirewallKind::Iptables.as_str()
+    }
+    fn apply(&self, spec: &FirewallSpec) -> Result<FirewallReport, FirewallError> {
+        runner::apply(spec)
+    }
+    fn cleanup(&self) -> Result<FirewallReport, FirewallError> {
+        runner::cleanup()
+    }
+}
+
+/// Writes nothing: the operator manages the firewall.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFirewall;
+
+impl Firewall for NoFirewall {
+    fn name(&self) -> &'static str {
+        FirewallKind::None.as_str()
+    }
+    fn apply(&self, spec: &FirewallSpec) -> Result<FirewallReport, FirewallError> {
+        // A spec that could not be rendered is still an error: the operator's rules would
+        // have to implement it.
+        spec.validate()?;
+        Ok(FirewallReport::default())
+    }
+    fn cleanup(&self) -> Result<FirewallReport, FirewallError> {
+        Ok(FirewallReport::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_list_the_choices() {
+        for k in FirewallKind::ALL {
+            assert_eq!(k.as_str().parse::<FirewallKind>(), Ok(k));
+            assert_eq!(k.backend().name(), k.as_str());
+        }
+        assert_eq!(
+            "nft".parse::<FirewallKind>().unwrap_err(),
+            "unknown firewall backend \"nft\" (one of: iptables, none)"
+        );
+        assert_eq!(FirewallKind::default(), FirewallKind::Iptables);
+    }
+
+    #[test]
+    fn the_none_backend_writes_nothing_but_still_checks_the_spec() {
+        let mut spec = FirewallSpec {
+            marks: crate::plan::Marks::default(),
+            overlay: "10.42.0.0/16".parse().unwrap(),
+            remote_subnets: vec!["10.42.2.0/24".parse().unwrap()],
+            local_subnets: vec!["10.42.1.0/24".parse().unwrap()],
+            bridge_dev: None,
+            underlay_dev: None,
+        };
+        let r = NoFirewall.apply(&spec).unwrap();
+        assert_eq!(r.writes, 0);
+        assert!(r.changes.is_empty());
+        assert_eq!(NoFirewall.cleanup().unwrap().writes, 0);
+        spec.remote_subnets = vec!["10.43.0.0/24".parse().unwrap()];
+        assert!(matches!(
+            NoFirewall.apply(&spec),
+            Err(FirewallError::InvalidSpec(_))
+        ));
+    }
+}
