@@ -21,7 +21,7 @@ use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 
 use super::client::ViciError;
-use super::desired::control_log_line;
+use super::failure::control_log_line;
 use super::wire::{encode_packet, FrameBuffer, Message, Packet};
 
 /// One request of a batch.

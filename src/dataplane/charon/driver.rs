@@ -13,7 +13,7 @@
 //!    [`CharonConfig::responder_grace`], looks again, and initiates what is still missing.
 //!    Initiates run in parallel over [`CharonConfig::initiate_parallelism`] connections and
 //!    collect charon's `control-log` lines, so failures come back in words
-//!    ([`explain`](super::desired::explain)).
+//!    ([`explain`](super::failure::explain)).
 //!
 //! With nothing changed and every SA up, a reconcile sends three reads and no write.
 //! The watcher ([`super::revive`]) runs on its own connection; if it and a reconcile
@@ -22,40 +22,35 @@
 //! Errors are per peer (`CharonReport::errors`); only a lost connection or a failed read
 //! aborts a reconcile (`Err`): reconnect ([`Client::connect`] waits for charon) and run
 //! it again. [`cleanup`] terminates and unloads our conns and unloads our shared keys,
-//! nothing else. [`CharonMesh`] wraps it all for the synchronous
-//! [`Driver`] interface.
+//! nothing else. [`CharonMesh`] ([`mesh`](super::mesh)) wraps it all for the synchronous
+//! [`Driver`](crate::dataplane::driver::Driver) interface. What a run did is a
+//! [`CharonReport`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use zeroize::Zeroizing;
 
 use super::batch::{self, BatchOptions, Outcome, Request};
-use super::client::{Client, ConnectOptions, ViciError};
+use super::client::{Client, ViciError};
 use super::desired::{
-    conn_sas, desired, diff_conns, diff_shared, explain_with, peer_of, CharonConfig, DesiredConn,
-    ListedConn, Role, SHARED_PREFIX,
+    desired, diff_conns, diff_shared, peer_of, CharonConfig, ConnDiff, Desired, DesiredConn, Role,
+    SharedDiff, SHARED_PREFIX,
 };
+use super::failure::explain_with;
+use super::listed::ListedConn;
+use super::report::{cmd_name, CharonReport, PeerState};
+use super::sas::conn_sas;
 use super::types::{
     Command, GetConns, GetShared, IkeSa, Initiate, ListSas, LoadShared, SharedKeyType, Stats,
     Terminate, UnloadConn, UnloadShared,
 };
 use super::wire::Message;
-use crate::dataplane::driver::{Driver, DriverReport, PeerCounters, Wake};
+use crate::dataplane::driver::PeerCounters;
 use crate::plan::{Plan, Psk};
 
-/// Commands that modify charon's state.
-pub const WRITE_COMMANDS: [&str; 6] = [
-    "load-shared",
-    "unload-shared",
-    "load-conn",
-    "unload-conn",
-    "initiate",
-    "terminate",
-];
-
-const READ_COMMANDS: [&str; 5] = ["list-conns", "list-sas", "get-shared", "get-conns", "stats"];
+/// The synchronous driver, still reachable at its old path (it lives in [`super::mesh`]).
+pub use super::mesh::CharonMesh;
 
 /// Conns per `load-conn` request. charon's `load-conn` handler loads every conn section of
 /// the message (vici_config.c `load_conn` parses all top-level sections, from 5.x to today;
@@ -83,126 +78,6 @@ fn packs<'a>(conns: &[&'a DesiredConn]) -> Vec<Vec<&'a DesiredConn>> {
         }
     }
     out
-}
-
-/// Where a peer stands after a reconcile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PeerState {
-    /// The child SA is installed.
-    Up,
-    /// charon is setting the SA up (its own restart, or the peer initiating).
-    Connecting,
-    /// Loaded, no SA, not initiated by this side (see the error, if any).
-    Down,
-    /// Loading or initiating failed: see `errors`.
-    Failed,
-    /// No conn for this peer (no subnet on one side).
-    Skipped,
-}
-
-impl PeerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PeerState::Up => "up",
-            PeerState::Connecting => "connecting",
-            PeerState::Down => "down",
-            PeerState::Failed => "failed",
-            PeerState::Skipped => "skipped",
-        }
-    }
-}
-
-/// What a reconcile or cleanup did.
-#[derive(Debug, Clone, Default)]
-pub struct CharonReport {
-    /// Modifying commands sent ([`WRITE_COMMANDS`]). 0 means nothing changed.
-    pub writes: usize,
-    /// Every command sent, by name (reads too).
-    pub sent: BTreeMap<&'static str, usize>,
-    /// One line per change, never secrets.
-    pub changes: Vec<String>,
-    /// Failures by owner: a peer's host id, or `mesh` for the shared key / the whole run.
-    pub errors: Vec<(String, String)>,
-    /// State of every peer of the plan.
-    pub peers: BTreeMap<String, PeerState>,
-    /// Conns loaded (new or changed); several may share one `load-conn` (see [`LOAD_PACK`]).
-    pub loaded: usize,
-    /// Conns of departed peers unloaded.
-    pub unloaded: usize,
-}
-
-impl CharonReport {
-    pub fn ok(&self) -> bool {
-        self.errors.is_empty()
-    }
-
-    /// How many `command`s were sent.
-    pub fn sent(&self, command: &str) -> usize {
-        self.sent.get(command).copied().unwrap_or(0)
-    }
-
-    /// The first error reported for `owner`.
-    pub fn error_for(&self, owner: &str) -> Option<&str> {
-        self.errors
-            .iter()
-            .find(|(o, _)| o == owner)
-            .map(|(_, e)| e.as_str())
-    }
-
-    fn note(&mut self, command: &'static str, n: usize) {
-        if n == 0 {
-            return;
-        }
-        *self.sent.entry(command).or_default() += n;
-        if WRITE_COMMANDS.contains(&command) {
-            self.writes += n;
-        }
-    }
-
-    fn error(&mut self, owner: &str, msg: impl Into<String>) {
-        let msg = msg.into();
-        tracing::warn!(peer = owner, error = %msg, "charon driver");
-        self.errors.push((owner.to_string(), msg));
-    }
-
-    fn change(&mut self, line: impl Into<String>) {
-        let line = line.into();
-        tracing::info!(change = %line, "charon driver");
-        self.changes.push(line);
-    }
-
-    fn set(&mut self, peer: &str, st: PeerState) {
-        self.peers.insert(peer.to_string(), st);
-    }
-
-    /// The generic driver report: peers still connecting count as not in place.
-    pub fn into_driver_report(self) -> DriverReport {
-        let mut errors = self.errors;
-        for (p, st) in &self.peers {
-            if *st == PeerState::Connecting && !errors.iter().any(|(o, _)| o == p) {
-                errors.push((
-                    p.clone(),
-                    "charon is still setting up the SA (retried by the next reconcile)".into(),
-                ));
-            }
-        }
-        DriverReport {
-            writes: self.writes,
-            changes: self.changes,
-            errors,
-            parts: vec![("charon", self.writes)],
-        }
-    }
-}
-
-fn cmd_name(c: &str) -> &'static str {
-    WRITE_COMMANDS
-        .iter()
-        .chain(READ_COMMANDS.iter())
-        .find(|k| **k == c)
-        .copied()
-        .unwrap_or("other")
 }
 
 /// All conns charon lists (ours and others), normalised.
@@ -239,17 +114,32 @@ async fn send(
     batch::run(&cfg.vici_socket, reqs, &opts).await
 }
 
-fn terminate_ike(id: u64, conn: &str) -> Request {
-    let t = Terminate {
+/// Closes IKE_SA `id` at once (without waiting for the peer's answer).
+fn terminate_ike_cmd(id: u64) -> Terminate {
+    Terminate {
         ike_id: Some(id),
         force: true,
         timeout_ms: Some(1000),
         ..Default::default()
-    };
+    }
+}
+
+fn terminate_ike(id: u64, conn: &str) -> Request {
     Request::new(
         "terminate",
         format!("conn={conn} ike-id={id}"),
-        t.to_message(),
+        terminate_ike_cmd(id).to_message(),
+    )
+}
+
+fn unload_conn(name: &str) -> Request {
+    Request::new(
+        "unload-conn",
+        format!("conn={name}"),
+        UnloadConn {
+            name: name.to_string(),
+        }
+        .to_message(),
     )
 }
 
@@ -351,6 +241,7 @@ pub async fn reconcile_config(
     run(client, plan, psk, cfg, false).await
 }
 
+/// One reconcile, as a sequence of phases: read, shared key, conns, old keys, SAs.
 async fn run(
     client: &Client,
     plan: &Plan,
@@ -364,65 +255,116 @@ async fn run(
         r.set(peer, PeerState::Skipped);
         tracing::debug!(peer = %peer, reason = %why, "charon driver: peer skipped");
     }
+    let seen = read_state(client, &mut r).await?;
+    let cd = diff_conns(&want, &seen.conns);
+    let sd = diff_shared(&want.shared, &seen.shared_ids);
+    let key_in = load_shared_key(client, &mut r, &want, psk, &sd).await?;
+    let changed: BTreeMap<&str, &Vec<String>> =
+        cd.change.iter().map(|(n, d)| (n.as_str(), d)).collect();
+    let load_failed = sync_conns(cfg, &mut r, &want, &cd, &changed, &seen.sas).await?;
+    if key_in {
+        unload_keys(client, &mut r, &sd.remove).await?;
+    }
+    let work = sa_work(&mut r, &want, &changed, &seen.sas, &load_failed, sas_too);
+    do_sa_work(client, cfg, &mut r, work).await?;
+    for c in want.conns.values() {
+        r.peers.entry(c.peer.clone()).or_insert(PeerState::Down);
+    }
+    Ok(r)
+}
 
-    // --- read
-    let listed = list_conns(client).await?;
+/// What charon has: every conn it lists, the ids of its shared keys, its SAs.
+struct Seen {
+    conns: Vec<ListedConn>,
+    shared_ids: Vec<String>,
+    sas: Vec<IkeSa>,
+}
+
+/// The three reads of a reconcile.
+async fn read_state(client: &Client, r: &mut CharonReport) -> Result<Seen, ViciError> {
+    let conns = list_conns(client).await?;
     r.note("list-conns", 1);
     let shared_ids = client.call(&GetShared).await?;
     r.note("get-shared", 1);
     let sas = list_sas(client).await?;
     r.note("list-sas", 1);
-    let cd = diff_conns(&want, &listed);
-    let sd = diff_shared(&want.shared, &shared_ids);
+    Ok(Seen {
+        conns,
+        shared_ids,
+        sas,
+    })
+}
 
-    // --- shared key (never pipelined, never logged)
-    let mut key_in = !sd.load;
-    if sd.load {
-        let ls = LoadShared {
-            id: want.shared.id.clone(),
-            kind: SharedKeyType::Ike,
-            data: Zeroizing::new(psk.expose().to_vec()),
-            owners: want.shared.owners.clone(),
-        };
-        r.note("load-shared", 1);
-        match client.call(&ls).await {
-            Ok(()) => {
-                key_in = true;
-                r.change(format!(
-                    "load-shared {} ({} owners)",
-                    ls.id,
-                    ls.owners.len()
-                ));
-            }
-            Err(e) if e.is_connection_lost() => return Err(e),
-            Err(e) => r.error("mesh", format!("load-shared {}: {e}", ls.id)),
+/// Loads the PSK under the desired id when charon lacks it (never pipelined, never logged).
+/// Returns whether the desired key is in.
+async fn load_shared_key(
+    client: &Client,
+    r: &mut CharonReport,
+    want: &Desired,
+    psk: &Psk,
+    sd: &SharedDiff,
+) -> Result<bool, ViciError> {
+    if !sd.load {
+        return Ok(true);
+    }
+    let ls = LoadShared {
+        id: want.shared.id.clone(),
+        kind: SharedKeyType::Ike,
+        data: Zeroizing::new(psk.expose().to_vec()),
+        owners: want.shared.owners.clone(),
+    };
+    r.note("load-shared", 1);
+    match client.call(&ls).await {
+        Ok(()) => {
+            r.change(format!(
+                "load-shared {} ({} owners)",
+                ls.id,
+                ls.owners.len()
+            ));
+            Ok(true)
+        }
+        Err(e) if e.is_connection_lost() => Err(e),
+        Err(e) => {
+            r.error("mesh", format!("load-shared {}: {e}", ls.id));
+            Ok(false)
         }
     }
+}
 
-    // --- conns, in the order they must run on one connection: close and unload departed
-    // peers, unload changed conns (see desired.rs: a reload alone may keep the old object),
-    // then load new and changed ones, packed
-    let changed: BTreeMap<&str, &Vec<String>> =
-        cd.change.iter().map(|(n, d)| (n.as_str(), d)).collect();
-    let unload = |name: &str| {
-        Request::new(
-            "unload-conn",
-            format!("conn={name}"),
-            UnloadConn {
-                name: name.to_string(),
-            }
-            .to_message(),
-        )
-    };
+/// Unloads shared keys `ids`, one by one.
+async fn unload_keys(
+    client: &Client,
+    r: &mut CharonReport,
+    ids: &[String],
+) -> Result<(), ViciError> {
+    for id in ids {
+        r.note("unload-shared", 1);
+        match client.call(&UnloadShared { id: id.clone() }).await {
+            Ok(()) => r.change(format!("unload-shared {id}")),
+            Err(e) if e.is_connection_lost() => return Err(e),
+            Err(e) => r.error("mesh", format!("unload-shared {id}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// The conn requests, in the order they must run on one connection, each with the conns
+/// it is about: close and unload departed peers, unload changed conns (see desired.rs: a
+/// reload alone may keep the old object), then load new and changed ones, packed.
+fn conn_requests<'a>(
+    want: &'a Desired,
+    cd: &'a ConnDiff,
+    sas: &[IkeSa],
+) -> Vec<(Vec<&'a str>, Request)> {
     let mut reqs: Vec<(Vec<&str>, Request)> = Vec::new();
     for name in &cd.remove {
-        for ike in conn_sas(name, &sas).ike_ids {
+        for ike in conn_sas(name, sas).ike_ids {
             reqs.push((vec![name.as_str()], terminate_ike(ike, name)));
         }
-        reqs.push((vec![name.as_str()], unload(name)));
+        reqs.push((vec![name.as_str()], unload_conn(name)));
     }
     for (name, _) in &cd.change {
-        reqs.push((vec![name.as_str()], unload(name)));
+        reqs.push((vec![name.as_str()], unload_conn(name)));
     }
     let to_load: Vec<&DesiredConn> = cd
         .change
@@ -443,11 +385,41 @@ async fn run(
         };
         reqs.push((names, Request::new("load-conn", context, m)));
     }
-    let mut load_failed: BTreeSet<String> = BTreeSet::new();
-    let mut loaded: Vec<&str> = Vec::new();
+    reqs
+}
+
+/// What became of the conns a reconcile loads.
+#[derive(Default)]
+struct Loads<'a> {
+    loaded: Vec<&'a str>,
+    failed: BTreeSet<String>,
+}
+
+impl Loads<'_> {
+    fn fail(&mut self, r: &mut CharonReport, peer: &str, name: &str, e: &ViciError) {
+        self.failed.insert(name.to_string());
+        r.set(peer, PeerState::Failed);
+        r.error(peer, format!("load-conn {name}: {e}"));
+    }
+}
+
+/// Closes and unloads the conns of departed peers, replaces changed conns and loads new
+/// ones (see [`conn_requests`]), all pipelined on one connection. A pack charon refuses is
+/// sent again one conn per request, to tell which conn it refused. Returns the conns that
+/// failed to load.
+async fn sync_conns<'a>(
+    cfg: &CharonConfig,
+    r: &mut CharonReport,
+    want: &'a Desired,
+    cd: &'a ConnDiff,
+    changed: &BTreeMap<&str, &Vec<String>>,
+    sas: &[IkeSa],
+) -> Result<BTreeSet<String>, ViciError> {
+    let reqs = conn_requests(want, cd, sas);
+    let mut loads = Loads::default();
     if !reqs.is_empty() {
         let only: Vec<Request> = reqs.iter().map(|(_, q)| q.clone()).collect();
-        let outs = send(cfg, &mut r, &only, BatchOptions::default()).await?;
+        let outs = send(cfg, r, &only, BatchOptions::default()).await?;
         let mut retry: Vec<&DesiredConn> = Vec::new();
         for ((names, q), o) in reqs.iter().zip(outs) {
             let owner = names
@@ -456,17 +428,14 @@ async fn run(
                 .unwrap_or("mesh")
                 .to_string();
             match (q.command.as_str(), o.result) {
-                ("load-conn", Ok(_)) => loaded.extend(names),
+                ("load-conn", Ok(_)) => loads.loaded.extend(names),
                 // which conn of the pack did charon refuse? ask one by one
                 ("load-conn", Err(ViciError::CommandFailed { .. })) if names.len() > 1 => {
                     retry.extend(names.iter().map(|n| &want.conns[*n]));
                 }
                 ("load-conn", Err(e)) => {
                     for n in names {
-                        let p = peer_of(n).unwrap_or("mesh");
-                        load_failed.insert(n.to_string());
-                        r.set(p, PeerState::Failed);
-                        r.error(p, format!("load-conn {n}: {e}"));
+                        loads.fail(r, peer_of(n).unwrap_or("mesh"), n, &e);
                     }
                 }
                 ("unload-conn", Ok(_)) if !changed.contains_key(names[0]) => {
@@ -479,65 +448,79 @@ async fn run(
             }
         }
         if !retry.is_empty() {
-            let one: Vec<Request> = retry
-                .iter()
-                .map(|c| Request::new("load-conn", format!("conn={}", c.name()), c.load_message()))
-                .collect();
-            let outs = send(cfg, &mut r, &one, BatchOptions::default()).await?;
-            for (c, o) in retry.iter().zip(outs) {
-                match o.result {
-                    Ok(_) => loaded.push(c.name()),
-                    Err(e) => {
-                        load_failed.insert(c.name().to_string());
-                        r.set(&c.peer, PeerState::Failed);
-                        r.error(&c.peer, format!("load-conn {}: {e}", c.name()));
-                    }
-                }
-            }
+            load_one_by_one(cfg, r, &retry, &mut loads).await?;
         }
     }
-    r.loaded = loaded.len();
-    for name in loaded {
+    r.loaded = loads.loaded.len();
+    for name in loads.loaded {
         let what = match changed.get(name) {
             Some(d) => format!("changed: {}", d.join("; ")),
             None => "new".into(),
         };
         r.change(format!("load-conn {name} ({what})"));
     }
+    Ok(loads.failed)
+}
 
-    // --- old shared keys, once the current one is in
-    if key_in && !sd.remove.is_empty() {
-        for id in &sd.remove {
-            r.note("unload-shared", 1);
-            match client.call(&UnloadShared { id: id.clone() }).await {
-                Ok(()) => r.change(format!("unload-shared {id}")),
-                Err(e) if e.is_connection_lost() => return Err(e),
-                Err(e) => r.error("mesh", format!("unload-shared {id}: {e}")),
-            }
+/// Loads `conns` one per request.
+async fn load_one_by_one<'a>(
+    cfg: &CharonConfig,
+    r: &mut CharonReport,
+    conns: &[&'a DesiredConn],
+    loads: &mut Loads<'a>,
+) -> Result<(), ViciError> {
+    let one: Vec<Request> = conns
+        .iter()
+        .map(|c| Request::new("load-conn", format!("conn={}", c.name()), c.load_message()))
+        .collect();
+    let outs = send(cfg, r, &one, BatchOptions::default()).await?;
+    for (c, o) in conns.iter().zip(outs) {
+        match o.result {
+            Ok(_) => loads.loaded.push(c.name()),
+            Err(e) => loads.fail(r, &c.peer, c.name(), &e),
         }
     }
+    Ok(())
+}
 
-    // --- SAs
-    let mut terminate: Vec<Request> = Vec::new();
-    let mut now: Vec<&DesiredConn> = Vec::new();
-    let mut later: Vec<&DesiredConn> = Vec::new();
+/// The SA work of a reconcile: IKE_SAs to close, children to initiate at once, and
+/// children a responder initiates after the grace period if still missing.
+#[derive(Default)]
+struct SaWork<'a> {
+    terminate: Vec<Request>,
+    now: Vec<&'a DesiredConn>,
+    later: Vec<&'a DesiredConn>,
+}
+
+/// Sorts every loaded conn by its SAs: up (the initiator closes duplicates; a changed conn's
+/// old SA is replaced, break before make), connecting, or missing (the initiator initiates
+/// now, the responder later). Without `sas_too`, a missing SA is reported down.
+fn sa_work<'a>(
+    r: &mut CharonReport,
+    want: &'a Desired,
+    changed: &BTreeMap<&str, &Vec<String>>,
+    sas: &[IkeSa],
+    load_failed: &BTreeSet<String>,
+    sas_too: bool,
+) -> SaWork<'a> {
+    let mut w = SaWork::default();
     for (name, c) in &want.conns {
         if load_failed.contains(name) {
             continue;
         }
-        let s = conn_sas(name, &sas);
+        let s = conn_sas(name, sas);
         let replace = changed.contains_key(name.as_str()) && c.role == Role::Initiator;
         if s.up && replace && sas_too {
             // the old SA carries the old settings: replace it (break before make)
             for id in &s.ike_ids {
-                terminate.push(terminate_ike(*id, name));
+                w.terminate.push(terminate_ike(*id, name));
             }
-            now.push(c);
+            w.now.push(c);
         } else if s.up {
             r.set(&c.peer, PeerState::Up);
             if c.role == Role::Initiator && sas_too {
                 for id in &s.duplicates {
-                    terminate.push(terminate_ike(*id, name));
+                    w.terminate.push(terminate_ike(*id, name));
                 }
             }
         } else if s.connecting {
@@ -545,44 +528,52 @@ async fn run(
         } else if !sas_too {
             r.set(&c.peer, PeerState::Down);
         } else if c.role == Role::Initiator {
-            now.push(c);
+            w.now.push(c);
         } else {
-            later.push(c);
+            w.later.push(c);
         }
     }
+    w
+}
+
+/// Closes, initiates, then (after the responder's grace period, counted from the start of
+/// this step) looks again and initiates what is still missing.
+async fn do_sa_work(
+    client: &Client,
+    cfg: &CharonConfig,
+    r: &mut CharonReport,
+    w: SaWork<'_>,
+) -> Result<(), ViciError> {
     let t0 = Instant::now();
     let mut no_esp = None;
-    if !terminate.is_empty() {
-        let outs = send(cfg, &mut r, &terminate, BatchOptions::default()).await?;
-        for (q, o) in terminate.iter().zip(outs) {
+    if !w.terminate.is_empty() {
+        let outs = send(cfg, r, &w.terminate, BatchOptions::default()).await?;
+        for (q, o) in w.terminate.iter().zip(outs) {
             match o.result {
                 Ok(_) => r.change(format!("terminate {}", q.context)),
                 Err(e) => r.error("mesh", format!("terminate {}: {e}", q.context)),
             }
         }
     }
-    initiate_all(client, cfg, &mut r, &now, &mut no_esp).await?;
-    if !later.is_empty() {
-        tokio::time::sleep(cfg.responder_grace.saturating_sub(t0.elapsed())).await;
-        let sas = list_sas(client).await?;
-        r.note("list-sas", 1);
-        let mut todo = Vec::new();
-        for c in later {
-            let s = conn_sas(c.name(), &sas);
-            if s.up {
-                r.set(&c.peer, PeerState::Up);
-            } else if s.connecting {
-                r.set(&c.peer, PeerState::Connecting);
-            } else {
-                todo.push(c);
-            }
+    initiate_all(client, cfg, r, &w.now, &mut no_esp).await?;
+    if w.later.is_empty() {
+        return Ok(());
+    }
+    tokio::time::sleep(cfg.responder_grace.saturating_sub(t0.elapsed())).await;
+    let sas = list_sas(client).await?;
+    r.note("list-sas", 1);
+    let mut todo = Vec::new();
+    for c in w.later {
+        let s = conn_sas(c.name(), &sas);
+        if s.up {
+            r.set(&c.peer, PeerState::Up);
+        } else if s.connecting {
+            r.set(&c.peer, PeerState::Connecting);
+        } else {
+            todo.push(c);
         }
-        initiate_all(client, cfg, &mut r, &todo, &mut no_esp).await?;
     }
-    for c in want.conns.values() {
-        r.peers.entry(c.peer.clone()).or_insert(PeerState::Down);
-    }
-    Ok(r)
+    initiate_all(client, cfg, r, &todo, &mut no_esp).await
 }
 
 /// Terminates the SAs of our conns, unloads our conns and our shared keys; nothing else.
@@ -599,14 +590,8 @@ pub async fn cleanup(client: &Client) -> Result<CharonReport, ViciError> {
     r.note("list-sas", 1);
     for ike in sas.iter().filter(|i| peer_of(&i.name).is_some()) {
         r.note("terminate", 1);
-        let t = Terminate {
-            ike_id: Some(ike.uniqueid),
-            force: true,
-            timeout_ms: Some(1000),
-            ..Default::default()
-        };
         let owner = peer_of(&ike.name).unwrap_or("mesh");
-        match client.call(&t).await {
+        match client.call(&terminate_ike_cmd(ike.uniqueid)).await {
             Ok(_) => r.change(format!("terminate {} ike-id={}", ike.name, ike.uniqueid)),
             Err(e) if e.is_connection_lost() => return Err(e),
             Err(e) => r.error(owner, format!("terminate {}: {e}", ike.name)),
@@ -626,14 +611,11 @@ pub async fn cleanup(client: &Client) -> Result<CharonReport, ViciError> {
     }
     let keys = client.call(&GetShared).await?;
     r.note("get-shared", 1);
-    for id in keys.into_iter().filter(|k| k.starts_with(SHARED_PREFIX)) {
-        r.note("unload-shared", 1);
-        match client.call(&UnloadShared { id: id.clone() }).await {
-            Ok(()) => r.change(format!("unload-shared {id}")),
-            Err(e) if e.is_connection_lost() => return Err(e),
-            Err(e) => r.error("mesh", format!("unload-shared {id}: {e}")),
-        }
-    }
+    let ours: Vec<String> = keys
+        .into_iter()
+        .filter(|k| k.starts_with(SHARED_PREFIX))
+        .collect();
+    unload_keys(client, &mut r, &ours).await?;
     Ok(r)
 }
 
@@ -668,188 +650,6 @@ pub async fn counters(
             )
         })
         .collect())
-}
-
-/// The charon driver behind the synchronous [`Driver`] interface (`apply`, `cleanup`,
-/// `status`): owns a current-thread runtime and one client, connects on first use (waiting
-/// for charon as [`ConnectOptions`] says) and reconnects once when the connection was lost.
-pub struct CharonMesh {
-    pub cfg: CharonConfig,
-    pub connect: ConnectOptions,
-    psk: Option<Psk>,
-    rt: tokio::runtime::Runtime,
-    client: Option<Client>,
-    /// Plans for the event watcher thread, once the sidecar started it ([`Driver::watch`]).
-    watcher: Option<tokio::sync::watch::Sender<Plan>>,
-}
-
-impl CharonMesh {
-    /// `psk` is required for `reconcile`, not for `cleanup` / `counters`.
-    pub fn new(cfg: CharonConfig, psk: Option<&Psk>) -> std::io::Result<CharonMesh> {
-        Ok(CharonMesh {
-            cfg,
-            connect: ConnectOptions::default(),
-            psk: psk.map(|p| Psk::from_bytes(p.expose())),
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
-            client: None,
-            watcher: None,
-        })
-    }
-
-    /// The sidecar's event watcher: on its own thread, runtime and VICI connection, it runs
-    /// [`revive::run`](super::revive::run) (lost children re-initiated with per-peer
-    /// backoff); when charon goes away it reconnects (waiting for charon as `connect` says)
-    /// and asks the sidecar to reconcile at once, since a restarted charon has lost every
-    /// conn and key.
-    fn start_watcher(&mut self, plan: &Plan, wake: Wake) -> std::io::Result<()> {
-        let (tx, rx) = tokio::sync::watch::channel(plan.clone());
-        let cfg = self.cfg.clone();
-        let connect = self.connect.clone();
-        std::thread::Builder::new()
-            .name("charon-events".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "charon event watcher: no runtime");
-                        return;
-                    }
-                };
-                let mut first = true;
-                loop {
-                    if rx.has_changed().is_err() {
-                        return; // the driver is gone
-                    }
-                    match rt.block_on(Client::connect(&cfg.vici_socket, &connect)) {
-                        Ok(client) => {
-                            if !first {
-                                tracing::info!("charon is back: asking for a reconcile");
-                                wake();
-                            }
-                            first = false;
-                            let e = rt.block_on(super::revive::run(
-                                &client,
-                                rx.clone(),
-                                &cfg,
-                                |r| tracing::info!(peer = %r.peer, conn = %r.conn, result = ?r.result, "revive"),
-                            ));
-                            tracing::warn!(error = %e, "charon event watcher disconnected");
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "charon event watcher cannot connect");
-                            std::thread::sleep(Duration::from_millis(500));
-                        }
-                    }
-                }
-            })?;
-        self.watcher = Some(tx);
-        Ok(())
-    }
-
-    fn ensure_client(&mut self) -> Result<(), ViciError> {
-        if self.client.as_ref().is_some_and(|c| c.closed().is_some()) {
-            self.client = None;
-        }
-        if self.client.is_none() {
-            let c = self
-                .rt
-                .block_on(Client::connect(&self.cfg.vici_socket, &self.connect))?;
-            self.client = Some(c);
-        }
-        Ok(())
-    }
-
-    /// Runs `op` with a connected client; reconnects and retries once on a lost connection.
-    fn with_client<T>(
-        &mut self,
-        op: impl Fn(&tokio::runtime::Runtime, &Client, &CharonConfig) -> Result<T, ViciError>,
-    ) -> Result<T, ViciError> {
-        let mut last = None;
-        for _ in 0..2 {
-            self.ensure_client()?;
-            let client = self.client.as_ref().expect("connected above");
-            match op(&self.rt, client, &self.cfg) {
-                Err(e) if e.is_connection_lost() => {
-                    tracing::warn!(error = %e, "charon connection lost; reconnecting");
-                    self.client = None;
-                    last = Some(e);
-                }
-                other => return other,
-            }
-        }
-        Err(last.expect("two attempts failed"))
-    }
-
-    /// One reconcile ([`reconcile`]).
-    pub fn reconcile_report(&mut self, plan: &Plan) -> Result<CharonReport, ViciError> {
-        let psk = match &self.psk {
-            Some(p) => Psk::from_bytes(p.expose()),
-            None => {
-                let mut r = CharonReport::default();
-                r.error(
-                    "mesh",
-                    "the charon driver needs the PSK (--psk-file) to load the shared key",
-                );
-                return Ok(r);
-            }
-        };
-        self.with_client(|rt, c, cfg| rt.block_on(reconcile(c, plan, &psk, cfg)))
-    }
-
-    /// [`cleanup`].
-    pub fn cleanup_report(&mut self) -> Result<CharonReport, ViciError> {
-        self.with_client(|rt, c, _| rt.block_on(cleanup(c)))
-    }
-}
-
-fn failed_run(e: ViciError) -> DriverReport {
-    DriverReport {
-        errors: vec![("mesh".into(), e.to_string())],
-        ..Default::default()
-    }
-}
-
-impl Driver for CharonMesh {
-    fn name(&self) -> &'static str {
-        "charon"
-    }
-
-    fn reconcile(&mut self, plan: &Plan) -> DriverReport {
-        match self.reconcile_report(plan) {
-            Ok(r) => r.into_driver_report(),
-            Err(e) => failed_run(e),
-        }
-    }
-
-    fn cleanup(&mut self) -> DriverReport {
-        match self.cleanup_report() {
-            Ok(r) => r.into_driver_report(),
-            Err(e) => failed_run(e),
-        }
-    }
-
-    fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
-        self.with_client(|rt, c, _| rt.block_on(counters(c, plan)))
-            .unwrap_or_default()
-    }
-
-    fn watch(&mut self, plan: &Plan, wake: Wake) {
-        match &self.watcher {
-            Some(tx) => {
-                let _ = tx.send(plan.clone());
-            }
-            None => {
-                if let Err(e) = self.start_watcher(plan, wake) {
-                    tracing::error!(error = %e, "cannot start the charon event watcher");
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -891,25 +691,5 @@ mod tests {
         }
         assert_eq!(p.iter().map(Vec::len).sum::<usize>(), 40);
         assert!(packs(&[]).is_empty());
-    }
-
-    #[test]
-    fn report_counts_writes_only_for_modifying_commands() {
-        let mut r = CharonReport::default();
-        r.note("list-conns", 1);
-        r.note("list-sas", 2);
-        assert_eq!(r.writes, 0);
-        r.note("load-conn", 3);
-        r.note("initiate", 1);
-        assert_eq!(
-            (r.writes, r.sent("load-conn"), r.sent("list-sas")),
-            (4, 3, 2)
-        );
-        r.set("host-b", PeerState::Connecting);
-        r.set("host-c", PeerState::Up);
-        let d = r.into_driver_report();
-        assert_eq!(d.writes, 4);
-        assert_eq!(d.errors.len(), 1);
-        assert_eq!(d.errors[0].0, "host-b");
     }
 }

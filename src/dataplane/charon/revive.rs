@@ -17,7 +17,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::client::{Client, ViciError};
-use super::desired::{conn_name, conn_sas, explain, Backoff, CharonConfig, Role};
+use super::desired::{conn_name, Backoff, CharonConfig, Role};
+use super::failure::explain;
+use super::sas::conn_sas;
 use super::types::{Initiate, ListSas, SaEvent};
 use crate::plan::Plan;
 
@@ -309,16 +311,8 @@ mod tests {
             name: name.into(),
             uniqueid: 1,
             state: "DELETING".into(),
-            local_host: None,
-            local_port: None,
-            local_id: None,
-            remote_host: None,
-            remote_port: None,
-            remote_id: None,
             initiator: true,
-            established: None,
-            rekey_time: None,
-            child_sas: vec![],
+            ..Default::default()
         }
     }
 

@@ -105,6 +105,60 @@ fn within(timeout_ms: Option<i64>) -> Option<std::time::Duration> {
         .map(|t| std::time::Duration::from_millis(t as u64))
 }
 
+/// Implements [`Command`] for a request type, in the shape every command shares: the wire
+/// name and the answer type, then what differs, each given as `|c| expr` with `c` the
+/// command (or, for `answer`, the response):
+/// - `request`: the request message; omitted for commands without arguments (an empty
+///   message);
+/// - `context`, `within`: [`Command::context`], [`Command::answer_within`]; omitted: none;
+/// - `answer`: parses the response; omitted for commands whose answer carries nothing but
+///   `success` (`Output = ()`).
+macro_rules! command {
+    (
+        $ty:ty, $name:literal -> $out:ty
+        $(, request |$rq:ident| $request:expr)?
+        $(, context |$cx:ident| $context:expr)?
+        $(, within |$wi:ident| $within:expr)?
+        $(, answer |$an:ident| $answer:expr)?
+        $(,)?
+    ) => {
+        impl Command for $ty {
+            const NAME: &'static str = $name;
+            type Output = $out;
+            fn to_message(&self) -> Message {
+                command!(@request self $(, $rq, $request)?)
+            }
+            $(fn context(&self) -> String {
+                let $cx = self;
+                $context
+            })?
+            $(fn answer_within(&self) -> Option<std::time::Duration> {
+                let $wi = self;
+                $within
+            })?
+            fn parse(response: &Message) -> Result<$out, ParseError> {
+                command!(@answer response $(, $an, $answer)?)
+            }
+        }
+    };
+    (@request $c:ident) => {{
+        let _ = $c;
+        Message::new()
+    }};
+    (@request $c:ident, $rq:ident, $request:expr) => {{
+        let $rq = $c;
+        $request
+    }};
+    (@answer $m:ident) => {{
+        let _ = $m;
+        Ok(())
+    }};
+    (@answer $m:ident, $an:ident, $answer:expr) => {{
+        let $an = $m;
+        $answer
+    }};
+}
+
 /// A command that streams its results as events (`list-conns` -> `list-conn`, ...): the
 /// client registers the event, sends the command, collects the events that arrive before
 /// the response, and unregisters.
@@ -136,12 +190,9 @@ pub struct VersionInfo {
     pub machine: String,
 }
 
-impl Command for Version {
-    const NAME: &'static str = "version";
-    type Output = VersionInfo;
-    fn to_message(&self) -> Message {
-        Message::new()
-    }
+command!(Version, "version" -> VersionInfo, answer |m| VersionInfo::parse(m));
+
+impl VersionInfo {
     fn parse(m: &Message) -> Result<VersionInfo, ParseError> {
         let c = "version";
         Ok(VersionInfo {
@@ -169,12 +220,9 @@ pub struct StatsInfo {
     pub plugins: Vec<String>,
 }
 
-impl Command for Stats {
-    const NAME: &'static str = "stats";
-    type Output = StatsInfo;
-    fn to_message(&self) -> Message {
-        Message::new()
-    }
+command!(Stats, "stats" -> StatsInfo, answer |m| StatsInfo::parse(m));
+
+impl StatsInfo {
     fn parse(m: &Message) -> Result<StatsInfo, ParseError> {
         let c = "stats";
         let uptime = m
@@ -242,24 +290,18 @@ impl fmt::Debug for LoadShared {
     }
 }
 
-impl Command for LoadShared {
-    const NAME: &'static str = "load-shared";
-    type Output = ();
-    fn to_message(&self) -> Message {
+command!(
+    LoadShared, "load-shared" -> (),
+    request |c| {
         let mut m = Message::new();
-        m.push_str("type", self.kind.as_str());
-        m.push_secret("data", &self.data);
-        m.push_str("id", &self.id);
-        m.push_list("owners", &self.owners);
+        m.push_str("type", c.kind.as_str())
+            .push_secret("data", &c.data)
+            .push_str("id", &c.id)
+            .push_list("owners", &c.owners);
         m
-    }
-    fn context(&self) -> String {
-        format!("id={} owners={}", self.id, self.owners.join(","))
-    }
-    fn parse(_: &Message) -> Result<(), ParseError> {
-        Ok(())
-    }
-}
+    },
+    context |c| format!("id={} owners={}", c.id, c.owners.join(",")),
+);
 
 /// `unload-shared`: removes the shared secret with this `id`.
 #[derive(Debug, Clone)]
@@ -267,34 +309,17 @@ pub struct UnloadShared {
     pub id: String,
 }
 
-impl Command for UnloadShared {
-    const NAME: &'static str = "unload-shared";
-    type Output = ();
-    fn to_message(&self) -> Message {
-        Message::new().with_str("id", &self.id)
-    }
-    fn context(&self) -> String {
-        format!("id={}", self.id)
-    }
-    fn parse(_: &Message) -> Result<(), ParseError> {
-        Ok(())
-    }
-}
+command!(
+    UnloadShared, "unload-shared" -> (),
+    request |c| Message::new().with_str("id", &c.id),
+    context |c| format!("id={}", c.id),
+);
 
 /// `get-shared`: ids of the shared secrets loaded over VICI.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GetShared;
 
-impl Command for GetShared {
-    const NAME: &'static str = "get-shared";
-    type Output = Vec<String>;
-    fn to_message(&self) -> Message {
-        Message::new()
-    }
-    fn parse(m: &Message) -> Result<Vec<String>, ParseError> {
-        Ok(list(m, "keys"))
-    }
-}
+command!(GetShared, "get-shared" -> Vec<String>, answer |m| Ok(list(m, "keys")));
 
 // ---------------------------------------------------------------------------------------
 // connections
@@ -394,9 +419,7 @@ impl AuthConfig {
 
     fn to_message(&self) -> Message {
         let mut m = Message::new().with_str("auth", &self.auth);
-        if let Some(id) = &self.id {
-            m.push_str("id", id);
-        }
+        m.push_some("id", self.id.as_ref());
         m
     }
 }
@@ -458,32 +481,20 @@ impl ChildConfig {
         if !self.esp_proposals.is_empty() {
             m.push_list("esp_proposals", &self.esp_proposals);
         }
-        for (k, v) in [
-            ("rekey_time", self.rekey_time),
-            ("life_time", self.life_time),
-            ("rand_time", self.rand_time),
-        ] {
-            if let Some(v) = v {
-                m.push_str(k, v.to_string());
-            }
-        }
-        m.push_str("start_action", self.start_action.as_str());
-        m.push_str("dpd_action", self.dpd_action.as_str());
-        m.push_str("close_action", self.close_action.as_str());
+        let mark = |v: Option<(u32, u32)>| v.map(|(value, mask)| format!("{value:#x}/{mask:#x}"));
+        m.push_some("rekey_time", self.rekey_time)
+            .push_some("life_time", self.life_time)
+            .push_some("rand_time", self.rand_time)
+            .push_str("start_action", self.start_action.as_str())
+            .push_str("dpd_action", self.dpd_action.as_str())
+            .push_str("close_action", self.close_action.as_str());
         if !self.policies {
             m.push_str("policies", "no");
         }
-        if let Some(r) = self.reqid {
-            m.push_str("reqid", r.to_string());
-        }
-        for (k, v) in [("mark_in", self.mark_in), ("mark_out", self.mark_out)] {
-            if let Some((v, mask)) = v {
-                m.push_str(k, format!("{v:#x}/{mask:#x}"));
-            }
-        }
-        if let Some(u) = &self.updown {
-            m.push_str("updown", u);
-        }
+        m.push_some("reqid", self.reqid)
+            .push_some("mark_in", mark(self.mark_in))
+            .push_some("mark_out", mark(self.mark_out))
+            .push_some("updown", self.updown.as_ref());
         m
     }
 }
@@ -548,32 +559,20 @@ impl ConnConfig {
         m.push_str("version", self.version.to_string());
         m.push_list("local_addrs", &self.local_addrs);
         m.push_list("remote_addrs", &self.remote_addrs);
-        if let Some(p) = self.local_port {
-            m.push_str("local_port", p.to_string());
-        }
-        if let Some(p) = self.remote_port {
-            m.push_str("remote_port", p.to_string());
-        }
+        m.push_some("local_port", self.local_port)
+            .push_some("remote_port", self.remote_port);
         if !self.proposals.is_empty() {
             m.push_list("proposals", &self.proposals);
         }
         m.push_str("encap", yes_no(self.encap));
         m.push_str("mobike", yes_no(self.mobike));
-        if let Some(u) = self.unique {
-            m.push_str("unique", u.as_str());
-        }
-        for (k, v) in [
-            ("dpd_delay", self.dpd_delay),
-            ("keyingtries", self.keyingtries),
-            ("rekey_time", self.rekey_time),
-            ("reauth_time", self.reauth_time),
-            ("over_time", self.over_time),
-            ("rand_time", self.rand_time),
-        ] {
-            if let Some(v) = v {
-                m.push_str(k, v.to_string());
-            }
-        }
+        m.push_some("unique", self.unique.map(Unique::as_str));
+        m.push_some("dpd_delay", self.dpd_delay)
+            .push_some("keyingtries", self.keyingtries)
+            .push_some("rekey_time", self.rekey_time)
+            .push_some("reauth_time", self.reauth_time)
+            .push_some("over_time", self.over_time)
+            .push_some("rand_time", self.rand_time);
         m.push_section("local", self.local.to_message());
         m.push_section("remote", self.remote.to_message());
         let mut children = Message::new();
@@ -589,19 +588,11 @@ impl ConnConfig {
 #[derive(Debug, Clone)]
 pub struct LoadConn(pub ConnConfig);
 
-impl Command for LoadConn {
-    const NAME: &'static str = "load-conn";
-    type Output = ();
-    fn to_message(&self) -> Message {
-        Message::new().with_section(&self.0.name, self.0.to_section())
-    }
-    fn context(&self) -> String {
-        format!("conn={}", self.0.name)
-    }
-    fn parse(_: &Message) -> Result<(), ParseError> {
-        Ok(())
-    }
-}
+command!(
+    LoadConn, "load-conn" -> (),
+    request |c| Message::new().with_section(&c.0.name, c.0.to_section()),
+    context |c| format!("conn={}", c.0.name),
+);
 
 /// `unload-conn`: unloads a conn (its SAs are closed by charon).
 #[derive(Debug, Clone)]
@@ -609,34 +600,17 @@ pub struct UnloadConn {
     pub name: String,
 }
 
-impl Command for UnloadConn {
-    const NAME: &'static str = "unload-conn";
-    type Output = ();
-    fn to_message(&self) -> Message {
-        Message::new().with_str("name", &self.name)
-    }
-    fn context(&self) -> String {
-        format!("conn={}", self.name)
-    }
-    fn parse(_: &Message) -> Result<(), ParseError> {
-        Ok(())
-    }
-}
+command!(
+    UnloadConn, "unload-conn" -> (),
+    request |c| Message::new().with_str("name", &c.name),
+    context |c| format!("conn={}", c.name),
+);
 
 /// `get-conns`: names of the conns loaded over VICI.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GetConns;
 
-impl Command for GetConns {
-    const NAME: &'static str = "get-conns";
-    type Output = Vec<String>;
-    fn to_message(&self) -> Message {
-        Message::new()
-    }
-    fn parse(m: &Message) -> Result<Vec<String>, ParseError> {
-        Ok(list(m, "conns"))
-    }
-}
+command!(GetConns, "get-conns" -> Vec<String>, answer |m| Ok(list(m, "conns")));
 
 /// `list-conns` (streams `list-conn` events): loaded conns as charon reports them.
 #[derive(Debug, Clone, Default)]
@@ -726,16 +700,11 @@ impl StreamCommand for ListConns {
     type Item = ConnInfo;
     fn to_message(&self) -> Message {
         let mut m = Message::new();
-        if let Some(ike) = &self.ike {
-            m.push_str("ike", ike);
-        }
+        m.push_some("ike", self.ike.as_ref());
         m
     }
     fn context(&self) -> String {
-        self.ike
-            .as_ref()
-            .map(|i| format!("ike={i}"))
-            .unwrap_or_default()
+        ctx_child_ike(&None, &self.ike)
     }
     fn parse_event(m: &Message) -> Result<Vec<ConnInfo>, ParseError> {
         m.sections()
@@ -762,22 +731,13 @@ impl StreamCommand for ListSas {
     type Item = IkeSa;
     fn to_message(&self) -> Message {
         let mut m = Message::new();
-        if self.noblock {
-            m.push_str("noblock", "yes");
-        }
-        if let Some(ike) = &self.ike {
-            m.push_str("ike", ike);
-        }
-        if let Some(id) = self.ike_id {
-            m.push_str("ike-id", id.to_string());
-        }
+        m.push_yes("noblock", self.noblock)
+            .push_some("ike", self.ike.as_ref())
+            .push_some("ike-id", self.ike_id);
         m
     }
     fn context(&self) -> String {
-        self.ike
-            .as_ref()
-            .map(|i| format!("ike={i}"))
-            .unwrap_or_default()
+        ctx_child_ike(&None, &self.ike)
     }
     fn parse_event(m: &Message) -> Result<Vec<IkeSa>, ParseError> {
         m.sections()
@@ -787,7 +747,7 @@ impl StreamCommand for ListSas {
 }
 
 /// An IKE_SA as `list-sa` and the SA events report it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct IkeSa {
     /// The conn name.
     pub name: String,
@@ -809,7 +769,7 @@ pub struct IkeSa {
 }
 
 /// A CHILD_SA as `list-sa` and the SA events report it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ChildSa {
     /// The section name: `<child name>-<unique id>` in list-sa, the child name in
     /// rekey events.
@@ -919,38 +879,20 @@ impl Initiate {
     }
 }
 
-impl Command for Initiate {
-    const NAME: &'static str = "initiate";
-    type Output = ();
-    fn to_message(&self) -> Message {
+command!(
+    Initiate, "initiate" -> (),
+    request |c| {
         let mut m = Message::new();
-        if let Some(c) = &self.child {
-            m.push_str("child", c);
-        }
-        if let Some(i) = &self.ike {
-            m.push_str("ike", i);
-        }
-        if let Some(t) = self.timeout_ms {
-            m.push_str("timeout", t.to_string());
-        }
-        if self.init_limits {
-            m.push_str("init-limits", "yes");
-        }
-        if let Some(l) = self.loglevel {
-            m.push_str("loglevel", l.to_string());
-        }
+        m.push_some("child", c.child.as_ref())
+            .push_some("ike", c.ike.as_ref())
+            .push_some("timeout", c.timeout_ms)
+            .push_yes("init-limits", c.init_limits)
+            .push_some("loglevel", c.loglevel);
         m
-    }
-    fn context(&self) -> String {
-        ctx_child_ike(&self.child, &self.ike)
-    }
-    fn answer_within(&self) -> Option<std::time::Duration> {
-        within(self.timeout_ms)
-    }
-    fn parse(_: &Message) -> Result<(), ParseError> {
-        Ok(())
-    }
-}
+    },
+    context |c| ctx_child_ike(&c.child, &c.ike),
+    within |c| within(c.timeout_ms),
+);
 
 fn ctx_child_ike(child: &Option<String>, ike: &Option<String>) -> String {
     let mut parts = Vec::new();
@@ -983,47 +925,26 @@ pub struct Terminated {
     pub terminated: u32,
 }
 
-impl Command for Terminate {
-    const NAME: &'static str = "terminate";
-    type Output = Terminated;
-    fn to_message(&self) -> Message {
+command!(
+    Terminate, "terminate" -> Terminated,
+    request |c| {
         let mut m = Message::new();
-        if let Some(c) = &self.child {
-            m.push_str("child", c);
-        }
-        if let Some(i) = &self.ike {
-            m.push_str("ike", i);
-        }
-        if let Some(c) = self.child_id {
-            m.push_str("child-id", c.to_string());
-        }
-        if let Some(i) = self.ike_id {
-            m.push_str("ike-id", i.to_string());
-        }
-        if self.force {
-            m.push_str("force", "yes");
-        }
-        if let Some(t) = self.timeout_ms {
-            m.push_str("timeout", t.to_string());
-        }
-        if let Some(l) = self.loglevel {
-            m.push_str("loglevel", l.to_string());
-        }
+        m.push_some("child", c.child.as_ref())
+            .push_some("ike", c.ike.as_ref())
+            .push_some("child-id", c.child_id)
+            .push_some("ike-id", c.ike_id)
+            .push_yes("force", c.force)
+            .push_some("timeout", c.timeout_ms)
+            .push_some("loglevel", c.loglevel);
         m
-    }
-    fn context(&self) -> String {
-        ctx_child_ike(&self.child, &self.ike)
-    }
-    fn answer_within(&self) -> Option<std::time::Duration> {
-        within(self.timeout_ms)
-    }
-    fn parse(m: &Message) -> Result<Terminated, ParseError> {
-        Ok(Terminated {
-            matches: opt_num(m, "terminate", "matches")?.unwrap_or(0),
-            terminated: opt_num(m, "terminate", "terminated")?.unwrap_or(0),
-        })
-    }
-}
+    },
+    context |c| ctx_child_ike(&c.child, &c.ike),
+    within |c| within(c.timeout_ms),
+    answer |m| Ok(Terminated {
+        matches: opt_num(m, "terminate", "matches")?.unwrap_or(0),
+        terminated: opt_num(m, "terminate", "terminated")?.unwrap_or(0),
+    }),
+);
 
 /// `rekey`: rekeys a child or an IKE_SA (queued: the answer precedes the rekey events).
 #[derive(Debug, Clone, Default)]
@@ -1034,29 +955,18 @@ pub struct Rekey {
     pub reauth: bool,
 }
 
-impl Command for Rekey {
-    const NAME: &'static str = "rekey";
-    type Output = u32;
-    fn to_message(&self) -> Message {
+command!(
+    Rekey, "rekey" -> u32,
+    request |c| {
         let mut m = Message::new();
-        if let Some(c) = &self.child {
-            m.push_str("child", c);
-        }
-        if let Some(i) = &self.ike {
-            m.push_str("ike", i);
-        }
-        if self.reauth {
-            m.push_str("reauth", "yes");
-        }
+        m.push_some("child", c.child.as_ref())
+            .push_some("ike", c.ike.as_ref())
+            .push_yes("reauth", c.reauth);
         m
-    }
-    fn context(&self) -> String {
-        ctx_child_ike(&self.child, &self.ike)
-    }
-    fn parse(m: &Message) -> Result<u32, ParseError> {
-        Ok(opt_num(m, "rekey", "matches")?.unwrap_or(0))
-    }
-}
+    },
+    context |c| ctx_child_ike(&c.child, &c.ike),
+    answer |m| Ok(opt_num(m, "rekey", "matches")?.unwrap_or(0)),
+);
 
 // ---------------------------------------------------------------------------------------
 // events

@@ -182,6 +182,26 @@ impl Message {
         self.push(key, Value::Section(section))
     }
 
+    /// Appends `key = value` (as text) when there is a value.
+    pub fn push_some(
+        &mut self,
+        key: impl Into<String>,
+        value: Option<impl fmt::Display>,
+    ) -> &mut Self {
+        if let Some(v) = value {
+            self.push_str(key, v.to_string());
+        }
+        self
+    }
+
+    /// Appends `key = yes` when `on`.
+    pub fn push_yes(&mut self, key: impl Into<String>, on: bool) -> &mut Self {
+        if on {
+            self.push_str(key, "yes");
+        }
+        self
+    }
+
     /// Builder form of [`Message::push_str`].
     pub fn with_str(mut self, key: impl Into<String>, value: impl AsRef<[u8]>) -> Self {
         self.push_str(key, value);

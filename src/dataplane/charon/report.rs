@@ -1,0 +1,166 @@
+//! What a reconcile or cleanup of the charon driver did: commands sent (writes apart), changes,
+//! per-peer errors and states, and the generic [`DriverReport`] made from it.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::dataplane::driver::DriverReport;
+
+/// Commands that modify charon's state.
+pub const WRITE_COMMANDS: [&str; 6] = [
+    "load-shared",
+    "unload-shared",
+    "load-conn",
+    "unload-conn",
+    "initiate",
+    "terminate",
+];
+
+const READ_COMMANDS: [&str; 5] = ["list-conns", "list-sas", "get-shared", "get-conns", "stats"];
+
+/// Where a peer stands after a reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// The child SA is installed.
+    Up,
+    /// charon is setting the SA up (its own restart, or the peer initiating).
+    Connecting,
+    /// Loaded, no SA, not initiated by this side (see the error, if any).
+    Down,
+    /// Loading or initiating failed: see `errors`.
+    Failed,
+    /// No conn for this peer (no subnet on one side).
+    Skipped,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Up => "up",
+            PeerState::Connecting => "connecting",
+            PeerState::Down => "down",
+            PeerState::Failed => "failed",
+            PeerState::Skipped => "skipped",
+        }
+    }
+}
+
+/// What a reconcile or cleanup did.
+#[derive(Debug, Clone, Default)]
+pub struct CharonReport {
+    /// Modifying commands sent ([`WRITE_COMMANDS`]). 0 means nothing changed.
+    pub writes: usize,
+    /// Every command sent, by name (reads too).
+    pub sent: BTreeMap<&'static str, usize>,
+    /// One line per change, never secrets.
+    pub changes: Vec<String>,
+    /// Failures by owner: a peer's host id, or `mesh` for the shared key / the whole run.
+    pub errors: Vec<(String, String)>,
+    /// State of every peer of the plan.
+    pub peers: BTreeMap<String, PeerState>,
+    /// Conns loaded (new or changed); several may share one `load-conn` (see [`LOAD_PACK`](super::driver::LOAD_PACK)).
+    pub loaded: usize,
+    /// Conns of departed peers unloaded.
+    pub unloaded: usize,
+}
+
+impl CharonReport {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    /// How many `command`s were sent.
+    pub fn sent(&self, command: &str) -> usize {
+        self.sent.get(command).copied().unwrap_or(0)
+    }
+
+    /// The first error reported for `owner`.
+    pub fn error_for(&self, owner: &str) -> Option<&str> {
+        self.errors
+            .iter()
+            .find(|(o, _)| o == owner)
+            .map(|(_, e)| e.as_str())
+    }
+
+    pub(super) fn note(&mut self, command: &'static str, n: usize) {
+        if n == 0 {
+            return;
+        }
+        *self.sent.entry(command).or_default() += n;
+        if WRITE_COMMANDS.contains(&command) {
+            self.writes += n;
+        }
+    }
+
+    pub(super) fn error(&mut self, owner: &str, msg: impl Into<String>) {
+        let msg = msg.into();
+        tracing::warn!(peer = owner, error = %msg, "charon driver");
+        self.errors.push((owner.to_string(), msg));
+    }
+
+    pub(super) fn change(&mut self, line: impl Into<String>) {
+        let line = line.into();
+        tracing::info!(change = %line, "charon driver");
+        self.changes.push(line);
+    }
+
+    pub(super) fn set(&mut self, peer: &str, st: PeerState) {
+        self.peers.insert(peer.to_string(), st);
+    }
+
+    /// The generic driver report: peers still connecting count as not in place.
+    pub fn into_driver_report(self) -> DriverReport {
+        let mut errors = self.errors;
+        for (p, st) in &self.peers {
+            if *st == PeerState::Connecting && !errors.iter().any(|(o, _)| o == p) {
+                errors.push((
+                    p.clone(),
+                    "charon is still setting up the SA (retried by the next reconcile)".into(),
+                ));
+            }
+        }
+        DriverReport {
+            writes: self.writes,
+            changes: self.changes,
+            errors,
+            parts: vec![("charon", self.writes)],
+        }
+    }
+}
+
+/// The name of a command as counted in [`CharonReport::sent`] (`other` for the rest).
+pub(super) fn cmd_name(c: &str) -> &'static str {
+    WRITE_COMMANDS
+        .iter()
+        .chain(READ_COMMANDS.iter())
+        .find(|k| **k == c)
+        .copied()
+        .unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_counts_writes_only_for_modifying_commands() {
+        let mut r = CharonReport::default();
+        r.note("list-conns", 1);
+        r.note("list-sas", 2);
+        assert_eq!(r.writes, 0);
+        r.note("load-conn", 3);
+        r.note("initiate", 1);
+        assert_eq!(
+            (r.writes, r.sent("load-conn"), r.sent("list-sas")),
+            (4, 3, 2)
+        );
+        r.set("host-b", PeerState::Connecting);
+        r.set("host-c", PeerState::Up);
+        let d = r.into_driver_report();
+        assert_eq!(d.writes, 4);
+        assert_eq!(d.errors.len(), 1);
+        assert_eq!(d.errors[0].0, "host-b");
+    }
+}
