@@ -16,24 +16,24 @@
 #[allow(unused_imports)] // common re-exports helpers this suite does not use
 mod common;
 
+use common::rancher::{Env, FakeRancher, Gen};
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use ipsec_mesh::dataplane::xfrm::desired::desired;
 use ipsec_mesh::dataplane::xfrm::objects::{Action, Mark, Policy};
-use ipsec_mesh::metadata::rancher::{map_answers, Answers};
 use ipsec_mesh::model::{Cluster, RawCluster, RawHost, RawNetwork};
 use ipsec_mesh::plan::ids::is_owned_reqid;
 use ipsec_mesh::plan::{self, Plan, PlanOptions, Psk};
@@ -882,212 +882,24 @@ fn metric_value(body: &str, name: &str) -> Option<String> {
 }
 
 // ------------------------------------------------------------------------------------------
-// A rancher-metadata service (recorded answers, tests/fixtures/rancher) inside a namespace.
+// rancher-metadata (the shared fake, tests/common/rancher.rs) inside a namespace.
 // ------------------------------------------------------------------------------------------
 
-const PREFIX: &str = "/2015-12-19";
-const R_HOST1: &str = "0f8d6c3e-5b0a-4c1e-9a53-2f1b7e4d9a01";
-const R_HOST3: &str = "c7e8f9a0-1b2c-4d3e-8f4a-5b6c7d8e9f03";
 const R_PORT: u16 = 8080;
 
-fn fixture(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/rancher")
-        .join(name);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+/// The fake rancher-metadata serving `env` on 127.0.0.1:8080 inside namespace `ns` (bound
+/// there again by every `up`).
+fn rancher_in(ns: &str, env: Env) -> FakeRancher {
+    let ns = ns.to_string();
+    FakeRancher::serve(env, move || {
+        in_netns(&ns, || TcpListener::bind(("127.0.0.1", R_PORT)))
+            .expect("bind the fake rancher-metadata in the namespace")
+    })
 }
 
-struct RState {
-    version: String,
-    /// Path under the prefix -> JSON body.
-    answers: HashMap<String, String>,
-    up: bool,
-    /// Open connections, shut down when the service goes down.
-    conns: Vec<TcpStream>,
-    requests: usize,
-}
-
-struct RShared {
-    state: Mutex<RState>,
-    changed: Condvar,
-}
-
-/// The service listens on 127.0.0.1:8080 inside the namespace; `down` closes the listener
-/// and every connection (clients then get "connection refused"), `up` binds again.
-struct FakeRancher {
-    ns: String,
-    shared: Arc<RShared>,
-    acceptor: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl FakeRancher {
-    fn start(ns: &str) -> FakeRancher {
-        let mut answers = HashMap::new();
-        for (path, file) in [
-            ("/self/host", "self_host.json"),
-            ("/hosts", "hosts.json"),
-            ("/containers", "containers.json"),
-            ("/networks", "networks.json"),
-        ] {
-            answers.insert(path.to_string(), fixture(file));
-        }
-        let r = FakeRancher {
-            ns: ns.to_string(),
-            shared: Arc::new(RShared {
-                state: Mutex::new(RState {
-                    version: "31".into(),
-                    answers,
-                    up: false,
-                    conns: Vec::new(),
-                    requests: 0,
-                }),
-                changed: Condvar::new(),
-            }),
-            acceptor: Mutex::new(None),
-        };
-        r.up();
-        r
-    }
-
-    fn url() -> String {
-        format!("http://127.0.0.1:{R_PORT}{PREFIX}")
-    }
-
-    fn up(&self) {
-        let l = in_netns(&self.ns, || TcpListener::bind(("127.0.0.1", R_PORT)))
-            .expect("bind the fake rancher-metadata in the namespace");
-        l.set_nonblocking(true).unwrap();
-        self.shared.state.lock().unwrap().up = true;
-        let s = self.shared.clone();
-        let h = thread::spawn(move || loop {
-            if !s.state.lock().unwrap().up {
-                return; // drops the listener: connections are refused from now on
-            }
-            match l.accept() {
-                Ok((c, _)) => {
-                    c.set_nonblocking(false).unwrap();
-                    {
-                        let mut st = s.state.lock().unwrap();
-                        st.requests += 1;
-                        st.conns.push(c.try_clone().unwrap());
-                    }
-                    let s = s.clone();
-                    thread::spawn(move || rancher_serve(c, &s));
-                }
-                Err(_) => thread::sleep(Duration::from_millis(5)),
-            }
-        });
-        *self.acceptor.lock().unwrap() = Some(h);
-    }
-
-    fn down(&self) {
-        {
-            let mut st = self.shared.state.lock().unwrap();
-            st.up = false;
-            for c in st.conns.drain(..) {
-                let _ = c.shutdown(Shutdown::Both);
-            }
-            self.shared.changed.notify_all();
-        }
-        if let Some(h) = self.acceptor.lock().unwrap().take() {
-            h.join().unwrap();
-        }
-    }
-
-    /// Change the answers and the version together (wakes held long-polls).
-    fn change(&self, version: &str, f: impl FnOnce(&mut HashMap<String, String>)) {
-        let mut st = self.shared.state.lock().unwrap();
-        f(&mut st.answers);
-        st.version = version.into();
-        self.shared.changed.notify_all();
-    }
-
-    fn requests(&self) -> usize {
-        self.shared.state.lock().unwrap().requests
-    }
-
-    /// The plan the sidecar must reach from the current answers.
-    fn plan(&self) -> Plan {
-        fn parse<T: serde::de::DeserializeOwned>(a: &HashMap<String, String>, p: &str) -> T {
-            serde_json::from_str(&a[p]).unwrap()
-        }
-        let st = self.shared.state.lock().unwrap();
-        let a = &st.answers;
-        let answers = Answers {
-            self_host: parse(a, "/self/host"),
-            hosts: parse(a, "/hosts"),
-            containers: parse(a, "/containers"),
-            networks: parse(a, "/networks"),
-        };
-        let raw = map_answers(&answers).expect("fixture maps");
-        plan_of(&raw, R_HOST1)
-    }
-}
-
-impl Drop for FakeRancher {
-    fn drop(&mut self) {
-        self.down();
-    }
-}
-
-fn rancher_serve(conn: TcpStream, s: &RShared) {
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut request = String::new();
-    if reader.read_line(&mut request).unwrap_or(0) == 0 {
-        return;
-    }
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).unwrap_or(0) == 0 {
-            return;
-        }
-        if h.trim_end().is_empty() {
-            break;
-        }
-    }
-    let target = request.split_whitespace().nth(1).unwrap_or("").to_string();
-    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let (status, body) = match path.strip_prefix(PREFIX) {
-        Some("/version") => {
-            let params: HashMap<&str, &str> = query
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .collect();
-            let mut st = s.state.lock().unwrap();
-            if params.get("wait") == Some(&"true") {
-                let value = params.get("value").copied().unwrap_or("");
-                let max_wait: u64 = params
-                    .get("maxWait")
-                    .and_then(|m| m.parse().ok())
-                    .unwrap_or(5);
-                let deadline = Instant::now() + Duration::from_secs(max_wait);
-                while st.version == value && st.up {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    st = s.changed.wait_timeout(st, left).unwrap().0;
-                }
-            }
-            if !st.up {
-                return; // went down while holding the poll: no answer
-            }
-            (200, serde_json::to_string(&st.version).unwrap())
-        }
-        Some(p) => match s.state.lock().unwrap().answers.get(p) {
-            Some(b) => (200, b.clone()),
-            None => (404, "{\"code\":\"Not Found\"}".into()),
-        },
-        None => (404, "Not Found".into()),
-    };
-    let mut conn = conn;
-    let _ = write!(
-        conn,
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        if status == 200 { "OK" } else { "Not Found" },
-        body.len()
-    );
+/// The plan the sidecar on the caller's host must reach from what `server` serves now.
+fn rancher_plan(server: &FakeRancher) -> Plan {
+    server.with_env(|env| plan_of(&env.raw_cluster(), &env.self_uuid()))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1201,16 +1013,25 @@ fn metadata_file_removed_or_garbled_keeps_the_dataplane_then_recovers() {
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn rancher_metadata_down_60s_keeps_the_dataplane_then_resumes() {
     require_root!();
-    let mut f = Fixture::new("192.168.77.11/24");
-    let server = FakeRancher::start(&f.ns.name);
-    let plan31 = server.plan();
-    assert_eq!(plan31.peers.len(), 2);
-    let want31 = expected(&plan31);
-    f.start_on(&FakeRancher::url(), &["--resync", "5"], "info");
+    // Rancher-shaped: every container a random /32 across 10.42.0.0/16, a network agent per
+    // host, sidekicks, stopped and starting containers; the fake re-checks held long-polls
+    // on its 5 s tick and reorders its answers on every reload, as the real server does.
+    let env = Env::generate(&Gen::new(1360, 4, 12));
+    let me = env.self_uuid();
+    let mut f = Fixture::new(&format!(
+        "{}/16",
+        env.host(&me)["agent_ip"].as_str().unwrap()
+    ));
+    let server = rancher_in(&f.ns.name, env);
+    let plan0 = rancher_plan(&server);
+    assert_eq!(plan0.peers.len(), 3);
+    let want0 = expected(&plan0);
+    let v0 = server.version();
+    f.start_on(&server.base(), &["--resync", "5"], "info");
     let st = f.wait_applied(Duration::from_secs(20), |_| true);
-    assert_eq!(st["host"], R_HOST1, "self from /self/host");
-    assert_eq!(st["metadata"]["version"], "31");
-    f.wait_owned("first reconcile", &want31, Duration::from_secs(5));
+    assert_eq!(st["host"], me.as_str(), "self from /self/host");
+    assert_eq!(st["metadata"]["version"], v0.as_str());
+    f.wait_owned("first reconcile", &want0, Duration::from_secs(5));
     let foreign = f.ns.foreign();
 
     const OUTAGE: Duration = Duration::from_secs(60);
@@ -1222,7 +1043,7 @@ fn rancher_metadata_down_60s_keeps_the_dataplane_then_resumes() {
     });
     let err = st["metadata"]["last_error"].as_str().unwrap().to_string();
     assert!(
-        err.contains("127.0.0.1:8080"),
+        err.contains(&server.addr().to_string()),
         "error names the service: {err}"
     );
     assert_eq!(f.metric("ipsec_mesh_metadata_error"), "1");
@@ -1231,16 +1052,20 @@ fn rancher_metadata_down_60s_keeps_the_dataplane_then_resumes() {
     while t0.elapsed() < OUTAGE {
         thread::sleep(Duration::from_secs(5).min(OUTAGE.saturating_sub(t0.elapsed())));
         let s = f.status();
-        assert_eq!(s["metadata"]["version"], "31", "last good version kept");
+        assert_eq!(
+            s["metadata"]["version"],
+            v0.as_str(),
+            "last good version kept"
+        );
         assert!(
             s["metadata"]["last_error"].is_string(),
             "error stays visible"
         );
         let have = f.ns.owned();
         assert!(
-            have == want31,
+            have == want0,
             "dataplane changed during the outage:\n{}",
-            have.diff(&want31)
+            have.diff(&want0)
         );
         checks += 1;
     }
@@ -1250,32 +1075,40 @@ fn rancher_metadata_down_60s_keeps_the_dataplane_then_resumes() {
         "resyncs kept running during the outage ({c0} -> {c1})"
     );
 
-    // Back, unchanged: the error clears; version and dataplane stay.
+    // Back, unchanged (an outage is not a reload): the error clears; version and dataplane
+    // stay.
     let t1 = Instant::now();
     server.up();
     f.wait_applied(Duration::from_secs(45), |s| {
-        s["metadata"]["version"] == "31"
+        s["metadata"]["version"] == v0.as_str()
     });
     let resumed = t1.elapsed();
     assert_eq!(f.metric("ipsec_mesh_metadata_error"), "0");
-    assert_eq!(f.ns.owned(), want31);
+    assert_eq!(f.ns.owned(), want0);
 
-    // Then a change (host 3 left) arrives through the long-poll.
-    server.change("32", |a| {
-        let mut hosts: Vec<Value> = serde_json::from_str(&a["/hosts"]).unwrap();
-        hosts.retain(|h| h["uuid"] != R_HOST3);
-        a.insert("/hosts".into(), serde_json::to_string(&hosts).unwrap());
+    // A reload that changes nothing but the version and the order of every answer: taken,
+    // and the dataplane is the same.
+    let v1 = server.reload(|_| {});
+    assert_eq!(rancher_plan(&server), plan0);
+    f.wait_applied(Duration::from_secs(10), |s| {
+        s["metadata"]["version"] == v1.as_str()
     });
-    let plan32 = server.plan();
-    assert_eq!(plan32.peers.len(), 1);
+    assert_eq!(f.metric("ipsec_mesh_metadata_error"), "0");
+    assert_eq!(f.ns.owned(), want0, "the new order changed the dataplane");
+
+    // Then a change (a peer left, with its containers) arrives through the long-poll.
+    let gone = server.with_env(|e| e.host_uuids().into_iter().find(|h| *h != me).unwrap());
+    let v2 = server.reload(|e| e.remove_host(&gone));
+    let plan2 = rancher_plan(&server);
+    assert_eq!(plan2.peers.len(), 2);
     let st = f.wait_applied(Duration::from_secs(10), |s| {
-        s["metadata"]["version"] == "32"
+        s["metadata"]["version"] == v2.as_str()
     });
-    assert_eq!(st["peers"].as_array().unwrap().len(), 1);
+    assert_eq!(st["peers"].as_array().unwrap().len(), 2);
     assert_eq!(f.metric("ipsec_mesh_metadata_error"), "0");
     f.wait_owned(
         "after the outage",
-        &expected(&plan32),
+        &expected(&plan2),
         Duration::from_secs(5),
     );
     assert_eq!(f.ns.foreign(), foreign);

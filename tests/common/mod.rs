@@ -3,6 +3,9 @@
 
 use std::process::{Command, Stdio};
 
+/// The fake rancher-metadata server and Rancher-shaped environments.
+pub mod rancher;
+
 pub use ipsec_mesh::dataplane::netns::{in_new_netns, is_root};
 
 /// Root-only tests are `#[ignore = "needs root: ..."]`, so a plain `cargo test` reports them
