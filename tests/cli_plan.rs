@@ -575,3 +575,25 @@ fn rekey_flags_that_cannot_work_are_refused_with_the_flag_named() {
         "at least 1",
     );
 }
+
+#[test]
+fn an_unknown_firewall_backend_is_refused_with_the_choices() {
+    let o = run(&[
+        "apply",
+        "--metadata",
+        example().to_str().unwrap(),
+        "--host",
+        "host-a",
+        "--driver",
+        "vxlan",
+        "--firewall",
+        "nft",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "a usage error");
+    let e = stderr(&o);
+    assert!(
+        e.contains("--firewall")
+            && e.contains("unknown firewall backend \"nft\" (one of: iptables, none)"),
+        "{e}"
+    );
+}

@@ -76,6 +76,7 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
             peer("host-e", "error", 5, Some("no ESP")),
         ],
         mesh_errors: vec!["routes: dumping links failed".into()],
+        has_sas: true,
     };
     let xfrm = xfrm::stat::parse(
         "XfrmInError             \t0\nXfrmInNoStates          \t5\nXfrmOutNoStates         \t4\nXfrmOutPolBlock         \t1\n",

@@ -673,3 +673,75 @@ fn rule_count_is_independent_of_peers_and_marks_only_remote_overlay_traffic() {
     })
     .unwrap();
 }
+
+/// The xfrm driver with `--firewall none`: the XFRM policies (block policy included) and the
+/// policy routes are in place, no rule of ours is in any table, and cleanup removes only
+/// what the driver made. With `iptables` the same driver adds its chains.
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn the_none_firewall_backend_leaves_the_firewall_to_the_operator() {
+    use ipsec_mesh::dataplane::assemble::{DataplaneConfig, DriverKind};
+    use ipsec_mesh::dataplane::driver::Forwarding;
+    use ipsec_mesh::dataplane::firewall::FirewallKind;
+    require_root!();
+    in_new_netns(|| {
+        sh("ip link add ul0 type veth peer name ul0p \
+            && ip addr add 192.168.77.1/24 dev ul0 && ip link set ul0 up && ip link set ul0p up");
+        let before = sh("iptables-save -t mangle; iptables-save -t filter");
+        let plan = plan_for("10.42.0.0/16", &[A, B, C, D], "host-a");
+        let config = |firewall| DataplaneConfig {
+            driver: DriverKind::Xfrm,
+            marks: plan.marks,
+            forwarding: Forwarding {
+                firewall,
+                ..Forwarding::default()
+            },
+            vxlan: Default::default(),
+            charon: Default::default(),
+        };
+        let mut none = config(FirewallKind::None).build(None).unwrap();
+        let r = none.reconcile(&plan);
+        let parts: std::collections::BTreeMap<_, _> = r.parts.iter().cloned().collect();
+        assert_eq!(parts["firewall"], 0, "{r:?}");
+        assert!(parts["routes"] > 0, "{r:?}");
+        assert!(
+            sh("ip xfrm policy").contains("action block"),
+            "the block policy is ours to keep"
+        );
+        let dump = sh("iptables-save");
+        assert!(!dump.contains("IPSEC-MESH"), "{dump}");
+        assert!(!our_routes(false).is_empty());
+
+        // The same driver with iptables adds the chains; back to none, they stay (an
+        // operator who opts out later must not lose the guard by surprise) until cleanup.
+        let mut ipt = config(FirewallKind::Iptables).build(None).unwrap();
+        let r = ipt.reconcile(&plan);
+        assert!(
+            r.parts.iter().any(|(p, w)| *p == "firewall" && *w > 0),
+            "{r:?}"
+        );
+        assert!(sh("iptables-save -t mangle").contains(MARK_CHAIN));
+        assert_eq!(none.reconcile(&plan).writes, 0, "nothing changed");
+        assert!(sh("iptables-save -t filter").contains(GUARD_CHAIN));
+        let r = none.cleanup();
+        assert!(r.ok(), "{r:?}");
+        assert!(
+            sh("iptables-save").contains("IPSEC-MESH"),
+            "none removes no rule"
+        );
+        assert!(
+            sh("ip xfrm policy").trim().is_empty(),
+            "policies go with the driver"
+        );
+        assert!(our_routes(false).is_empty());
+        assert!(ipt.cleanup().ok());
+        assert_nothing_of_ours(false);
+        assert_eq!(
+            sh("iptables-save -t mangle; iptables-save -t filter")
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .count(),
+            before.lines().filter(|l| !l.starts_with('#')).count()
+        );
+    });
+}

@@ -29,18 +29,15 @@ pub fn run(cmd: ApplyCmd) -> Result<ExitCode> {
     let opts = cmd.plan.options()?;
     let psk = cmd.plan.psk()?;
     cmd.plan.check_rekey(psk.as_ref(), Some(&cmd.driver))?;
-    cmd.driver.check_psk(psk.is_some())?;
+    cmd.driver.check_psk(psk.is_some(), &opts)?;
     let snap = super::load(&cmd.source)?;
     let me = super::self_id(&cmd.source, &snap)?;
     let p = plan::plan(&snap.cluster, &me, &opts, psk.as_ref())?;
-    let mut driver = cmd.driver.build(&opts, psk.as_ref())?;
+    let dataplane = cmd.driver.config(&opts)?;
+    let mut driver = dataplane.build(psk.as_ref())?;
     let report = driver.reconcile(&p);
-    if p.udp_encap {
-        eprintln!(
-            "ipsec-mesh: warning: --udp-encap: the kernel decapsulates ESP-in-UDP only while a \
-             process holds the port-4500 encapsulation socket; `apply` exits, so run the \
-             sidecar (`ipsec-mesh run`) for UDP encapsulation"
-        );
+    for w in dataplane.one_shot_warnings(&p) {
+        eprintln!("ipsec-mesh: warning: {w}");
     }
     if cmd.diff {
         for c in &report.changes {

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use ipsec_mesh::dataplane::assemble::{DataplaneConfig, DriverKind};
 use ipsec_mesh::metadata::{self, Snapshot};
 use ipsec_mesh::plan::{Marks, PlanOptions, Transform};
 
@@ -219,82 +220,41 @@ pub struct DriverArgs {
 }
 
 impl DriverArgs {
+    /// The dataplane these flags describe ([`DataplaneConfig::build`] makes the driver).
+    pub fn config(&self, opts: &PlanOptions) -> Result<DataplaneConfig> {
+        Ok(DataplaneConfig {
+            driver: match self.driver {
+                Driver::Xfrm => DriverKind::Xfrm,
+                Driver::Vxlan => DriverKind::Vxlan,
+                Driver::Charon => DriverKind::Charon,
+            },
+            marks: opts.marks,
+            forwarding: ipsec_mesh::dataplane::driver::Forwarding {
+                firewall: self.forwarding.firewall,
+                bridge: self.forwarding.bridge.clone(),
+                underlay_dev: self.forwarding.underlay_dev.clone(),
+                routes: self.forwarding.route_config(),
+            },
+            vxlan: self.vxlan.config()?,
+            charon: self.charon.config(opts),
+        })
+    }
+
     /// Drivers that derive keys need the PSK.
-    pub fn check_psk(&self, have: bool) -> Result<()> {
-        match self.driver {
-            Driver::Xfrm if !have => Err(anyhow!(
-                "--driver xfrm needs --psk-file (the keys are derived from it)"
-            )),
-            Driver::Vxlan if self.vxlan.vxlan_encrypt && !have => Err(anyhow!(
-                "--vxlan-encrypt needs --psk-file (the ESP keys are derived from it)"
-            )),
-            Driver::Charon if !have => Err(anyhow!(
-                "--driver charon needs --psk-file (charon authenticates peers with it)"
-            )),
+    pub fn check_psk(&self, have: bool, opts: &PlanOptions) -> Result<()> {
+        match self.config(opts)?.psk_needed() {
+            Some(why) if !have => bail!("{why}"),
             _ => Ok(()),
         }
     }
 
+    /// The driver.
     pub fn build(
         &self,
         opts: &PlanOptions,
         psk: Option<&ipsec_mesh::plan::Psk>,
     ) -> Result<Box<dyn ipsec_mesh::dataplane::driver::Driver>> {
-        use ipsec_mesh::dataplane::driver::{Forwarding, XfrmMesh};
-        Ok(match self.driver {
-            Driver::Xfrm => Box::new(XfrmMesh::new(
-                Forwarding {
-                    bridge: self.forwarding.bridge.clone(),
-                    underlay_dev: self.forwarding.underlay_dev.clone(),
-                    routes: self.forwarding.route_config(),
-                },
-                opts.marks,
-            )),
-            Driver::Vxlan => {
-                let config = self.vxlan.config()?;
-                let port = config.port;
-                let vxlan = Box::new(ipsec_mesh::dataplane::vxlan::VxlanMesh { config });
-                if self.vxlan.vxlan_encrypt {
-                    Box::new(ipsec_mesh::dataplane::driver::Stack {
-                        drivers: vec![
-                            Box::new(ipsec_mesh::dataplane::driver::VxlanEsp {
-                                port,
-                                marks: opts.marks,
-                            }),
-                            vxlan,
-                        ],
-                        counters_from: 0,
-                    })
-                } else {
-                    vxlan
-                }
-            }
-            Driver::Charon => {
-                let charon = Box::new(
-                    ipsec_mesh::dataplane::charon::driver::CharonMesh::new(
-                        self.charon.config(opts),
-                        psk,
-                    )
-                    .map_err(|e| anyhow!("charon driver: {e}"))?,
-                );
-                if self.charon.no_charon_policies {
-                    let policies = Box::new(XfrmMesh::policies_only(
-                        Forwarding {
-                            bridge: self.forwarding.bridge.clone(),
-                            underlay_dev: self.forwarding.underlay_dev.clone(),
-                            routes: self.forwarding.route_config(),
-                        },
-                        opts.marks,
-                    ));
-                    Box::new(ipsec_mesh::dataplane::driver::Stack {
-                        drivers: vec![policies, charon],
-                        counters_from: 1,
-                    })
-                } else {
-                    charon
-                }
-            }
-        })
+        Ok(self.config(opts)?.build(psk)?)
     }
 }
 
@@ -396,6 +356,11 @@ pub struct ForwardingArgs {
     #[arg(long, value_name = "DEV")]
     pub bridge: Option<String>,
 
+    /// Firewall backend for the marks and the fail-closed guard: iptables, or none (the
+    /// operator manages the firewall; see README).
+    #[arg(long, value_name = "BACKEND", default_value = "iptables", value_parser = parse_firewall)]
+    pub firewall: ipsec_mesh::dataplane::firewall::FirewallKind,
+
     /// Physical NIC: mark traffic entering from it too (with --bridge).
     #[arg(long, value_name = "DEV")]
     pub underlay_dev: Option<String>,
@@ -416,6 +381,10 @@ impl ForwardingArgs {
             priority: self.rule_priority,
         }
     }
+}
+
+fn parse_firewall(s: &str) -> Result<ipsec_mesh::dataplane::firewall::FirewallKind, String> {
+    s.parse()
 }
 
 fn parse_transform(s: &str) -> Result<Transform, String> {

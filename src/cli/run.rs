@@ -53,7 +53,7 @@ pub fn run(cmd: RunCmd) -> Result<ExitCode> {
     let rekey = cmd.plan.rekey(cmd.rekey_bytes, cmd.rekey_packets)?;
     let psk = cmd.plan.psk()?;
     cmd.plan.check_rekey(psk.as_ref(), Some(&cmd.driver))?;
-    cmd.driver.check_psk(psk.is_some())?;
+    cmd.driver.check_psk(psk.is_some(), &opts)?;
     let driver = cmd.driver.build(&opts, psk.as_ref())?;
     let cfg = daemon::DaemonConfig {
         source: cmd.source.metadata.clone(),

@@ -47,7 +47,15 @@ pub fn route(path: &str, status: &Status) -> (&'static str, &'static str, String
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4",
-            metrics(status, &xfrm::stat::read(), unix_now()),
+            metrics(
+                status,
+                &if status.has_sas {
+                    xfrm::stat::read()
+                } else {
+                    Vec::new()
+                },
+                unix_now(),
+            ),
         ),
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     }

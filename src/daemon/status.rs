@@ -117,6 +117,10 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Errors not tied to one peer (shared objects, the driver as a whole).
     pub mesh_errors: Vec<String>,
+    /// The driver has kernel IPsec SAs ([`crate::dataplane::driver::Driver::has_sas`]): key
+    /// and XFRM metrics are only shown then (plain VXLAN has neither).
+    #[serde(skip)]
+    pub has_sas: bool,
 }
 
 impl Status {
@@ -274,12 +278,14 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
         "gauge",
         one(u8::from(s.metadata.last_error.is_some()).to_string()),
     );
-    metric(
-        "key_generation",
-        "Key generation this host sends with (directions ahead use the next one).",
-        "gauge",
-        one(s.keying.generation.to_string()),
-    );
+    if s.has_sas {
+        metric(
+            "key_generation",
+            "Key generation this host sends with (directions ahead use the next one).",
+            "gauge",
+            one(s.keying.generation.to_string()),
+        );
+    }
     if let Some(t) = s.keying.next_rekey_at {
         metric(
             "next_rekey_timestamp_seconds",
@@ -439,9 +445,24 @@ mod tests {
                 }),
                 ..Default::default()
             }],
+            has_sas: true,
             ..Default::default()
         };
         let m = metrics(&s, &[("XfrmOutNoStates".into(), 4)], 130);
+        assert!(m.contains("ipsec_mesh_key_generation "));
+        // Plain VXLAN: no keys, no XFRM counters.
+        let plain = metrics(
+            &Status {
+                has_sas: false,
+                ..s.clone()
+            },
+            &[],
+            130,
+        );
+        assert!(
+            !plain.contains("ipsec_mesh_key_generation ") && !plain.contains("xfrm_stat"),
+            "{plain}"
+        );
         assert!(m.contains("ipsec_mesh_peers 1\n"));
         assert!(m.contains("ipsec_mesh_sas_up 2\n"));
         assert!(m.contains("ipsec_mesh_reconciles_total 3\n"));

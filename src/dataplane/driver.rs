@@ -109,6 +109,11 @@ pub trait Driver: Send {
     fn tend(&mut self, _plan: &Plan) -> usize {
         0
     }
+    /// Whether the dataplane has kernel IPsec SAs (then the kernel's XFRM error counters and
+    /// the per-peer SA metrics mean something).
+    fn has_sas(&self) -> bool {
+        false
+    }
 }
 
 /// Kernel change notifications for the sidecar ([`notify`]); without them (a failure is
@@ -194,6 +199,10 @@ impl Driver for VxlanEsp {
     fn tend(&mut self, plan: &Plan) -> usize {
         tend_xfrm(plan)
     }
+
+    fn has_sas(&self) -> bool {
+        true
+    }
 }
 
 /// Several drivers as one: reconciled in order, cleaned up in reverse; name from the last,
@@ -249,6 +258,10 @@ impl Driver for Stack {
     fn tend(&mut self, plan: &Plan) -> usize {
         self.drivers.iter_mut().map(|d| d.tend(plan)).sum()
     }
+
+    fn has_sas(&self) -> bool {
+        self.drivers.iter().any(|d| d.has_sas())
+    }
 }
 
 /// Asks the sidecar for a reconcile as soon as possible.
@@ -257,6 +270,8 @@ pub type Wake = std::sync::Arc<dyn Fn() + Send + Sync>;
 /// Settings of the xfrm driver's forwarding part.
 #[derive(Debug, Clone, Default)]
 pub struct Forwarding {
+    /// Firewall backend that sets the marks and the guard.
+    pub firewall: firewall::FirewallKind,
     pub bridge: Option<String>,
     pub underlay_dev: Option<String>,
     pub routes: routes::RouteConfig,
@@ -298,6 +313,10 @@ impl Driver for XfrmMesh {
         "xfrm"
     }
 
+    fn has_sas(&self) -> bool {
+        self.scope == xfrm::Scope::All
+    }
+
     fn reconcile(&mut self, plan: &Plan) -> DriverReport {
         let mut r = DriverReport::default();
         self.marks = plan.marks;
@@ -323,7 +342,7 @@ impl Driver for XfrmMesh {
             self.forwarding.bridge.clone(),
             self.forwarding.underlay_dev.clone(),
         );
-        match firewall::apply(&spec) {
+        match self.forwarding.firewall.backend().apply(&spec) {
             Ok(f) => r.part("firewall", f.writes, f.changes),
             Err(e) => r.fail("mesh", "firewall", &e),
         }
@@ -341,7 +360,7 @@ impl Driver for XfrmMesh {
             Ok(x) => r.part("routes", x.writes, x.changes),
             Err(e) => r.fail("mesh", "routes", &e),
         }
-        match firewall::cleanup() {
+        match self.forwarding.firewall.backend().cleanup() {
             Ok(x) => r.part("firewall", x.writes, x.changes),
             Err(e) => r.fail("mesh", "firewall", &e),
         }

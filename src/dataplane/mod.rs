@@ -3,6 +3,7 @@
 //! A reconcile dumps what exists, diffs against the desired state and applies only the
 //! difference.
 
+pub mod assemble;
 pub mod charon;
 pub mod driver;
 pub mod firewall;

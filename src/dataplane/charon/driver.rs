@@ -49,9 +49,6 @@ use super::wire::Message;
 use crate::dataplane::driver::PeerCounters;
 use crate::plan::{Plan, Psk};
 
-/// The synchronous driver, still reachable at its old path (it lives in [`super::mesh`]).
-pub use super::mesh::CharonMesh;
-
 /// Conns per `load-conn` request. charon's `load-conn` handler loads every conn section of
 /// the message (vici_config.c `load_conn` parses all top-level sections, from 5.x to today;
 /// its README speaks of one): packing saves a request per conn, and charon's per-request

@@ -168,6 +168,11 @@ impl Driver for CharonMesh {
         "charon"
     }
 
+    /// charon's SAs are kernel XFRM states.
+    fn has_sas(&self) -> bool {
+        true
+    }
+
     fn reconcile(&mut self, plan: &Plan) -> DriverReport {
         match self.reconcile_report(plan) {
             Ok(r) => r.into_driver_report(),
