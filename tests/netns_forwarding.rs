@@ -743,5 +743,6 @@ fn the_none_firewall_backend_leaves_the_firewall_to_the_operator() {
                 .count(),
             before.lines().filter(|l| !l.starts_with('#')).count()
         );
-    });
+    })
+    .unwrap();
 }
