@@ -29,8 +29,13 @@ use crate::model::{Cluster, RawCluster, RawHost, RawNetwork};
 pub const DEFAULT_CIDR: &str = "10.42.0.0/16";
 /// Timeout of one ordinary request (connect, send, whole answer).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Extra time the client gives a long-poll beyond the `maxWait` it asked the server for.
-pub const WAIT_GRACE: Duration = Duration::from_secs(5);
+/// Extra time the client gives a long-poll beyond the `maxWait` it asked the server for. The
+/// real server re-checks a waiting poll only on a reload or on its 5 s tick, so a poll is held
+/// up to `maxWait` + 5 s (maxWait=1: 3.7-5.0 s; maxWait=30: 30.0-30.8 s): the grace covers a
+/// whole tick and a slow answer.
+pub const WAIT_GRACE: Duration = Duration::from_secs(10);
+/// Largest `maxWait` the real server honours (it caps larger values; 0 would mean 60 s).
+pub const MAX_WAIT_SECS: u64 = 120;
 /// How long the body of a large answer may take to arrive and decode once it has started
 /// (`/containers` of thousands of hosts is tens of MB); the answer must start within the
 /// request timeout.
@@ -719,7 +724,7 @@ impl MetadataSource for RancherSource {
     ) -> Result<Option<String>, MetadataError> {
         // The service takes whole seconds; round up so we never return before max_wait.
         let secs = max_wait.as_secs() + u64::from(max_wait.subsec_nanos() > 0);
-        let secs = secs.max(1);
+        let secs = secs.clamp(1, MAX_WAIT_SECS);
         let url = self.url(&format!(
             "/version?wait=true&value={}&maxWait={secs}",
             encode_query_value(version)
