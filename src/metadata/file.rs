@@ -1,4 +1,4 @@
-//! The native metadata file (JSON, see DESIGN.md).
+//! The native metadata file (JSON, see docs/architecture.md).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
