@@ -267,15 +267,11 @@ impl Builder {
             .entry(s.stack.to_string())
             .or_insert_with(|| self.rng.uuid())
             .clone();
-        let key = (s.stack.to_string(), s.service.to_string());
-        let service_uuid = match self.services.get(&key) {
-            Some(u) => u.clone(),
-            None => {
-                let u = self.rng.uuid();
-                self.services.insert(key, u.clone());
-                u
-            }
-        };
+        let service_uuid = self
+            .services
+            .entry((s.stack.to_string(), s.service.to_string()))
+            .or_insert_with(|| self.rng.uuid())
+            .clone();
         self.create_index += 1;
         let ip = s.primary_ip.as_str().unwrap_or("").to_string();
         let mac = if ip.starts_with("10.42.") {
