@@ -673,3 +673,238 @@ fn the_vtep_never_takes_a_containers_address() {
         assert!(o.status.success(), "{}", text(&o));
     }
 }
+
+/// One host of a generated Rancher-shaped cluster: id, agent IP, container addresses (the
+/// first one its network agent's, which is the host's VTEP).
+type RancherHost = (String, String, Vec<std::net::Ipv4Addr>);
+
+/// A Rancher-shaped cluster of `hosts` hosts (`h000`..., agent IPs 172.16.0.0/16, `h000` =
+/// 172.16.0.1), each with `per_host` container /32s drawn at random across 10.42.0.0/16 with
+/// no address twice (seeded), not one block per host.
+fn rancher_cluster(hosts: usize, per_host: usize, seed: u64) -> Vec<RancherHost> {
+    let mut rng = common::rancher::Rng::new(seed);
+    // Network, gateway and broadcast address of the /16 are never a container's.
+    let mut used: std::collections::HashSet<u32> = [0x0a2a_0000, 0x0a2a_0001, 0x0a2a_ffff]
+        .into_iter()
+        .collect();
+    (0..hosts)
+        .map(|i| {
+            let addrs = (0..per_host)
+                .map(|_| loop {
+                    let a = 0x0a2a_0000 | (rng.next_u64() as u32 & 0xffff);
+                    if used.insert(a) {
+                        break std::net::Ipv4Addr::from(a);
+                    }
+                })
+                .collect();
+            (
+                format!("h{i:03}"),
+                format!("172.16.{}.{}", i / 250, i % 250 + 1),
+                addrs,
+            )
+        })
+        .collect()
+}
+
+/// Metadata for `cluster` with each host's first `running` containers (its network agent
+/// first: `vtep`).
+fn rancher_meta(cluster: &[RancherHost], running: usize) -> String {
+    let json: Vec<String> = cluster
+        .iter()
+        .map(|(id, agent, addrs)| {
+            let subnets: Vec<String> = addrs[..running]
+                .iter()
+                .map(|a| format!("\"{a}/32\""))
+                .collect();
+            format!(
+                r#"{{"id":"{id}","agent_ip":"{agent}","subnets":[{}],"vtep":"{}"}}"#,
+                subnets.join(","),
+                addrs[0]
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"network":{{"cidr":"10.42.0.0/16","backend":"vxlan","mtu":1500}},"hosts":[{}]}}"#,
+        json.join(",")
+    )
+}
+
+/// `ip route show dev vtep1042` as (destination, gateway) pairs.
+fn vtep_routes() -> std::collections::BTreeSet<(String, String)> {
+    sh("ip -4 route show dev vtep1042")
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let via = w.iter().position(|x| *x == "via").map(|i| w[i + 1]);
+            (
+                w[0].trim_end_matches("/32").to_string(),
+                via.unwrap_or_else(|| panic!("route without a gateway: {l}"))
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The XFRM policies in the caller's namespace, one line each (`ip xfrm policy` prints a
+/// policy over several lines, the first starting with `src`), whitespace normalised.
+fn xfrm_policy_lines() -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for l in sh("ip xfrm policy").lines() {
+        let words = l.split_whitespace().collect::<Vec<_>>().join(" ");
+        match v.last_mut() {
+            Some(p) if !l.starts_with("src ") => {
+                p.push(' ');
+                p.push_str(&words);
+            }
+            _ => v.push(words),
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Issue 12: a Rancher-shaped cluster (500 hosts, container /32s at random across the /16)
+/// with `--vxlan-encrypt` costs exactly 2 XFRM policies per peer (host to host, UDP to the
+/// VXLAN port), the same with 10 and with 20 containers per host, and one route per remote
+/// container /32. On a kernel without ESP (this machine's) the SAs are reported per peer
+/// and everything else is in place; with ESP (the VM) 4 SAs per peer are counted too.
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn rancher_shaped_500_hosts_with_esp_cost_policies_per_peer_and_routes_per_container() {
+    require_root!();
+    const HOSTS: usize = 500;
+    let peers = HOSTS - 1;
+    let esp = common::kernel_has_esp();
+    let cluster = rancher_cluster(HOSTS, 20, 12);
+    in_new_netns(move || {
+        sh(
+            "ip link add u1 type veth peer name u1p && ip addr add 172.16.0.1/16 dev u1 && \
+            ip link set u1 up && ip link set u1p up",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let psk = dir.path().join("psk");
+        std::fs::write(&psk, "rancher-shaped-vxlan-esp-test-secret-0123456789").unwrap();
+        std::fs::set_permissions(&psk, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let meta = dir.path().join("meta.json");
+        let mut policies_before: Option<Vec<String>> = None;
+        // 10 containers per host, then 10 more started on every host (agents unchanged).
+        for running in [10, 20] {
+            std::fs::write(&meta, rancher_meta(&cluster, running)).unwrap();
+            let o = Command::new(BIN)
+                .args(["apply", "--metadata"])
+                .arg(&meta)
+                .args(["--host", "h000", "--driver", "vxlan", "--vxlan-encrypt"])
+                .arg("--psk-file")
+                .arg(&psk)
+                .env("IPSEC_MESH_LOG", "error")
+                .output()
+                .unwrap();
+            if esp {
+                assert!(o.status.success(), "{}", text(&o));
+            } else {
+                // This kernel holds no ESP SA: every peer's SAs are reported, nothing else.
+                assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+                let err = String::from_utf8_lossy(&o.stderr);
+                let reported: Vec<&str> = err
+                    .lines()
+                    .filter(|l| l.starts_with("ipsec-mesh: h"))
+                    .collect();
+                assert_eq!(reported.len(), peers, "one report per peer: {}", text(&o));
+                for l in reported {
+                    assert!(
+                        l.contains("cannot hold ESP SAs"),
+                        "not the missing ESP: {l}"
+                    );
+                }
+            }
+
+            // Exactly 2 XFRM policies per peer, whatever the containers: O(peers).
+            let pols = xfrm_policy_lines();
+            assert_eq!(pols.len(), 2 * peers, "{running} containers per host");
+            for (id, agent, _) in &cluster[1..] {
+                for (sel, tmpl) in [
+                    (
+                        format!("src 172.16.0.1/32 dst {agent}/32 proto udp dport 4789 dir out "),
+                        format!("tmpl src 172.16.0.1 dst {agent} proto esp "),
+                    ),
+                    (
+                        format!("src {agent}/32 dst 172.16.0.1/32 proto udp dport 4789 dir in "),
+                        format!("tmpl src {agent} dst 172.16.0.1 proto esp "),
+                    ),
+                ] {
+                    assert!(
+                        pols.iter().any(|p| p.starts_with(&sel)
+                            && p.contains(&tmpl)
+                            && p.ends_with("mode transport")),
+                        "{id}: no policy {sel:?} with {tmpl:?} in transport mode"
+                    );
+                }
+            }
+            if let Some(before) = &policies_before {
+                assert_eq!(&pols, before, "more containers changed the XFRM policies");
+                assert!(
+                    String::from_utf8_lossy(&o.stdout).contains("xfrm objects: 0 writes"),
+                    "more containers wrote XFRM objects: {}",
+                    text(&o)
+                );
+            }
+            policies_before = Some(pols);
+            let states = sh("ip xfrm state count");
+            let n_states: usize = states
+                .split_whitespace()
+                .last()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("ip xfrm state count: {states:?}"));
+            // 1 outbound + 3 inbound generations per peer where the kernel has ESP.
+            assert_eq!(n_states, if esp { 4 * peers } else { 0 }, "{states}");
+
+            // One route per remote container /32, through its host's VTEP (its network
+            // agent's address, itself one of the host's /32s); none for our own containers.
+            let want: std::collections::BTreeSet<(String, String)> = cluster[1..]
+                .iter()
+                .flat_map(|(_, _, addrs)| {
+                    addrs[..running]
+                        .iter()
+                        .map(|a| (a.to_string(), addrs[0].to_string()))
+                })
+                .collect();
+            assert_eq!(want.len(), peers * running);
+            let got = vtep_routes();
+            assert!(
+                got == want,
+                "{running} containers per host: {} routes on vtep1042, want {}; missing {:?}, \
+                 extra {:?}",
+                got.len(),
+                want.len(),
+                want.difference(&got).take(5).collect::<Vec<_>>(),
+                got.difference(&want).take(5).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                sh("ip neigh show dev vtep1042").lines().count(),
+                peers,
+                "one neighbour (the VTEP) per peer"
+            );
+            assert_eq!(
+                sh("bridge fdb show dev vtep1042 | grep -c ' dst '")
+                    .trim()
+                    .parse::<usize>()
+                    .unwrap(),
+                2 * peers,
+                "two FDB entries per peer"
+            );
+        }
+        let o = Command::new(BIN)
+            .args(["cleanup", "--driver", "vxlan", "--vxlan-encrypt"])
+            .env("IPSEC_MESH_LOG", "error")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(xfrm_policy_lines().is_empty(), "cleanup left policies");
+        assert!(
+            !sh("ip link").contains("vtep1042"),
+            "cleanup left the device"
+        );
+    })
+    .unwrap();
+}
