@@ -6,6 +6,8 @@
 //! - [`Iptables`] (`iptables`): the `iptables-save` / `iptables-restore` backend
 //!   ([`super::runner`]): render, parse the saved state, diff, one atomic restore per table,
 //!   0 writes when unchanged.
+//! - [`Nftables`] (`nftables`): one table of our own, `table inet ipsec-mesh`, replaced whole
+//!   in one `nft -f` transaction ([`super::nft`]).
 //! - [`NoFirewall`] (`none`): writes nothing, for operators who manage the firewall
 //!   themselves. They then own the encrypt mark on traffic to remote overlay subnets and the
 //!   fail-closed guard (the XFRM block policy still drops marked traffic that no pair policy
@@ -34,15 +36,21 @@ pub trait Firewall: Send + Sync {
 pub enum FirewallKind {
     #[default]
     Iptables,
+    Nftables,
     None,
 }
 
 impl FirewallKind {
-    pub const ALL: [FirewallKind; 2] = [FirewallKind::Iptables, FirewallKind::None];
+    pub const ALL: [FirewallKind; 3] = [
+        FirewallKind::Iptables,
+        FirewallKind::Nftables,
+        FirewallKind::None,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             FirewallKind::Iptables => "iptables",
+            FirewallKind::Nftables => "nftables",
             FirewallKind::None => "none",
         }
     }
@@ -51,6 +59,7 @@ impl FirewallKind {
     pub fn backend(self) -> Box<dyn Firewall> {
         match self {
             FirewallKind::Iptables => Box::new(Iptables),
+            FirewallKind::Nftables => Box::new(Nftables(super::nft::Nft::default())),
             FirewallKind::None => Box::new(NoFirewall),
         }
     }
@@ -78,6 +87,34 @@ impl FromStr for FirewallKind {
     }
 }
 
+/// Remove what the other backend of ours left (a switch of `--firewall`), after the new
+/// backend's rules are in place, so marked traffic is never unguarded. A tool that is not
+/// installed cannot hold anything of ours.
+fn leftovers_of(kind: FirewallKind) -> Result<FirewallReport, FirewallError> {
+    let r = match kind {
+        FirewallKind::Iptables => runner::cleanup(),
+        FirewallKind::Nftables => super::nft::Nft::default().cleanup(),
+        FirewallKind::None => Ok(FirewallReport::default()),
+    };
+    match r {
+        Err(FirewallError::MissingBinary { .. } | FirewallError::MissingNft) => {
+            Ok(FirewallReport::default())
+        }
+        r => r,
+    }
+}
+
+fn absorb(into: &mut FirewallReport, r: Result<FirewallReport, FirewallError>) {
+    match r {
+        Ok(x) => {
+            into.writes += x.writes;
+            into.changes.extend(x.changes);
+        }
+        // The new rules are in place and guard; the old ones are only redundant.
+        Err(e) => tracing::warn!(error = %e, "removing the other firewall backend's rules failed"),
+    }
+}
+
 /// `iptables-restore` / `ip6tables-restore` ([`super::runner`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Iptables;
@@ -87,10 +124,32 @@ impl Firewall for Iptables {
         FirewallKind::Iptables.as_str()
     }
     fn apply(&self, spec: &FirewallSpec) -> Result<FirewallReport, FirewallError> {
-        runner::apply(spec)
+        let mut r = runner::apply(spec)?;
+        // Switching from nftables: our chains guard now, so the old table can go.
+        absorb(&mut r, leftovers_of(FirewallKind::Nftables));
+        Ok(r)
     }
     fn cleanup(&self) -> Result<FirewallReport, FirewallError> {
         runner::cleanup()
+    }
+}
+
+/// `nft` ([`super::nft`]).
+#[derive(Debug, Clone, Default)]
+pub struct Nftables(pub super::nft::Nft);
+
+impl Firewall for Nftables {
+    fn name(&self) -> &'static str {
+        FirewallKind::Nftables.as_str()
+    }
+    fn apply(&self, spec: &FirewallSpec) -> Result<FirewallReport, FirewallError> {
+        let mut r = self.0.apply(spec)?;
+        // Switching from iptables: our table guards now, so the old chains can go.
+        absorb(&mut r, leftovers_of(FirewallKind::Iptables));
+        Ok(r)
+    }
+    fn cleanup(&self) -> Result<FirewallReport, FirewallError> {
+        self.0.cleanup()
     }
 }
 
@@ -125,7 +184,7 @@ mod tests {
         }
         assert_eq!(
             "nft".parse::<FirewallKind>().unwrap_err(),
-            "unknown firewall backend \"nft\" (one of: iptables, none)"
+            "unknown firewall backend \"nft\" (one of: iptables, nftables, none)"
         );
         assert_eq!(FirewallKind::default(), FirewallKind::Iptables);
     }

@@ -52,6 +52,7 @@
 //! and only the routes and the XFRM policies change.
 
 pub mod backend;
+pub mod nft;
 pub mod render;
 pub mod runner;
 pub mod save;
@@ -274,6 +275,11 @@ pub enum FirewallError {
         "`{command}` not found: install the iptables package (Debian: `apt-get install iptables`)"
     )]
     MissingBinary { command: String },
+    #[error("`nft` not found: install the nftables package (Debian: `apt-get install nftables`)")]
+    MissingNft,
+    /// `nft` (or `unshare`, which it runs under to canonicalise the ruleset) failed.
+    #[error("`{command}` failed: {stderr}")]
+    Nft { command: String, stderr: String },
     #[error("could not run `{command}`")]
     Spawn {
         command: String,
