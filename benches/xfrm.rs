@@ -4,6 +4,10 @@
 //!
 //! For N peers: ipsec-mesh's first reconcile vs `ip -batch` adding the same policies, then
 //! a no-op reconcile and a reconcile with one host added (writes and time).
+//!
+//! Sizes: `--bench` runs 1,000, 5,000 and 20,000 peers; `--peers=N[,M...]` (or the
+//! environment's `XFRM_BENCH_PEERS`) picks others. Progress goes to stderr (each step can
+//! take minutes under TCG in the VM).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -92,6 +96,18 @@ fn slab() -> (u64, u64) {
     (total, xs)
 }
 
+/// `MemAvailable:` of /proc/meminfo in MiB (how close the VM is to running out).
+fn mem_available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
 /// This process's peak RSS (planner + driver, as the sidecar holds them).
 fn max_rss_mib() -> u64 {
     // SAFETY: getrusage fills the struct it is given.
@@ -105,12 +121,16 @@ fn case(peers: usize, with_sas: bool) {
     let grown = plan_for(peers + 1);
     let batch = ip_batch(&p, with_sas);
     let n_pol = desired::desired(&p).policies.len();
+    let step = move |what: &str| eprintln!("xfrm bench: {peers} peers: {what}");
     in_new_netns(move || {
         let (slab0, xs0) = slab();
+        step("first reconcile");
         let t = Instant::now();
         let first = xfrm::reconcile(&p).unwrap();
         let t_first = ms(t);
         let (slab1, xs1) = slab();
+        let avail = mem_available_mib();
+        step("no-op reconcile");
         let t = Instant::now();
         let noop = xfrm::reconcile(&p).unwrap();
         let t_noop = ms(t);
@@ -120,29 +140,40 @@ fn case(peers: usize, with_sas: bool) {
         let t_dump = ms(t);
         assert_eq!(cur.policies.len(), n_pol);
         let n_sa = cur.sas.len();
+        drop(cur);
+        step("+1 host");
         let t = Instant::now();
         let add = xfrm::reconcile(&grown).unwrap();
         let t_add = ms(t);
-        xfrm::cleanup(&p.marks).unwrap();
+        step("cleanup");
+        let t = Instant::now();
+        let gone = xfrm::cleanup(&p.marks).unwrap();
+        let t_clean = ms(t);
 
         // ip -batch in its own fresh namespace, with the kernel's default SPD thresholds.
+        step("ip -batch");
         let t_ip = in_new_netns(move || {
-        let t = Instant::now();
-        let mut child = Command::new("ip")
-            .args(["-batch", "-"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(batch.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success());
-        ms(t)
+            let t = Instant::now();
+            let mut child = Command::new("ip")
+                .args(["-batch", "-"])
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(batch.as_bytes())
+                .unwrap();
+            assert!(child.wait().unwrap().success());
+            ms(t)
         })
         .unwrap();
         println!(
-            "peers={peers:>5} policies={n_pol:>6} states={n_sa:>6} errors={} | peak RSS {} MiB | slab +{} KiB (xfrm_state cache +{} KiB) | first reconcile {t_first:8.1} ms ({} writes) | ip -batch {t_ip:8.1} ms | ratio {:.2}x | no-op {t_noop:6.1} ms ({} writes, {} sequence raises, dump+parse {t_dump:.1} ms) | +1 host {t_add:6.1} ms ({} writes){}",
+            "peers={peers:>5} policies={n_pol:>6} states={n_sa:>6} errors={} | peak RSS {} MiB | slab +{} KiB (xfrm_state cache +{} KiB), MemAvailable {avail} MiB after it | first reconcile {t_first:8.1} ms ({} writes) | ip -batch {t_ip:8.1} ms | ratio {:.2}x | no-op {t_noop:6.1} ms ({} writes, {} sequence raises, dump+parse {t_dump:.1} ms) | +1 host {t_add:6.1} ms ({} writes) | cleanup {t_clean:.1} ms ({} writes){}",
             // Per-peer "this kernel cannot hold ESP SAs" reports are expected here; anything
             // else (ENOBUFS, a timeout, a refused policy) is an error.
-            [&first, &noop, &add]
+            [&first, &noop, &add, &gone]
                 .iter()
                 .flat_map(|r| r.errors.iter())
                 .filter(|(_, e)| !e.contains("ESP"))
@@ -155,6 +186,7 @@ fn case(peers: usize, with_sas: bool) {
             noop.writes,
             noop.seq_raises,
             add.writes,
+            gone.writes,
             match (&first.esp_unsupported, with_sas) {
                 (Some(_), _) => " | SAs skipped: kernel has no ESP",
                 (None, true) => " | SAs included on both sides",
@@ -174,8 +206,22 @@ fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     // In a kernel with ESP (the VM: integration/vm/bench-xfrm.sh) the baseline adds the SAs too.
     let with_sas = std::env::args().any(|a| a == "--with-sas");
-    let sizes: &[usize] = if full { &[1_000, 5_000, 20_000] } else { &[50] };
-    for &n in sizes {
+    let chosen = std::env::args()
+        .find_map(|a| a.strip_prefix("--peers=").map(String::from))
+        .or_else(|| std::env::var("XFRM_BENCH_PEERS").ok());
+    let sizes: Vec<usize> = match chosen {
+        Some(list) => list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("--peers / XFRM_BENCH_PEERS: {n:?} is not a number"))
+            })
+            .collect(),
+        None if full => vec![1_000, 5_000, 20_000],
+        None => vec![50],
+    };
+    for n in sizes {
         case(n, with_sas);
     }
 }
