@@ -3,8 +3,10 @@
 //! Every source produces a [`Snapshot`] holding a validated [`Cluster`] (through
 //! [`Cluster::validate`], the one validation path) and a version string that changes whenever
 //! the content may have changed. [`open`] picks the source from the `--metadata` argument:
-//! an `http://` URL is a rancher-metadata service, anything else a file.
+//! an `http://` URL is a rancher-metadata service, an `etcd://` URL an etcd v3 cluster,
+//! anything else a file.
 
+pub mod etcd;
 pub mod file;
 pub mod json;
 pub mod rancher;
@@ -57,6 +59,8 @@ pub enum MetadataError {
     Http { url: String, message: String },
     #[error("{url}: {message}")]
     Rancher { url: String, message: String },
+    #[error("{origin}: {message}")]
+    Etcd { origin: String, message: String },
 }
 
 /// A source of cluster metadata.
@@ -161,7 +165,9 @@ pub fn open_for(
 
 /// Open the source named by a `--metadata` argument.
 pub fn open(src: &str) -> Result<Box<dyn MetadataSource>, MetadataError> {
-    if src.starts_with("http://") || src.starts_with("https://") {
+    if src.starts_with("etcd://") {
+        Ok(Box::new(etcd::EtcdSource::new(src)?))
+    } else if src.starts_with("http://") || src.starts_with("https://") {
         Ok(Box::new(rancher::RancherSource::new(src)?))
     } else {
         Ok(Box::new(file::FileSource::new(src)))
