@@ -101,7 +101,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
         .map_err(|e| CniError::new(code::IO, format!("cannot start the netlink runtime: {e}")))
 }
 
-fn kernel(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> CniError {
+fn kernel<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> CniError {
     let what = what.to_string();
     move |e| CniError::new(code::NETLINK, format!("{what}: {e}"))
 }
@@ -136,7 +136,7 @@ async fn ensure_bridge(h: &rtnetlink::Handle, name: &str, mtu: u32) -> Result<Li
             match link::add(h, link::bridge_message(name, mtu)).await {
                 Ok(()) => {}
                 // Another ADD created it in the meantime: adopt it.
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) if e.errno() == Some(libc::EEXIST) => {}
                 Err(e) => return Err(err(e)),
             }
             link::get(h, name)

@@ -1,20 +1,25 @@
-//! Netlink for the bridge plugin: pure message builders (unit-tested without a kernel) and
-//! the few async operations that send them over an rtnetlink handle.
+//! Netlink for the bridge plugin: pure message and request builders (unit-tested without a
+//! kernel) and the few async operations that send them over an rtnetlink handle, through
+//! [`rtnl`](crate::dataplane::rtnl) (errors name the operation and the kernel's reason).
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 
-use futures::stream::TryStreamExt;
 use ipnet::IpNet;
+use netlink_packet_core::NetlinkMessage;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope,
+use netlink_packet_route::route::{RouteHeader, RouteMessage, RouteScope};
+use netlink_packet_route::RouteNetlinkMessage;
+use rtnetlink::{
+    AddressMessageBuilder, Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
 };
-use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::dataplane::{routes, rtnl};
 
 /// What the plugin needs to know about a link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,89 +144,125 @@ pub fn route_message(dst: &IpNet, gw: Option<IpAddr>, index: u32) -> io::Result<
     Ok(b.build())
 }
 
-/// The netlink error as an `io::Error` (errno kept, so callers can match EEXIST/ENODEV).
-pub fn nl_io(e: rtnetlink::Error) -> io::Error {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.to_io(),
-        e => io::Error::other(e.to_string()),
-    }
+/// `ip link add` of `m` (fails when the link exists).
+pub fn add_request(m: LinkMessage) -> NetlinkMessage<RouteNetlinkMessage> {
+    rtnl::message(RouteNetlinkMessage::NewLink(m), rtnl::CREATE)
 }
 
-fn errno_is(e: &io::Error, errno: i32) -> bool {
-    e.raw_os_error() == Some(errno)
+/// `ip link set` of `m`, bridge-port attributes included (`RTM_NEWLINK` without create).
+pub fn change_request(m: LinkMessage) -> NetlinkMessage<RouteNetlinkMessage> {
+    rtnl::message(RouteNetlinkMessage::NewLink(m), rtnl::ACK)
 }
 
-/// Ignore "already exists".
-fn exists_ok(r: Result<(), rtnetlink::Error>) -> io::Result<()> {
-    match r.map_err(nl_io) {
-        Err(e) if errno_is(&e, libc::EEXIST) => Ok(()),
+/// `ip link del INDEX`.
+pub fn delete_request(index: u32) -> NetlinkMessage<RouteNetlinkMessage> {
+    let mut m = LinkMessage::default();
+    m.header.index = index;
+    rtnl::message(RouteNetlinkMessage::DelLink(m), rtnl::ACK)
+}
+
+/// `ip address add A dev INDEX`.
+pub fn address_request(index: u32, a: &IpNet) -> NetlinkMessage<RouteNetlinkMessage> {
+    let m = match a {
+        IpNet::V4(n) => AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(n.addr(), n.prefix_len())
+            .build(),
+        IpNet::V6(n) => AddressMessageBuilder::<Ipv6Addr>::new()
+            .index(index)
+            .address(n.addr(), n.prefix_len())
+            .build(),
+    };
+    rtnl::message(RouteNetlinkMessage::NewAddress(m), rtnl::CREATE)
+}
+
+/// `ip route add` of `m`.
+pub fn route_add_request(m: RouteMessage) -> NetlinkMessage<RouteNetlinkMessage> {
+    rtnl::message(RouteNetlinkMessage::NewRoute(m), rtnl::CREATE)
+}
+
+/// A link message's name, else its index, for errors.
+fn link_of(m: &LinkMessage) -> String {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| format!("#{}", m.header.index))
+}
+
+/// `r`, with a refusal for `errno` counted as success.
+fn unless(errno: i32, r: Result<(), rtnl::Error>) -> Result<(), rtnl::Error> {
+    match r {
+        Err(e) if e.errno() == Some(errno) => Ok(()),
         r => r,
     }
 }
 
 /// A link by name, or None.
-pub async fn get(h: &Handle, name: &str) -> io::Result<Option<Link>> {
-    let r = h.link().get().match_name(name).execute().try_next().await;
-    match r.map_err(nl_io) {
-        Ok(m) => Ok(m.as_ref().map(Link::parse)),
-        Err(e) if errno_is(&e, libc::ENODEV) => Ok(None),
-        Err(e) => Err(e),
-    }
+pub async fn get(h: &Handle, name: &str) -> Result<Option<Link>, rtnl::Error> {
+    let found = rtnl::get(
+        &format!("link {name}"),
+        h.link().get().match_name(name).execute(),
+    )
+    .await?;
+    Ok(found.as_ref().map(Link::parse))
 }
 
 /// A link by index, or None.
-pub async fn get_index(h: &Handle, index: u32) -> io::Result<Option<Link>> {
-    let r = h.link().get().match_index(index).execute().try_next().await;
-    match r.map_err(nl_io) {
-        Ok(m) => Ok(m.as_ref().map(Link::parse)),
-        Err(e) if errno_is(&e, libc::ENODEV) => Ok(None),
-        Err(e) => Err(e),
-    }
+pub async fn get_index(h: &Handle, index: u32) -> Result<Option<Link>, rtnl::Error> {
+    let found = rtnl::get(
+        &format!("link #{index}"),
+        h.link().get().match_index(index).execute(),
+    )
+    .await?;
+    Ok(found.as_ref().map(Link::parse))
 }
 
 /// Create a link (EEXIST is an error: the caller decides).
-pub async fn add(h: &Handle, m: LinkMessage) -> io::Result<()> {
-    h.link().add(m).execute().await.map_err(nl_io)
+pub async fn add(h: &Handle, m: LinkMessage) -> Result<(), rtnl::Error> {
+    let op = format!("creating link {}", link_of(&m));
+    rtnl::change(h, || op, add_request(m)).await
 }
 
 /// Change a link's attributes (`ip link set`).
-pub async fn change(h: &Handle, m: LinkMessage) -> io::Result<()> {
-    h.link().change(m).execute().await.map_err(nl_io)
+pub async fn change(h: &Handle, m: LinkMessage) -> Result<(), rtnl::Error> {
+    let op = format!("changing link {}", link_of(&m));
+    rtnl::change(h, || op, change_request(m)).await
 }
 
 /// Change bridge-port attributes.
-pub async fn set_port(h: &Handle, m: LinkMessage) -> io::Result<()> {
-    h.link().set_port(m).execute().await.map_err(nl_io)
+pub async fn set_port(h: &Handle, m: LinkMessage) -> Result<(), rtnl::Error> {
+    let op = format!("changing the bridge port {}", link_of(&m));
+    rtnl::change(h, || op, change_request(m)).await
 }
 
 /// Delete a link; a link already gone is fine.
-pub async fn delete(h: &Handle, index: u32) -> io::Result<()> {
-    match h.link().del(index).execute().await.map_err(nl_io) {
-        Err(e) if errno_is(&e, libc::ENODEV) => Ok(()),
-        r => r,
-    }
+pub async fn delete(h: &Handle, index: u32) -> Result<(), rtnl::Error> {
+    let op = || format!("deleting link #{index}");
+    unless(
+        libc::ENODEV,
+        rtnl::change(h, op, delete_request(index)).await,
+    )
 }
 
 /// Add an address (present already: fine).
-pub async fn add_address(h: &Handle, index: u32, a: &IpNet) -> io::Result<()> {
-    exists_ok(
-        h.address()
-            .add(index, a.addr(), a.prefix_len())
-            .execute()
-            .await,
+pub async fn add_address(h: &Handle, index: u32, a: &IpNet) -> Result<(), rtnl::Error> {
+    let op = || format!("adding address {a} to link #{index}");
+    unless(
+        libc::EEXIST,
+        rtnl::change(h, op, address_request(index, a)).await,
     )
 }
 
 /// The addresses of a link (with their prefix lengths).
-pub async fn addresses(h: &Handle, index: u32) -> io::Result<Vec<IpNet>> {
-    let msgs: Vec<_> = h
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl_io)?;
+pub async fn addresses(h: &Handle, index: u32) -> Result<Vec<IpNet>, rtnl::Error> {
+    let msgs = rtnl::dump(
+        &format!("addresses of link #{index}"),
+        h.address().get().set_link_index_filter(index).execute(),
+    )
+    .await?;
     Ok(msgs
         .iter()
         .filter_map(|m| {
@@ -241,53 +282,37 @@ pub async fn addresses(h: &Handle, index: u32) -> io::Result<Vec<IpNet>> {
 }
 
 /// Add a route (present already: fine).
-pub async fn add_route(h: &Handle, m: RouteMessage) -> io::Result<()> {
-    exists_ok(h.route().add(m).execute().await)
+pub async fn add_route(h: &Handle, m: RouteMessage) -> Result<(), rtnl::Error> {
+    let dst = routes::parse_route(&m).map(|r| r.key.dst);
+    let op = || match dst {
+        Some(d) => format!("adding route {d}"),
+        None => "adding a route".to_string(),
+    };
+    unless(
+        libc::EEXIST,
+        rtnl::change(h, op, route_add_request(m)).await,
+    )
 }
 
-/// Destinations of the main-table routes of one family.
-pub async fn route_dsts(h: &Handle, v4: bool) -> io::Result<Vec<(IpNet, Option<u32>)>> {
+/// Destinations (and output devices) of the main-table routes of one family.
+pub async fn route_dsts(h: &Handle, v4: bool) -> Result<Vec<(IpNet, Option<u32>)>, rtnl::Error> {
     let q = if v4 {
-        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        RouteMessageBuilder::<Ipv4Addr>::new().build()
     } else {
-        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        RouteMessageBuilder::<Ipv6Addr>::new().build()
     };
-    let msgs: Vec<RouteMessage> = h
-        .route()
-        .get(q)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl_io)?;
+    let msgs = rtnl::dump("routes", h.route().get(q).execute()).await?;
     Ok(msgs
         .iter()
-        .filter(|m| m.header.table == RouteHeader::RT_TABLE_MAIN)
-        .filter_map(|m| {
-            let mut dst: Option<IpAddr> = None;
-            let mut oif = None;
-            for a in &m.attributes {
-                match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some((*a).into()),
-                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some((*a).into()),
-                    RouteAttribute::Oif(i) => oif = Some(*i),
-                    _ => {}
-                }
-            }
-            let dst = dst.unwrap_or(if v4 {
-                IpAddr::from([0u8; 4])
-            } else {
-                IpAddr::from([0u16; 8])
-            });
-            IpNet::new(dst, m.header.destination_prefix_length)
-                .ok()
-                .map(|n| (n, oif))
-        })
+        .filter_map(routes::parse_route)
+        .filter(|r| r.key.table == u32::from(RouteHeader::RT_TABLE_MAIN))
+        .map(|r| (r.key.dst, (r.key.oif != 0).then_some(r.key.oif)))
         .collect())
 }
 
 /// MTU of the device the IPv4 default route leaves by (the underlay, when no metadata
 /// says otherwise).
-pub async fn default_route_mtu(h: &Handle) -> io::Result<Option<u32>> {
+pub async fn default_route_mtu(h: &Handle) -> Result<Option<u32>, rtnl::Error> {
     let routes = route_dsts(h, true).await?;
     let Some(oif) = routes
         .iter()
@@ -302,10 +327,22 @@ pub async fn default_route_mtu(h: &Handle) -> io::Result<Option<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_core::{NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
     use netlink_packet_route::link::{InfoBridgePort, InfoPortData, InfoPortKind};
+    use netlink_packet_route::route::RouteAttribute;
 
     fn attrs_of(m: &LinkMessage) -> &[LinkAttribute] {
         &m.attributes
+    }
+
+    fn infos_of(m: &LinkMessage) -> &[LinkInfo] {
+        attrs_of(m)
+            .iter()
+            .find_map(|x| match x {
+                LinkAttribute::LinkInfo(i) => Some(i.as_slice()),
+                _ => None,
+            })
+            .expect("IFLA_LINKINFO")
     }
 
     #[test]
@@ -314,13 +351,7 @@ mod tests {
         let a = attrs_of(&m);
         assert!(a.contains(&LinkAttribute::IfName("veth0123456789a".into())));
         assert!(a.contains(&LinkAttribute::Mtu(1446)));
-        let infos = a
-            .iter()
-            .find_map(|x| match x {
-                LinkAttribute::LinkInfo(i) => Some(i),
-                _ => None,
-            })
-            .unwrap();
+        let infos = infos_of(&m);
         assert!(infos.contains(&LinkInfo::Kind(InfoKind::Veth)));
         let peer = infos
             .iter()
@@ -349,14 +380,7 @@ mod tests {
         assert!(m.attributes.contains(&LinkAttribute::Controller(3)));
         assert!(m.attributes.contains(&LinkAttribute::Mtu(1400)));
         let h = hairpin_message(12, true);
-        let infos = h
-            .attributes
-            .iter()
-            .find_map(|x| match x {
-                LinkAttribute::LinkInfo(i) => Some(i),
-                _ => None,
-            })
-            .unwrap();
+        let infos = infos_of(&h);
         assert!(infos.contains(&LinkInfo::PortKind(InfoPortKind::Bridge)));
         assert!(
             infos.contains(&LinkInfo::PortData(InfoPortData::BridgePort(vec![
@@ -396,5 +420,58 @@ mod tests {
             4
         )
         .is_ok());
+    }
+
+    #[test]
+    fn requests_carry_the_flags_ip_uses() {
+        use RouteNetlinkMessage as R;
+        let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+        let add = add_request(bridge_message("cni0", 1500));
+        assert_eq!(add.header.flags, create);
+        assert!(matches!(
+            add.payload,
+            NetlinkPayload::InnerMessage(R::NewLink(_))
+        ));
+        let set = change_request(up_message(4, None));
+        assert_eq!(set.header.flags, NLM_F_REQUEST | NLM_F_ACK);
+        assert!(matches!(
+            set.payload,
+            NetlinkPayload::InnerMessage(R::NewLink(_))
+        ));
+        let del = delete_request(9);
+        assert_eq!(del.header.flags, NLM_F_REQUEST | NLM_F_ACK);
+        let NetlinkPayload::InnerMessage(R::DelLink(l)) = &del.payload else {
+            panic!("{del:?}")
+        };
+        assert_eq!(l.header.index, 9);
+
+        let a = address_request(5, &"10.42.1.2/24".parse().unwrap());
+        assert_eq!(a.header.flags, create);
+        let NetlinkPayload::InnerMessage(R::NewAddress(m)) = &a.payload else {
+            panic!("{a:?}")
+        };
+        assert_eq!((m.header.index, m.header.prefix_len), (5, 24));
+        let ip: IpAddr = "10.42.1.2".parse().unwrap();
+        assert!(m.attributes.contains(&AddressAttribute::Local(ip)));
+        assert!(m.attributes.contains(&AddressAttribute::Address(ip)));
+        let a6 = address_request(5, &"fd42::2/64".parse().unwrap());
+        let NetlinkPayload::InnerMessage(R::NewAddress(m)) = &a6.payload else {
+            panic!("{a6:?}")
+        };
+        assert_eq!(m.header.prefix_len, 64);
+
+        let r = route_message(&"10.42.0.0/16".parse().unwrap(), None, 4).unwrap();
+        let r = route_add_request(r);
+        assert_eq!(r.header.flags, create);
+        assert!(matches!(
+            r.payload,
+            NetlinkPayload::InnerMessage(R::NewRoute(_))
+        ));
+    }
+
+    #[test]
+    fn links_are_named_in_errors_by_name_else_index() {
+        assert_eq!(link_of(&bridge_message("cni0", 1500)), "cni0");
+        assert_eq!(link_of(&up_message(12, None)), "#12");
     }
 }

@@ -2,13 +2,15 @@
 //!
 //! A netlink socket belongs to the namespace of the thread that created it, for its whole
 //! life. So [`connect_in`] enters the namespace (`setns` on the `CNI_NETNS` path) on a
-//! dedicated short-lived thread, creates the socket there and hands it back: the plugin's
-//! own threads never change namespace, and every later request on that socket acts inside
-//! the container.
+//! dedicated short-lived thread, creates the socket there ([`rtnl::connect_on`]) and hands it
+//! back: the plugin's own threads never change namespace, and every later request on that
+//! socket acts inside the container.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+
+use crate::dataplane::rtnl;
 
 /// Open a network namespace path (`/var/run/netns/NAME`, `/proc/PID/ns/net`).
 pub fn open(path: &str) -> io::Result<File> {
@@ -20,31 +22,22 @@ pub fn open(path: &str) -> io::Result<File> {
 pub fn connect_in(ns: &File, rt: &tokio::runtime::Handle) -> io::Result<rtnetlink::Handle> {
     let fd = ns.try_clone()?;
     let rt2 = rt.clone();
-    let made = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("cni-netns".into())
         .spawn(move || {
             // SAFETY: setns on a descriptor we own; it only moves this (short-lived) thread.
             if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            // The socket registers with the runtime's I/O driver: enter it on this thread.
-            let _guard = rt2.enter();
-            let (conn, handle, _) = rtnetlink::new_connection()?;
-            Ok((conn, handle))
+            rtnl::connect_on(&rt2)
         })?
         .join()
-        .map_err(|_| io::Error::other("the netns thread panicked"))?;
-    let (conn, handle) = made?;
-    rt.spawn(conn);
-    Ok(handle)
+        .map_err(|_| io::Error::other("the netns thread panicked"))?
 }
 
 /// An rtnetlink handle in the caller's namespace (the host's, for a plugin).
-pub fn connect_here(rt: &tokio::runtime::Handle) -> io::Result<rtnetlink::Handle> {
-    let _guard = rt.enter();
-    let (conn, handle, _) = rtnetlink::new_connection()?;
-    rt.spawn(conn);
-    Ok(handle)
+pub fn connect_here(rt: &tokio::runtime::Handle) -> Result<rtnetlink::Handle, rtnl::Error> {
+    rtnl::connect_on(rt).map_err(rtnl::Error::Socket)
 }
 
 /// The namespace of the calling thread, as a file (to compare or to pass by fd).

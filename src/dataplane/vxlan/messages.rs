@@ -4,8 +4,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use netlink_packet_core::{
-    ErrorMessage, NetlinkMessage, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE,
-    NLM_F_REQUEST,
+    NetlinkMessage, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{
     AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope,
@@ -26,7 +25,6 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use super::objects::*;
 use super::reconcile::Op;
 use crate::dataplane::routes;
-use crate::dataplane::xfrm::socket::KernelError;
 
 /// The main routing table.
 pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
@@ -361,29 +359,12 @@ pub fn parse_route(m: &RouteMessage, index: u32) -> Option<FoundRoute> {
     if m.header.protocol != RouteProtocol::Static {
         return None;
     }
-    let base = routes::parse_route(m)?;
+    let (base, via) = routes::parse_route_via(m)?;
     if base.key.table != MAIN_TABLE || base.key.oif != index {
         return None;
     }
     let h = &m.header;
-    let mut via = None;
-    let mut exact = h.kind == RouteType::Unicast
-        && h.source_prefix_length == 0
-        && h.tos == 0
-        && h.flags.contains(RouteFlags::Onlink);
-    for a in &m.attributes {
-        match a {
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(IpAddr::V4(*g)),
-            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => via = Some(IpAddr::V6(*g)),
-            RouteAttribute::Via(_)
-            | RouteAttribute::MultiPath(_)
-            | RouteAttribute::PrefSource(_)
-            | RouteAttribute::Source(_)
-            | RouteAttribute::Encap(_)
-            | RouteAttribute::NhId(_) => exact = false,
-            _ => {}
-        }
-    }
+    let exact = base.exact && h.tos == 0 && h.flags.contains(RouteFlags::Onlink);
     Some(FoundRoute {
         dst: base.key.dst,
         via,
@@ -434,50 +415,13 @@ pub fn request(op: &Op, index: u32) -> NetlinkMessage<RouteNetlinkMessage> {
         ),
         Op::DelRoute(r) => (R::DelRoute(route_del_message(r)), ack),
     };
-    let mut m = NetlinkMessage::from(payload);
-    m.header.flags = flags;
-    m.finalize();
-    m
-}
-
-const NLMSGERR_ATTR_MSG: u16 = 1;
-
-/// The kernel's refusal in words: errno and, when the socket asked for extended ACKs, the
-/// kernel's message (e.g. "A VXLAN device with the specified VNI already exists").
-pub fn kernel_error(e: &ErrorMessage) -> KernelError {
-    let errno = e.raw_code().abs();
-    // The payload after the error code: the echoed request (its length is the first u32),
-    // then the extended-ACK attributes.
-    let b = &e.header;
-    let mut message = None;
-    if b.len() >= 4 {
-        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        let mut off = (len + 3) & !3;
-        while off + 4 <= b.len() {
-            let alen = u16::from_ne_bytes([b[off], b[off + 1]]) as usize;
-            let kind = u16::from_ne_bytes([b[off + 2], b[off + 3]]) & 0x3fff;
-            if alen < 4 || off + alen > b.len() {
-                break;
-            }
-            if kind == NLMSGERR_ATTR_MSG {
-                let s = &b[off + 4..off + alen];
-                let end = s.iter().position(|&c| c == 0).unwrap_or(s.len());
-                let text = String::from_utf8_lossy(&s[..end]).trim().to_string();
-                if !text.is_empty() {
-                    message = Some(text);
-                }
-            }
-            off += (alen + 3) & !3;
-        }
-    }
-    KernelError { errno, message }
+    crate::dataplane::rtnl::message(payload, flags)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use netlink_packet_core::NetlinkPayload;
-    use std::num::NonZeroI32;
 
     fn spec() -> DeviceSpec {
         DeviceSpec {
@@ -646,30 +590,5 @@ mod tests {
             req.header.flags,
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
         );
-    }
-
-    #[test]
-    fn extended_ack_message_is_read() {
-        // Echoed request: a 20-byte message, then NLMSGERR_ATTR_MSG.
-        let mut payload = Vec::new();
-        payload.extend_from_slice(&20u32.to_ne_bytes());
-        payload.extend_from_slice(&[0u8; 16]);
-        let text = b"A VXLAN device with the specified VNI already exists\0";
-        payload.extend_from_slice(&((4 + text.len()) as u16).to_ne_bytes());
-        payload.extend_from_slice(&1u16.to_ne_bytes());
-        payload.extend_from_slice(text);
-        let mut e = ErrorMessage::default();
-        e.code = NonZeroI32::new(-17);
-        e.header = payload;
-        let k = kernel_error(&e);
-        assert_eq!(k.errno, 17);
-        assert_eq!(
-            k.to_string(),
-            "A VXLAN device with the specified VNI already exists (File exists (os error 17))"
-        );
-        let mut bare = ErrorMessage::default();
-        bare.code = NonZeroI32::new(-19);
-        bare.header = 16u32.to_ne_bytes().into_iter().chain([0u8; 12]).collect();
-        assert_eq!(kernel_error(&bare).message, None);
     }
 }

@@ -1,0 +1,105 @@
+//! The routing objects ipsec-mesh manages, as comparable values: which rule priority and
+//! table are ours, what a dump is parsed into, and what the diff compares.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use netlink_packet_route::rule::RuleMessage;
+
+use crate::dataplane::firewall::Family;
+
+/// Default route table for marked traffic.
+pub const DEFAULT_TABLE: u32 = 1042;
+/// Default priority (`pref`) of our ip rule.
+pub const DEFAULT_PRIORITY: u32 = 1042;
+
+/// Which table and rule priority we own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub table: u32,
+    pub priority: u32,
+}
+
+impl Default for RouteConfig {
+    fn default() -> RouteConfig {
+        RouteConfig {
+            table: DEFAULT_TABLE,
+            priority: DEFAULT_PRIORITY,
+        }
+    }
+}
+
+/// How to find the underlay device the routes point at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Underlay {
+    /// The interface holding this address (the plan's endpoint).
+    Address(IpAddr),
+    /// An interface by name.
+    Name(String),
+}
+
+/// The identity of a rule of ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleKey {
+    pub family: Family,
+    pub priority: u32,
+    pub table: u32,
+    pub fwmark: u32,
+    pub fwmask: u32,
+}
+
+impl fmt::Display for RuleKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} rule pref {} fwmark {:#x}/{:#x} lookup {}",
+            self.family, self.priority, self.fwmark, self.fwmask, self.table
+        )
+    }
+}
+
+/// The identity of a route of ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteKey {
+    pub dst: IpNet,
+    pub table: u32,
+    /// Output interface index (0: none).
+    pub oif: u32,
+}
+
+impl fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "route {} dev #{} table {}",
+            self.dst, self.oif, self.table
+        )
+    }
+}
+
+/// A rule dumped from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundRule {
+    pub key: RuleKey,
+    /// Only the attributes in `key` select packets (no iif, src, tos, ...) and it looks up a
+    /// table: exactly the shape we create.
+    pub exact: bool,
+    pub msg: RuleMessage,
+}
+
+/// A route dumped from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundRoute {
+    pub key: RouteKey,
+    /// A plain unicast `dst dev X` route (no gateway, multipath, source, ...).
+    pub exact: bool,
+    /// Metric, kept to delete exactly this route.
+    pub priority: Option<u32>,
+    pub tos: u8,
+}
+
+/// Whether a dumped rule is ours: our priority, our table.
+pub fn is_owned_rule(r: &FoundRule, config: &RouteConfig) -> bool {
+    r.key.priority == config.priority && r.key.table == config.table
+}
