@@ -676,3 +676,140 @@ fn compaction_while_a_watcher_is_paused_relists_once_and_converges() {
     e.start(3);
     client.join().unwrap();
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_ipsec-mesh");
+
+impl Etcd {
+    /// `ipsec-mesh ARGS` in the client namespace: (success, stdout, stderr).
+    fn mesh(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.t.ns("cl"), BIN])
+            .args(args)
+            .env("IPSEC_MESH_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn metadata_push_and_show_seed_and_inspect_the_cluster() {
+    let e = Etcd::new("ps");
+    let url = format!("etcd://{}/fleet", e.endpoints(&[1, 2, 3]));
+    let file = e.t.dir.path().join("meta.json");
+    let hosts: Vec<String> = (1..=3).map(|n| host_json(&format!("h{n}"), n)).collect();
+    std::fs::write(
+        &file,
+        format!(r#"{{"network":{NET},"hosts":[{}]}}"#, hosts.join(",")),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+
+    let (ok, out, err) = e.mesh(&["metadata", "push", "--metadata", f, "--to", &url]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with(&format!(
+            "pushed the network and 3 hosts to {url} (revision "
+        )),
+        "{out}"
+    );
+    // Plain JSON values, one key per host, as etcdctl sees them.
+    let got = e.ctl(&["get", "/fleet/hosts/h2", "--print-value-only"]);
+    let v: Value = serde_json::from_str(got.trim()).unwrap();
+    assert_eq!(v, serde_json::from_str::<Value>(&hosts[1]).unwrap());
+    let keys = e.ctl(&["get", "--prefix", "/fleet/", "--keys-only"]);
+    let keys: Vec<&str> = keys.split_whitespace().collect();
+    assert_eq!(
+        keys,
+        [
+            "/fleet/hosts/h1",
+            "/fleet/hosts/h2",
+            "/fleet/hosts/h3",
+            "/fleet/network"
+        ]
+    );
+
+    // A record written by hand with a typo: shown as left out, by key.
+    e.put(
+        "/fleet/hosts/h9",
+        r#"{"id":"h9","agent_ip":"192.168.77.9","subnet":["10.42.9.0/24"]}"#,
+    );
+    let (ok, out, err) = e.mesh(&["metadata", "show", "--metadata", &url]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].contains("network 10.42.0.0/16 backend vxlan mtu 1500  3 hosts"),
+        "{out}"
+    );
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["ID", "AGENT_IP", "SUBNETS", "VTEP", "NAME"]
+    );
+    assert_eq!(
+        lines[3].split_whitespace().collect::<Vec<_>>(),
+        ["h2", "192.168.77.2", "10.42.2.0/24", "10.42.2.0", "-"]
+    );
+    assert!(
+        lines[5].starts_with(&format!(
+            "left out: etcd://{}/fleet/hosts/h9: unknown field `subnet`",
+            e.endpoints(&[1, 2, 3])
+        )),
+        "{out}"
+    );
+    let (ok, out, err) = e.mesh(&["metadata", "show", "--metadata", &url, "--format", "json"]);
+    assert!(ok, "{err}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["hosts"].as_array().unwrap().len(), 3);
+    assert_eq!(doc["hosts"][0]["id"], "h1");
+    assert_eq!(doc["skipped"][0]["key"], "/fleet/hosts/h9");
+    // The same hosts as the file shows.
+    let (_, file_json, _) = e.mesh(&["metadata", "show", "--metadata", f, "--format", "json"]);
+    let file_doc: Value = serde_json::from_str(&file_json).unwrap();
+    assert_eq!(file_doc["hosts"], doc["hosts"]);
+    assert_eq!(file_doc["network"], doc["network"]);
+
+    // --prune deletes what the file does not list; an invalid file writes nothing.
+    let (ok, out, err) = e.mesh(&["metadata", "push", "--metadata", f, "--to", &url, "--prune"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("deleted 1 host records not in the file"),
+        "{out}"
+    );
+    assert_eq!(e.ctl(&["get", "/fleet/hosts/h9"]).trim(), "");
+    let before = e.revision();
+    std::fs::write(
+        &file,
+        format!(r#"{{"network":{NET},"hosts":[{}]}}"#, host_json("h1", 300)),
+    )
+    .unwrap();
+    let (ok, _, err) = e.mesh(&["metadata", "push", "--metadata", f, "--to", &url]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "{f}: hosts[0] (id \"h1\").agent_ip: \"192.168.77.300\" is not an IP address"
+        )),
+        "{err}"
+    );
+    assert_eq!(e.revision(), before);
+    // No endpoint: the error names each one.
+    let (ok, _, err) = e.mesh(&[
+        "metadata",
+        "show",
+        "--metadata",
+        "etcd://192.168.78.99:2379,192.168.78.100:1/fleet",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("no etcd endpoint answered: 192.168.78.99:2379: "),
+        "{err}"
+    );
+    assert!(
+        err.contains("192.168.78.100:1: cannot connect: connection refused"),
+        "{err}"
+    );
+}

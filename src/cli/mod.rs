@@ -3,6 +3,8 @@
 mod apply;
 mod cleanup;
 mod cni_config;
+#[path = "metadata.rs"]
+mod metadata_cmd;
 mod plan;
 mod run;
 mod status;
@@ -46,6 +48,8 @@ pub enum Command {
     Status(status::StatusCmd),
     /// Print a CNI network configuration for this host (ipsec-mesh-bridge + ipsec-mesh-ipam).
     CniConfig(cni_config::CniConfigCmd),
+    /// Seed or inspect fleet metadata: push a file to etcd, show the hosts of any source.
+    Metadata(metadata_cmd::MetadataCmd),
 }
 
 /// Dataplane drivers.
@@ -427,6 +431,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(cmd) => run::run(cmd),
         Command::Status(cmd) => status::run(cmd),
         Command::CniConfig(cmd) => cni_config::run(cmd),
+        Command::Metadata(cmd) => metadata_cmd::run(cmd),
     }
 }
 

@@ -1,0 +1,243 @@
+//! `ipsec-mesh metadata`: seed or inspect the fleet metadata.
+//!
+//! - `metadata push --metadata FILE --to etcd://...`: validate a metadata file and write it
+//!   in the etcd layout (`PREFIX/network`, one `PREFIX/hosts/<id>` per host); `--prune` also
+//!   deletes the host records under the prefix that the file does not list.
+//! - `metadata show --metadata SRC [--format table|json]`: the hosts of any source (file,
+//!   rancher-metadata, etcd); for etcd also the records left out and why.
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use ipsec_mesh::metadata::etcd::{self, b64_encode, Client, EtcdSource, EtcdUrl, Skipped};
+use ipsec_mesh::metadata::{self, json as mjson};
+use ipsec_mesh::model::{Cluster, RawCluster};
+
+use super::Format;
+
+/// Puts per transaction (etcd's default `--max-txn-ops` is 128).
+const TXN_OPS: usize = 128;
+
+#[derive(Args, Debug)]
+pub struct MetadataCmd {
+    #[command(subcommand)]
+    pub command: MetadataSub,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MetadataSub {
+    /// Write a metadata file to etcd (PREFIX/network, PREFIX/hosts/<id>).
+    Push(PushCmd),
+    /// Show the hosts of a metadata source (file, rancher-metadata URL or etcd:// URL).
+    Show(ShowCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct PushCmd {
+    /// The metadata file to push (the native JSON format; validated first).
+    #[arg(long, value_name = "FILE")]
+    pub metadata: std::path::PathBuf,
+
+    /// Where: etcd://HOST:PORT[,HOST:PORT...]/PREFIX.
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+
+    /// Also delete the host records under the prefix that the file does not list.
+    #[arg(long)]
+    pub prune: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowCmd {
+    /// Metadata: a JSON file path, a rancher-metadata base URL or an etcd:// URL.
+    #[arg(long, value_name = "SRC")]
+    pub metadata: String,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+pub fn run(cmd: MetadataCmd) -> Result<ExitCode> {
+    match cmd.command {
+        MetadataSub::Push(c) => push(c),
+        MetadataSub::Show(c) => show(c),
+    }
+}
+
+/// The file's document, validated (nothing invalid is pushed).
+fn read_file(path: &std::path::Path) -> Result<RawCluster> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    // The file source's own parser gives the same errors `plan --metadata FILE` does.
+    metadata::file::parse(path, &bytes)?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    mjson::from_str(text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn put_op(key: &str, value: &[u8]) -> Value {
+    json!({ "request_put": { "key": b64_encode(key.as_bytes()), "value": b64_encode(value) } })
+}
+
+fn delete_op(key: &str) -> Value {
+    json!({ "request_delete_range": { "key": b64_encode(key.as_bytes()) } })
+}
+
+fn push(cmd: PushCmd) -> Result<ExitCode> {
+    let raw = read_file(&cmd.metadata)?;
+    let url = EtcdUrl::parse(&cmd.to).map_err(|e| anyhow!("--to {}: {e}", cmd.to))?;
+    let client = Client::new(url.clone())?;
+    let origin = url.origin();
+    let kv = etcd::layout_of(&url, &raw);
+
+    let mut stale = Vec::new();
+    if cmd.prune {
+        let (entries, _) = client
+            .list(&url.hosts_dir(), 1 << 30)
+            .map_err(|e| anyhow!("{origin}: {e}"))?;
+        let wanted: BTreeSet<&String> = kv.keys().collect();
+        stale = entries
+            .into_iter()
+            .map(|e| e.key)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+    }
+
+    // The network first (hosts are validated against it), then the hosts, in transactions.
+    let network_key = url.network_key();
+    let mut ops: Vec<Value> = vec![put_op(&network_key, &kv[&network_key])];
+    ops.extend(
+        kv.iter()
+            .filter(|(k, _)| **k != network_key)
+            .map(|(k, v)| put_op(k, v)),
+    );
+    ops.extend(stale.iter().map(|k| delete_op(k)));
+    let mut revision = 0;
+    for chunk in ops.chunks(TXN_OPS) {
+        let r = client
+            .txn(&json!({ "success": chunk }))
+            .map_err(|e| anyhow!("{origin}: {e}"))?;
+        if !r.succeeded {
+            bail!("{origin}: the transaction was not applied");
+        }
+        revision = r.header.revision;
+    }
+    println!(
+        "pushed the network and {} hosts to {origin}{} (revision {revision})",
+        raw.hosts.len(),
+        if stale.is_empty() {
+            String::new()
+        } else {
+            format!(", deleted {} host records not in the file", stale.len())
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A host as `show` prints it.
+fn host_json(h: &ipsec_mesh::model::Host) -> Value {
+    let mut v = json!({
+        "id": h.id.as_str(),
+        "agent_ip": h.agent_ip.to_string(),
+        "subnets": h.subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    });
+    if let Some(n) = &h.name {
+        v["name"] = json!(n);
+    }
+    if !h.labels.is_empty() {
+        v["labels"] = json!(h.labels);
+    }
+    if let Some(t) = h.vtep {
+        v["vtep"] = json!(t.to_string());
+    }
+    v
+}
+
+fn show(cmd: ShowCmd) -> Result<ExitCode> {
+    let (cluster, version, skipped): (Cluster, String, Vec<(String, Skipped)>) =
+        if cmd.metadata.starts_with("etcd://") {
+            let src = EtcdSource::new(&cmd.metadata)?;
+            let loaded = src.read()?;
+            let url = &src.client().url;
+            let skipped = loaded
+                .skipped
+                .into_iter()
+                .map(|s| (url.key_origin(&s.key), s))
+                .collect();
+            (loaded.cluster, loaded.revision.to_string(), skipped)
+        } else {
+            let mut src = metadata::open(&cmd.metadata)?;
+            let snap = src.load()?;
+            (snap.cluster, snap.version, Vec::new())
+        };
+    match cmd.format {
+        Format::Json => {
+            let doc = json!({
+                "source": cmd.metadata,
+                "version": version,
+                "network": {
+                    "cidr": cluster.network.cidr.to_string(),
+                    "backend": cluster.network.backend.as_str(),
+                    "mtu": cluster.network.mtu,
+                },
+                "hosts": cluster.hosts.iter().map(host_json).collect::<Vec<_>>(),
+                "skipped": skipped.iter().map(|(origin, s)| json!({
+                    "key": s.key, "record": origin, "error": s.error,
+                })).collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        Format::Table => print!("{}", table(&cmd.metadata, &cluster, &version, &skipped)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn table(src: &str, c: &Cluster, version: &str, skipped: &[(String, Skipped)]) -> String {
+    let mut out = format!(
+        "{src}  version {version}  network {} backend {} mtu {}  {} hosts\n",
+        c.network.cidr,
+        c.network.backend,
+        c.network.mtu,
+        c.hosts.len()
+    );
+    let rows: Vec<[String; 5]> = c
+        .hosts
+        .iter()
+        .map(|h| {
+            [
+                h.id.to_string(),
+                h.agent_ip.to_string(),
+                h.subnets
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                h.vtep.map_or("-".to_string(), |v| v.to_string()),
+                h.name.clone().unwrap_or_else(|| "-".to_string()),
+            ]
+        })
+        .collect();
+    let head = ["ID", "AGENT_IP", "SUBNETS", "VTEP", "NAME"].map(String::from);
+    let mut width = [0usize; 5];
+    for r in std::iter::once(&head).chain(rows.iter()) {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for r in std::iter::once(&head).chain(rows.iter()) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(width)
+            .map(|(cell, w)| format!("{cell:w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    for (origin, s) in skipped {
+        out.push_str(&format!("left out: {origin}: {}\n", s.error));
+    }
+    out
+}
