@@ -15,10 +15,11 @@ const PROMTOOL: &str = "/usr/bin/promtool";
 /// A status as a busy sidecar has it: several peers in different states with traffic and
 /// errors, a failed metadata load, reconcile counters, kernel XFRM error counters.
 fn realistic() -> (Status, Vec<(String, u64)>) {
-    let peer = |host: &str, state: &str, n: u64, err: Option<&str>| PeerStatus {
+    use ipsec_mesh::dataplane::driver::PeerState;
+    let peer = |host: &str, state: PeerState, n: u64, err: Option<&str>| PeerStatus {
         host: host.into(),
         endpoint: format!("192.0.2.{n}"),
-        state: state.into(),
+        state,
         reqid: 0x1000 + n as u32,
         spi_out: 0x2000 + n as u32,
         spi_in: 0x3000 + n as u32,
@@ -26,7 +27,7 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
         packets_out: 10 * n,
         bytes_in: 2000 * n,
         packets_in: 20 * n,
-        sa: (state == "up").then_some(ipsec_mesh::dataplane::driver::SaDetail {
+        sa: (state == PeerState::Up).then_some(ipsec_mesh::dataplane::driver::SaDetail {
             generation: 2,
             ahead: n == 4,
             in_generation: 1,
@@ -70,10 +71,15 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
             rekeys_usage: 1,
         },
         peers: vec![
-            peer("host-b", "up", 2, None),
-            peer("host-c", "down", 3, Some("EEXIST: not ipsec-mesh's")),
-            peer("host-\"d\"", "up", 4, None),
-            peer("host-e", "error", 5, Some("no ESP")),
+            peer("host-b", PeerState::Up, 2, None),
+            peer(
+                "host-c",
+                PeerState::Down,
+                3,
+                Some("EEXIST: not ipsec-mesh's"),
+            ),
+            peer("host-\"d\"", PeerState::Up, 4, None),
+            peer("host-e", PeerState::Failed, 5, Some("no ESP")),
         ],
         mesh_errors: vec!["routes: dumping links failed".into()],
         has_sas: true,

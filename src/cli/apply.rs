@@ -39,14 +39,7 @@ pub fn run(cmd: ApplyCmd) -> Result<ExitCode> {
     for w in dataplane.one_shot_warnings(&p) {
         eprintln!("ipsec-mesh: warning: {w}");
     }
-    if cmd.diff {
-        for c in &report.changes {
-            println!("{c}");
-        }
-    }
-    for (owner, e) in &report.errors {
-        eprintln!("ipsec-mesh: {owner}: {e}");
-    }
+    super::print_report(&report, cmd.diff);
     println!(
         "{}: host {me}: {} peers, {} writes, {} errors",
         driver.name(),
@@ -57,9 +50,5 @@ pub fn run(cmd: ApplyCmd) -> Result<ExitCode> {
     for (part, writes) in &report.parts {
         println!("  {part}: {writes} writes");
     }
-    Ok(if report.ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(super::exit_code(&report))
 }

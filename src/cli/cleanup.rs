@@ -26,23 +26,12 @@ pub fn run(cmd: CleanupCmd) -> Result<ExitCode> {
     let opts = cmd.plan.options()?;
     let mut driver = cmd.driver.build(&opts, None)?;
     let report = driver.cleanup();
-    if cmd.diff {
-        for c in &report.changes {
-            println!("{c}");
-        }
-    }
-    for (owner, e) in &report.errors {
-        eprintln!("ipsec-mesh: {owner}: {e}");
-    }
+    super::print_report(&report, cmd.diff);
     println!(
         "{} cleanup: {} removed, {} errors",
         driver.name(),
         report.writes,
         report.errors.len()
     );
-    Ok(if report.ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(super::exit_code(&report))
 }

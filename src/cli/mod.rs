@@ -403,6 +403,27 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     r.map_err(|_| format!("{s:?} is not a 32-bit number (decimal or 0x hex)"))
 }
 
+/// Print a driver's report: every change with `--diff`, every error on stderr.
+pub fn print_report(report: &ipsec_mesh::dataplane::driver::DriverReport, diff: bool) {
+    if diff {
+        for c in &report.changes {
+            println!("{c}");
+        }
+    }
+    for (owner, e) in &report.errors {
+        eprintln!("ipsec-mesh: {owner}: {e}");
+    }
+}
+
+/// Exit 0 iff the report has no error.
+pub fn exit_code(report: &ipsec_mesh::dataplane::driver::DriverReport) -> ExitCode {
+    if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
 /// Load the metadata once.
 pub fn load(src: &SourceArgs) -> Result<Snapshot> {
     let mut source = metadata::open_for(

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::dataplane::driver::PeerCounters;
+use crate::dataplane::driver::{PeerCounters, PeerState};
 use crate::plan::Plan;
 
 pub fn unix_now() -> u64 {
@@ -90,7 +90,7 @@ impl KeyingStatus {
 pub struct PeerStatus {
     pub host: String,
     pub endpoint: String,
-    pub state: String,
+    pub state: PeerState,
     pub reqid: u32,
     pub spi_out: u32,
     pub spi_in: u32,
@@ -133,10 +133,10 @@ impl Status {
         errors: &BTreeMap<String, String>,
         now: u64,
     ) {
-        let before: BTreeMap<String, (String, Option<u64>)> = self
+        let before: BTreeMap<String, (PeerState, Option<u64>)> = self
             .peers
             .iter()
-            .map(|p| (p.host.clone(), (p.state.clone(), p.last_change)))
+            .map(|p| (p.host.clone(), (p.state, p.last_change)))
             .collect();
         self.peers = plan
             .peers
@@ -144,11 +144,7 @@ impl Status {
             .map(|p| {
                 let id = p.host.to_string();
                 let c = counters.get(&id).cloned().unwrap_or_default();
-                let state = if c.state.is_empty() {
-                    "down".to_string()
-                } else {
-                    c.state.clone()
-                };
+                let state = c.state;
                 let last_change = match before.get(&id) {
                     Some((s, t)) if *s == state => *t,
                     _ => Some(now),
@@ -210,7 +206,7 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
         one(s
             .peers
             .iter()
-            .filter(|p| p.state == "up")
+            .filter(|p| p.state == PeerState::Up)
             .count()
             .to_string()),
     );
@@ -218,7 +214,7 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
         "sas_up",
         "SAs installed and up (two per peer that is up).",
         "gauge",
-        one((2 * s.peers.iter().filter(|p| p.state == "up").count()).to_string()),
+        one((2 * s.peers.iter().filter(|p| p.state == PeerState::Up).count()).to_string()),
     );
     metric(
         "reconciles_total",
@@ -342,7 +338,7 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
             .map(|p| {
                 (
                     format!("{{peer=\"{}\"}}", label(&p.host)),
-                    u8::from(p.state == "up").to_string(),
+                    u8::from(p.state == PeerState::Up).to_string(),
                 )
             })
             .collect(),
@@ -433,7 +429,7 @@ mod tests {
             },
             peers: vec![PeerStatus {
                 host: "b".into(),
-                state: "up".into(),
+                state: PeerState::Up,
                 bytes_out: 7,
                 sa: Some(crate::dataplane::driver::SaDetail {
                     generation: 2,

@@ -46,6 +46,19 @@ impl DriverReport {
         self.errors.push((owner.to_string(), msg));
     }
 
+    /// Fold an XFRM reconcile or cleanup in: its writes and changes as the `xfrm objects`
+    /// part, its per-owner errors, or the failure of the whole step.
+    fn xfrm(&mut self, r: Result<xfrm::Report, xfrm::socket::SocketError>) {
+        match r {
+            Ok(x) => {
+                self.part("xfrm objects", x.writes, x.changes);
+                self.errors
+                    .extend(x.errors.into_iter().map(|(o, e)| (owner_name(&o), e)));
+            }
+            Err(e) => self.fail("mesh", "xfrm", &e),
+        }
+    }
+
     /// Host ids with at least one error.
     pub fn failed_peers(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.errors.iter().map(|(o, _)| o.as_str()).collect();
@@ -55,11 +68,46 @@ impl DriverReport {
     }
 }
 
+/// Where a peer stands, for every driver (shown in `/status` in lowercase).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// Traffic can flow: the SAs are installed (xfrm, charon), the FDB entry and neighbour
+    /// are in place (vxlan).
+    Up,
+    /// charon is setting the SA up (its own restart, or the peer initiating).
+    Connecting,
+    /// Not (yet) in place; see the peer's last error, if any.
+    #[default]
+    Down,
+    /// Putting it in place failed: see the errors.
+    Failed,
+    /// Nothing to set up for this peer (no subnet on one side).
+    Skipped,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Up => "up",
+            PeerState::Connecting => "connecting",
+            PeerState::Down => "down",
+            PeerState::Failed => "failed",
+            PeerState::Skipped => "skipped",
+        }
+    }
+}
+
+impl std::fmt::Display for PeerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Live state of one peer as the dataplane shows it.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct PeerCounters {
-    /// `up`, `down` or `connecting`.
-    pub state: String,
+    pub state: PeerState,
     pub bytes_out: u64,
     pub packets_out: u64,
     pub bytes_in: u64,
@@ -160,14 +208,7 @@ impl Driver for VxlanEsp {
 
     fn reconcile(&mut self, plan: &Plan) -> DriverReport {
         let mut r = DriverReport::default();
-        match xfrm::reconcile_vxlan_esp(plan, self.port) {
-            Ok(x) => {
-                r.part("xfrm objects", x.writes, x.changes);
-                r.errors
-                    .extend(x.errors.into_iter().map(|(o, e)| (owner_name(&o), e)));
-            }
-            Err(e) => r.fail("mesh", "xfrm", &e),
-        }
+        r.xfrm(xfrm::reconcile_vxlan_esp(plan, self.port));
         r
     }
 
@@ -330,14 +371,7 @@ impl Driver for XfrmMesh {
         }
         // XFRM first: the block policy makes marked traffic fail closed before any marking
         // rule exists.
-        match xfrm::reconcile_scoped(plan, self.scope) {
-            Ok(x) => {
-                r.part("xfrm objects", x.writes, x.changes);
-                r.errors
-                    .extend(x.errors.into_iter().map(|(o, e)| (owner_name(&o), e)));
-            }
-            Err(e) => r.fail("mesh", "xfrm", &e),
-        }
+        r.xfrm(xfrm::reconcile_scoped(plan, self.scope));
         let spec = firewall::FirewallSpec::from_plan(plan).with_devices(
             self.forwarding.bridge.clone(),
             self.forwarding.underlay_dev.clone(),
@@ -364,14 +398,7 @@ impl Driver for XfrmMesh {
             Ok(x) => r.part("firewall", x.writes, x.changes),
             Err(e) => r.fail("mesh", "firewall", &e),
         }
-        match xfrm::cleanup_scoped(&self.marks, self.scope) {
-            Ok(x) => {
-                r.part("xfrm objects", x.writes, x.changes);
-                r.errors
-                    .extend(x.errors.into_iter().map(|(o, e)| (owner_name(&o), e)));
-            }
-            Err(e) => r.fail("mesh", "xfrm", &e),
-        }
+        r.xfrm(xfrm::cleanup_scoped(&self.marks, self.scope));
         r
     }
 
@@ -430,9 +457,9 @@ fn sa_counters_by_peer(plan: &Plan) -> BTreeMap<String, PeerCounters> {
                 spi: p.spi_in,
             });
             let state = if out.is_some() && inn.is_some() {
-                "up"
+                PeerState::Up
             } else {
-                "down"
+                PeerState::Down
             };
             let o = out.copied().unwrap_or_default();
             // Inbound: every accepted generation's SA; the generation in use is the newest
@@ -463,7 +490,7 @@ fn sa_counters_by_peer(plan: &Plan) -> BTreeMap<String, PeerCounters> {
             (
                 p.host.to_string(),
                 PeerCounters {
-                    state: state.into(),
+                    state,
                     bytes_out: o.bytes,
                     packets_out: o.packets,
                     bytes_in: i.bytes,

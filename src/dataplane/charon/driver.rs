@@ -628,16 +628,16 @@ pub async fn counters(
         .map(|p| {
             let s = conn_sas(&super::desired::conn_name(p.host.as_str()), &sas);
             let state = if s.up {
-                "up"
+                PeerState::Up
             } else if s.connecting {
-                "connecting"
+                PeerState::Connecting
             } else {
-                "down"
+                PeerState::Down
             };
             (
                 p.host.to_string(),
                 PeerCounters {
-                    state: state.into(),
+                    state,
                     bytes_out: s.bytes_out,
                     packets_out: s.packets_out,
                     bytes_in: s.bytes_in,

@@ -3,9 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
-
 use crate::dataplane::driver::DriverReport;
+pub use crate::dataplane::driver::PeerState;
 
 /// Commands that modify charon's state.
 pub const WRITE_COMMANDS: [&str; 6] = [
@@ -18,34 +17,6 @@ pub const WRITE_COMMANDS: [&str; 6] = [
 ];
 
 const READ_COMMANDS: [&str; 5] = ["list-conns", "list-sas", "get-shared", "get-conns", "stats"];
-
-/// Where a peer stands after a reconcile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PeerState {
-    /// The child SA is installed.
-    Up,
-    /// charon is setting the SA up (its own restart, or the peer initiating).
-    Connecting,
-    /// Loaded, no SA, not initiated by this side (see the error, if any).
-    Down,
-    /// Loading or initiating failed: see `errors`.
-    Failed,
-    /// No conn for this peer (no subnet on one side).
-    Skipped,
-}
-
-impl PeerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PeerState::Up => "up",
-            PeerState::Connecting => "connecting",
-            PeerState::Down => "down",
-            PeerState::Failed => "failed",
-            PeerState::Skipped => "skipped",
-        }
-    }
-}
 
 /// What a reconcile or cleanup did.
 #[derive(Debug, Clone, Default)]

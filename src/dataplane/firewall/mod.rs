@@ -193,6 +193,17 @@ impl FirewallSpec {
         self
     }
 
+    /// The devices PREROUTING marking is restricted to (bridge, underlay; empty: any).
+    pub fn devices(&self) -> Vec<&str> {
+        let mut devs: Vec<&str> = [&self.bridge_dev, &self.underlay_dev]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        devs.dedup();
+        devs
+    }
+
     /// The family of the overlay (and so of the rules).
     pub fn family(&self) -> Family {
         Family::of(&self.overlay)

@@ -63,12 +63,7 @@ pub fn render(spec: &FirewallSpec) -> String {
         let list: Vec<String> = local.iter().map(ToString::to_string).collect();
         format!("\n\t\telements = {{ {} }}", list.join(", "))
     };
-    let mut devs: Vec<&str> = [&spec.bridge_dev, &spec.underlay_dev]
-        .into_iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    devs.dedup();
+    let devs = spec.devices();
     let iif = match devs.as_slice() {
         [] => String::new(),
         [d] => format!("iifname \"{d}\" "),

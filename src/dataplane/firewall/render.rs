@@ -137,12 +137,7 @@ pub fn desired(spec: &FirewallSpec) -> BTreeMap<Table, TableState> {
         .chains
         .insert(MARK_CHAIN.to_string(), mark_rules(spec, &set));
 
-    let mut devs: Vec<&str> = [&spec.bridge_dev, &spec.underlay_dev]
-        .into_iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    devs.dedup();
+    let devs = spec.devices();
     if devs.is_empty() {
         mangle.jumps.push(Jump::to("PREROUTING", MARK_CHAIN));
     } else {
