@@ -4,7 +4,8 @@
 //! `objects` (comparable values) <- `desired` (pure, from the plan; the addressing scheme is
 //! documented there) and `messages` (pure, build/parse rtnetlink messages) ->
 //! `reconcile::{diff_device, diff_objects}` (pure) -> [`reconcile_with`] here, the only
-//! code that talks to the kernel (rtnetlink 0.24, one socket, requests pipelined).
+//! code that talks to the kernel (one socket, requests pipelined, through
+//! [`rtnl`](crate::dataplane::rtnl)).
 //!
 //! What ipsec-mesh owns, and nothing else: the device with the configured name (only if it
 //! is a VXLAN device: a device of another kind with that name is reported, never touched),
@@ -22,21 +23,16 @@ pub mod objects;
 pub mod reconcile;
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::io;
 use std::net::IpAddr;
 
-use futures::stream::TryStreamExt;
-use futures::StreamExt;
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::route::RouteMessage;
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_packet_route::AddressFamily;
 use rtnetlink::Handle;
 use tracing::{debug, info, warn};
 
 use crate::dataplane::driver::{Driver, DriverReport, PeerCounters, PeerState};
 use crate::dataplane::routes::{self, RouteError, Underlay};
-use crate::dataplane::xfrm::socket::KernelError;
+use crate::dataplane::rtnl::{self, Reason};
 use crate::model::Backend;
 use crate::plan::Plan;
 pub use objects::{Owner, VxlanConfig};
@@ -65,16 +61,9 @@ impl Report {
 pub enum VxlanError {
     #[error("invalid VXLAN settings: {0}")]
     Config(String),
-    #[error("cannot start the netlink runtime")]
-    Runtime(#[source] io::Error),
-    #[error("cannot open a netlink route socket")]
-    Socket(#[source] io::Error),
-    #[error("dumping {what} failed")]
-    Dump {
-        what: &'static str,
-        #[source]
-        source: io::Error,
-    },
+    /// The socket, a dump or the whole exchange.
+    #[error(transparent)]
+    Rtnl(#[from] rtnl::Error),
     #[error("finding the underlay device")]
     Underlay(#[source] RouteError),
 }
@@ -106,21 +95,16 @@ impl VxlanConfig {
     }
 }
 
-fn nl_io(e: rtnetlink::Error) -> io::Error {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.to_io(),
-        e => io::Error::other(e.to_string()),
-    }
-}
-
 /// Open a route socket with extended ACKs (so refusals carry the kernel's words) on the
 /// current tokio runtime, in the calling thread's network namespace.
 pub fn connect() -> Result<Handle, VxlanError> {
-    crate::dataplane::rtnl::connect().map_err(VxlanError::Socket)
+    Ok(rtnl::connect()?)
 }
 
-fn block_on<T>(f: impl Future<Output = Result<T, VxlanError>>) -> Result<T, VxlanError> {
-    crate::dataplane::rtnl::block_on(f).map_err(VxlanError::Runtime)?
+fn block_on<T>(
+    f: impl std::future::Future<Output = Result<T, VxlanError>>,
+) -> Result<T, VxlanError> {
+    rtnl::block_on(f)
 }
 
 /// Reconcile (sync: own current-thread runtime and socket; not from inside a runtime).
@@ -138,16 +122,12 @@ pub async fn find_device(
     h: &Handle,
     name: &str,
 ) -> Result<Option<objects::FoundDevice>, VxlanError> {
-    let mut s = h.link().get().match_name(name.to_string()).execute();
-    match s.try_next().await {
-        Ok(Some(m)) => Ok(Some(messages::parse_device(&m))),
-        Ok(None) => Ok(None),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::ENODEV => Ok(None),
-        Err(e) => Err(VxlanError::Dump {
-            what: "links",
-            source: nl_io(e),
-        }),
-    }
+    let found = rtnl::get(
+        &format!("link {name}"),
+        h.link().get().match_name(name.to_string()).execute(),
+    )
+    .await?;
+    Ok(found.as_ref().map(messages::parse_device))
 }
 
 /// Everything on device `index` that the diff looks at (overlay `family`).
@@ -156,48 +136,36 @@ pub async fn read_current(
     index: u32,
     family: AddressFamily,
 ) -> Result<Current, VxlanError> {
-    let dump = |what| {
-        move |e| VxlanError::Dump {
-            what,
-            source: nl_io(e),
-        }
-    };
     let mut cur = Current::default();
-    let addrs: Vec<_> = h
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(dump("addresses"))?;
+    let addrs = rtnl::dump(
+        "addresses",
+        h.address().get().set_link_index_filter(index).execute(),
+    )
+    .await?;
     cur.addresses = addrs
         .iter()
         .filter(|m| m.header.family == family)
         .filter_map(|m| messages::parse_address(m, index))
         .collect();
-    let fdb: Vec<_> = h
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Bridge)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(dump("bridge fdb"))?;
+    let fdb = rtnl::dump(
+        "bridge fdb",
+        h.neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute(),
+    )
+    .await?;
     cur.fdb = fdb
         .iter()
         .filter_map(messages::parse_fdb)
         .filter(|(i, _)| *i == index)
         .map(|(_, f)| f)
         .collect();
-    let neigh: Vec<_> = h
-        .neighbours()
-        .get()
-        .set_address_family(family)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(dump("neighbours"))?;
+    let neigh = rtnl::dump(
+        "neighbours",
+        h.neighbours().get().set_address_family(family).execute(),
+    )
+    .await?;
     cur.neighbours = neigh
         .iter()
         .filter(|m| m.header.family == family)
@@ -207,13 +175,7 @@ pub async fn read_current(
         .collect();
     let mut q = RouteMessage::default();
     q.header.address_family = family;
-    let rts: Vec<_> = h
-        .route()
-        .get(q)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(dump("routes"))?;
+    let rts = rtnl::dump("routes", h.route().get(q).execute()).await?;
     cur.routes = rts
         .iter()
         .filter(|m| m.header.address_family == family)
@@ -222,29 +184,15 @@ pub async fn read_current(
     Ok(cur)
 }
 
-async fn send(mut h: Handle, msg: NetlinkMessage<RouteNetlinkMessage>) -> Result<(), KernelError> {
-    let mut resp = h.request(msg).map_err(|e| KernelError {
-        errno: libc::EIO,
-        message: Some(format!("netlink request not sent: {e}")),
-    })?;
-    while let Some(m) = resp.next().await {
-        if let NetlinkPayload::Error(e) = m.payload {
-            if e.code.is_some() {
-                return Err(messages::kernel_error(&e));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Why a step failed, in words an operator can act on.
-fn explain(op: &Op, e: &KernelError, dev: &str) -> String {
+fn explain(op: &Op, e: &Reason, dev: &str) -> String {
+    let exists = e.errno() == Some(libc::EEXIST);
     match op {
-        Op::AddRoute(r) if e.errno == libc::EEXIST => format!(
+        Op::AddRoute(r) if exists => format!(
             "a route to {} exists in the main table and is not ipsec-mesh's (left untouched) ({e})",
             r.dst
         ),
-        Op::AddAddress(a) if e.errno == libc::EEXIST => {
+        Op::AddAddress(a) if exists => {
             format!("address {a} is already on {dev} ({e})")
         }
         _ => e.to_string(),
@@ -252,11 +200,11 @@ fn explain(op: &Op, e: &KernelError, dev: &str) -> String {
 }
 
 /// Deleting what is already gone is success.
-fn already_gone(op: &Op, errno: i32) -> bool {
+fn already_gone(op: &Op, errno: Option<i32>) -> bool {
     op.is_delete()
         && matches!(
             errno,
-            libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL | libc::ENODEV
+            Some(libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL | libc::ENODEV)
         )
 }
 
@@ -266,12 +214,7 @@ async fn execute(h: &Handle, steps: &[Step], index: u32, dev: &str, report: &mut
     if steps.is_empty() {
         return true;
     }
-    let results = futures::future::join_all(
-        steps
-            .iter()
-            .map(|s| send(h.clone(), messages::request(&s.op, index))),
-    )
-    .await;
+    let results = rtnl::send_all(h, steps.iter().map(|s| messages::request(&s.op, index))).await;
     report.writes += steps.len();
     let mut all_ok = true;
     for (step, r) in steps.iter().zip(results) {
@@ -281,7 +224,7 @@ async fn execute(h: &Handle, steps: &[Step], index: u32, dev: &str, report: &mut
                 debug!(change = %line, "vxlan");
                 report.changes.push(line);
             }
-            Err(e) if already_gone(&step.op, e.errno) => report.changes.push(line),
+            Err(e) if already_gone(&step.op, e.errno()) => report.changes.push(line),
             // No IPv6 in this kernel: there is no link-local address to avoid either.
             Err(e) if step.op == Op::NoIpv6LinkLocal => {
                 debug!(error = %e, "addrgenmode none refused; ignored");
@@ -563,14 +506,15 @@ mod tests {
     #[test]
     fn already_gone_only_for_deletions() {
         let del = Op::DelNeighbour("10.42.2.0".parse().unwrap());
-        assert!(already_gone(&del, libc::ENOENT));
-        assert!(!already_gone(&del, libc::EPERM));
+        assert!(already_gone(&del, Some(libc::ENOENT)));
+        assert!(!already_gone(&del, Some(libc::EPERM)));
+        assert!(!already_gone(&del, None), "a timeout is not a deletion");
         let add = Op::AddAddress("10.42.1.0/32".parse().unwrap());
-        assert!(!already_gone(&add, libc::ENOENT));
-        let e = KernelError {
+        assert!(!already_gone(&add, Some(libc::ENOENT)));
+        let e = Reason::Kernel(rtnl::KernelError {
             errno: libc::EEXIST,
             message: None,
-        };
+        });
         let r = Op::AddRoute(objects::Route {
             dst: "10.42.2.0/24".parse().unwrap(),
             via: "10.42.2.0".parse().unwrap(),
