@@ -593,7 +593,9 @@ fn an_unknown_firewall_backend_is_refused_with_the_choices() {
     let e = stderr(&o);
     assert!(
         e.contains("--firewall")
-            && e.contains("unknown firewall backend \"nft\" (one of: iptables, nftables, none)"),
+            && e.contains(
+                "unknown firewall backend \"nft\" (one of: iptables, nftables, none, auto)"
+            ),
         "{e}"
     );
 }

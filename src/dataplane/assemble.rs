@@ -90,10 +90,19 @@ impl DataplaneConfig {
         w
     }
 
+    /// The forwarding settings with `--firewall auto` made concrete (and said in the log).
+    fn forwarding(&self) -> Forwarding {
+        let mut f = self.forwarding.clone();
+        let (kind, why) = f.firewall.resolve();
+        tracing::info!(firewall = %kind, why, "firewall backend");
+        f.firewall = kind;
+        f
+    }
+
     /// The driver, stacked as the module docs say. `psk`: for charon (cleanup needs none).
     pub fn build(&self, psk: Option<&Psk>) -> Result<Box<dyn Driver>, BuildError> {
         Ok(match self.driver {
-            DriverKind::Xfrm => Box::new(XfrmMesh::new(self.forwarding.clone(), self.marks)),
+            DriverKind::Xfrm => Box::new(XfrmMesh::new(self.forwarding(), self.marks)),
             DriverKind::Vxlan => {
                 let vxlan = Box::new(VxlanMesh {
                     config: self.vxlan.clone(),
@@ -118,8 +127,7 @@ impl DataplaneConfig {
                 if self.charon.policies {
                     charon
                 } else {
-                    let policies =
-                        Box::new(XfrmMesh::policies_only(self.forwarding.clone(), self.marks));
+                    let policies = Box::new(XfrmMesh::policies_only(self.forwarding(), self.marks));
                     Box::new(Stack {
                         drivers: vec![policies, charon],
                         counters_from: 1,

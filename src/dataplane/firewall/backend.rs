@@ -38,13 +38,16 @@ pub enum FirewallKind {
     Iptables,
     Nftables,
     None,
+    /// What the system uses ([`FirewallKind::detect`]).
+    Auto,
 }
 
 impl FirewallKind {
-    pub const ALL: [FirewallKind; 3] = [
+    pub const ALL: [FirewallKind; 4] = [
         FirewallKind::Iptables,
         FirewallKind::Nftables,
         FirewallKind::None,
+        FirewallKind::Auto,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +55,43 @@ impl FirewallKind {
             FirewallKind::Iptables => "iptables",
             FirewallKind::Nftables => "nftables",
             FirewallKind::None => "none",
+            FirewallKind::Auto => "auto",
+        }
+    }
+
+    /// `auto` made concrete (others as they are): nftables when the system's `iptables` is
+    /// the nf_tables variant (`iptables --version` says `(nf_tables)`: its rules live in
+    /// nftables anyway), or when there is no `iptables` but an `nft`; otherwise iptables.
+    pub fn resolve(self) -> (FirewallKind, &'static str) {
+        if self != FirewallKind::Auto {
+            return (self, "as asked");
+        }
+        let version = std::process::Command::new("iptables")
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        let nft = std::process::Command::new("nft")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        Self::choose(version.as_deref(), nft)
+    }
+
+    /// The choice of [`FirewallKind::resolve`] from what was found (pure).
+    pub fn choose(iptables_version: Option<&str>, nft: bool) -> (FirewallKind, &'static str) {
+        match iptables_version {
+            Some(v) if v.contains("nf_tables") && nft => (
+                FirewallKind::Nftables,
+                "auto: iptables is the nf_tables variant",
+            ),
+            None if nft => (FirewallKind::Nftables, "auto: no iptables, nft present"),
+            Some(_) => (FirewallKind::Iptables, "auto: iptables (legacy) present"),
+            None => (
+                FirewallKind::Iptables,
+                "auto: neither iptables nor nft found",
+            ),
         }
     }
 
@@ -61,6 +101,7 @@ impl FirewallKind {
             FirewallKind::Iptables => Box::new(Iptables),
             FirewallKind::Nftables => Box::new(Nftables(super::nft::Nft::default())),
             FirewallKind::None => Box::new(NoFirewall),
+            FirewallKind::Auto => self.resolve().0.backend(),
         }
     }
 }
@@ -94,7 +135,7 @@ fn leftovers_of(kind: FirewallKind) -> Result<FirewallReport, FirewallError> {
     let r = match kind {
         FirewallKind::Iptables => runner::cleanup(),
         FirewallKind::Nftables => super::nft::Nft::default().cleanup(),
-        FirewallKind::None => Ok(FirewallReport::default()),
+        FirewallKind::None | FirewallKind::Auto => Ok(FirewallReport::default()),
     };
     match r {
         Err(FirewallError::MissingBinary { .. } | FirewallError::MissingNft) => {
@@ -180,13 +221,29 @@ mod tests {
     fn names_round_trip_and_unknown_names_list_the_choices() {
         for k in FirewallKind::ALL {
             assert_eq!(k.as_str().parse::<FirewallKind>(), Ok(k));
-            assert_eq!(k.backend().name(), k.as_str());
+            if k != FirewallKind::Auto {
+                assert_eq!(k.backend().name(), k.as_str());
+                assert_eq!(k.resolve().0, k);
+            }
         }
         assert_eq!(
             "nft".parse::<FirewallKind>().unwrap_err(),
-            "unknown firewall backend \"nft\" (one of: iptables, nftables, none)"
+            "unknown firewall backend \"nft\" (one of: iptables, nftables, none, auto)"
         );
         assert_eq!(FirewallKind::default(), FirewallKind::Iptables);
+        let nft_variant = Some("iptables v1.8.9 (nf_tables)");
+        let legacy = Some("iptables v1.8.9 (legacy)");
+        assert_eq!(
+            FirewallKind::choose(nft_variant, true).0,
+            FirewallKind::Nftables
+        );
+        assert_eq!(
+            FirewallKind::choose(nft_variant, false).0,
+            FirewallKind::Iptables
+        );
+        assert_eq!(FirewallKind::choose(legacy, true).0, FirewallKind::Iptables);
+        assert_eq!(FirewallKind::choose(None, true).0, FirewallKind::Nftables);
+        assert_eq!(FirewallKind::choose(None, false).0, FirewallKind::Iptables);
     }
 
     #[test]
