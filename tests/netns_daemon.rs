@@ -1391,6 +1391,7 @@ fn healthz_metrics_and_status_cli_against_the_running_sidecar() {
     let state = if esp { " up " } else { " down " };
     assert_eq!(json["host"], "host-1");
     assert_eq!(json["driver"], "xfrm");
+    assert_eq!(json["firewall"], "iptables", "the backend in use is shown");
     let peers = json["peers"].as_array().unwrap();
     assert_eq!(peers.len(), plan.peers.len());
     for (p, want) in peers.iter().zip(&plan.peers) {
@@ -1413,7 +1414,7 @@ fn healthz_metrics_and_status_cli_against_the_running_sidecar() {
     assert!(table.status.success());
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(
-        table.starts_with("host host-1  driver xfrm  metadata "),
+        table.starts_with("host host-1  driver xfrm  firewall iptables  metadata "),
         "{table}"
     );
     assert!(table.contains("PEER"), "{table}");

@@ -28,7 +28,10 @@ pub fn run(cmd: StatusCmd) -> Result<ExitCode> {
     }
     let v: serde_json::Value = serde_json::from_str(&body)?;
     let host = v["host"].as_str().unwrap_or("?");
-    let driver = v["driver"].as_str().unwrap_or("?");
+    let driver = match v["firewall"].as_str() {
+        Some(f) => format!("{}  firewall {f}", v["driver"].as_str().unwrap_or("?")),
+        None => v["driver"].as_str().unwrap_or("?").to_string(),
+    };
     let md = &v["metadata"];
     println!(
         "host {host}  driver {driver}  metadata {} (version {})  reconciles {} ({} with errors)",

@@ -417,6 +417,7 @@ pub fn run(cfg: DaemonConfig, driver: Box<dyn Driver>) -> anyhow::Result<()> {
     let (source, watch_source) = (open()?, open()?);
     let status = Arc::new(Mutex::new(Status {
         driver: driver.name().to_string(),
+        firewall: driver.firewall().map(|f| f.to_string()),
         has_sas: driver.has_sas(),
         metadata: status::MetadataStatus {
             source: cfg.source.clone(),

@@ -111,6 +111,9 @@ pub struct PeerStatus {
 pub struct Status {
     pub host: Option<String>,
     pub driver: String,
+    /// The firewall backend in use (`iptables`, `nftables`, `none`), for drivers with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<String>,
     pub metadata: MetadataStatus,
     pub reconciles: ReconcileStatus,
     pub keying: KeyingStatus,

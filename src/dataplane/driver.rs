@@ -162,6 +162,10 @@ pub trait Driver: Send {
     fn has_sas(&self) -> bool {
         false
     }
+    /// The firewall backend the driver writes its marks and guard with, if it has one.
+    fn firewall(&self) -> Option<firewall::FirewallKind> {
+        None
+    }
 }
 
 /// Kernel change notifications for the sidecar ([`notify`]); without them (a failure is
@@ -303,6 +307,10 @@ impl Driver for Stack {
     fn has_sas(&self) -> bool {
         self.drivers.iter().any(|d| d.has_sas())
     }
+
+    fn firewall(&self) -> Option<firewall::FirewallKind> {
+        self.drivers.iter().find_map(|d| d.firewall())
+    }
 }
 
 /// Asks the sidecar for a reconcile as soon as possible.
@@ -356,6 +364,10 @@ impl Driver for XfrmMesh {
 
     fn has_sas(&self) -> bool {
         self.scope == xfrm::Scope::All
+    }
+
+    fn firewall(&self) -> Option<firewall::FirewallKind> {
+        Some(self.forwarding.firewall)
     }
 
     fn reconcile(&mut self, plan: &Plan) -> DriverReport {
