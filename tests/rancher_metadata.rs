@@ -408,6 +408,43 @@ fn a_generated_environment_maps_every_host_as_rancher_would() {
         )
         .unwrap();
         assert_eq!(p.peers.len(), g.hosts - 1);
+
+        // Every host's VTEP is its network agent's address, never a workload's (issue 13:
+        // the first address of a host's first subnet is a container's under Rancher's
+        // addressing, and once became the VTEP).
+        let is_agent = |c: &Value| {
+            c["system"] == true
+                && (c["labels"]["io.rancher.network.macsync"] == "true"
+                    || c["labels"]["io.rancher.container.system"] == "NetworkAgent")
+        };
+        let workloads: HashSet<String> = env
+            .containers
+            .iter()
+            .filter(|c| env.is_live_address(c) && !is_agent(c))
+            .map(|c| s(c, "primary_ip"))
+            .collect();
+        for h in &snap.cluster.hosts {
+            let agent = env
+                .containers
+                .iter()
+                .find(|c| is_agent(c) && s(c, "host_uuid") == h.id.as_str())
+                .unwrap();
+            let vtep = h.vtep.map(|v| v.to_string());
+            assert_eq!(vtep, Some(s(agent, "primary_ip")), "host {}", h.id);
+            assert!(!workloads.contains(&vtep.unwrap()), "host {}", h.id);
+            let first = h.subnets[0].network().to_string();
+            if workloads.contains(&first) {
+                assert_ne!(h.vtep.map(|v| v.to_string()), Some(first));
+            }
+        }
+        assert!(
+            snap.cluster
+                .hosts
+                .iter()
+                .any(|h| workloads.contains(&h.subnets[0].network().to_string())),
+            "the environment has the case that once broke: a host whose first subnet \
+             starts with a workload's address"
+        );
     }
 }
 
