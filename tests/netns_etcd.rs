@@ -813,3 +813,300 @@ fn metadata_push_and_show_seed_and_inspect_the_cluster() {
         "{err}"
     );
 }
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn ten_hosts_racing_for_auto_subnets_get_distinct_ones_and_keep_them() {
+    use ipsec_mesh::metadata::etcd::{Client, EtcdUrl, Registrar, Registration, SubnetSpec};
+    let e = Etcd::new("ra");
+    e.put("/mesh/network", NET);
+    // A host registered by hand holds 10.42.0.0/24: the allocator leaves it alone.
+    e.put("/mesh/hosts/static", &host_json("static", 0));
+    let url = EtcdUrl::parse(&format!("etcd://{}/mesh", e.endpoints(&[1, 2, 3]))).unwrap();
+    let ns = e.t.ns("cl");
+    let u = url.clone();
+    let got: Vec<(String, Vec<String>)> = in_netns(&ns, move || {
+        let start = std::sync::Arc::new(std::sync::Barrier::new(10));
+        let racers: Vec<_> = (1..=10)
+            .map(|n| {
+                let (u, start) = (u.clone(), start.clone());
+                thread::spawn(move || {
+                    let mut r = Registrar::new(
+                        Client::new(u).unwrap(),
+                        Registration {
+                            host: format!("r{n}"),
+                            agent_ip: format!("192.168.77.{}", 100 + n).parse().unwrap(),
+                            subnets: vec![SubnetSpec::Auto(24)],
+                            ttl: 30,
+                        },
+                    );
+                    start.wait();
+                    r.register().unwrap();
+                    let s: Vec<String> =
+                        r.subnets().unwrap().iter().map(|s| s.to_string()).collect();
+                    (format!("r{n}"), s)
+                })
+            })
+            .collect();
+        racers.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let mut all: Vec<String> = got.iter().flat_map(|(_, s)| s.clone()).collect();
+    all.sort();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        before,
+        "two racing hosts got the same subnet: {got:?}"
+    );
+    assert_eq!(all.len(), 10);
+    assert!(!all.contains(&"10.42.0.0/24".to_string()), "{all:?}");
+    // Every allocation is guarded by its key and recorded in the host's record.
+    for (host, s) in &got {
+        let key = format!("/mesh/subnets/{}", s[0].replace('/', "-"));
+        assert_eq!(e.ctl(&["get", &key, "--print-value-only"]).trim(), host);
+        let rec: Value = serde_json::from_str(
+            e.ctl(&["get", &format!("/mesh/hosts/{host}"), "--print-value-only"])
+                .trim(),
+        )
+        .unwrap();
+        assert_eq!(rec["subnets"][0], s[0].as_str());
+    }
+    // The records hang on leases; revoking r3's (the sidecar gone) removes the record, and
+    // the same id registering again gets the same subnet back.
+    let r3 = got.iter().find(|(h, _)| h == "r3").unwrap().1[0].clone();
+    let lease = e.ctl(&["get", "/mesh/hosts/r3", "-w", "json"]);
+    let lease = serde_json::from_str::<Value>(&lease).unwrap()["kvs"][0]["lease"]
+        .as_i64()
+        .unwrap();
+    e.ctl(&["lease", "revoke", &format!("{lease:x}")]);
+    assert_eq!(e.ctl(&["get", "/mesh/hosts/r3"]).trim(), "");
+    let again = in_netns(&ns, move || {
+        let mut r = Registrar::new(
+            Client::new(url).unwrap(),
+            Registration {
+                host: "r3".into(),
+                agent_ip: "192.168.77.103".parse().unwrap(),
+                subnets: vec![SubnetSpec::Auto(24)],
+                ttl: 30,
+            },
+        );
+        r.register().unwrap();
+        r.subnets().unwrap()[0].to_string()
+    });
+    assert_eq!(again, r3);
+}
+
+/// The sidecars of the mesh test, killed when the test ends.
+struct Sidecars(Vec<Option<Child>>);
+
+impl Drop for Sidecars {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Etcd {
+    fn host_ip(n: usize) -> String {
+        format!("192.168.78.{}", 20 + n)
+    }
+
+    /// Host `n`'s namespace on the underlay, its container namespace behind bridge cbr0.
+    fn add_host(&mut self, n: usize) {
+        let sw = self.t.ns("sw");
+        let h = self.t.add(&format!("h{n}"));
+        self.t.add(&format!("c{n}"));
+        let ip = Self::host_ip(n);
+        common::sh(&format!(
+            "ip link add u{n} netns {h} type veth peer name q{n} netns {sw} && \
+             ip -n {sw} link set q{n} master br0 && ip -n {sw} link set q{n} up && \
+             ip -n {h} link set u{n} up && ip -n {h} addr add {ip}/24 dev u{n} && \
+             ip netns exec {h} sysctl -qw net.ipv4.ip_forward=1"
+        ));
+    }
+
+    /// Give container `n` the first address of `subnet` behind host `n`'s bridge.
+    fn add_container(&self, n: usize, subnet: &str) {
+        let (h, c) = (self.t.ns(&format!("h{n}")), self.t.ns(&format!("c{n}")));
+        let base = subnet.trim_end_matches(".0/24");
+        common::sh(&format!(
+            "ip -n {h} link add cbr0 type bridge && ip -n {h} link set cbr0 up && \
+             ip -n {h} addr add {base}.1/24 dev cbr0 && \
+             ip link add vc{n} netns {h} type veth peer name eth0 netns {c} && \
+             ip -n {h} link set vc{n} master cbr0 && ip -n {h} link set vc{n} up && \
+             ip -n {c} link set eth0 up && ip -n {c} addr add {base}.2/24 dev eth0 && \
+             ip -n {c} route add default via {base}.1"
+        ));
+    }
+
+    /// `ipsec-mesh run --register --subnet auto` in host `n`'s namespace.
+    fn sidecar(&self, n: usize, url: &str) -> Child {
+        let log = File::create(self.t.dir.path().join(format!("h{n}.log"))).unwrap();
+        Command::new("ip")
+            .args(["netns", "exec", &self.t.ns(&format!("h{n}")), BIN, "run"])
+            .args(["--metadata", url, "--host", &format!("h{n}")])
+            .args(["--driver", "vxlan", "--resync", "60"])
+            .args(["--register", "--agent-ip", &Self::host_ip(n)])
+            .args(["--subnet", "auto", "--register-ttl", "3"])
+            .env("IPSEC_MESH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Host `n`'s record's first subnet, once it is there.
+    fn registered_subnet(&self, n: usize, within: Duration) -> String {
+        let t = Instant::now();
+        loop {
+            if let Ok(v) =
+                self.ctl_try(&["get", &format!("/mesh/hosts/h{n}"), "--print-value-only"])
+            {
+                if let Ok(rec) = serde_json::from_str::<Value>(v.trim()) {
+                    return rec["subnets"][0].as_str().unwrap().to_string();
+                }
+            }
+            assert!(
+                t.elapsed() < within,
+                "h{n} did not register within {within:?}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The peers host `n`'s sidecar reports (`ipsec-mesh status --format json`).
+    fn peers(&self, n: usize) -> Vec<String> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.t.ns(&format!("h{n}")),
+                BIN,
+                "status",
+                "--format",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let mut p: Vec<String> = v["peers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["host"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        p.sort();
+        p
+    }
+
+    fn wait_peers(&self, hosts: &[usize], want: &[usize], within: Duration) {
+        let t = Instant::now();
+        for &n in hosts {
+            let expect: Vec<String> = want
+                .iter()
+                .filter(|m| **m != n)
+                .map(|m| format!("h{m}"))
+                .collect();
+            loop {
+                let got = self.peers(n);
+                if got == expect {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < within,
+                    "h{n}: peers {got:?}, expected {expect:?} (logs in {})",
+                    self.t.dir.path().display()
+                );
+                thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    fn ping(&self, from: usize, to_subnet: &str) -> bool {
+        let dst = format!("{}.2", to_subnet.trim_end_matches(".0/24"));
+        self.t
+            .try_sh(&format!("c{from}"), &format!("ping -c 1 -W 2 -w 6 {dst}"))
+    }
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn five_registered_hosts_mesh_over_vxlan_and_a_dead_host_expires() {
+    let mut e = Etcd::new("mh");
+    e.put(
+        "/mesh/network",
+        r#"{"cidr":"10.42.0.0/16","backend":"vxlan"}"#,
+    );
+    let url = format!("etcd://{}/mesh", e.endpoints(&[1, 2, 3]));
+    for n in 1..=6 {
+        e.add_host(n);
+    }
+    let mut cars = Sidecars(Vec::new());
+    for n in 1..=5 {
+        cars.0.push(Some(e.sidecar(n, &url)));
+    }
+    let mut subnets = Vec::new();
+    for n in 1..=5 {
+        let s = e.registered_subnet(n, Duration::from_secs(20));
+        e.add_container(n, &s);
+        subnets.push(s);
+    }
+    let mut distinct = subnets.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 5, "{subnets:?}");
+    let all: Vec<usize> = (1..=5).collect();
+    e.wait_peers(&all, &all, Duration::from_secs(30));
+    for a in 1..=5 {
+        for b in (1..=5).filter(|b| *b != a) {
+            assert!(
+                e.ping(a, &subnets[b - 1]),
+                "c{a} -> c{b} ({})",
+                subnets[b - 1]
+            );
+        }
+    }
+
+    // The leader killed: a 6th host joins and everybody programs it.
+    let leader = e.leader().unwrap();
+    e.kill9(leader);
+    e.wait_healthy(2);
+    cars.0.push(Some(e.sidecar(6, &url)));
+    let s6 = e.registered_subnet(6, Duration::from_secs(20));
+    e.add_container(6, &s6);
+    subnets.push(s6.clone());
+    let six: Vec<usize> = (1..=6).collect();
+    e.wait_peers(&six, &six, Duration::from_secs(30));
+    for a in 1..=5 {
+        assert!(e.ping(a, &s6), "c{a} -> c6 ({s6})");
+        assert!(e.ping(6, &subnets[a - 1]), "c6 -> c{a}");
+    }
+    e.start(leader);
+    e.wait_healthy(3);
+
+    // h5's sidecar killed: after its TTL (3 s) the record expires and every peer drops it.
+    let mut dead = cars.0[4].take().unwrap();
+    dead.kill().unwrap();
+    dead.wait().unwrap();
+    let rest: Vec<usize> = vec![1, 2, 3, 4, 6];
+    e.wait_peers(&rest, &rest, Duration::from_secs(20));
+    assert_eq!(e.ctl(&["get", "/mesh/hosts/h5"]).trim(), "");
+    let h1 = e.t.ns("h1");
+    let fdb = common::sh(&format!("bridge -n {h1} fdb show dev vtep1042"));
+    assert!(
+        !fdb.contains(&Etcd::host_ip(5)),
+        "h5 still in h1's fdb: {fdb}"
+    );
+    // Restarted, it gets the same subnet back and rejoins.
+    cars.0[4] = Some(e.sidecar(5, &url));
+    assert_eq!(e.registered_subnet(5, Duration::from_secs(20)), subnets[4]);
+    e.wait_peers(&six, &six, Duration::from_secs(30));
+    assert!(e.ping(1, &subnets[4]), "c1 -> c5 after the restart");
+    assert!(e.ping(5, &subnets[0]), "c5 -> c1 after the restart");
+}

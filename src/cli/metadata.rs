@@ -241,3 +241,84 @@ fn table(src: &str, c: &Cluster, version: &str, skipped: &[(String, Skipped)]) -
     }
     out
 }
+
+/// `run --register`: this host writes its own record.
+#[derive(Args, Debug, Clone)]
+pub struct RegisterArgs {
+    /// Register this host in the etcd metadata (with --metadata etcd://..., --host, --agent-ip
+    /// and --subnet): its record PREFIX/hosts/<host> is kept under a lease; when this sidecar
+    /// is gone longer than --register-ttl, the record expires and peers remove the host.
+    #[arg(long, requires_all = ["agent_ip", "subnet", "host"])]
+    pub register: bool,
+
+    /// This host's underlay address (the record's agent_ip), with --register.
+    #[arg(long, value_name = "IP", requires = "register")]
+    pub agent_ip: Option<std::net::IpAddr>,
+
+    /// A container subnet of this host (repeatable), with --register; `auto` allocates a free
+    /// /--auto-subnet-len from the network cidr (by transaction: never one another host
+    /// holds) and keeps it across restarts of the same --host.
+    #[arg(long = "subnet", value_name = "CIDR|auto", requires = "register")]
+    pub subnet: Vec<String>,
+
+    /// Lease TTL of the registered record, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = etcd::DEFAULT_REGISTER_TTL, value_parser = clap::value_parser!(i64).range(1..=86_400))]
+    pub register_ttl: i64,
+
+    /// Prefix length of a `--subnet auto` allocation.
+    #[arg(long, value_name = "LEN", default_value_t = 24, value_parser = clap::value_parser!(u8).range(1..=128))]
+    pub auto_subnet_len: u8,
+}
+
+/// Start `run --register`: the first registration now (its errors that can never go away,
+/// like no free subnet, stop `run`), then a thread that keeps the lease alive.
+pub fn start_registration(src: &super::SourceArgs, r: &RegisterArgs) -> Result<()> {
+    if !r.register {
+        return Ok(());
+    }
+    if !src.metadata.starts_with("etcd://") {
+        bail!(
+            "--register: the metadata must be an etcd:// URL (not {:?})",
+            src.metadata
+        );
+    }
+    let host = src
+        .host
+        .clone()
+        .ok_or_else(|| anyhow!("--register: needs --host ID"))?;
+    let agent_ip = r
+        .agent_ip
+        .ok_or_else(|| anyhow!("--register: needs --agent-ip IP"))?;
+    let mut subnets = Vec::new();
+    for s in &r.subnet {
+        if s == "auto" {
+            subnets.push(etcd::SubnetSpec::Auto(r.auto_subnet_len));
+        } else {
+            let n = ipsec_mesh::model::parse_prefix(s).map_err(|e| anyhow!("--subnet: {e}"))?;
+            subnets.push(etcd::SubnetSpec::Fixed(n));
+        }
+    }
+    if subnets.is_empty() {
+        bail!("--register: needs at least one --subnet CIDR|auto");
+    }
+    let url = EtcdUrl::parse(&src.metadata).map_err(|e| anyhow!("{}: {e}", src.metadata))?;
+    let mut reg = etcd::Registrar::new(
+        Client::new(url)?,
+        etcd::Registration {
+            host,
+            agent_ip,
+            subnets,
+            ttl: r.register_ttl,
+        },
+    );
+    match reg.register() {
+        Ok(_) => {}
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, "--register: etcd unreachable; registering in the background")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    reg.spawn()
+        .map_err(|e| anyhow!("--register: cannot start the keep-alive thread: {e}"))?;
+    Ok(())
+}

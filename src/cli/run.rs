@@ -43,6 +43,9 @@ pub struct RunCmd {
     /// Remove everything owned when stopping (default: the dataplane stays).
     #[arg(long)]
     pub cleanup_on_exit: bool,
+
+    #[command(flatten)]
+    pub register: super::metadata_cmd::RegisterArgs,
 }
 
 pub fn run(cmd: RunCmd) -> Result<ExitCode> {
@@ -55,6 +58,7 @@ pub fn run(cmd: RunCmd) -> Result<ExitCode> {
     cmd.plan.check_rekey(psk.as_ref(), Some(&cmd.driver))?;
     cmd.driver.check_psk(psk.is_some(), &opts)?;
     let driver = cmd.driver.build(&opts, psk.as_ref())?;
+    super::metadata_cmd::start_registration(&cmd.source, &cmd.register)?;
     let cfg = daemon::DaemonConfig {
         source: cmd.source.metadata.clone(),
         host: cmd.source.host.clone(),

@@ -1411,6 +1411,324 @@ pub fn layout_of(url: &EtcdUrl, raw: &RawCluster) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// Registration (`run --register`): the host's own record under a lease kept alive, and
+// `--subnet auto` allocation by transaction.
+// ---------------------------------------------------------------------------------------------
+
+/// Default lease TTL of a registered host record, seconds (`--register-ttl`).
+pub const DEFAULT_REGISTER_TTL: i64 = 30;
+/// Allocation attempts before giving up (each lost race re-reads what is taken).
+const ALLOC_ATTEMPTS: usize = 64;
+/// Candidates looked at per allocation at most (a huge IPv6 cidr is not walked whole).
+const ALLOC_SCAN: usize = 1 << 20;
+
+/// A subnet of `--subnet`: given, or allocated from the network cidr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubnetSpec {
+    Fixed(ipnet::IpNet),
+    /// `auto`: a free subnet of this prefix length.
+    Auto(u8),
+}
+
+/// What `run --register` writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub host: String,
+    pub agent_ip: std::net::IpAddr,
+    pub subnets: Vec<SubnetSpec>,
+    /// Lease TTL, seconds.
+    pub ttl: i64,
+}
+
+/// The key of an allocation guard: `PREFIX/subnets/10.42.3.0-24`.
+pub fn subnet_key(url: &EtcdUrl, net: &ipnet::IpNet) -> String {
+    format!(
+        "{}{}-{}",
+        url.subnets_dir(),
+        net.network(),
+        net.prefix_len()
+    )
+}
+
+/// The first subnet of `len` inside `cidr` that overlaps none of `used` (pure).
+pub fn first_free(cidr: ipnet::IpNet, len: u8, used: &[ipnet::IpNet]) -> Option<ipnet::IpNet> {
+    let overlaps = |c: &ipnet::IpNet| {
+        used.iter()
+            .any(|u| u.contains(&c.network()) || c.contains(&u.network()))
+    };
+    cidr.subnets(len)
+        .ok()?
+        .take(ALLOC_SCAN)
+        .find(|c| !overlaps(c))
+}
+
+/// Why a registration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("{origin}: {message}")]
+    Etcd { origin: String, message: String },
+    #[error("{origin}: --subnet auto: {message}")]
+    Alloc { origin: String, message: String },
+}
+
+impl RegisterError {
+    /// Whether trying again later may succeed (etcd unreachable), as opposed to a request
+    /// that can never work (no free subnet, bad network).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RegisterError::Etcd { .. })
+    }
+}
+
+/// Registers one host: allocations, then the record under a lease.
+pub struct Registrar {
+    client: Client,
+    reg: Registration,
+    /// The subnets once allocated (kept across re-registrations).
+    subnets: Option<Vec<ipnet::IpNet>>,
+    lease: i64,
+}
+
+impl Registrar {
+    pub fn new(client: Client, reg: Registration) -> Registrar {
+        Registrar {
+            client,
+            reg,
+            subnets: None,
+            lease: 0,
+        }
+    }
+
+    fn err(&self, e: CallError) -> RegisterError {
+        RegisterError::Etcd {
+            origin: self.client.url.origin(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The subnets of the record: the fixed ones and, for each `auto`, this host's existing
+    /// allocation or a new one.
+    pub fn subnets(&mut self) -> Result<Vec<ipnet::IpNet>, RegisterError> {
+        if let Some(s) = &self.subnets {
+            return Ok(s.clone());
+        }
+        let mut out: Vec<ipnet::IpNet> = self
+            .reg
+            .subnets
+            .iter()
+            .filter_map(|s| match s {
+                SubnetSpec::Fixed(n) => Some(*n),
+                SubnetSpec::Auto(_) => None,
+            })
+            .collect();
+        let autos: Vec<u8> = self
+            .reg
+            .subnets
+            .iter()
+            .filter_map(|s| match s {
+                SubnetSpec::Auto(l) => Some(*l),
+                SubnetSpec::Fixed(_) => None,
+            })
+            .collect();
+        for (i, len) in autos.iter().enumerate() {
+            let n = self.allocate(*len, i, &out)?;
+            out.push(n);
+        }
+        self.subnets = Some(out.clone());
+        Ok(out)
+    }
+
+    /// Allocate the `nth` auto subnet of length `len` (or find the one this host holds).
+    fn allocate(
+        &self,
+        len: u8,
+        nth: usize,
+        taken_here: &[ipnet::IpNet],
+    ) -> Result<ipnet::IpNet, RegisterError> {
+        let url = &self.client.url;
+        let origin = url.origin();
+        let alloc_err = |message: String| RegisterError::Alloc {
+            origin: origin.clone(),
+            message,
+        };
+        for _ in 0..ALLOC_ATTEMPTS {
+            let (entries, _) = self
+                .client
+                .list(&url.dir(), 1 << 30)
+                .map_err(|e| self.err(e))?;
+            let mut cidr = None;
+            let mut used: Vec<ipnet::IpNet> = taken_here.to_vec();
+            let mut mine: Vec<ipnet::IpNet> = Vec::new();
+            let subnets_dir = url.subnets_dir();
+            for e in &entries {
+                if e.key == url.network_key() {
+                    let n: RawNetwork = serde_json::from_slice(&e.value)
+                        .map_err(|x| alloc_err(format!("{}: {x}", url.key_origin(&e.key))))?;
+                    cidr = Some(crate::model::parse_prefix(&n.cidr).map_err(|x| {
+                        alloc_err(format!("{}: cidr: {x}", url.key_origin(&e.key)))
+                    })?);
+                } else if let Some(name) = e.key.strip_prefix(&subnets_dir) {
+                    let Some(net) = name
+                        .rsplit_once('-')
+                        .and_then(|(a, l)| format!("{a}/{l}").parse::<ipnet::IpNet>().ok())
+                    else {
+                        continue;
+                    };
+                    if e.value == self.reg.host.as_bytes() {
+                        mine.push(net);
+                    } else {
+                        used.push(net);
+                    }
+                } else if let KeyKind::Host(id) = url.classify(&e.key) {
+                    if id == self.reg.host {
+                        continue;
+                    }
+                    if let Ok(h) = serde_json::from_slice::<RawHost>(&e.value) {
+                        used.extend(
+                            h.subnets
+                                .iter()
+                                .filter_map(|s| s.parse::<ipnet::IpNet>().ok()),
+                        );
+                    }
+                }
+            }
+            let Some(cidr) = cidr else {
+                return Err(alloc_err(format!(
+                    "{} is missing: the network cidr to allocate from",
+                    url.key_origin(&url.network_key())
+                )));
+            };
+            if len < cidr.prefix_len() || len > cidr.max_prefix_len() {
+                return Err(alloc_err(format!(
+                    "a /{len} cannot be allocated from the network cidr {cidr}"
+                )));
+            }
+            // This host's earlier allocations (a restart of the same id), in order.
+            mine.sort();
+            let reuse: Vec<ipnet::IpNet> = mine
+                .iter()
+                .copied()
+                .filter(|n| n.prefix_len() == len && cidr.contains(n))
+                .filter(|n| !taken_here.contains(n))
+                .collect();
+            if let Some(n) = reuse.first() {
+                tracing::info!(host = %self.reg.host, subnet = %n, nth, "--subnet auto: keeping this host's allocation");
+                return Ok(*n);
+            }
+            used.extend(mine);
+            let Some(candidate) = first_free(cidr, len, &used) else {
+                return Err(alloc_err(format!(
+                    "no free /{len} left in the network cidr {cidr} ({} subnets taken)",
+                    used.len()
+                )));
+            };
+            let key = subnet_key(url, &candidate);
+            let k = b64_encode(key.as_bytes());
+            let txn = json!({
+                "compare": [{ "target": "CREATE", "key": k, "create_revision": "0" }],
+                "success": [{ "request_put": {
+                    "key": k, "value": b64_encode(self.reg.host.as_bytes()) } }],
+            });
+            let r = self.client.txn(&txn).map_err(|e| self.err(e))?;
+            if r.succeeded {
+                tracing::info!(host = %self.reg.host, subnet = %candidate, "--subnet auto: allocated");
+                return Ok(candidate);
+            }
+            // Lost a race for it: look again.
+        }
+        Err(alloc_err(format!(
+            "no allocation after {ALLOC_ATTEMPTS} attempts (every candidate was taken by a \
+             racing host)"
+        )))
+    }
+
+    /// The record as JSON.
+    pub fn record(&mut self) -> Result<Vec<u8>, RegisterError> {
+        let subnets = self.subnets()?;
+        let h = RawHost {
+            id: self.reg.host.clone(),
+            agent_ip: self.reg.agent_ip.to_string(),
+            subnets: subnets.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        Ok(serde_json::to_vec(&h).unwrap_or_default())
+    }
+
+    /// Grant a lease and put the record under it.
+    pub fn register(&mut self) -> Result<i64, RegisterError> {
+        let record = self.record()?;
+        let lease = self
+            .client
+            .lease_grant(self.reg.ttl)
+            .map_err(|e| self.err(e))?;
+        self.client
+            .put(&self.client.url.host_key(&self.reg.host), &record, lease.id)
+            .map_err(|e| self.err(e))?;
+        self.lease = lease.id;
+        tracing::info!(
+            host = %self.reg.host,
+            lease = format!("{:x}", lease.id),
+            ttl = lease.ttl,
+            record = %String::from_utf8_lossy(&record),
+            "registered in etcd"
+        );
+        Ok(lease.id)
+    }
+
+    /// Keep the lease alive; register again when it is gone (expired while etcd or this
+    /// host was away). Returns the TTL etcd granted, or 0 after a re-registration.
+    pub fn keepalive(&mut self) -> Result<i64, RegisterError> {
+        if self.lease == 0 {
+            self.register()?;
+            return Ok(0);
+        }
+        let ttl = self
+            .client
+            .lease_keepalive(self.lease)
+            .map_err(|e| self.err(e))?;
+        if ttl > 0 {
+            return Ok(ttl);
+        }
+        tracing::warn!(host = %self.reg.host, "the registration's lease is gone; registering again");
+        self.lease = 0;
+        self.register()?;
+        Ok(0)
+    }
+
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
+
+    /// Keep the registration alive on a thread of its own, forever (the record expires
+    /// `ttl` seconds after this process is gone).
+    pub fn spawn(mut self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let every = Duration::from_millis((self.reg.ttl.max(1) as u64 * 1000) / 3);
+        std::thread::Builder::new()
+            .name("etcd-register".into())
+            .spawn(move || {
+                let mut failing = false;
+                loop {
+                    match self.keepalive() {
+                        Ok(_) => {
+                            if failing {
+                                tracing::info!(host = %self.reg.host, "registration kept again");
+                            }
+                            failing = false;
+                            std::thread::sleep(every);
+                        }
+                        Err(e) => {
+                            if !failing {
+                                tracing::warn!(error = %e, "registration: cannot reach etcd; retrying");
+                            }
+                            failing = true;
+                            std::thread::sleep(every.min(Duration::from_secs(1)));
+                        }
+                    }
+                }
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1735,6 +2053,36 @@ mod tests {
         );
         assert_eq!(host_location("network.cidr"), None);
         assert_eq!(host_location("hosts"), None);
+    }
+
+    #[test]
+    fn the_first_free_subnet_skips_what_is_taken() {
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+        let cidr = net("10.42.0.0/16");
+        assert_eq!(first_free(cidr, 24, &[]), Some(net("10.42.0.0/24")));
+        let used = [
+            net("10.42.0.0/24"),
+            net("10.42.1.128/25"),
+            net("10.42.2.0/23"),
+        ];
+        assert_eq!(first_free(cidr, 24, &used), Some(net("10.42.4.0/24")));
+        // A wider taken prefix covers its candidates.
+        assert_eq!(
+            first_free(cidr, 24, &[net("10.42.0.0/17")]),
+            Some(net("10.42.128.0/24"))
+        );
+        assert_eq!(
+            first_free(net("10.42.0.0/23"), 24, &[net("10.42.0.0/23")]),
+            None
+        );
+        assert_eq!(
+            subnet_key(&url(), &net("10.42.3.0/24")),
+            "/ipsec-mesh/subnets/10.42.3.0-24"
+        );
+        assert_eq!(
+            url().classify("/ipsec-mesh/subnets/10.42.3.0-24"),
+            KeyKind::Other
+        );
     }
 
     #[test]
