@@ -44,6 +44,7 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
     let status = Status {
         host: Some("host-a".into()),
         driver: "xfrm".into(),
+        firewall: Some("iptables".into()),
         metadata: MetadataStatus {
             source: "file:/etc/ipsec-mesh/cluster.json".into(),
             version: Some("v\"42\"\nnext".into()),

@@ -8,6 +8,22 @@ use serde::Serialize;
 use super::{firewall, notify, routes, xfrm};
 use crate::plan::{Marks, Plan};
 
+/// An error and its causes on one line (`a: b: c`), without repeating a cause the text
+/// before already contains.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        src = s.source();
+    }
+    msg
+}
+
 /// The outcome of one reconcile or cleanup of a driver.
 #[derive(Debug, Default, Clone)]
 pub struct DriverReport {
@@ -32,18 +48,10 @@ impl DriverReport {
         self.parts.push((name, writes));
     }
 
-    fn fail(&mut self, owner: &str, what: &str, e: &dyn std::error::Error) {
-        let mut msg = format!("{what}: {e}");
-        let mut src = e.source();
-        while let Some(s) = src {
-            let t = s.to_string();
-            if !msg.contains(&t) {
-                msg.push_str(": ");
-                msg.push_str(&t);
-            }
-            src = s.source();
-        }
-        self.errors.push((owner.to_string(), msg));
+    /// Record the failure of a whole step (`what`) for `owner`, with the error's causes.
+    pub fn fail(&mut self, owner: &str, what: &str, e: &dyn std::error::Error) {
+        self.errors
+            .push((owner.to_string(), format!("{what}: {}", error_chain(e))));
     }
 
     /// Fold an XFRM reconcile or cleanup in: its writes and changes as the `xfrm objects`

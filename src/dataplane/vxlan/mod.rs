@@ -420,20 +420,6 @@ fn owner_name(o: &Owner) -> String {
     o.to_string()
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !msg.contains(&t) {
-            msg.push_str(": ");
-            msg.push_str(&t);
-        }
-        src = s.source();
-    }
-    msg
-}
-
 fn to_driver_report(r: Result<Report, VxlanError>, what: &str) -> DriverReport {
     let mut d = DriverReport::default();
     match r {
@@ -447,9 +433,10 @@ fn to_driver_report(r: Result<Report, VxlanError>, what: &str) -> DriverReport {
                 .map(|(o, e)| (owner_name(o), e.clone()))
                 .collect();
         }
-        Err(e) => d
-            .errors
-            .push(("mesh".into(), format!("{what}: {}", chain(&e)))),
+        Err(e) => d.errors.push((
+            "mesh".into(),
+            format!("{what}: {}", crate::dataplane::driver::error_chain(&e)),
+        )),
     }
     d
 }
