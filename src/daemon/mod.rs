@@ -345,8 +345,9 @@ impl Loop {
         }
         // Per-peer backoff: a failing peer's counter grows, a healthy one's resets.
         let failed = report.failed_peers();
+        // Sorted (failed_peers sorts and dedups): a binary search, not a scan per peer.
         self.peer_failures
-            .retain(|p, _| failed.contains(&p.as_str()));
+            .retain(|p, _| failed.binary_search(&p.as_str()).is_ok());
         for p in failed {
             *self.peer_failures.entry(p.to_string()).or_default() += 1;
         }
