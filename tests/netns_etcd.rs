@@ -59,10 +59,16 @@ where
 struct Etcd {
     t: common::Namespaces,
     members: Vec<Option<Child>>,
+    /// Client TLS: members serve https with --client-cert-auth (certificates in `dir`).
+    tls: bool,
 }
 
 impl Etcd {
     fn new(tag: &str) -> Etcd {
+        Etcd::with_tls(tag, false)
+    }
+
+    fn with_tls(tag: &str, tls: bool) -> Etcd {
         require_root!();
         common::require_program(ETCD, "etcd-server");
         common::require_program(ETCDCTL, "etcd-client");
@@ -86,7 +92,11 @@ impl Etcd {
         let mut e = Etcd {
             t,
             members: vec![None, None, None],
+            tls,
         };
+        if tls {
+            e.make_certs();
+        }
         for n in 1..=3 {
             e.start(n);
         }
@@ -106,13 +116,21 @@ impl Etcd {
         let ip = member_ip(n);
         let dir = self.t.dir.path().join(format!("e{n}"));
         let log = File::create(self.t.dir.path().join(format!("e{n}.log"))).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.t.ns(&format!("e{n}")), ETCD])
+        let scheme = self.scheme();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.t.ns(&format!("e{n}")), ETCD]);
+        if self.tls {
+            let c = |f: &str| self.cert(f);
+            cmd.args(["--cert-file", &c(&format!("e{n}.pem"))])
+                .args(["--key-file", &c(&format!("e{n}.key"))])
+                .args(["--trusted-ca-file", &c("ca.pem"), "--client-cert-auth"]);
+        }
+        let child = cmd
             .args(["--name", &format!("e{n}")])
             .arg("--data-dir")
             .arg(&dir)
-            .args(["--listen-client-urls", &format!("http://{ip}:2379")])
-            .args(["--advertise-client-urls", &format!("http://{ip}:2379")])
+            .args(["--listen-client-urls", &format!("{scheme}://{ip}:2379")])
+            .args(["--advertise-client-urls", &format!("{scheme}://{ip}:2379")])
             .args(["--listen-peer-urls", &format!("http://{ip}:2380")])
             .args([
                 "--initial-advertise-peer-urls",
@@ -129,6 +147,64 @@ impl Etcd {
             .spawn()
             .expect("start etcd");
         self.members[n - 1] = Some(child);
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// A file of the test's PKI.
+    fn cert(&self, name: &str) -> String {
+        self.t
+            .dir
+            .path()
+            .join("pki")
+            .join(name)
+            .display()
+            .to_string()
+    }
+
+    /// With openssl: a CA, a server certificate per member (its IP as SAN), a client
+    /// certificate, and a second CA that signed nothing of the cluster's (for the negative
+    /// cases).
+    fn make_certs(&self) {
+        common::require_program("/usr/bin/openssl", "openssl");
+        let d = self.t.dir.path().join("pki");
+        std::fs::create_dir_all(&d).unwrap();
+        let d = d.display();
+        let ca = |name: &str| {
+            format!(
+                "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+                 -subj /CN={name} -keyout {d}/{name}.key -out {d}/{name}.pem 2>/dev/null"
+            )
+        };
+        common::sh(&ca("ca"));
+        common::sh(&ca("other-ca"));
+        let leaf = |name: &str, ext: &str, signer: &str| {
+            format!(
+                "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN={name} \
+                 -keyout {d}/{name}.key -out {d}/{name}.csr 2>/dev/null && \
+                 printf '%s\n' '{ext}' > {d}/{name}.ext && \
+                 openssl x509 -req -in {d}/{name}.csr -CA {d}/{signer}.pem -CAkey {d}/{signer}.key \
+                 -CAcreateserial -days 2 -extfile {d}/{name}.ext -out {d}/{name}.pem 2>/dev/null"
+            )
+        };
+        for n in 1..=3 {
+            common::sh(&leaf(
+                &format!("e{n}"),
+                &format!(
+                    "subjectAltName=IP:{}\nextendedKeyUsage=serverAuth,clientAuth",
+                    member_ip(n)
+                ),
+                "ca",
+            ));
+        }
+        common::sh(&leaf("client", "extendedKeyUsage=clientAuth", "ca"));
+        common::sh(&leaf("stranger", "extendedKeyUsage=clientAuth", "other-ca"));
     }
 
     /// kill -9 member `n`.
@@ -158,10 +234,16 @@ impl Etcd {
         let running: Vec<usize> = (1..=3).filter(|n| self.members[n - 1].is_some()).collect();
         let eps: Vec<String> = running
             .iter()
-            .map(|n| format!("http://{}:2379", member_ip(*n)))
+            .map(|n| format!("{}://{}:2379", self.scheme(), member_ip(*n)))
             .collect();
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.t.ns("cl"), ETCDCTL])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.t.ns("cl"), ETCDCTL]);
+        if self.tls {
+            cmd.arg(format!("--cacert={}", self.cert("ca.pem")))
+                .arg(format!("--cert={}", self.cert("client.pem")))
+                .arg(format!("--key={}", self.cert("client.key")));
+        }
+        let out = cmd
             .arg(format!("--endpoints={}", eps.join(",")))
             .args(["--dial-timeout=2s", "--command-timeout=5s"])
             .args(args)
@@ -944,6 +1026,10 @@ impl Etcd {
 
     /// `ipsec-mesh run --register --subnet auto` in host `n`'s namespace.
     fn sidecar(&self, n: usize, url: &str) -> Child {
+        self.sidecar_with(n, url, &[])
+    }
+
+    fn sidecar_with(&self, n: usize, url: &str, extra: &[&str]) -> Child {
         let log = File::create(self.t.dir.path().join(format!("h{n}.log"))).unwrap();
         Command::new("ip")
             .args(["netns", "exec", &self.t.ns(&format!("h{n}")), BIN, "run"])
@@ -951,6 +1037,7 @@ impl Etcd {
             .args(["--driver", "vxlan", "--resync", "60"])
             .args(["--register", "--agent-ip", &Self::host_ip(n)])
             .args(["--subnet", "auto", "--register-ttl", "3"])
+            .args(extra)
             .env("IPSEC_MESH_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -1109,4 +1196,151 @@ fn five_registered_hosts_mesh_over_vxlan_and_a_dead_host_expires() {
     e.wait_peers(&six, &six, Duration::from_secs(30));
     assert!(e.ping(1, &subnets[4]), "c1 -> c5 after the restart");
     assert!(e.ping(5, &subnets[0]), "c5 -> c1 after the restart");
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn mutual_tls_the_mesh_works_and_a_client_without_a_valid_certificate_is_told_why() {
+    use ipsec_mesh::metadata::etcd::{Client, EtcdUrl, TlsFiles};
+    let mut e = Etcd::with_tls("tl", true);
+    e.put(
+        "/mesh/network",
+        r#"{"cidr":"10.42.0.0/16","backend":"vxlan"}"#,
+    );
+    let eps = e.endpoints(&[1, 2, 3]);
+    let url = format!("etcd://{eps}/mesh");
+    let files = |cert: Option<&str>, ca: &str| TlsFiles {
+        cacert: Some(e.cert(&format!("{ca}.pem")).into()),
+        cert: cert.map(|c| e.cert(&format!("{c}.pem")).into()),
+        key: cert.map(|c| e.cert(&format!("{c}.key")).into()),
+    };
+    let cases = vec![
+        ("good", Some(files(Some("client"), "ca"))),
+        ("no client certificate", Some(files(None, "ca"))),
+        (
+            "a certificate of another CA",
+            Some(files(Some("stranger"), "ca")),
+        ),
+        (
+            "members not trusted",
+            Some(files(Some("client"), "other-ca")),
+        ),
+        ("plain http", None),
+    ];
+    let ns = e.t.ns("cl");
+    let u = EtcdUrl::parse(&url).unwrap();
+    let results: Vec<(&str, Result<usize, String>)> = in_netns(&ns, move || {
+        cases
+            .into_iter()
+            .map(|(name, tls)| {
+                let r = Client::with_tls(u.clone(), tls)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| {
+                        c.list("/mesh/", 1 << 20)
+                            .map(|(entries, _)| entries.len())
+                            .map_err(|e| e.to_string())
+                    });
+                (name, r)
+            })
+            .collect()
+    });
+    assert_eq!(results[0].1, Ok(1), "{results:#?}");
+    for (name, r) in &results[1..] {
+        let err = r.clone().expect_err(name);
+        // Every endpoint is named with what went wrong.
+        for n in 1..=3 {
+            assert!(
+                err.contains(&format!("{}:2379: ", member_ip(n))),
+                "{name}: {err}"
+            );
+        }
+        let why: &[&str] = match *name {
+            // The member refuses the client (an alert, or the connection closed under the
+            // request: TLS 1.3 finishes the client's handshake before the member checks).
+            "no client certificate" | "a certificate of another CA" => &[
+                "TLS: received fatal alert",
+                "TLS: the member closed the connection right after the handshake",
+            ],
+            "members not trusted" => &["TLS: invalid peer certificate: UnknownIssuer"],
+            _ => &["the member closed the connection without answering ("],
+        };
+        for n in 1..=3 {
+            let part = err
+                .split("; ")
+                .find(|p| p.contains(&format!("{}:2379: ", member_ip(n))))
+                .unwrap_or_else(|| panic!("{name}: endpoint {n} not named: {err}"));
+            assert!(why.iter().any(|w| part.contains(w)), "{name}: {part}");
+            if *name == "plain http" {
+                assert!(
+                    part.contains("if it serves https, pass --etcd-cacert"),
+                    "{part}"
+                );
+            }
+        }
+    }
+
+    // The CLI with the flags, and with the environment (plan, apply, cni-config).
+    let (ca, cert, key) = (e.cert("ca.pem"), e.cert("client.pem"), e.cert("client.key"));
+    let tls_flags = [
+        "--etcd-cacert",
+        &ca,
+        "--etcd-cert",
+        &cert,
+        "--etcd-key",
+        &key,
+    ];
+    let mut show = vec!["metadata", "show", "--metadata", &url];
+    show.extend(tls_flags);
+    let (ok, _, err) = e.mesh(&show);
+    assert!(!ok, "no host yet");
+    assert!(err.contains("the host list is empty"), "{err}");
+    let (ok, _, err) = e.mesh(&["metadata", "show", "--metadata", &url, "--etcd-cacert", &ca]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{}:2379: TLS: ", member_ip(1))),
+        "{err}"
+    );
+
+    // Two sidecars register over mutual TLS and mesh.
+    for n in 1..=2 {
+        e.add_host(n);
+    }
+    let mut cars = Sidecars(Vec::new());
+    for n in 1..=2 {
+        cars.0.push(Some(e.sidecar_with(n, &url, &tls_flags)));
+    }
+    let s: Vec<String> = (1..=2)
+        .map(|n| e.registered_subnet(n, Duration::from_secs(20)))
+        .collect();
+    for n in 1..=2 {
+        e.add_container(n, &s[n - 1]);
+    }
+    e.wait_peers(&[1, 2], &[1, 2], Duration::from_secs(30));
+    assert!(e.ping(1, &s[1]), "c1 -> c2 with metadata over mutual TLS");
+    assert!(e.ping(2, &s[0]), "c2 -> c1");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &e.t.ns("cl"),
+            BIN,
+            "plan",
+            "--metadata",
+            &url,
+            "--host",
+            "h1",
+        ])
+        .env("IPSEC_MESH_ETCD_CACERT", &ca)
+        .env("IPSEC_MESH_ETCD_CERT", &cert)
+        .env("IPSEC_MESH_ETCD_KEY", &key)
+        .env("IPSEC_MESH_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.lines().any(|l| l.starts_with("h2 ")), "{text}");
 }

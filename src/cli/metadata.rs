@@ -49,6 +49,9 @@ pub struct PushCmd {
     /// Also delete the host records under the prefix that the file does not list.
     #[arg(long)]
     pub prune: bool,
+
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -60,6 +63,41 @@ pub struct ShowCmd {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
+}
+
+/// TLS to etcd, as etcd's own clients take it. Without these flags the files named by
+/// $IPSEC_MESH_ETCD_CACERT, $IPSEC_MESH_ETCD_CERT and $IPSEC_MESH_ETCD_KEY are used (that is
+/// how `plan`, `apply` and `cni-config` get them); with none, etcd is spoken to over http.
+#[derive(Args, Debug, Clone, Default)]
+pub struct EtcdTlsArgs {
+    /// CA certificate (PEM) that signed the etcd members' certificates: etcd over https.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cacert: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) for etcd's --client-cert-auth (mutual TLS), with --etcd-key.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<std::path::PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// Every etcd source opened from now on uses these files (if any flag was given).
+    pub fn apply(&self) {
+        let t = etcd::TlsFiles {
+            cacert: self.etcd_cacert.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+        };
+        if !t.is_empty() {
+            etcd::set_default_tls(t);
+        }
+    }
 }
 
 pub fn run(cmd: MetadataCmd) -> Result<ExitCode> {
@@ -87,6 +125,7 @@ fn delete_op(key: &str) -> Value {
 }
 
 fn push(cmd: PushCmd) -> Result<ExitCode> {
+    cmd.tls.apply();
     let raw = read_file(&cmd.metadata)?;
     let url = EtcdUrl::parse(&cmd.to).map_err(|e| anyhow!("--to {}: {e}", cmd.to))?;
     let client = Client::new(url.clone())?;
@@ -157,6 +196,7 @@ fn host_json(h: &ipsec_mesh::model::Host) -> Value {
 }
 
 fn show(cmd: ShowCmd) -> Result<ExitCode> {
+    cmd.tls.apply();
     let (cluster, version, skipped): (Cluster, String, Vec<(String, Skipped)>) =
         if cmd.metadata.starts_with("etcd://") {
             let src = EtcdSource::new(&cmd.metadata)?;
@@ -242,7 +282,7 @@ fn table(src: &str, c: &Cluster, version: &str, skipped: &[(String, Skipped)]) -
     out
 }
 
-/// `run --register`: this host writes its own record.
+/// `run`'s etcd options: TLS, and `--register` (this host writes its own record).
 #[derive(Args, Debug, Clone)]
 pub struct RegisterArgs {
     /// Register this host in the etcd metadata (with --metadata etcd://..., --host, --agent-ip
@@ -268,11 +308,15 @@ pub struct RegisterArgs {
     /// Prefix length of a `--subnet auto` allocation.
     #[arg(long, value_name = "LEN", default_value_t = 24, value_parser = clap::value_parser!(u8).range(1..=128))]
     pub auto_subnet_len: u8,
+
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
 }
 
-/// Start `run --register`: the first registration now (its errors that can never go away,
+/// Apply `run`'s etcd TLS flags, then start `--register`: the first registration now (its errors that can never go away,
 /// like no free subnet, stop `run`), then a thread that keeps the lease alive.
 pub fn start_registration(src: &super::SourceArgs, r: &RegisterArgs) -> Result<()> {
+    r.tls.apply();
     if !r.register {
         return Ok(());
     }

@@ -690,8 +690,28 @@ pub fn set_default_tls(tls: TlsFiles) {
     }
 }
 
+/// Environment variables naming the TLS files when no flag did (`plan`, `apply`,
+/// `cni-config` take them from there).
+pub const ENV_CACERT: &str = "IPSEC_MESH_ETCD_CACERT";
+pub const ENV_CERT: &str = "IPSEC_MESH_ETCD_CERT";
+pub const ENV_KEY: &str = "IPSEC_MESH_ETCD_KEY";
+
+/// The TLS files set with [`set_default_tls`], else those the environment names.
 fn default_tls() -> Option<TlsFiles> {
-    DEFAULT_TLS.lock().ok().and_then(|g| g.clone())
+    if let Some(t) = DEFAULT_TLS.lock().ok().and_then(|g| g.clone()) {
+        return Some(t);
+    }
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    let t = TlsFiles {
+        cacert: var(ENV_CACERT),
+        cert: var(ENV_CERT),
+        key: var(ENV_KEY),
+    };
+    (!t.is_empty()).then_some(t)
 }
 
 /// An etcd v3 client over the gateway's JSON API.
@@ -770,7 +790,7 @@ impl Client {
             .timeout_global(Some(timeout))
             .build()
             .send_json(body)
-            .map_err(|e| (true, None, describe(&e, timeout)))?;
+            .map_err(|e| (true, None, describe(&e, timeout, self.scheme == "https")))?;
         let status = response.status().as_u16();
         if (200..300).contains(&status) {
             return Ok(response);
@@ -967,22 +987,99 @@ impl Client {
     }
 }
 
+/// The agent's TLS settings from the files: the CA that signed the members' certificates
+/// (else the built-in web roots) and, for mutual TLS, the client certificate and key.
 fn tls_config(
     url: &EtcdUrl,
-    _builder: ureq::config::ConfigBuilder<ureq::typestate::AgentScope>,
-    _tls: &TlsFiles,
+    builder: ureq::config::ConfigBuilder<ureq::typestate::AgentScope>,
+    tls: &TlsFiles,
 ) -> Result<ureq::config::ConfigBuilder<ureq::typestate::AgentScope>, MetadataError> {
-    Err(MetadataError::Etcd {
+    use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
+    let err = |message: String| MetadataError::Etcd {
         origin: url.origin(),
-        message: "TLS (--etcd-cacert/--etcd-cert/--etcd-key) is not supported by this build"
-            .to_string(),
-    })
+        message,
+    };
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| err(format!("{flag} {}: cannot read: {e}", path.display())))
+    };
+    let certs =
+        |flag: &str, path: &std::path::Path| -> Result<Vec<Certificate<'static>>, MetadataError> {
+            let pem = read(flag, path)?;
+            let mut out = Vec::new();
+            for item in ureq::tls::parse_pem(&pem) {
+                match item {
+                    Ok(PemItem::Certificate(c)) => out.push(c),
+                    Ok(_) => {}
+                    Err(e) => return Err(err(format!("{flag} {}: not PEM: {e}", path.display()))),
+                }
+            }
+            if out.is_empty() {
+                return Err(err(format!(
+                    "{flag} {}: no certificate in it",
+                    path.display()
+                )));
+            }
+            Ok(out)
+        };
+    let mut cfg = TlsConfig::builder();
+    cfg = match &tls.cacert {
+        Some(p) => cfg.root_certs(RootCerts::new_with_certs(&certs("--etcd-cacert", p)?)),
+        None => cfg.root_certs(RootCerts::WebPki),
+    };
+    match (&tls.cert, &tls.key) {
+        (Some(c), Some(k)) => {
+            let chain = certs("--etcd-cert", c)?;
+            let pem = read("--etcd-key", k)?;
+            // The key's bytes stay out of every message.
+            let key = PrivateKey::from_pem(&pem).map_err(|_| {
+                err(format!(
+                    "--etcd-key {}: no PEM private key in it",
+                    k.display()
+                ))
+            })?;
+            cfg = cfg.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
+        }
+        (Some(_), None) => return Err(err("--etcd-cert needs --etcd-key".to_string())),
+        (None, Some(_)) => return Err(err("--etcd-key needs --etcd-cert".to_string())),
+        (None, None) => {}
+    }
+    Ok(builder.tls_config(cfg.build()))
 }
 
-fn describe(e: &ureq::Error, timeout: Duration) -> String {
+fn describe(e: &ureq::Error, timeout: Duration, tls: bool) -> String {
+    use std::io::ErrorKind;
     match e {
-        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+        ureq::Error::Io(io) if io.kind() == ErrorKind::ConnectionRefused => {
             "cannot connect: connection refused".to_string()
+        }
+        // TLS 1.3: the client's handshake is done before the member has checked the client
+        // certificate, so a refusal shows as the connection closing under the request.
+        ureq::Error::Io(io)
+            if tls
+                && matches!(
+                    io.kind(),
+                    ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
+                ) =>
+        {
+            format!(
+                "TLS: the member closed the connection right after the handshake ({io}): it \
+                 refused this client's certificate or requires one (--etcd-cert, --etcd-key)"
+            )
+        }
+        // rustls' own errors (alerts, certificate verification) come wrapped in an io error.
+        ureq::Error::Io(io) if tls && io.get_ref().is_some() => format!("TLS: {io}"),
+        // What a member serving https does with a plain http request.
+        ureq::Error::Io(io)
+            if !tls
+                && matches!(
+                    io.kind(),
+                    ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+                ) =>
+        {
+            format!(
+                "the member closed the connection without answering ({io}): if it serves https, \
+             pass --etcd-cacert (and --etcd-cert, --etcd-key for mutual TLS)"
+            )
         }
         ureq::Error::Io(io) => format!("request failed: {io}"),
         ureq::Error::Timeout(t) => {
@@ -990,6 +1087,8 @@ fn describe(e: &ureq::Error, timeout: Duration) -> String {
         }
         ureq::Error::HostNotFound => "cannot resolve the host name".to_string(),
         ureq::Error::ConnectionFailed => "cannot connect".to_string(),
+        ureq::Error::Rustls(e) => format!("TLS: {e}"),
+        ureq::Error::Tls(e) => format!("TLS: {e}"),
         other => format!("request failed: {other}"),
     }
 }
