@@ -1026,17 +1026,18 @@ impl Etcd {
 
     /// `ipsec-mesh run --register --subnet auto` in host `n`'s namespace.
     fn sidecar(&self, n: usize, url: &str) -> Child {
-        self.sidecar_with(n, url, &[])
+        self.sidecar_with(n, url, &["--register-ttl", "3", "--resync", "60"])
     }
 
+    /// [`Etcd::sidecar`] with `extra` flags (they must include --register-ttl and --resync).
     fn sidecar_with(&self, n: usize, url: &str, extra: &[&str]) -> Child {
         let log = File::create(self.t.dir.path().join(format!("h{n}.log"))).unwrap();
         Command::new("ip")
             .args(["netns", "exec", &self.t.ns(&format!("h{n}")), BIN, "run"])
             .args(["--metadata", url, "--host", &format!("h{n}")])
-            .args(["--driver", "vxlan", "--resync", "60"])
+            .args(["--driver", "vxlan"])
             .args(["--register", "--agent-ip", &Self::host_ip(n)])
-            .args(["--subnet", "auto", "--register-ttl", "3"])
+            .args(["--subnet", "auto"])
             .args(extra)
             .env("IPSEC_MESH_LOG", "info")
             .stdin(Stdio::null())
@@ -1282,6 +1283,10 @@ fn mutual_tls_the_mesh_works_and_a_client_without_a_valid_certificate_is_told_wh
     // The CLI with the flags, and with the environment (plan, apply, cni-config).
     let (ca, cert, key) = (e.cert("ca.pem"), e.cert("client.pem"), e.cert("client.key"));
     let tls_flags = [
+        "--register-ttl",
+        "3",
+        "--resync",
+        "60",
         "--etcd-cacert",
         &ca,
         "--etcd-cert",
@@ -1290,7 +1295,7 @@ fn mutual_tls_the_mesh_works_and_a_client_without_a_valid_certificate_is_told_wh
         &key,
     ];
     let mut show = vec!["metadata", "show", "--metadata", &url];
-    show.extend(tls_flags);
+    show.extend(&tls_flags[4..]);
     let (ok, _, err) = e.mesh(&show);
     assert!(!ok, "no host yet");
     assert!(err.contains("the host list is empty"), "{err}");
@@ -1343,4 +1348,172 @@ fn mutual_tls_the_mesh_works_and_a_client_without_a_valid_certificate_is_told_wh
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.lines().any(|l| l.starts_with("h2 ")), "{text}");
+}
+
+impl Etcd {
+    /// Host `n`'s vxlan objects: fdb entries and routes of its VTEP device.
+    fn dataplane(&self, n: usize) -> String {
+        let h = self.t.ns(&format!("h{n}"));
+        let mut s = common::sh(&format!("bridge -n {h} fdb show dev vtep1042"));
+        s += &common::sh(&format!("ip -n {h} route show dev vtep1042"));
+        s += &common::sh(&format!("ip -n {h} neigh show dev vtep1042"));
+        s
+    }
+
+    fn log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.t.dir.path().join(format!("h{n}.log"))).unwrap_or_default()
+    }
+
+    /// Wait until every one of `hosts` reports exactly the peers `want(n)`.
+    fn wait_peer_sets(
+        &self,
+        hosts: &[usize],
+        want: impl Fn(usize) -> Vec<String>,
+        within: Duration,
+    ) {
+        let t = Instant::now();
+        for &n in hosts {
+            let mut expect = want(n);
+            expect.sort();
+            loop {
+                let got = self.peers(n);
+                if got == expect {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < within,
+                    "h{n}: peers {got:?}, expected {expect:?}; log:\n{}",
+                    self.log(n)
+                );
+                thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// A host record that no sidecar runs (an address nobody answers on the test underlay).
+fn static_host(i: u32) -> String {
+    format!(
+        r#"{{"id":"x{i}","agent_ip":"192.168.79.{i}","subnets":["10.42.{}.0/24"]}}"#,
+        100 + i
+    )
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn sidecars_ride_out_a_cluster_outage_and_relist_once_after_a_compaction_while_paused() {
+    let mut e = Etcd::new("ot");
+    e.put(
+        "/mesh/network",
+        r#"{"cidr":"10.42.0.0/16","backend":"vxlan"}"#,
+    );
+    let url = format!("etcd://{}/mesh", e.endpoints(&[1, 2, 3]));
+    for n in 1..=3 {
+        e.add_host(n);
+    }
+    let mut cars = Sidecars(Vec::new());
+    for n in 1..=3 {
+        cars.0.push(Some(e.sidecar_with(
+            n,
+            &url,
+            &["--register-ttl", "300", "--resync", "10"],
+        )));
+    }
+    let s: Vec<String> = (1..=3)
+        .map(|n| e.registered_subnet(n, Duration::from_secs(20)))
+        .collect();
+    for n in 1..=3 {
+        e.add_container(n, &s[n - 1]);
+    }
+    let hosts = |extra: &[String]| {
+        let extra = extra.to_vec();
+        move |n: usize| {
+            let mut v: Vec<String> = (1..=3)
+                .filter(|m| *m != n)
+                .map(|m| format!("h{m}"))
+                .collect();
+            v.extend(extra.iter().cloned());
+            v
+        }
+    };
+    e.wait_peer_sets(&[1, 2, 3], hosts(&[]), Duration::from_secs(30));
+
+    // The whole cluster down for 60 s: the dataplane stays as it was and keeps working.
+    let before: Vec<String> = (1..=3).map(|n| e.dataplane(n)).collect();
+    for n in 1..=3 {
+        e.kill9(n);
+    }
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(60) {
+        thread::sleep(Duration::from_secs(10));
+        for n in 1..=3 {
+            assert_eq!(
+                e.dataplane(n),
+                before[n - 1],
+                "h{n}'s dataplane changed during the outage"
+            );
+        }
+        assert!(e.ping(1, &s[1]), "c1 -> c2 during the outage");
+    }
+    for n in 1..=3 {
+        assert!(
+            e.log(n).contains("keeping the last good state"),
+            "h{n}: {}",
+            e.log(n)
+        );
+    }
+    // Up again: a change made through the restarted cluster is applied everywhere.
+    for n in 1..=3 {
+        e.start(n);
+    }
+    e.wait_healthy(3);
+    e.put("/mesh/hosts/x1", &static_host(1));
+    e.wait_peer_sets(
+        &[1, 2, 3],
+        hosts(&["x1".to_string()]),
+        Duration::from_secs(40),
+    );
+
+    // h3's sidecar paused; every member restarted meanwhile (its watch connection is gone),
+    // 50 changes and a compaction; resumed, it lists again once and converges exactly.
+    let pid = cars.0[2].as_ref().unwrap().id() as libc::pid_t;
+    // SAFETY: kill(2) on the pid of our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    for n in 1..=3 {
+        e.kill9(n);
+        e.start(n);
+        e.wait_healthy(3);
+    }
+    for i in 10..40 {
+        e.put(&format!("/mesh/hosts/x{i}"), &static_host(i));
+    }
+    for i in 10..30 {
+        e.ctl(&["del", &format!("/mesh/hosts/x{i}")]);
+    }
+    let rev = e.revision();
+    e.ctl(&["compact", &rev.to_string()]);
+    let mut extra: Vec<String> = vec!["x1".to_string()];
+    extra.extend((30..40).map(|i| format!("x{i}")));
+    e.wait_peer_sets(&[1, 2], hosts(&extra), Duration::from_secs(30));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    e.wait_peer_sets(&[3], hosts(&extra), Duration::from_secs(30));
+    let fdb = common::sh(&format!("bridge -n {} fdb show dev vtep1042", e.t.ns("h3")));
+    for i in 30..40 {
+        assert!(
+            fdb.contains(&format!("192.168.79.{i} ")),
+            "x{i} not in h3's fdb: {fdb}"
+        );
+    }
+    assert!(
+        !fdb.contains("192.168.79.10 "),
+        "x10 (deleted) still in h3's fdb: {fdb}"
+    );
+    // No retry loop: one re-list, and nothing more a while later.
+    thread::sleep(Duration::from_secs(5));
+    let log = e.log(3);
+    let relists = log
+        .matches("the resume revision was compacted; listing again")
+        .count();
+    assert_eq!(relists, 1, "h3 log:\n{log}");
 }
