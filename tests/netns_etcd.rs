@@ -1517,3 +1517,92 @@ fn sidecars_ride_out_a_cluster_outage_and_relist_once_after_a_compaction_while_p
         .count();
     assert_eq!(relists, 1, "h3 log:\n{log}");
 }
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn three_registered_hosts_mesh_with_the_charon_driver() {
+    use std::os::unix::fs::PermissionsExt;
+    common::require_program(common::CHARON, "charon-systemd");
+    let mut e = Etcd::new("cd");
+    // The ipsec backend: charon negotiates IKEv2 with the PSK, libipsec carries ESP.
+    e.put("/cmesh/network", r#"{"cidr":"10.42.0.0/16"}"#);
+    let url = format!("etcd://{}/cmesh", e.endpoints(&[1, 2, 3]));
+    let psk = e.t.dir.path().join("psk");
+    std::fs::write(&psk, "a-test-only-psk-that-is-long-enough-0123456789").unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Count on the underlay switch what crosses it: ESP in UDP, and any plaintext overlay.
+    let sw = e.t.ns("sw");
+    common::sh(&format!(
+        "ip netns exec {sw} sysctl -qw net.bridge.bridge-nf-call-iptables=1 && \
+         ip netns exec {sw} iptables -w -A FORWARD -p udp --dport 4500 && \
+         ip netns exec {sw} iptables -w -A FORWARD -s 10.42.0.0/16 && \
+         ip netns exec {sw} iptables -w -A FORWARD -d 10.42.0.0/16"
+    ));
+    let counters = || -> Vec<u64> {
+        common::sh(&format!("ip netns exec {sw} iptables -w -nvxL FORWARD"))
+            .lines()
+            .skip(2)
+            .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+            .collect()
+    };
+    let mut charons = Sidecars(Vec::new());
+    let mut cars = Sidecars(Vec::new());
+    for n in 1..=3 {
+        e.add_host(n);
+        e.add_container(n, &format!("10.42.{n}.0/24"));
+        let dir = e.t.dir.path().join(format!("h{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = common::write_charon_conf(&dir, "strongswan-libipsec.conf");
+        charons
+            .0
+            .push(Some(common::charon_start(&e.t.ns(&format!("h{n}")), &conf)));
+    }
+    for n in 1..=3 {
+        let dir = e.t.dir.path().join(format!("h{n}"));
+        let log = File::create(e.t.dir.path().join(format!("h{n}.log"))).unwrap();
+        cars.0.push(Some(
+            Command::new("ip")
+                .args(["netns", "exec", &e.t.ns(&format!("h{n}")), BIN, "run"])
+                .args(["--metadata", &url, "--host", &format!("h{n}")])
+                .args(["--driver", "charon", "--resync", "30"])
+                .arg("--vici-socket")
+                .arg(dir.join("charon.vici"))
+                .arg("--psk-file")
+                .arg(&psk)
+                .args(["--register", "--agent-ip", &Etcd::host_ip(n)])
+                .args([
+                    "--subnet",
+                    &format!("10.42.{n}.0/24"),
+                    "--register-ttl",
+                    "30",
+                ])
+                .env("IPSEC_MESH_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        ));
+    }
+    let t = Instant::now();
+    for a in 1..=3 {
+        for b in (1..=3).filter(|b| *b != a) {
+            let dst = format!("10.42.{b}.0/24");
+            while !e.ping(a, &dst) {
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "c{a} -> c{b} over charon never pinged; h{a} log:\n{}",
+                    e.log(a)
+                );
+            }
+        }
+    }
+    e.wait_peers(&[1, 2, 3], &[1, 2, 3], Duration::from_secs(10));
+    let c = counters();
+    assert!(c[0] > 0, "no ESP-in-UDP crossed the switch: {c:?}");
+    assert_eq!(
+        c[1] + c[2],
+        0,
+        "plaintext overlay packets crossed the switch: {c:?}"
+    );
+}
