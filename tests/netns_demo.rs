@@ -301,6 +301,14 @@ fn mentions(pid: i32, s: &str) -> bool {
 }
 
 /// The default driver the script must pick on this kernel.
+/// The demo tests run one at a time: `demo.sh --clean` removes every demo's namespaces and
+/// processes (all `imdemo*`), and a freed namespace inode can be reused by another demo at
+/// once, so a concurrent demo would be torn down or counted as a leftover.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static DEMOS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    DEMOS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn default_driver() -> &'static str {
     if common::kernel_has_esp() {
         "xfrm"
@@ -352,6 +360,7 @@ fn assert_status_and_pings(d: &Demo, driver: &str, pairs: usize) {
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn default_driver_meshes_pings_shows_status_and_leaves_nothing() {
     require_root!();
+    let _serial = one_at_a_time();
     let driver = default_driver();
     let mut d = Demo::start(&[]);
     let code = d.finish();
@@ -384,6 +393,7 @@ fn default_driver_meshes_pings_shows_status_and_leaves_nothing() {
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn vxlan_driver_meshes_pings_shows_status_and_leaves_nothing() {
     require_root!();
+    let _serial = one_at_a_time();
     let mut d = Demo::start(&["--driver", "vxlan"]);
     let code = d.finish();
     let text = d.text();
@@ -414,6 +424,7 @@ fn vxlan_driver_meshes_pings_shows_status_and_leaves_nothing() {
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn sigterm_while_kept_tears_everything_down() {
     require_root!();
+    let _serial = one_at_a_time();
     let driver = default_driver();
     let mut d = Demo::start(&["--keep"]);
     assert!(
@@ -449,6 +460,7 @@ fn sigterm_while_kept_tears_everything_down() {
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn enter_while_kept_tears_down_and_exits_0() {
     require_root!();
+    let _serial = one_at_a_time();
     let mut d = Demo::start(&["--keep", "--driver", "vxlan"]);
     assert!(
         d.until(|l| l.starts_with("press Enter")),
@@ -468,6 +480,7 @@ fn enter_while_kept_tears_down_and_exits_0() {
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn sigint_while_the_mesh_comes_up_tears_everything_down() {
     require_root!();
+    let _serial = one_at_a_time();
     default_driver();
     let mut d = Demo::start(&[]);
     assert!(
@@ -490,6 +503,7 @@ fn sigint_while_the_mesh_comes_up_tears_everything_down() {
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn xfrm_driver_as_the_kernel_allows() {
     require_root!();
+    let _serial = one_at_a_time();
     let mut d = Demo::start(&["--driver", "xfrm"]);
     let code = d.finish();
     let text = d.text();
@@ -567,6 +581,7 @@ fn refuses_without_root_and_rejects_bad_arguments() {
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn clean_removes_what_a_sigkilled_run_left() {
     require_root!();
+    let _serial = one_at_a_time();
     let mut d = Demo::start(&["--keep", "--driver", "vxlan"]);
     assert!(
         d.until(|l| l.starts_with("press Enter")),
@@ -616,6 +631,7 @@ fn clean_removes_what_a_sigkilled_run_left() {
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn closed_output_pipe_still_tears_everything_down() {
     require_root!();
+    let _serial = one_at_a_time();
     let mut d = Demo::start(&["--driver", "vxlan"]);
     assert!(d.until(|l| l.starts_with("demo: mesh up ")), "{}", d.text());
     d.hangup.store(true, Ordering::SeqCst);
