@@ -395,6 +395,7 @@ fn quiet_after(src: &mut EtcdSource, version: &str) -> String {
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn loads_follows_changes_and_survives_killing_the_leader_then_a_follower() {
+    require_root!();
     let mut e = Etcd::new("lf");
     e.seed("/mesh", &[1, 2]);
     // A malformed record: reported by key, left out, the others still used.
@@ -531,6 +532,7 @@ fn loads_follows_changes_and_survives_killing_the_leader_then_a_follower() {
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn whole_cluster_down_keeps_the_last_good_state_then_resumes() {
+    require_root!();
     let mut e = Etcd::new("dn");
     e.seed("/mesh", &[1, 2]);
     let url = format!("etcd://{}/mesh", e.endpoints(&[1, 2, 3]));
@@ -606,6 +608,7 @@ fn whole_cluster_down_keeps_the_last_good_state_then_resumes() {
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn compaction_while_a_watcher_is_paused_relists_once_and_converges() {
+    require_root!();
     use std::sync::atomic::Ordering::Relaxed;
     let mut e = Etcd::new("cp");
     e.seed("/mesh", &[1, 2]);
@@ -781,6 +784,7 @@ impl Etcd {
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn metadata_push_and_show_seed_and_inspect_the_cluster() {
+    require_root!();
     let e = Etcd::new("ps");
     let url = format!("etcd://{}/fleet", e.endpoints(&[1, 2, 3]));
     let file = e.t.dir.path().join("meta.json");
@@ -899,6 +903,7 @@ fn metadata_push_and_show_seed_and_inspect_the_cluster() {
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn ten_hosts_racing_for_auto_subnets_get_distinct_ones_and_keep_them() {
+    require_root!();
     use ipsec_mesh::metadata::etcd::{Client, EtcdUrl, Registrar, Registration, SubnetSpec};
     let e = Etcd::new("ra");
     e.put("/mesh/network", NET);
@@ -1126,6 +1131,7 @@ impl Etcd {
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn five_registered_hosts_mesh_over_vxlan_and_a_dead_host_expires() {
+    require_root!();
     let mut e = Etcd::new("mh");
     e.put(
         "/mesh/network",
@@ -1202,6 +1208,7 @@ fn five_registered_hosts_mesh_over_vxlan_and_a_dead_host_expires() {
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn mutual_tls_the_mesh_works_and_a_client_without_a_valid_certificate_is_told_why() {
+    require_root!();
     use ipsec_mesh::metadata::etcd::{Client, EtcdUrl, TlsFiles};
     let mut e = Etcd::with_tls("tl", true);
     e.put(
@@ -1402,6 +1409,7 @@ fn static_host(i: u32) -> String {
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn sidecars_ride_out_a_cluster_outage_and_relist_once_after_a_compaction_while_paused() {
+    require_root!();
     let mut e = Etcd::new("ot");
     e.put(
         "/mesh/network",
@@ -1521,6 +1529,7 @@ fn sidecars_ride_out_a_cluster_outage_and_relist_once_after_a_compaction_while_p
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn three_registered_hosts_mesh_with_the_charon_driver() {
+    require_root!();
     use std::os::unix::fs::PermissionsExt;
     common::require_program(common::CHARON, "charon-systemd");
     let mut e = Etcd::new("cd");
