@@ -62,7 +62,7 @@
 //! cannot ask for progress on demand (etcd sends it on its own interval).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1119,6 +1119,30 @@ pub struct WatchStats {
     pub progress: AtomicU64,
     /// The next revision the watch resumes from.
     pub resume: AtomicU64,
+    /// The watch thread that may move `resume` (a replaced thread that is still reading
+    /// must not).
+    generation: Mutex<u64>,
+}
+
+impl WatchStats {
+    /// Move the resume revision forward to `next`, if thread `generation` is the current one.
+    fn advance(&self, generation: u64, next: i64) {
+        if let Ok(g) = self.generation.lock() {
+            if *g == generation {
+                self.resume.fetch_max(next.max(0) as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A new thread takes over, resuming from `from` (or where the last one was).
+    fn take_over(&self, from: Option<i64>) -> u64 {
+        let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        *g += 1;
+        if let Some(r) = from {
+            self.resume.store(r.max(0) as u64, Ordering::Relaxed);
+        }
+        *g
+    }
 }
 
 struct Watch {
@@ -1127,26 +1151,48 @@ struct Watch {
     rx: Option<Receiver<Note>>,
     /// The version the caller and the watch agree on (the last returned, or the start).
     version: String,
+    /// Tells the thread to end (at its next message or connection).
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// How one watch connection ended.
 enum Ended {
     /// Its lifetime ran out, or the member ended it cleanly: reconnect to the same member.
     Cycle,
-    /// A connection failure or member trouble: try the next member.
-    Broken(String),
+    /// A connection failure or member trouble: try the next member. `created`: the watch
+    /// had been created on it (it worked for a while).
+    Broken {
+        why: String,
+        created: bool,
+    },
     Compacted(i64, i64),
     /// The source is gone.
     Gone,
 }
 
-fn watch_thread(client: Client, stats: Arc<WatchStats>, tx: Sender<Note>, cycle: Duration) {
+fn watch_thread(
+    client: Client,
+    stats: Arc<WatchStats>,
+    tx: Sender<Note>,
+    cycle: Duration,
+    stop: Arc<AtomicBool>,
+    generation: u64,
+) {
     let n = client.url.endpoints.len();
     let mut failures: Vec<(String, String)> = Vec::new();
     let mut i = client.preferred.load(Ordering::Relaxed) % n;
     loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
         let started = Instant::now();
-        let ended = watch_once(&client, i, &stats, &tx, cycle);
+        let ended = watch_once(&client, i, &stats, &tx, cycle, (&stop, generation));
         let ep = client.url.endpoints[i].clone();
         match ended {
             Ended::Gone => return,
@@ -1158,10 +1204,10 @@ fn watch_thread(client: Client, stats: Arc<WatchStats>, tx: Sender<Note>, cycle:
                 return;
             }
             Ended::Cycle => failures.clear(),
-            Ended::Broken(why) => {
+            Ended::Broken { why, created } => {
                 tracing::info!(endpoint = %ep, reason = %why, "etcd watch: trying the next endpoint");
-                // A stream that worked for a while is a fresh start, not a failure in a row.
-                if started.elapsed() > MIN_STREAM_LIFE * 4 {
+                // A watch that worked is a fresh start, not a failure in a row.
+                if created {
                     failures.clear();
                 }
                 failures.push((ep, why));
@@ -1186,6 +1232,7 @@ fn watch_once(
     stats: &WatchStats,
     tx: &Sender<Note>,
     cycle: Duration,
+    (stop, generation): (&AtomicBool, u64),
 ) -> Ended {
     let from = stats.resume.load(Ordering::Relaxed) as i64;
     let dir = client.url.dir();
@@ -1197,7 +1244,12 @@ fn watch_once(
     }});
     let response = match client.post_once(i, "/v3/watch", &req, cycle) {
         Ok(r) => r,
-        Err((_, _, message)) => return Ended::Broken(message),
+        Err((_, _, why)) => {
+            return Ended::Broken {
+                why,
+                created: false,
+            }
+        }
     };
     stats.watches.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(endpoint = %client.url.endpoints[i], from, "etcd watch created");
@@ -1205,7 +1257,11 @@ fn watch_once(
     let stream = serde_json::Deserializer::from_reader(std::io::BufReader::new(reader))
         .into_iter::<StreamMessage<WatchResponse>>();
     let mut created = false;
+    let broken = |why: String, created: bool| Ended::Broken { why, created };
     for msg in stream {
+        if stop.load(Ordering::Relaxed) {
+            return Ended::Gone;
+        }
         let msg = match msg {
             Ok(m) => m,
             Err(e) if e.is_eof() => break,
@@ -1216,12 +1272,12 @@ fn watch_once(
                 if l.contains("timeout") || l.contains("timed out") {
                     return Ended::Cycle;
                 }
-                return Ended::Broken(format!("watch stream: {s}"));
+                return broken(format!("watch stream: {s}"), created);
             }
         };
         if let Some(e) = msg.error {
             let (_, message) = gateway_error(&e);
-            return Ended::Broken(format!("watch stream: {message}"));
+            return broken(format!("watch stream: {message}"), created);
         }
         let Some(w) = msg.result else { continue };
         if w.compact_revision > 0 {
@@ -1236,7 +1292,7 @@ fn watch_once(
             } else {
                 format!("the watch was cancelled: {}", w.cancel_reason)
             };
-            return Ended::Broken(why);
+            return broken(why, created);
         }
         if w.created {
             created = true;
@@ -1247,9 +1303,7 @@ fn watch_once(
             // A progress notification: every event up to header.revision was sent.
             if w.header.revision > 0 {
                 stats.progress.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .resume
-                    .fetch_max(w.header.revision as u64 + 1, Ordering::Relaxed);
+                stats.advance(generation, w.header.revision + 1);
             }
             continue;
         }
@@ -1259,7 +1313,7 @@ fn watch_once(
             .map(|e| e.kv.mod_revision)
             .max()
             .unwrap_or(0);
-        stats.resume.fetch_max(last as u64 + 1, Ordering::Relaxed);
+        stats.advance(generation, last + 1);
         let relevant = w.events.iter().any(|e| {
             Entry::from_kv(&e.kv)
                 .map(|en| !matches!(client.url.classify(&en.key), KeyKind::Other))
@@ -1272,7 +1326,10 @@ fn watch_once(
     if created {
         Ended::Cycle
     } else {
-        Ended::Broken("the watch stream ended before the watch was created".to_string())
+        broken(
+            "the watch stream ended before the watch was created".to_string(),
+            false,
+        )
     }
 }
 
@@ -1358,21 +1415,22 @@ impl EtcdSource {
     /// `revision` is `None`).
     fn start_watch(&mut self, revision: Option<i64>, version: String) {
         let (tx, rx) = mpsc::channel();
-        if let Some(r) = revision {
-            self.stats.resume.store(r as u64 + 1, Ordering::Relaxed);
-        }
+        let generation = self.stats.take_over(revision.map(|r| r + 1));
         let client = self.client.clone();
         let stats = self.stats.clone();
         let cycle = self.cycle;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
         let spawned = std::thread::Builder::new()
             .name("etcd-watch".into())
-            .spawn(move || watch_thread(client, stats, tx, cycle));
+            .spawn(move || watch_thread(client, stats, tx, cycle, thread_stop, generation));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "etcd watch: cannot start its thread");
         }
         self.watch = Some(Watch {
             rx: Some(rx),
             version,
+            stop,
         });
     }
 }
