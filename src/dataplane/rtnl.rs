@@ -31,9 +31,11 @@ pub use crate::dataplane::xfrm::socket::KernelError;
 /// How long one rtnetlink request (a dump, or one change and its ACK) may wait for the
 /// kernel's answer before it fails.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Backstop for a whole [`block_on`] (a reconcile of many requests): the kernel normally
-/// answers each request within microseconds, so this only fires when an answer is lost.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Backstop for a whole [`block_on`] (a reconcile of many requests). Every request and dump
+/// already fails after [`REQUEST_TIMEOUT`] without progress, so this only bounds a batch that
+/// keeps progressing: it must leave room for tens of thousands of changes on a slow machine
+/// (20,000 peers' routes under qemu TCG take minutes).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Flags of a change the kernel must acknowledge (`ip ... del`, `ip link set`).
 pub const ACK: u16 = NLM_F_REQUEST | NLM_F_ACK;
@@ -245,30 +247,55 @@ pub fn message(payload: RouteNetlinkMessage, flags: u16) -> NetlinkMessage<Route
 /// Send one request and wait for its ACK: the kernel's refusal comes back with its
 /// extended-ACK message; no answer within [`REQUEST_TIMEOUT`] is a [`Reason::Timeout`].
 pub async fn send(h: &Handle, msg: NetlinkMessage<RouteNetlinkMessage>) -> Result<(), Reason> {
-    let mut resp = h
-        .clone()
+    let resp = queue(h, msg)?;
+    within(REQUEST_TIMEOUT, answer(resp)).await?
+}
+
+/// Hand one request to the connection (it is sent in order with the others queued).
+fn queue(
+    h: &Handle,
+    msg: NetlinkMessage<RouteNetlinkMessage>,
+) -> Result<impl futures::Stream<Item = NetlinkMessage<RouteNetlinkMessage>>, Reason> {
+    h.clone()
         .request(msg)
-        .map_err(|e| Reason::Netlink(format!("netlink request not sent: {e}")))?;
-    let answered = async move {
-        while let Some(m) = resp.next().await {
-            if let NetlinkPayload::Error(e) = m.payload {
-                if e.code.is_some() {
-                    return Err(Reason::Kernel(kernel_error(&e)));
-                }
+        .map_err(|e| Reason::Netlink(format!("netlink request not sent: {e}")))
+}
+
+/// The kernel's answer to one request: its ACK, or its refusal with the extended-ACK text.
+async fn answer(
+    mut resp: impl futures::Stream<Item = NetlinkMessage<RouteNetlinkMessage>> + Unpin,
+) -> Result<(), Reason> {
+    while let Some(m) = resp.next().await {
+        if let NetlinkPayload::Error(e) = m.payload {
+            if e.code.is_some() {
+                return Err(Reason::Kernel(kernel_error(&e)));
             }
         }
-        Ok(())
-    };
-    within(REQUEST_TIMEOUT, answered).await?
+    }
+    Ok(())
 }
 
 /// Send every request pipelined on one socket (the kernel handles them in order): one
-/// result per request, in order; a refused request does not stop the others.
+/// result per request, in order; a refused request does not stop the others. All are queued
+/// at once; the answers are awaited in order, each for [`REQUEST_TIMEOUT`] from the one
+/// before: a timeout means the kernel made no progress for that long, however long the
+/// batch (one timer per request from a common start failed every request answered after the
+/// first 10 s of a big batch: 5,000 routes in the VM under TCG).
 pub async fn send_all(
     h: &Handle,
     msgs: impl IntoIterator<Item = NetlinkMessage<RouteNetlinkMessage>>,
 ) -> Vec<Result<(), Reason>> {
-    futures::future::join_all(msgs.into_iter().map(|m| send(h, m))).await
+    let queued: Vec<_> = msgs.into_iter().map(|m| queue(h, m)).collect();
+    let mut out = Vec::with_capacity(queued.len());
+    for q in queued {
+        out.push(match q {
+            Ok(resp) => within(REQUEST_TIMEOUT, answer(resp))
+                .await
+                .and_then(|r| r),
+            Err(e) => Err(e),
+        });
+    }
+    out
 }
 
 /// [`send`], the operation named in the error (`op`: "creating link cni0").
