@@ -289,9 +289,7 @@ pub async fn send_all(
     let mut out = Vec::with_capacity(queued.len());
     for q in queued {
         out.push(match q {
-            Ok(resp) => within(REQUEST_TIMEOUT, answer(resp))
-                .await
-                .and_then(|r| r),
+            Ok(resp) => within(REQUEST_TIMEOUT, answer(resp)).await.and_then(|r| r),
             Err(e) => Err(e),
         });
     }
