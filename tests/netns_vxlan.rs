@@ -663,6 +663,41 @@ fn the_vtep_never_takes_a_containers_address() {
         "pings failed: {failed:?}\n{}",
         state(&t, 1)
     );
+
+    // h1's VTEP address changes: the new address goes on before the old one comes off (the
+    // kernel flushes a device's routes and neighbours with its last IPv4 address).
+    write_rancher_meta(
+        &t,
+        [
+            Some("10.42.200.11"),
+            Some("10.42.66.6"),
+            Some("10.42.200.3"),
+        ],
+    );
+    assert_eq!(
+        applied_ok(&t.apply(1, &[])),
+        2,
+        "one address added, one removed"
+    );
+    let s1 = state(&t, 1);
+    assert!(
+        s1.contains("inet 10.42.200.11/32") && !s1.contains("10.42.200.1/"),
+        "{s1}"
+    );
+    assert_eq!(s1.matches(" via ").count(), 4, "h1's routes survive:\n{s1}");
+    assert_eq!(
+        s1.matches(" lladdr ").count(),
+        2,
+        "h1's neighbours survive:\n{s1}"
+    );
+    for n in 2..=3 {
+        applied_ok(&t.apply(n, &[]));
+    }
+    assert!(
+        pings(&t, "h1", RANCHER_ADDRS[1]),
+        "from the new VTEP address"
+    );
+    assert!(pings(&t, "c1", RANCHER_ADDRS[2]));
     for n in 1..=3 {
         assert_eq!(
             applied_ok(&t.apply(n, &[])),

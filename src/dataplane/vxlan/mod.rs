@@ -331,8 +331,15 @@ pub async fn reconcile_with(
     };
     let steps = reconcile::diff_objects(&current, &want);
     let (dels, adds): (Vec<Step>, Vec<Step>) = steps.into_iter().partition(|s| s.op.is_delete());
+    // An old address goes only after the new one is on: deleting the device's last IPv4
+    // address makes the kernel flush every route and neighbour on it (a changed VTEP
+    // address would otherwise leave the device without them until the next reconcile).
+    let (addr_dels, dels): (Vec<Step>, Vec<Step>) = dels
+        .into_iter()
+        .partition(|s| matches!(s.op, Op::DelAddress(_)));
     execute(h, &dels, index, dev, &mut report).await;
     execute(h, &adds, index, dev, &mut report).await;
+    execute(h, &addr_dels, index, dev, &mut report).await;
     info!(
         writes = report.writes,
         errors = report.errors.len(),

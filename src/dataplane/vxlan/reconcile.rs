@@ -308,7 +308,11 @@ pub fn diff_objects(cur: &Current, want: &Desired) -> Vec<Step> {
         if Some(*a) == want.address && !have_addr {
             have_addr = true;
         } else {
-            addr_dels.push(stale(Op::DelAddress(*a)));
+            // The device's own address (an old VTEP address), not a departed peer's.
+            addr_dels.push(Step {
+                owner: Owner::Mesh,
+                op: Op::DelAddress(*a),
+            });
         }
     }
 
@@ -512,7 +516,7 @@ mod tests {
             vec![
                 "- route 10.42.3.0/24 via 10.42.3.1 dev vtep1042 [h3]".to_string(),
                 "- neigh 10.42.9.0 dev vtep1042 [departed peer]".to_string(),
-                "- address 10.42.1.1/32 dev vtep1042 [departed peer]".to_string(),
+                "- address 10.42.1.1/32 dev vtep1042 [mesh]".to_string(),
                 format!(
                     "+ neigh 10.42.2.0 lladdr {} permanent dev vtep1042 [h2]",
                     vtep_mac("h2")
