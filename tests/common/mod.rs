@@ -6,6 +6,9 @@ use std::process::{Command, Stdio};
 /// The fake rancher-metadata server and Rancher-shaped environments.
 pub mod rancher;
 
+/// A real 3-member etcd cluster in network namespaces (tests/netns_etcd.rs, benches/etcd.rs).
+pub mod etcd;
+
 pub use ipsec_mesh::dataplane::netns::{in_new_netns, is_root};
 
 /// Root-only tests are `#[ignore = "needs root: ..."]`, so a plain `cargo test` reports them
