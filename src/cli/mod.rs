@@ -410,8 +410,8 @@ pub fn print_report(report: &ipsec_mesh::dataplane::driver::DriverReport, diff: 
             println!("{c}");
         }
     }
-    for (owner, e) in &report.errors {
-        eprintln!("ipsec-mesh: {owner}: {e}");
+    for f in &report.errors {
+        eprintln!("ipsec-mesh: {f}");
     }
 }
 

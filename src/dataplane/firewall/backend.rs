@@ -14,7 +14,10 @@
 //!   takes; see [`super`] for what the rules must do).
 //!
 //! Every backend owns only its own objects, writes nothing when the kernel already matches,
-//! and removes in `cleanup` exactly what it owns.
+//! and removes in `cleanup` exactly what it owns. The iptables and nftables backends' cleanup
+//! also removes what the other one left (a host applied with `--firewall iptables` and cleaned
+//! up with the default `auto`, which picks nftables on an nf_tables system, keeps nothing):
+//! both are ipsec-mesh's.
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,14 +34,14 @@ pub trait Firewall: Send + Sync {
     fn cleanup(&self) -> Result<FirewallReport, FirewallError>;
 }
 
-/// Which backend (`--firewall`).
+/// Which backend (`--firewall`); the default is `auto`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum FirewallKind {
-    #[default]
     Iptables,
     Nftables,
     None,
-    /// What the system uses ([`FirewallKind::detect`]).
+    /// What the system uses ([`FirewallKind::resolve`]).
+    #[default]
     Auto,
 }
 
@@ -171,7 +174,9 @@ impl Firewall for Iptables {
         Ok(r)
     }
     fn cleanup(&self) -> Result<FirewallReport, FirewallError> {
-        runner::cleanup()
+        let mut r = runner::cleanup()?;
+        absorb(&mut r, leftovers_of(FirewallKind::Nftables));
+        Ok(r)
     }
 }
 
@@ -190,7 +195,9 @@ impl Firewall for Nftables {
         Ok(r)
     }
     fn cleanup(&self) -> Result<FirewallReport, FirewallError> {
-        self.0.cleanup()
+        let mut r = self.0.cleanup()?;
+        absorb(&mut r, leftovers_of(FirewallKind::Iptables));
+        Ok(r)
     }
 }
 
@@ -230,7 +237,7 @@ mod tests {
             "nft".parse::<FirewallKind>().unwrap_err(),
             "unknown firewall backend \"nft\" (one of: iptables, nftables, none, auto)"
         );
-        assert_eq!(FirewallKind::default(), FirewallKind::Iptables);
+        assert_eq!(FirewallKind::default(), FirewallKind::Auto);
         let nft_variant = Some("iptables v1.8.9 (nf_tables)");
         let legacy = Some("iptables v1.8.9 (legacy)");
         assert_eq!(
