@@ -68,9 +68,11 @@ pub struct ShowCmd {
     pub tls: EtcdTlsArgs,
 }
 
-/// TLS to etcd, as etcd's own clients take it. Without these flags the files named by
-/// $IPSEC_MESH_ETCD_CACERT, $IPSEC_MESH_ETCD_CERT and $IPSEC_MESH_ETCD_KEY are used (that is
-/// how `plan`, `apply` and `cni-config` get them); with none, etcd is spoken to over http.
+/// TLS to etcd, as etcd's own clients take it: on `plan`, `apply`, `run`, `cni-config` (in
+/// [`super::SourceArgs`]) and `metadata push/show`. Without these flags the files named by
+/// $IPSEC_MESH_ETCD_CACERT, $IPSEC_MESH_ETCD_CERT and $IPSEC_MESH_ETCD_KEY are used (also
+/// how the CNI plugins, started by the runtime, get them); with none, etcd is spoken to over
+/// http.
 #[derive(Args, Debug, Clone, Default)]
 pub struct EtcdTlsArgs {
     /// CA certificate (PEM) that signed the etcd members' certificates: etcd over https.
@@ -308,15 +310,13 @@ pub struct RegisterArgs {
     /// Prefix length of a `--subnet auto` allocation.
     #[arg(long, value_name = "LEN", default_value_t = 24, value_parser = clap::value_parser!(u8).range(1..=128))]
     pub auto_subnet_len: u8,
-
-    #[command(flatten)]
-    pub tls: EtcdTlsArgs,
 }
 
-/// Apply `run`'s etcd TLS flags, then start `--register`: the first registration now (its errors that can never go away,
-/// like no free subnet, stop `run`), then a thread that keeps the lease alive.
+/// Apply the etcd TLS flags (in [`super::SourceArgs`]), then start `--register`: the first
+/// registration now (its errors that can never go away, like no free subnet, stop `run`),
+/// then a thread that keeps the lease alive.
 pub fn start_registration(src: &super::SourceArgs, r: &RegisterArgs) -> Result<()> {
-    r.tls.apply();
+    src.tls.apply();
     if !r.register {
         return Ok(());
     }

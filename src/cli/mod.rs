@@ -86,6 +86,10 @@ pub struct SourceArgs {
     /// as they arrive: memory follows the hosts and containers, not this limit).
     #[arg(long, value_name = "MIB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub metadata_max_mb: u64,
+
+    /// TLS to an etcd:// source: --etcd-cacert, --etcd-cert, --etcd-key.
+    #[command(flatten)]
+    pub tls: metadata_cmd::EtcdTlsArgs,
 }
 
 /// Options that shape the plan beyond the metadata.
@@ -426,6 +430,7 @@ pub fn exit_code(report: &ipsec_mesh::dataplane::driver::DriverReport) -> ExitCo
 
 /// Load the metadata once.
 pub fn load(src: &SourceArgs) -> Result<Snapshot> {
+    src.tls.apply();
     let mut source = metadata::open_for(
         &src.metadata,
         src.host.as_deref(),
