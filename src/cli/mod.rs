@@ -364,9 +364,11 @@ pub struct ForwardingArgs {
     #[arg(long, value_name = "DEV")]
     pub bridge: Option<String>,
 
-    /// Firewall backend for the marks and the fail-closed guard: iptables, or none (the
-    /// operator manages the firewall; see README).
-    #[arg(long, value_name = "BACKEND", default_value = "iptables", value_parser = parse_firewall)]
+    /// Firewall backend for the marks and the fail-closed guard: auto (the default: nftables
+    /// when iptables is the nf_tables variant or only nft exists, else iptables; the choice is
+    /// logged and shown in status), iptables, nftables, or none (the operator manages the
+    /// firewall; see README).
+    #[arg(long, value_name = "BACKEND", default_value = "auto", value_parser = parse_firewall)]
     pub firewall: ipsec_mesh::dataplane::firewall::FirewallKind,
 
     /// Physical NIC: mark traffic entering from it too (with --bridge).
