@@ -3,8 +3,9 @@
 //! Every test runs the real binary in a fresh network namespace (`ip netns add dm…`, then
 //! `ip netns exec`) whose host has an underlay veth holding its agent_ip. Tests watch the
 //! sidecar through `ipsec-mesh status` and its HTTP endpoints, and the kernel through `ip`
-//! and `iptables-save`. Guards kill the sidecar and delete the namespace even when a test
-//! panics. Root only (skips loudly otherwise; CI runs it as root).
+//! and `iptables-save` / `nft` (whichever backend the default `--firewall auto` picks).
+//! Guards kill the sidecar and delete the namespace even when a test panics. Root only
+//! (skips loudly otherwise; CI runs it as root).
 //!
 //! The SAs depend on the kernel (`common::kernel_has_esp`): this machine's has XFRM but no
 //! ESP, so policies install, SAs are reported per peer ("this kernel cannot hold ESP SAs")
@@ -32,6 +33,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use ipsec_mesh::dataplane::firewall::nft::{self, Nft};
+use ipsec_mesh::dataplane::firewall::FirewallSpec;
 use ipsec_mesh::dataplane::xfrm::desired::desired;
 use ipsec_mesh::dataplane::xfrm::objects::{Action, Mark, Policy};
 use ipsec_mesh::model::{Cluster, RawCluster, RawHost, RawNetwork};
@@ -199,7 +202,8 @@ struct Owned {
     rules: Vec<String>,
     /// Destinations in table 1042.
     routes: Vec<String>,
-    /// `table line` for every iptables-save line naming our chains.
+    /// `table line` for every iptables-save line naming our chains, `nft line` for every
+    /// line of our nftables table (both backends: a wrong one or a mix shows).
     firewall: Vec<String>,
     /// `src -> dst spi 0x... reqid R` of every SA with our reqid (none without ESP).
     sas: Vec<String>,
@@ -317,6 +321,35 @@ fn expected(plan: &Plan) -> Owned {
         .map(IpNet::to_string)
         .collect();
     routes.sort();
+    Owned {
+        policies,
+        rules: vec![format!("1042 fwmark {MARK} lookup 1042")],
+        routes,
+        firewall: expected_firewall(plan),
+        sas,
+    }
+}
+
+/// Our firewall objects for `plan`, of the backend `--firewall auto` (the sidecar's default)
+/// picks on this system.
+fn expected_firewall(plan: &Plan) -> Vec<String> {
+    if common::firewall::auto_backend() == "nftables" {
+        // The table as nft lists it once loaded (its canonical form), checked for the marks
+        // and the guard on the overlay.
+        let nft = Nft::default();
+        let listing = nft
+            .canonical(&nft::render(&FirewallSpec::from_plan(plan)))
+            .expect("nft canonical listing of the desired table");
+        let lines = common::firewall::normalize(&listing);
+        common::firewall::Ours {
+            iptables: vec![],
+            nft: Some(lines.clone()),
+        }
+        .assert_installed("nftables", &plan.cidr.trunc().to_string());
+        let mut firewall: Vec<String> = lines.iter().map(|l| format!("nft {l}")).collect();
+        firewall.sort();
+        return firewall;
+    }
     let mut firewall = vec![
         "mangle :IPSEC-MESH-MARK".to_string(),
         "mangle -A PREROUTING -j IPSEC-MESH-MARK".to_string(),
@@ -342,13 +375,7 @@ fn expected(plan: &Plan) -> Owned {
         plan.cidr.trunc()
     ));
     firewall.sort();
-    Owned {
-        policies,
-        rules: vec![format!("1042 fwmark {MARK} lookup 1042")],
-        routes,
-        firewall,
-        sas,
-    }
+    firewall
 }
 
 // ------------------------------------------------------------------------------------------
@@ -581,11 +608,16 @@ impl Netns {
     }
 
     fn owned(&self) -> Owned {
+        let mut firewall = self.firewall().0;
+        if let Some(t) = common::firewall::ours(Some(&self.name)).nft {
+            firewall.extend(t.iter().map(|l| format!("nft {l}")));
+        }
+        firewall.sort();
         Owned {
             policies: self.policies().0,
             rules: self.rules().0,
             routes: self.routes().0,
-            firewall: self.firewall().0,
+            firewall,
             sas: self.sas(),
         }
     }
@@ -1220,8 +1252,14 @@ fn drift_is_repaired_within_one_resync() {
         "ip xfrm policy delete src 0.0.0.0/0 dst 10.42.5.0/24 dir out mark 0x100000 mask 0x300000 \
          && ip rule del pref 1042 fwmark {MARK} lookup 1042 \
          && ip route del 10.42.9.0/24 table 1042 \
-         && iptables -w -t mangle -F IPSEC-MESH-MARK \
-         && iptables -w -t filter -D OUTPUT -j IPSEC-MESH-GUARD"
+         && {}",
+        // Marks gone, one guard hook unguarded, in the backend the sidecar uses.
+        if common::firewall::auto_backend() == "nftables" {
+            "nft flush chain inet ipsec-mesh mark-pre && nft flush chain inet ipsec-mesh guard-out"
+        } else {
+            "iptables -w -t mangle -F IPSEC-MESH-MARK \
+             && iptables -w -t filter -D OUTPUT -j IPSEC-MESH-GUARD"
+        }
     ));
     let drifted = f.ns.owned();
     assert_eq!(drifted.policies.len(), want.policies.len() - 1);
@@ -1391,7 +1429,9 @@ fn healthz_metrics_and_status_cli_against_the_running_sidecar() {
     let state = if esp { " up " } else { " down " };
     assert_eq!(json["host"], "host-1");
     assert_eq!(json["driver"], "xfrm");
-    assert_eq!(json["firewall"], "iptables", "the backend in use is shown");
+    // The default --firewall auto, resolved: the backend in use is shown.
+    let fw = common::firewall::auto_backend();
+    assert_eq!(json["firewall"], fw, "the backend in use is shown");
     let peers = json["peers"].as_array().unwrap();
     assert_eq!(peers.len(), plan.peers.len());
     for (p, want) in peers.iter().zip(&plan.peers) {
@@ -1414,7 +1454,9 @@ fn healthz_metrics_and_status_cli_against_the_running_sidecar() {
     assert!(table.status.success());
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(
-        table.starts_with("host host-1  driver xfrm  firewall iptables  metadata "),
+        table.starts_with(&format!(
+            "host host-1  driver xfrm  firewall {fw}  metadata "
+        )),
         "{table}"
     );
     assert!(table.contains("PEER"), "{table}");

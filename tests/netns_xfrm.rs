@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::{in_new_netns, kernel_has_esp, sh};
+use common::{firewall, in_new_netns, kernel_has_esp, sh};
 use ipsec_mesh::model::{Cluster, RawCluster};
 use ipsec_mesh::plan::{self, Plan, PlanOptions, Psk};
 
@@ -254,10 +254,9 @@ fn apply_is_idempotent_installs_or_reports_the_sas_and_cleanup_leaves_only_forei
         assert!(pol.contains("mark 0x100000/0x300000"));
         foreign_intact();
 
-        // Forwarding is in place: mark chain, guard, rule and table.
-        let save = sh("iptables-save");
-        assert!(save.contains("-A PREROUTING -j IPSEC-MESH-MARK"), "{save}");
-        assert!(save.contains("-A OUTPUT -j IPSEC-MESH-GUARD"), "{save}");
+        // Forwarding is in place: marks and guard of the backend `auto` picks here, rule
+        // and table.
+        firewall::ours(None).assert_installed(firewall::auto_backend(), "10.42.0.0/16");
         assert!(sh("ip rule").contains("fwmark 0x100000/0x300000 lookup 1042"));
         assert!(!sh("ip route show table 1042").trim().is_empty());
 
@@ -300,12 +299,88 @@ fn apply_is_idempotent_installs_or_reports_the_sas_and_cleanup_leaves_only_forei
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(our_policies().is_empty(), "{:#?}", our_policies());
         assert!(our_sas().is_empty(), "{:?}", our_sas());
-        assert!(!sh("iptables-save").contains("IPSEC-MESH"));
+        firewall::ours(None).assert_empty();
         assert!(!sh("ip rule").contains("lookup 1042"));
         foreign_intact();
         let o = ipsec_mesh(&["cleanup", "--driver", "xfrm"]);
         assert!(o.status.success());
         assert!(String::from_utf8_lossy(&o.stdout).contains("0 removed"));
+    })
+    .unwrap();
+}
+
+/// `--firewall` through the CLI: the default is `auto`, which picks the backend the system
+/// uses and says so in the log; a host applied with `--firewall iptables` switches to it with
+/// nothing of iptables left, and back; the default `cleanup` removes what either backend left.
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn firewall_auto_is_the_default_switches_and_cleanup_removes_either_backend() {
+    require_root!();
+    in_new_netns(|| {
+        setup_underlay();
+        let f = files(2);
+        let auto = firewall::auto_backend();
+        let with = |fw: Option<&str>| {
+            let mut args = vec![
+                "apply",
+                "--metadata",
+                f.meta.to_str().unwrap(),
+                "--host",
+                "host-1",
+                "--driver",
+                "xfrm",
+                "--psk-file",
+                f.psk.to_str().unwrap(),
+            ];
+            if let Some(fw) = fw {
+                args.extend(["--firewall", fw]);
+            }
+            Command::new(BIN)
+                .args(&args)
+                .env("IPSEC_MESH_LOG", "info")
+                .output()
+                .unwrap()
+        };
+        // The default: auto, resolved and logged.
+        let o = with(None);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("firewall backend firewall={auto} why=\"auto: ")),
+            "{err}"
+        );
+        firewall::ours(None).assert_installed(auto, "10.42.0.0/16");
+        assert_eq!(writes_of(&with(None), "firewall"), 0);
+
+        // Explicitly the other backend: its objects replace ours, nothing of auto's left.
+        let other = if auto == "nftables" {
+            "iptables"
+        } else {
+            "nftables"
+        };
+        let o = with(Some(other));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!(
+                "firewall backend firewall={other} why=\"as asked\""
+            )),
+            "{err}"
+        );
+        firewall::ours(None).assert_installed(other, "10.42.0.0/16");
+        assert_eq!(writes_of(&with(Some(other)), "firewall"), 0);
+
+        // Cleanup with the default (auto) removes the other backend's objects too.
+        let o = ipsec_mesh(&["cleanup", "--driver", "xfrm"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        firewall::ours(None).assert_empty();
+        assert!(our_policies().is_empty(), "{:#?}", our_policies());
+
+        // And the switch back, then the default cleanup again.
+        with(Some(other));
+        with(None);
+        firewall::ours(None).assert_installed(auto, "10.42.0.0/16");
+        let o = ipsec_mesh(&["cleanup", "--driver", "xfrm"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        firewall::ours(None).assert_empty();
     })
     .unwrap();
 }
@@ -404,7 +479,7 @@ fn ipv6_underlay_and_overlay() {
             "{pol}"
         );
         assert!(pol.contains("tmpl src 2001:db8:77::1 dst 2001:db8:77::2"), "{pol}");
-        assert!(sh("ip6tables-save").contains("IPSEC-MESH-MARK"));
+        firewall::ours(None).assert_installed(firewall::auto_backend(), "fd42::/48");
         assert!(sh("ip -6 rule").contains("lookup 1042"));
         let o = apply(&f);
         assert_eq!(writes_of(&o, "total"), 0, "{}", String::from_utf8_lossy(&o.stdout));
@@ -412,7 +487,7 @@ fn ipv6_underlay_and_overlay() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(!sh("ip -6 xfrm policy").contains("fd42"));
         assert!(our_sas().is_empty(), "{:?}", our_sas());
-        assert!(!sh("ip6tables-save").contains("IPSEC-MESH"));
+        firewall::ours(None).assert_empty();
     })
     .unwrap();
 }

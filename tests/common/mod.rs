@@ -3,6 +3,8 @@
 
 use std::process::{Command, Stdio};
 
+/// Our firewall objects of either backend, and the backend `--firewall auto` picks here.
+pub mod firewall;
 /// The fake rancher-metadata server and Rancher-shaped environments.
 pub mod rancher;
 
