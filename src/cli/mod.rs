@@ -242,6 +242,7 @@ impl DriverArgs {
                 bridge: self.forwarding.bridge.clone(),
                 underlay_dev: self.forwarding.underlay_dev.clone(),
                 routes: self.forwarding.route_config(),
+                xfrm_mode: self.forwarding.xfrm_mode,
             },
             vxlan: self.vxlan.config()?,
             charon: self.charon.config(opts),
@@ -382,6 +383,14 @@ pub struct ForwardingArgs {
     /// Priority of the ip rule selecting that table by mark.
     #[arg(long, default_value_t = ipsec_mesh::dataplane::routes::DEFAULT_PRIORITY)]
     pub rule_priority: u32,
+
+    /// xfrm driver: how a packet finds its peer. policy (the default): XFRM policies per
+    /// remote prefix; route: one XFRM interface per peer with the remote prefixes routed into
+    /// it, so the XFRM policies and SAs grow with the peers only (needs the kernel's
+    /// xfrm_interface, CONFIG_XFRM_INTERFACE); auto: route when the kernel has XFRM
+    /// interfaces, else policy (the choice is logged).
+    #[arg(long, value_name = "MODE", default_value = "policy", value_parser = parse_xfrm_mode)]
+    pub xfrm_mode: ipsec_mesh::dataplane::xfrmi::XfrmMode,
 }
 
 impl ForwardingArgs {
@@ -391,6 +400,10 @@ impl ForwardingArgs {
             priority: self.rule_priority,
         }
     }
+}
+
+fn parse_xfrm_mode(s: &str) -> Result<ipsec_mesh::dataplane::xfrmi::XfrmMode, String> {
+    s.parse()
 }
 
 fn parse_firewall(s: &str) -> Result<ipsec_mesh::dataplane::firewall::FirewallKind, String> {
