@@ -66,7 +66,8 @@ gcc -static -O2 -Wall -o "$out/esp-replay" "$here/esp-replay.c" || die "cannot b
 img="$out/xfrm-e2e.cpio.gz"
 say "build-initramfs.sh $img"
 "$here/build-initramfs.sh" "$img" --init "$here/xfrm-e2e.sh" --iptables \
-    --module br_netfilter --bin "$stripped:/usr/bin/ipsec-mesh" --bin "$out/esp-replay:/usr/bin/esp-replay"
+    --module br_netfilter --add "$here/xfrm-e2e-route.sh:/xfrm-e2e-route.sh" \
+    --bin "$stripped:/usr/bin/ipsec-mesh" --bin "$out/esp-replay:/usr/bin/esp-replay"
 
 # 4. boot and check.
 say "run.sh (timeout ${timeout_s}s)"

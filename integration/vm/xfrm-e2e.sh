@@ -275,6 +275,14 @@ EOF
     exit 0
 fi
 
+# --- route mode (kernel command line e2e.mode=route) ---------------------------------------
+# `apply --driver xfrm --xfrm-mode route`: xfrm-e2e-route.sh (in the image beside this
+# script), sourced: it uses the topology and helpers above and ends the run.
+if grep -qw e2e.mode=route /proc/cmdline; then
+    [ -r /xfrm-e2e-route.sh ] || abort route "/xfrm-e2e-route.sh missing from the initramfs"
+    . /xfrm-e2e-route.sh
+fi
+
 # --- 2. metadata, PSK, apply -------------------------------------------------------------
 cat >$META <<'EOF'
 {

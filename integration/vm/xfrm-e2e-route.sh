@@ -1,0 +1,155 @@
+# Sourced by xfrm-e2e.sh (busybox sh, inside the test VM) after the topology is built, when
+# the kernel command line says e2e.mode=route: `apply --driver xfrm --xfrm-mode route`, the
+# route mode (one XFRM interface per peer, dataplane/xfrmi), end to end with real ESP.
+# Uses xfrm-e2e.sh's topology, helpers (ok, bad, abort, ping_pairs, underlay_count,
+# dump_all) and variables, and ends the run (VM-RESULT).
+#
+# Metadata: every host has several /32s scattered over 10.42.0.0/16 (Rancher-like), one of
+# them its live container (10.42.N.2). Checks: apply on each host; per host 2 xfrm interfaces
+# (group 1042), 3 x 2 + 2 policies of ours (6 bound to an interface id), 8 SAs bound to one,
+# every remote /32 routed into its peer's interface and `unreachable 10.42.0.0/16`; the 6
+# container pings; every SA of the generation in use carries packets; nothing but ESP on the
+# underlay; a second apply writes nothing; h2's SAs flushed -> c2 unreachable, c1<->c3 fine,
+# nothing in clear; apply on h2 -> all pings back; cleanup leaves nothing of ours.
+
+cat >$META <<'EOF'
+{
+  "network": { "cidr": "10.42.0.0/16", "backend": "ipsec", "mtu": 1500 },
+  "hosts": [
+    { "id": "h1", "agent_ip": "192.168.77.1",
+      "subnets": ["10.42.1.2/32", "10.42.137.9/32", "10.42.58.77/32", "10.42.201.4/32"] },
+    { "id": "h2", "agent_ip": "192.168.77.2",
+      "subnets": ["10.42.2.2/32", "10.42.99.14/32", "10.42.7.200/32", "10.42.160.33/32", "10.42.41.5/32"] },
+    { "id": "h3", "agent_ip": "192.168.77.3",
+      "subnets": ["10.42.3.2/32", "10.42.250.1/32", "10.42.12.12/32"] }
+  ]
+}
+EOF
+(umask 077 && head -c 40 /dev/urandom | base64 | tr -d "\n" >$PSK)
+RT_OUT=""
+rt_apply() { # N -> sets RT_OUT; returns apply's status
+    RT_OUT=$($IP netns exec h$1 $BIN apply --metadata $META --host h$1 --driver xfrm \
+        --xfrm-mode route --psk-file $PSK 2>&1)
+}
+rt_summary() { echo "$RT_OUT" | grep "^xfrm: host h$1: " | tail -n 1; }
+reqid_min=1342177280 reqid_max=1476395007
+rt_stat() { $IP netns exec "$1" awk -v k="$2" '$1 == k { print $2 }' /proc/net/xfrm_stat; }
+rt_fw_left() { # $1 = netns -> what of either firewall backend of ours is there
+    if command -v nft >/dev/null && $IP netns exec "$1" nft list table inet ipsec-mesh >/dev/null 2>&1; then
+        echo "table inet ipsec-mesh"
+    fi
+    if command -v iptables-save >/dev/null && $IP netns exec "$1" iptables-save | grep -q IPSEC-MESH-; then
+        echo "IPSEC-MESH- chains/jumps"
+    fi
+}
+
+for n in $HOSTS; do
+    ts=$(now)
+    if rt_apply $n && rt_summary $n | grep -q ': 2 peers, [1-9][0-9]* writes, 0 errors'; then
+        ok "route-apply-h$n" "$(rt_summary $n), $(awk -v a="$ts" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}')s"
+    else
+        echo "$RT_OUT" | sed "s/^/  h$n apply: /"
+        abort "route-apply-h$n" "apply --xfrm-mode route failed"
+    fi
+done
+
+# --- kernel objects: O(peers), whatever the number of /32s --------------------------------
+for n in $HOSTS; do
+    links=$($IP -n h$n -d -o link show type xfrm | grep -c ': imx[0-9a-f]*@.* group 1042 ')
+    pols=$($IP -n h$n xfrm policy | grep -c '^src')
+    bound=$($IP -n h$n xfrm policy | grep -c 'if_id 0x5')
+    blocks=$($IP -n h$n xfrm policy | grep -B2 'action block' | grep -c "dev u$n")
+    states=$($IP -n h$n xfrm state | grep -c '^src')
+    sa_bound=$($IP -n h$n xfrm state | grep -c 'if_id 0x5')
+    unreach=$($IP -n h$n route show table $RT_TABLE | grep -c '^unreachable 10.42.0.0/16')
+    routed="" misrouted=""
+    for m in $HOSTS; do
+        [ "$m" = "$n" ] && continue
+        dev=$($IP -n h$n route get 10.42.$m.2 mark 0x100000 | sed -n 's/.* dev \(imx[0-9a-f]*\) .*/\1/p')
+        if [ -n "$dev" ]; then routed="$routed 10.42.$m.2->$dev"; else misrouted="$misrouted 10.42.$m.2"; fi
+    done
+    nowhere=$($IP -n h$n route get 10.42.222.222 mark 0x100000 2>&1)
+    if [ "$links" -eq 2 ] && [ "$pols" -eq 8 ] && [ "$bound" -eq 6 ] && [ "$blocks" -eq 2 ] &&
+        [ "$states" -eq 8 ] && [ "$sa_bound" -eq 8 ] && [ "$unreach" -eq 1 ] && [ -z "$misrouted" ] &&
+        echo "$nowhere" | grep -q -i -e unreachable -e 'no route'; then
+        ok "route-objects-h$n" "2 xfrm interfaces (group 1042), 8 policies (6 bound to an if_id, 2 inbound blocks on u$n), 8 SAs bound, unreachable 10.42.0.0/16;$routed"
+    else
+        bad "route-objects-h$n" "links $links (want 2), policies $pols (8), bound $bound (6), underlay blocks $blocks (2), states $states (8), bound SAs $sa_bound (8), unreachable $unreach (1), not routed:${misrouted:- -}, 10.42.222.222: $nowhere"
+        dump_all
+    fi
+done
+
+# --- traffic ------------------------------------------------------------------------------
+ping_pairs "$ALL_PAIRS" 3
+if [ -z "$PING_FAILED" ]; then ok route-ping-all "$PING_OK"; else bad route-ping-all "failed:$PING_FAILED; ok:$PING_OK"; dump_all; fi
+for n in $HOSTS; do
+    lines=$($IP -n h$n -s xfrm state | awk -v lo=$reqid_min -v hi=$reqid_max '
+        /^src / { src = $2; dst = $4 }
+        $1 == "proto" && $3 == "spi" { spi = $4; reqid = $6 + 0 }
+        /lifetime current:/ { getline; p = $0; sub(/.*, /, "", p); sub(/\(packets\).*/, "", p)
+            if (reqid >= lo && reqid <= hi) print src, dst, spi, reqid, p + 0 }')
+    count=$(echo "$lines" | grep -c .)
+    zero=$(echo "$lines" | awk '$5 == 0 && substr($3, 10, 1) == "1" { printf " spi %s (%s->%s)", $3, $1, $2 }')
+    used=$(echo "$lines" | awk 'substr($3, 10, 1) == "1" { n++ } END { print n + 0 }')
+    if [ "$count" -eq 8 ] && [ "$used" -eq 4 ] && [ -z "$zero" ]; then
+        ok "route-sa-counters-h$n" "$(echo "$lines" | awk 'substr($3, 10, 1) == "1" { printf "%s%s->%s %s:%d", (n++ ? ", " : ""), $1, $2, $3, $5 }')"
+    else
+        bad "route-sa-counters-h$n" "$count SAs (want 8), generation-1 SAs $used (want 4), no packets on:${zero:- -}"
+    fi
+    xi=$($IP -n h$n -s link show type xfrm | awk '/RX:/ { getline; rx += $2 } /TX:/ { getline; tx += $2 } END { printf "rx %d tx %d", rx, tx }')
+    echo "  h$n xfrm interfaces: $xi packets"
+done
+esp=$(underlay_count esp)
+plain=$(($(underlay_count plain) - plain_base))
+ov=$(underlay_count overlay)
+if [ "$esp" -gt 0 ] && [ "$plain" -eq 0 ] && [ "$ov" -eq 0 ]; then
+    ok route-underlay "$esp ESP packets, 0 other, 0 with container addresses"
+else
+    bad route-underlay "ESP $esp, other $plain, container addresses $ov"
+fi
+for n in $HOSTS; do
+    rt_apply $n
+    if rt_summary $n | grep -q ': 2 peers, 0 writes, 0 errors'; then
+        ok "route-noop-h$n" "$(rt_summary $n)"
+    else
+        bad "route-noop-h$n" "$RT_OUT"
+    fi
+done
+
+# --- fail closed: h2 loses its SAs ----------------------------------------------------------
+out_ns0=$(rt_stat h2 XfrmOutNoStates) in_ns0=$(rt_stat h2 XfrmInNoStates)
+$IP -n h2 xfrm state flush || abort route-flush "ip xfrm state flush in h2"
+ping_pairs "1>2 3>2 2>1 2>3" 2
+fails=$PING_FAILED oks=$PING_OK
+ping_pairs "1>3 3>1" 2
+out_ns1=$(rt_stat h2 XfrmOutNoStates) in_ns1=$(rt_stat h2 XfrmInNoStates)
+plain=$(($(underlay_count plain) - plain_base))
+ov=$(underlay_count overlay)
+if [ -z "$oks" ] && [ -z "$PING_FAILED" ] && [ "$plain" -eq 0 ] && [ "$ov" -eq 0 ] &&
+    [ "$out_ns1" -gt "$out_ns0" ] && [ "$in_ns1" -gt "$in_ns0" ]; then
+    ok route-no-sa "c2 unreachable ($fails), c1<->c3 fine, nothing in clear; h2 XfrmOutNoStates $out_ns0->$out_ns1, XfrmInNoStates $in_ns0->$in_ns1"
+else
+    bad route-no-sa "to/from c2 ok:${oks:- -}; c1<->c3 failed:${PING_FAILED:- -}; other $plain, container addresses $ov; h2 XfrmOutNoStates $out_ns0->$out_ns1, XfrmInNoStates $in_ns0->$in_ns1"
+fi
+if rt_apply 2 && rt_summary 2 | grep -q ', 0 errors'; then ok route-reapply-h2 "$(rt_summary 2)"; else bad route-reapply-h2 "$RT_OUT"; fi
+ping_pairs "$ALL_PAIRS" 3
+if [ -z "$PING_FAILED" ]; then ok route-recovered "$PING_OK"; else bad route-recovered "failed:$PING_FAILED"; dump_all; fi
+
+# --- cleanup ------------------------------------------------------------------------------
+for n in $HOSTS; do
+    out=$($IP netns exec h$n $BIN cleanup --driver xfrm --xfrm-mode route 2>&1)
+    rc=$?
+    left="$($IP -n h$n -o link show type xfrm)$($IP -n h$n xfrm policy)$($IP -n h$n xfrm state)$($IP -n h$n route show table $RT_TABLE)$($IP -n h$n rule | grep "lookup $RT_TABLE")$(rt_fw_left h$n)"
+    if [ $rc -eq 0 ] && [ -z "$left" ]; then
+        ok "route-cleanup-h$n" "nothing of ours left"
+    else
+        bad "route-cleanup-h$n" "exit $rc; left: $left; $out"
+    fi
+done
+say "done in $(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')s"
+if [ -n "$FAILED" ]; then
+    echo "VM-RESULT: FAIL (route:$FAILED)"
+    exit 1
+fi
+echo "VM-RESULT: PASS"
+exit 0
