@@ -75,7 +75,10 @@ fn params() -> Params {
             _ => panic!("unknown parameter {k} (changes=N hosts=N churn=N rate=N)"),
         }
     }
-    assert!(p.churn % 2 == 0 && p.churn <= 2 * 255 * 256, "churn: an even number");
+    assert!(
+        p.churn % 2 == 0 && p.churn <= 2 * 255 * 256,
+        "churn: an even number"
+    );
     p
 }
 
@@ -155,6 +158,9 @@ impl Drop for Monitor {
 /// One mesh of 3 sidecars following one source (etcd or a file).
 struct Mesh {
     name: &'static str,
+    /// The sidecars' logs are `{logs}/{name}-hN.log`.
+    logs: std::path::PathBuf,
+    hosts: Vec<usize>,
     sidecars: Vec<Child>,
     monitors: Vec<Monitor>,
     writer: Writer,
@@ -214,12 +220,14 @@ fn sidecar_record(n: usize) -> Value {
     json!({"id": format!("h{n}"), "agent_ip": Etcd::host_ip(n), "subnets": [format!("10.1.{n}.0/24")]})
 }
 
-/// A host nobody runs: an agent address nobody answers on, subnet `10.A.B.0/24`.
+/// Host number `k` of a phase that nobody runs (an agent address nobody answers on), subnet
+/// `10.{base + k / 256}.{k % 256}.0/24`.
 fn record(id: &str, k: usize, base: usize) -> (Value, String) {
     let subnet = format!("10.{}.{}.0/24", base + k / 256, k % 256);
     let v = json!({
         "id": id,
-        "agent_ip": format!("192.168.{}.{}", 90 + k / 250, k % 250 + 1),
+        // Distinct per phase too (`base`): two records with one agent_ip conflict.
+        "agent_ip": format!("172.{}.{}.{}", base / 10, k / 250, k % 250 + 1),
         "subnets": [subnet],
     });
     (v, subnet)
@@ -229,6 +237,8 @@ impl Mesh {
     fn start(e: &Etcd, name: &'static str, hosts: Vec<usize>, writer: Writer, url: &str) -> Mesh {
         let mut m = Mesh {
             name,
+            logs: e.t.dir.path().to_path_buf(),
+            hosts: hosts.clone(),
             sidecars: Vec::new(),
             monitors: Vec::new(),
             writer,
@@ -280,7 +290,12 @@ impl Mesh {
         // `ip netns exec` execs the program: the child is the sidecar itself.
         for c in &m.sidecars {
             let comm = std::fs::read_to_string(format!("/proc/{}/comm", c.id())).unwrap();
-            assert_eq!(comm.trim(), "ipsec-mesh", "pid {} is not the sidecar", c.id());
+            assert_eq!(
+                comm.trim(),
+                "ipsec-mesh",
+                "pid {} is not the sidecar",
+                c.id()
+            );
         }
         m
     }
@@ -298,12 +313,30 @@ impl Mesh {
             if let Some(t) = self.done(dst, added, t0) {
                 return t;
             }
-            assert!(
-                t0.elapsed() < CHANGE_TIMEOUT,
-                "{}: {dst} ({}) not programmed on every sidecar within {CHANGE_TIMEOUT:?}",
-                self.name,
-                if added { "added" } else { "deleted" }
-            );
+            if t0.elapsed() > CHANGE_TIMEOUT {
+                // The scratch dir goes away with the cluster: the logs' ends go in the message.
+                let tails: Vec<String> = (0..self.sidecars.len())
+                    .map(|i| {
+                        let f = self
+                            .logs
+                            .join(format!("{}-h{}.log", self.name, self.hosts[i]));
+                        let text = std::fs::read_to_string(&f).unwrap_or_default();
+                        let lines: Vec<&str> = text.lines().collect();
+                        format!(
+                            "{}:\n{}",
+                            f.display(),
+                            lines[lines.len().saturating_sub(15)..].join("\n")
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "{}: {dst} ({}) not programmed on every sidecar within {CHANGE_TIMEOUT:?}; \
+                     sidecar logs:\n{}",
+                    self.name,
+                    if added { "added" } else { "deleted" },
+                    tails.join("\n")
+                );
+            }
             thread::sleep(Duration::from_millis(1));
         }
     }
@@ -315,7 +348,12 @@ impl Mesh {
         let mut hwm: f64 = 0.0;
         for c in &self.sidecars {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap();
-            let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+            let f: Vec<&str> = stat
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .split_whitespace()
+                .collect();
             // Fields 14 and 15 of stat(5); f[0] is field 3.
             cpu += (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / tick;
             let status = std::fs::read_to_string(format!("/proc/{}/status", c.id())).unwrap();
@@ -398,7 +436,16 @@ fn churn(m: &mut Mesh, count: usize, rate: f64) -> Churn {
 fn plan_once(metadata: &str, host: &str) -> (f64, f64) {
     let t = Instant::now();
     let out = Command::new(TIME)
-        .args(["-f", "%M", BIN, "plan", "--metadata", metadata, "--host", host])
+        .args([
+            "-f",
+            "%M",
+            BIN,
+            "plan",
+            "--metadata",
+            metadata,
+            "--host",
+            host,
+        ])
         .args(["--format", "json"])
         .env("IPSEC_MESH_LOG", "warn")
         .stdout(Stdio::null())
@@ -494,7 +541,10 @@ fn main() {
         p.changes,
         loadavg()
     );
-    println!("  {:<26} {:>8} {:>8} {:>8}", "", "p50 ms", "p99 ms", "max ms");
+    println!(
+        "  {:<26} {:>8} {:>8} {:>8}",
+        "", "p50 ms", "p99 ms", "max ms"
+    );
     println!("  {:<26} {e50:>8.1} {e99:>8.1} {emax:>8.1}", "etcd (watch)");
     println!(
         "  {:<26} {f50:>8.1} {f99:>8.1} {fmax:>8.1}",

@@ -451,8 +451,8 @@ impl RancherSource {
             Some(rest) => rest,
             None => {
                 let message = if base.starts_with("https://") {
-                    "https is not supported (built without TLS); rancher-metadata is served \
-                     over plain http"
+                    "https is not supported for rancher-metadata (it is served over plain \
+                     http inside the environment; TLS is for etcd:// sources)"
                 } else {
                     "not an http:// URL"
                 };
@@ -1198,5 +1198,15 @@ mod tests {
         }
         let s = RancherSource::new("http://h/2015-12-19/").unwrap();
         assert_eq!(s.origin(), "http://h/2015-12-19");
+        // The binary has TLS (for etcd): the message says why https is refused here
+        // without claiming otherwise.
+        let e = RancherSource::new("https://x/2015-12-19").err().unwrap();
+        let text = e.to_string();
+        assert!(
+            text.contains("https is not supported for rancher-metadata")
+                && text.contains("TLS is for etcd:// sources")
+                && !text.contains("built without TLS"),
+            "{text}"
+        );
     }
 }
