@@ -46,6 +46,16 @@ pub struct CniConfigCmd {
     /// Output shape.
     #[arg(long, value_enum, default_value_t = ConfFormat::Conflist)]
     pub format: ConfFormat,
+
+    /// Leave out the reference `portmap` plugin (published ports: `podman run -p`), which a
+    /// conflist chains by default.
+    #[arg(long)]
+    pub no_portmap: bool,
+
+    /// Do not masquerade container traffic to destinations outside the mesh (`ipMasq`);
+    /// mesh traffic is never masqueraded.
+    #[arg(long)]
+    pub no_masquerade: bool,
 }
 
 fn parse_transform(s: &str) -> Result<Transform, String> {
@@ -90,6 +100,9 @@ pub fn run(cmd: CniConfigCmd) -> Result<ExitCode> {
         mtu: p.mtu,
         data_dir: cmd.data_dir,
         conflist: cmd.format == ConfFormat::Conflist,
+        portmap: !cmd.no_portmap,
+        masquerade: !cmd.no_masquerade,
+        subnets: p.subnets.clone(),
     });
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(ExitCode::SUCCESS)

@@ -29,6 +29,7 @@ use serde_json::Map;
 use super::config::{BridgeConf, Command, MeshRef, MTU_MIN};
 use super::delegate;
 use super::link::{self, Link};
+use super::masq;
 use super::mesh;
 use super::netns;
 use super::plugin::{Plugin, Request};
@@ -367,6 +368,52 @@ async fn teardown(rt: &tokio::runtime::Handle, host_veth: &str) -> Result<(), Cn
     }
 }
 
+/// Write the network's masquerade table for a container that got `ips` (see [`masq`]).
+fn masquerade(conf: &BridgeConf, network: &str, ips: &[IpConfig]) -> Result<(), CniError> {
+    let own: Vec<IpNet> = ips.iter().map(|i| i.address.trunc()).collect();
+    let (mut sources, mut exempt) = match &conf.mesh {
+        Some(m) => {
+            let mesh = mesh::load(&m.metadata, m.host.as_deref())?;
+            masq::from_cluster(&mesh.snapshot.cluster, &mesh.self_id)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    sources.extend(own.iter().copied());
+    exempt.extend(own);
+    let spec = masq::MasqSpec {
+        table: masq::table_name(network),
+        sources,
+        exempt,
+    };
+    let _lock = masq::lock(&spec.table)?;
+    masq::run(&masq::render(&spec))
+}
+
+/// After a DEL: remove the masquerade table when the bridge has no port left.
+async fn unmasquerade(
+    rt: &tokio::runtime::Handle,
+    conf: &BridgeConf,
+    network: &str,
+) -> Result<(), CniError> {
+    let table = masq::table_name(network);
+    let _lock = masq::lock(&table)?;
+    let host = netns::connect_here(rt).map_err(kernel("netlink socket"))?;
+    let ports = match link::get(&host, &conf.bridge)
+        .await
+        .map_err(kernel(&conf.bridge))?
+    {
+        Some(br) => link::ports_of(&host, br.index)
+            .await
+            .map_err(kernel(format!("ports of {}", conf.bridge)))?,
+        None => 0,
+    };
+    if ports == 0 {
+        masq::run(&masq::render_delete(&table))?;
+        tracing::info!(%table, "last container gone: masquerade table removed");
+    }
+    Ok(())
+}
+
 impl Bridge {
     fn mtu(conf: &BridgeConf, rt: &tokio::runtime::Runtime) -> Result<u32, CniError> {
         let (mtu, basis) = choose_mtu(conf, mesh::plan_mtu, || {
@@ -438,7 +485,12 @@ impl Plugin for Bridge {
             host_veth: host_veth.clone(),
             ipam,
         };
-        let out = rt.block_on(setup(&ctx, rt.handle()));
+        let out = rt.block_on(setup(&ctx, rt.handle())).and_then(|res| {
+            if conf.ip_masq {
+                masquerade(&conf, &r.conf.name, &res.ips)?;
+            }
+            Ok(res)
+        });
         if let Err(e) = &out {
             if !existed {
                 tracing::warn!("ADD failed ({e}); undoing");
@@ -460,8 +512,14 @@ impl Plugin for Bridge {
         // Keep going after a failure: release the address even if the link removal failed.
         let links = rt.block_on(teardown(rt.handle(), &host_veth));
         let ipam = delegate::run(&conf.ipam_type, Command::Del, r.env, r.stdin);
+        let nat = if conf.ip_masq {
+            rt.block_on(unmasquerade(rt.handle(), &conf, &r.conf.name))
+        } else {
+            Ok(())
+        };
         links?;
-        ipam.map(|_| ())
+        ipam?;
+        nat
     }
 
     fn check(&self, r: &Request) -> Result<(), CniError> {

@@ -61,6 +61,8 @@ pub struct Env {
     pub ifname: String,
     /// `CNI_ARGS`: `K=V;K2=V2`.
     pub args: BTreeMap<String, String>,
+    /// `CNI_ARGS` as given (passed on to a delegated IPAM plugin).
+    pub args_raw: String,
     /// `CNI_PATH`: where plugin binaries are.
     pub path: Vec<PathBuf>,
 }
@@ -94,6 +96,7 @@ impl Env {
             netns: var("CNI_NETNS"),
             ifname: var("CNI_IFNAME"),
             args: parse_args(&var("CNI_ARGS"))?,
+            args_raw: var("CNI_ARGS"),
             path: std::env::split_paths(&var("CNI_PATH"))
                 .filter(|p| !p.as_os_str().is_empty())
                 .collect(),
@@ -391,6 +394,8 @@ pub struct BridgeConf {
     /// Also route the container's default route via the gateway (implies `is_gateway`).
     pub is_default_gateway: bool,
     pub hairpin_mode: bool,
+    /// Masquerade traffic to destinations outside the mesh (`ipMasq`, see [`super::masq`]).
+    pub ip_masq: bool,
     /// Explicit MTU; with `link_mtu_overhead` the underlay MTU it is subtracted from.
     pub mtu: Option<u32>,
     /// Rancher's `linkMTUOverhead`: container MTU = underlay MTU - overhead.
@@ -415,6 +420,7 @@ impl BridgeConf {
         let is_default_gateway = opt_bool(d, "", "isDefaultGateway")?;
         let is_gateway = opt_bool(d, "", "isGateway")? || is_default_gateway;
         let hairpin_mode = opt_bool(d, "", "hairpinMode")?;
+        let ip_masq = opt_bool(d, "", "ipMasq")?;
         let mtu = opt_u32(d, "", "mtu")?;
         if let Some(m) = mtu {
             check_mtu("mtu", m)?;
@@ -480,6 +486,7 @@ impl BridgeConf {
             is_gateway,
             is_default_gateway,
             hairpin_mode,
+            ip_masq,
             mtu,
             link_mtu_overhead,
             mac,
@@ -505,7 +512,17 @@ pub struct IpamConf {
     pub data_dir: PathBuf,
     /// Routes put in the result as given.
     pub routes: Vec<Route>,
+    /// How long a released address stays reserved for the same container and interface
+    /// (`ipam.keepReleasedSeconds`; 0: not at all).
+    pub keep_released: std::time::Duration,
+    /// `ipam.ranges` (host-local's layout, written by `cni-config` for runtimes and people
+    /// to read): the subnets it names. The metadata stays the source of truth.
+    pub ranges: Vec<IpNet>,
 }
+
+/// Default for `ipam.keepReleasedSeconds`: a restart or a `network reload` (DEL then ADD of
+/// the same container id) keeps the address when it comes within this time.
+pub const DEFAULT_KEEP_RELEASED_SECS: u64 = 300;
 
 impl IpamConf {
     pub fn parse(conf: &NetConf) -> Result<IpamConf, CniError> {
@@ -548,14 +565,152 @@ impl IpamConf {
                 )))
             }
         };
+        let keep_released = match ipam.get("keepReleasedSeconds") {
+            None | Some(Value::Null) => DEFAULT_KEEP_RELEASED_SECS,
+            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
+                CniError::config(format!(
+                    "ipam.keepReleasedSeconds must be a non-negative integer, not {n}"
+                ))
+            })?,
+            Some(v) => {
+                return Err(CniError::config(format!(
+                    "ipam.keepReleasedSeconds must be a number, not {}",
+                    type_name(v)
+                )))
+            }
+        };
+        let ranges = parse_ranges(ipam.get("ranges"))?;
         Ok(IpamConf {
             network: conf.name.clone(),
             metadata,
             host,
             data_dir,
             routes,
+            keep_released: std::time::Duration::from_secs(keep_released),
+            ranges,
         })
     }
+}
+
+/// The subnets of host-local's `ranges` layout: `[[{"subnet": CIDR, "gateway": IP}, ...], ...]`.
+fn parse_ranges(v: Option<&Value>) -> Result<Vec<IpNet>, CniError> {
+    let sets = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(v) => {
+            return Err(CniError::config(format!(
+                "ipam.ranges must be an array of range sets, not {}",
+                type_name(v)
+            )))
+        }
+    };
+    let mut out = Vec::new();
+    for (i, set) in sets.iter().enumerate() {
+        let Value::Array(set) = set else {
+            return Err(CniError::config(format!(
+                "ipam.ranges[{i}] must be an array of ranges, not {}",
+                type_name(set)
+            )));
+        };
+        for (j, r) in set.iter().enumerate() {
+            let what = format!("ipam.ranges[{i}][{j}]");
+            let Value::Object(m) = r else {
+                return Err(CniError::config(format!(
+                    "{what} must be an object {{\"subnet\": CIDR}}, not {}",
+                    type_name(r)
+                )));
+            };
+            let s = req_str(m, &what, "subnet")?;
+            let net: IpNet = s.parse().map_err(|_| {
+                CniError::config(format!(
+                    "{what}.subnet {s:?} is not a prefix (10.42.1.0/24)"
+                ))
+            })?;
+            out.push(net.trunc());
+        }
+    }
+    Ok(out)
+}
+
+/// One statically requested address: the address, and the prefix length when one was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Requested {
+    pub ip: IpAddr,
+    pub prefix: Option<u8>,
+    /// Where it came from (for errors).
+    pub source: &'static str,
+}
+
+fn parse_requested(source: &'static str, s: &str) -> Result<Requested, CniError> {
+    let bad = || {
+        CniError::config(format!(
+            "{source}: {s:?} is not an IP address (10.42.1.200 or 10.42.1.200/24)"
+        ))
+    };
+    let s = s.trim();
+    let (ip, prefix) = match s.split_once('/') {
+        Some((a, _)) => {
+            let net: IpNet = s.parse().map_err(|_| bad())?;
+            (
+                a.parse::<IpAddr>().map_err(|_| bad())?,
+                Some(net.prefix_len()),
+            )
+        }
+        None => (s.parse::<IpAddr>().map_err(|_| bad())?, None),
+    };
+    Ok(Requested { ip, prefix, source })
+}
+
+/// The addresses a runtime asks for, as host-local reads them: `CNI_ARGS` `IP=a[,b]`,
+/// `args.cni.ips` and `runtimeConfig.ips` (the `ips` capability), in that order, duplicates
+/// dropped. Empty: allocate dynamically.
+pub fn static_requests(conf: &NetConf, env: &Env) -> Result<Vec<Requested>, CniError> {
+    let mut out: Vec<Requested> = Vec::new();
+    if let Some(list) = env.args.get("IP") {
+        for s in list.split(',').filter(|s| !s.trim().is_empty()) {
+            out.push(parse_requested("CNI_ARGS IP", s)?);
+        }
+    }
+    let arrays: [(&'static str, Option<&Value>); 2] = [
+        (
+            "args.cni.ips",
+            conf.doc
+                .get("args")
+                .and_then(|a| a.get("cni"))
+                .and_then(|c| c.get("ips")),
+        ),
+        (
+            "runtimeConfig.ips",
+            conf.doc.get("runtimeConfig").and_then(|r| r.get("ips")),
+        ),
+    ];
+    for (source, v) in arrays {
+        match v {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) => {
+                for (i, x) in a.iter().enumerate() {
+                    match x {
+                        Value::String(s) => out.push(parse_requested(source, s)?),
+                        x => {
+                            return Err(CniError::config(format!(
+                                "{source}[{i}] must be a string, not {}",
+                                type_name(x)
+                            )))
+                        }
+                    }
+                }
+            }
+            Some(v) => {
+                return Err(CniError::config(format!(
+                    "{source} must be an array of addresses, not {}",
+                    type_name(v)
+                )))
+            }
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|r| seen.insert(r.ip));
+    Ok(out)
 }
 
 fn parse_route(what: &str, v: &Value) -> Result<Route, CniError> {
@@ -883,6 +1038,156 @@ mod tests {
             assert_eq!(e.code, code::INVALID_CONFIG, "{v}: {e}");
             assert!(e.msg.contains(needle), "{v}: {needle:?} not in {:?}", e.msg);
         }
+    }
+
+    fn env_args(args: &str) -> Env {
+        env_of(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/x"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", args),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn static_requests_from_args_capability_and_cni_args() {
+        let c = conf(json!({"cniVersion": "1.0.0", "name": "n", "type": "t"})).unwrap();
+        let env = env_args("IgnoreUnknown=1;K8S_POD_NAME=web;IP=10.42.1.200,10.42.1.201");
+        assert_eq!(
+            env.args_raw,
+            "IgnoreUnknown=1;K8S_POD_NAME=web;IP=10.42.1.200,10.42.1.201"
+        );
+        let r = static_requests(&c, &env).unwrap();
+        assert_eq!(
+            r.iter()
+                .map(|r| (r.ip.to_string(), r.prefix, r.source))
+                .collect::<Vec<_>>(),
+            [
+                ("10.42.1.200".to_string(), None, "CNI_ARGS IP"),
+                ("10.42.1.201".to_string(), None, "CNI_ARGS IP")
+            ]
+        );
+        let c = conf(json!({"cniVersion": "1.0.0", "name": "n", "type": "t",
+                            "args": {"cni": {"ips": ["fd42::7"]}},
+                            "runtimeConfig": {"ips": ["10.42.1.200/24", "10.42.1.9/24"]}}))
+        .unwrap();
+        let r = static_requests(&c, &env_args("IP=10.42.1.200")).unwrap();
+        let got: Vec<_> = r
+            .iter()
+            .map(|r| (r.ip.to_string(), r.prefix, r.source))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("10.42.1.200".to_string(), None, "CNI_ARGS IP"),
+                ("fd42::7".to_string(), None, "args.cni.ips"),
+                ("10.42.1.9".to_string(), Some(24), "runtimeConfig.ips"),
+            ],
+            "in host-local's order, the duplicate dropped"
+        );
+        // Nothing asked: dynamic.
+        let c = conf(json!({"cniVersion": "1.0.0", "name": "n", "type": "t"})).unwrap();
+        assert!(static_requests(&c, &env_args("IgnoreUnknown=1"))
+            .unwrap()
+            .is_empty());
+        // Errors name the source.
+        for (doc, args, needle) in [
+            (
+                json!({}),
+                "IP=10.42.1.300",
+                "CNI_ARGS IP: \"10.42.1.300\" is not an IP address",
+            ),
+            (
+                json!({}),
+                "IP=10.42.1.2/33",
+                "CNI_ARGS IP: \"10.42.1.2/33\"",
+            ),
+            (
+                json!({"runtimeConfig": {"ips": "10.42.1.2"}}),
+                "",
+                "runtimeConfig.ips must be an array",
+            ),
+            (
+                json!({"runtimeConfig": {"ips": [5]}}),
+                "",
+                "runtimeConfig.ips[0] must be a string",
+            ),
+            (
+                json!({"args": {"cni": {"ips": ["x"]}}}),
+                "",
+                "args.cni.ips: \"x\"",
+            ),
+        ] {
+            let mut d = json!({"cniVersion": "1.0.0", "name": "n", "type": "t"});
+            for (k, v) in doc.as_object().unwrap() {
+                d[k] = v.clone();
+            }
+            let e = static_requests(&conf(d).unwrap(), &env_args(args)).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{e}");
+            assert!(e.msg.contains(needle), "{needle:?} not in {:?}", e.msg);
+        }
+    }
+
+    #[test]
+    fn ipam_keep_released_and_ranges() {
+        let c = ipam(json!({"type": "x", "metadata": "/m"})).unwrap();
+        assert_eq!(c.keep_released.as_secs(), DEFAULT_KEEP_RELEASED_SECS);
+        assert!(c.ranges.is_empty());
+        let c = ipam(
+            json!({"type": "x", "metadata": "/m", "keepReleasedSeconds": 0,
+                            "ranges": [[{"subnet": "10.42.1.0/24", "gateway": "10.42.1.1"}],
+                                       [{"subnet": "fd42:0:0:1::/64"}]]}),
+        )
+        .unwrap();
+        assert!(c.keep_released.is_zero());
+        assert_eq!(
+            c.ranges,
+            ["10.42.1.0/24", "fd42:0:0:1::/64"].map(|s| s.parse::<IpNet>().unwrap())
+        );
+        for (v, needle) in [
+            (
+                json!({"keepReleasedSeconds": -1}),
+                "ipam.keepReleasedSeconds must be a non-negative integer",
+            ),
+            (
+                json!({"keepReleasedSeconds": "5"}),
+                "ipam.keepReleasedSeconds must be a number",
+            ),
+            (
+                json!({"ranges": {}}),
+                "ipam.ranges must be an array of range sets",
+            ),
+            (
+                json!({"ranges": [{}]}),
+                "ipam.ranges[0] must be an array of ranges",
+            ),
+            (
+                json!({"ranges": [[{"gateway": "10.42.1.1"}]]}),
+                "ipam.ranges[0][0].subnet is missing",
+            ),
+            (
+                json!({"ranges": [[{"subnet": "10.42.1.0"}]]}),
+                "ipam.ranges[0][0].subnet \"10.42.1.0\" is not a prefix",
+            ),
+        ] {
+            let mut d = json!({"type": "x", "metadata": "/m"});
+            for (k, x) in v.as_object().unwrap() {
+                d[k] = x.clone();
+            }
+            let e = ipam(d).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{e}");
+            assert!(e.msg.contains(needle), "{needle:?} not in {:?}", e.msg);
+        }
+    }
+
+    #[test]
+    fn bridge_ip_masq() {
+        assert!(!bridge(json!({})).unwrap().ip_masq);
+        assert!(bridge(json!({"ipMasq": true})).unwrap().ip_masq);
+        let e = bridge(json!({"ipMasq": 1})).unwrap_err();
+        assert!(e.msg.contains("ipMasq must be true or false"), "{e}");
     }
 
     #[test]

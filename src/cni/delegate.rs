@@ -58,6 +58,7 @@ pub fn exec(
         .env("CNI_CONTAINERID", &env.container_id)
         .env("CNI_NETNS", &env.netns)
         .env("CNI_IFNAME", &env.ifname)
+        .env("CNI_ARGS", &env.args_raw)
         .env(
             "CNI_PATH",
             std::env::join_paths(&env.path).unwrap_or_default(),
@@ -130,6 +131,7 @@ mod tests {
             netns: "/x".into(),
             ifname: "eth0".into(),
             args: BTreeMap::new(),
+            args_raw: "IgnoreUnknown=1;IP=10.42.1.9".into(),
             path: vec![PathBuf::from("/nonexistent"), path.to_path_buf()],
         }
     }
@@ -146,7 +148,7 @@ mod tests {
         script(
             dir.path(),
             "ok",
-            r#"read -r line; echo "{\"cmd\":\"$CNI_COMMAND\",\"id\":\"$CNI_CONTAINERID\",\"in\":$line}""#,
+            r#"read -r line; echo "{\"cmd\":\"$CNI_COMMAND\",\"id\":\"$CNI_CONTAINERID\",\"args\":\"$CNI_ARGS\",\"in\":$line}""#,
         );
         script(
             dir.path(),
@@ -161,6 +163,10 @@ mod tests {
             .unwrap();
         assert_eq!(v["cmd"], "DEL");
         assert_eq!(v["id"], "c1");
+        assert_eq!(
+            v["args"], "IgnoreUnknown=1;IP=10.42.1.9",
+            "CNI_ARGS reaches the IPAM"
+        );
         assert_eq!(v["in"]["a"], 1);
         let err = run("bad", Command::Add, &e, b"{}").unwrap_err();
         assert_eq!((err.code, err.msg.as_str()), (11, "IPAM plugin bad: later"));

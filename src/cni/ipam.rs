@@ -3,7 +3,13 @@
 //! ADD loads the metadata (one request, no polling), finds this host and allocates one
 //! address from the first of its subnets with room, under the store's lock
 //! ([`super::store`]), never the host's VTEP address (which the metadata may place inside a
-//! subnet: `hosts[].vtep`); the same (network, container, ifname) gets the same address again.
+//! subnet: `hosts[].vtep`); the same (network, container, ifname) gets the same address again,
+//! also after a DEL within `keepReleasedSeconds` (a restart or `network reload`).
+//!
+//! Static requests, as host-local takes them (`CNI_ARGS` `IP=a[,b]`, `args.cni.ips`,
+//! `runtimeConfig.ips` of the `ips` capability): each address must be an allocatable address
+//! of this host's subnets (not the network, gateway or broadcast address, not the VTEP) and
+//! free, else ADD fails with code 109 (not this host's to give) or 110 (in use), naming it.
 //! The result carries the subnet's gateway (its first address) and the configured `routes`.
 //! DEL, CHECK and GC only touch the store, so they work while the metadata is unreachable.
 
@@ -12,11 +18,11 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde_json::Value;
 
-use super::config::IpamConf;
+use super::config::{static_requests, IpamConf, Requested};
 use super::mesh;
 use super::plugin::{Plugin, Request};
 use super::spec::{code, CniError, CniResult, IpConfig};
-use super::store::{self, Owner, Store, StoreError};
+use super::store::{self, ClaimError, Owner, Store, StoreError};
 
 /// The IPAM plugin.
 #[derive(Debug, Default)]
@@ -38,18 +44,93 @@ fn owner(conf: &IpamConf, r: &Request) -> Owner {
     }
 }
 
-/// The result for an address in `subnet`.
-pub fn result_for(ip: IpAddr, subnet: &IpNet, conf: &IpamConf) -> CniResult {
-    let address = IpNet::new(ip, subnet.prefix_len()).unwrap_or(*subnet);
+/// The result for addresses, each in its subnet.
+pub fn result_for(got: &[(IpAddr, IpNet)], conf: &IpamConf) -> CniResult {
     CniResult {
-        ips: vec![IpConfig {
-            address,
-            gateway: store::gateway(subnet),
-            interface: None,
-            version: None,
-        }],
+        ips: got
+            .iter()
+            .map(|(ip, subnet)| IpConfig {
+                address: IpNet::new(*ip, subnet.prefix_len()).unwrap_or(*subnet),
+                gateway: store::gateway(subnet),
+                interface: None,
+                version: None,
+            })
+            .collect(),
         routes: conf.routes.clone(),
         ..Default::default()
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The CNI error for a static request that cannot be given.
+fn claim_error(r: &Requested, host: &str, e: &ClaimError) -> CniError {
+    let c = match e {
+        ClaimError::InUse { .. } => code::ADDRESS_IN_USE,
+        _ => code::ADDRESS_UNAVAILABLE,
+    };
+    CniError::new(
+        c,
+        format!("requested address ({}) on host {host:?}: {e}", r.source),
+    )
+}
+
+/// Give `who` exactly the requested addresses (releasing others it held in this network).
+fn claim_all(
+    st: &mut store::State,
+    req: &[Requested],
+    subnets: &[IpNet],
+    vtep: Option<IpAddr>,
+    who: &Owner,
+    host: &str,
+) -> Result<Vec<(IpAddr, IpNet)>, CniError> {
+    let mut got = Vec::new();
+    let mut trial = st.clone();
+    for ip in trial.held_by(who) {
+        if !req.iter().any(|r| r.ip == ip) {
+            trial.allocations.remove(&ip);
+        }
+    }
+    for r in req {
+        let subnet = trial
+            .claim(subnets, vtep.as_slice(), r.ip, who)
+            .map_err(|e| claim_error(r, host, &e))?;
+        if let Some(p) = r.prefix {
+            if p != subnet.prefix_len() {
+                return Err(CniError::new(
+                    code::ADDRESS_UNAVAILABLE,
+                    format!(
+                        "requested address ({}) {}/{p} on host {host:?}: the subnet is {subnet}",
+                        r.source, r.ip
+                    ),
+                ));
+            }
+        }
+        got.push((r.ip, subnet));
+    }
+    *st = trial;
+    Ok(got)
+}
+
+/// `ipam.ranges` is what `cni-config` wrote; the metadata wins when they differ.
+fn warn_stale_ranges(conf: &IpamConf, host: &str, subnets: &[IpNet]) {
+    if conf.ranges.is_empty() {
+        return;
+    }
+    let (mut a, mut b) = (conf.ranges.clone(), subnets.to_vec());
+    a.sort();
+    b.sort();
+    if a != b {
+        tracing::warn!(
+            "ipam.ranges ({}) differs from host {host:?}'s subnets in the metadata ({}): the metadata is used; run `ipsec-mesh cni-config` again to refresh the configuration",
+            a.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            b.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        );
     }
 }
 
@@ -101,21 +182,34 @@ pub fn valid_attachments(
 impl Plugin for Ipam {
     fn add(&self, r: &Request) -> Result<CniResult, CniError> {
         let conf = IpamConf::parse(r.conf)?;
+        let requested = static_requests(r.conf, r.env)?;
         let (host, subnets, vtep) = host_subnets(&conf)?;
+        warn_stale_ranges(&conf, &host, &subnets);
         let store = Store::new(&conf.data_dir);
         let lock = store.lock().map_err(store_error)?;
         let mut st = lock.load().map_err(store_error)?;
         let before = st.clone();
         let who = owner(&conf, r);
-        let (ip, subnet) = st
-            .allocate_avoiding(&subnets, vtep.as_slice(), &who)
-            .map_err(|e| CniError::new(code::EXHAUSTED, format!("host {host:?}: {e}")))?;
+        let got = if requested.is_empty() {
+            let got = st
+                .allocate_sticky(
+                    &subnets,
+                    vtep.as_slice(),
+                    &who,
+                    now_secs(),
+                    conf.keep_released.as_secs(),
+                )
+                .map_err(|e| CniError::new(code::EXHAUSTED, format!("host {host:?}: {e}")))?;
+            vec![got]
+        } else {
+            claim_all(&mut st, &requested, &subnets, vtep, &who, &host)?
+        };
         if st != before {
             lock.save(&st).map_err(store_error)?;
-            tracing::info!(%ip, container = %who.container, ifname = %who.ifname, "allocated");
+            tracing::info!(?got, container = %who.container, ifname = %who.ifname, "allocated");
         }
         drop(lock);
-        Ok(result_for(ip, &subnet, &conf))
+        Ok(result_for(&got, &conf))
     }
 
     fn del(&self, r: &Request) -> Result<(), CniError> {
@@ -126,8 +220,15 @@ impl Plugin for Ipam {
         }
         let lock = store.lock().map_err(store_error)?;
         let mut st = lock.load().map_err(store_error)?;
-        let gone = st.release(&owner(&conf, r));
-        if !gone.is_empty() {
+        let before = st.clone();
+        let now = now_secs();
+        st.prune_released(now, conf.keep_released.as_secs());
+        let gone = if conf.keep_released.is_zero() {
+            st.release(&owner(&conf, r))
+        } else {
+            st.release_keeping(&owner(&conf, r), now)
+        };
+        if st != before {
             lock.save(&st).map_err(store_error)?;
             tracing::info!(?gone, container = %r.env.container_id, "released");
         }
@@ -260,11 +361,16 @@ mod tests {
         }
 
         fn run(&self, cmd: &str, container: &str, stdin: &str) -> (Value, bool) {
+            self.run_args(cmd, container, stdin, "")
+        }
+
+        fn run_args(&self, cmd: &str, container: &str, stdin: &str, args: &str) -> (Value, bool) {
             let m: HashMap<&str, &str> = [
                 ("CNI_COMMAND", cmd),
                 ("CNI_CONTAINERID", container),
                 ("CNI_NETNS", "/proc/self/ns/net"),
                 ("CNI_IFNAME", "eth0"),
+                ("CNI_ARGS", args),
             ]
             .into_iter()
             .collect();
@@ -304,6 +410,91 @@ mod tests {
         assert!(f.run("DEL", "c1", &conf).1, "DEL twice is fine");
         let (e, ok) = f.run("CHECK", "c1", &conf);
         assert!(!ok && e["code"] == 105, "{e}");
+    }
+
+    #[test]
+    fn static_requests_are_honoured_or_refused_with_a_code() {
+        let f = Fixture::new();
+        let conf = f.conf("host-b"); // 10.42.2.0/24
+        let (v, ok) = f.run_args("ADD", "c1", &conf, "IgnoreUnknown=1;IP=10.42.2.200");
+        assert!(ok, "{v}");
+        assert_eq!(
+            v["ips"],
+            json!([{"address": "10.42.2.200/24", "gateway": "10.42.2.1"}])
+        );
+        // The same request again: same answer; another container asking for it: 110.
+        assert_eq!(f.run_args("ADD", "c1", &conf, "IP=10.42.2.200").0, v);
+        let (e, ok) = f.run_args("ADD", "c2", &conf, "IP=10.42.2.200");
+        assert!(!ok);
+        assert_eq!(e["code"], 110, "{e}");
+        assert_eq!(
+            e["msg"],
+            "requested address (CNI_ARGS IP) on host \"host-b\": 10.42.2.200 is in use by container c1 ifname eth0"
+        );
+        for (args, code, needle) in [
+            (
+                "IP=10.42.1.5",
+                109,
+                "10.42.1.5 is not in this host's subnets (10.42.2.0/24)",
+            ),
+            (
+                "IP=10.42.2.1",
+                109,
+                "10.42.2.1 is the gateway of 10.42.2.0/24",
+            ),
+            ("IP=10.42.2.255", 109, "broadcast"),
+            ("IP=nope", 7, "CNI_ARGS IP: \"nope\""),
+        ] {
+            let (e, ok) = f.run_args("ADD", "c2", &conf, args);
+            assert!(!ok, "{args}");
+            assert_eq!(e["code"], code, "{args}: {e}");
+            assert!(e["msg"].as_str().unwrap().contains(needle), "{needle}: {e}");
+        }
+        // The ips capability (runtimeConfig), with a prefix that must match the subnet.
+        let mut rc: Value = serde_json::from_str(&conf).unwrap();
+        rc["runtimeConfig"] = json!({"ips": ["10.42.2.77/24"]});
+        let (v, ok) = f.run("ADD", "c3", &rc.to_string());
+        assert!(ok, "{v}");
+        assert_eq!(v["ips"][0]["address"], "10.42.2.77/24");
+        rc["runtimeConfig"] = json!({"ips": ["10.42.2.78/16"]});
+        let (e, _) = f.run("ADD", "c4", &rc.to_string());
+        assert_eq!(e["code"], 109, "{e}");
+        assert!(
+            e["msg"]
+                .as_str()
+                .unwrap()
+                .contains("the subnet is 10.42.2.0/24"),
+            "{e}"
+        );
+        // Failed requests allocated nothing; dynamic allocation avoids claimed addresses.
+        let (v, _) = f.run("ADD", "c5", &conf);
+        assert_eq!(v["ips"][0]["address"], "10.42.2.2/24");
+        let st: Value = serde_json::from_slice(
+            &std::fs::read(f.dir.path().join("data/allocations.json")).unwrap(),
+        )
+        .unwrap();
+        let held: Vec<&String> = st["allocations"].as_object().unwrap().keys().collect();
+        assert_eq!(held, ["10.42.2.2", "10.42.2.200", "10.42.2.77"]);
+    }
+
+    #[test]
+    fn del_then_add_keeps_the_address() {
+        let f = Fixture::new();
+        let conf = f.conf("host-b");
+        let a = f.run("ADD", "c1", &conf).0["ips"][0]["address"].clone();
+        let b = f.run("ADD", "c2", &conf).0["ips"][0]["address"].clone();
+        assert!(f.run("DEL", "c1", &conf).1);
+        // A newcomer does not get c1's address while it is kept.
+        let c = f.run("ADD", "c3", &conf).0["ips"][0]["address"].clone();
+        assert!(c != a && c != b, "{c}");
+        // c1 restarts (DEL, then ADD of the same id): same address.
+        assert_eq!(f.run("ADD", "c1", &conf).0["ips"][0]["address"], a);
+        // With keepReleasedSeconds 0 a DEL forgets at once (round-robin moves on).
+        let mut no_keep: Value = serde_json::from_str(&conf).unwrap();
+        no_keep["ipam"]["keepReleasedSeconds"] = json!(0);
+        let no_keep = no_keep.to_string();
+        assert!(f.run("DEL", "c2", &no_keep).1);
+        assert_ne!(f.run("ADD", "c2", &no_keep).0["ips"][0]["address"], b);
     }
 
     #[test]

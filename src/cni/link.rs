@@ -220,6 +220,16 @@ pub async fn get_index(h: &Handle, index: u32) -> Result<Option<Link>, rtnl::Err
     Ok(found.as_ref().map(Link::parse))
 }
 
+/// How many links are ports of the bridge (or other controller) `index`.
+pub async fn ports_of(h: &Handle, index: u32) -> Result<usize, rtnl::Error> {
+    let all = rtnl::dump("links", h.link().get().execute()).await?;
+    Ok(all
+        .iter()
+        .map(Link::parse)
+        .filter(|l| l.controller == Some(index))
+        .count())
+}
+
 /// Create a link (EEXIST is an error: the caller decides).
 pub async fn add(h: &Handle, m: LinkMessage) -> Result<(), rtnl::Error> {
     let op = format!("creating link {}", link_of(&m));

@@ -79,6 +79,7 @@ pub mod delegate;
 pub mod generate;
 pub mod ipam;
 pub mod link;
+pub mod masq;
 pub mod mesh;
 pub mod netns;
 pub mod plugin;

@@ -58,6 +58,11 @@ pub mod code {
     pub const NETNS: u32 = 107;
     /// An interface with the requested name exists and is not ours.
     pub const CONFLICT: u32 = 108;
+    /// A statically requested address is not this host's to give (outside its subnets, a
+    /// network, gateway or broadcast address, the VTEP address).
+    pub const ADDRESS_UNAVAILABLE: u32 = 109;
+    /// A statically requested address is held by another container.
+    pub const ADDRESS_IN_USE: u32 = 110;
     /// A bug: the plugin panicked (reported instead of crashing).
     pub const INTERNAL: u32 = 199;
 }

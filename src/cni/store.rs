@@ -9,6 +9,12 @@
 //! Reserved in every subnet: the network address, the gateway (the first address after it)
 //! and, for IPv4, the broadcast address. Allocation goes round-robin after the last address
 //! handed out in that subnet, so a released address is not reused at once.
+//!
+//! A release can keep the address for its owner a while ([`State::release_keeping`]): the
+//! same (network, container, ifname) asking again within that time ([`State::allocate_sticky`])
+//! gets it back, and nobody else is given it then unless the subnets are otherwise full.
+//! That is what a runtime's DEL then ADD of one container (`podman restart`, `podman network
+//! reload`) needs to keep the container's address.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -40,6 +46,36 @@ pub struct State {
     /// Last address handed out, per subnet.
     #[serde(default)]
     pub last: BTreeMap<IpNet, IpAddr>,
+    /// Addresses released recently, kept for their last owner (written only when there are
+    /// any, so the file stays readable by plugins that predate it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub released: BTreeMap<IpAddr, Released>,
+}
+
+/// A released address kept for its last owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Released {
+    pub owner: Owner,
+    /// When it was released (seconds since the Unix epoch).
+    pub at: u64,
+}
+
+/// Why a statically requested address cannot be given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    #[error("{ip} is not in this host's subnets ({})", subnets_list(.subnets))]
+    Outside { ip: IpAddr, subnets: Vec<IpNet> },
+    #[error("{ip} is the {what} of {subnet}")]
+    Reserved {
+        ip: IpAddr,
+        subnet: IpNet,
+        what: &'static str,
+    },
+    #[error("{ip} is this host's VTEP address")]
+    Vtep { ip: IpAddr },
+    #[error("{ip} is in use by container {} ifname {}", .owner.container, .owner.ifname)]
+    InUse { ip: IpAddr, owner: Owner },
 }
 
 /// State file format version.
@@ -206,6 +242,126 @@ impl State {
         })
     }
 
+    /// [`State::allocate_avoiding`] for an owner that may have released an address within
+    /// `keep` before `now` (seconds): it gets that address back when it is still free and
+    /// allowed; new addresses avoid every address kept for someone else, unless nothing else
+    /// is free.
+    pub fn allocate_sticky(
+        &mut self,
+        subnets: &[IpNet],
+        reserved: &[IpAddr],
+        owner: &Owner,
+        now: u64,
+        keep: u64,
+    ) -> Result<(IpAddr, IpNet), Exhausted> {
+        self.prune_released(now, keep);
+        if let Some(found) = self.find(owner, subnets) {
+            if !reserved.contains(&found.0) {
+                self.released.retain(|_, r| r.owner != *owner);
+                return Ok(found);
+            }
+        }
+        let back = self
+            .released
+            .iter()
+            .filter(|(ip, r)| {
+                r.owner == *owner && !self.allocations.contains_key(ip) && !reserved.contains(ip)
+            })
+            .find_map(|(ip, _)| {
+                subnets
+                    .iter()
+                    .find(|s| !is_reserved(s, *ip))
+                    .map(|s| (*ip, *s))
+            });
+        if let Some((ip, subnet)) = back {
+            self.release(owner);
+            self.released.retain(|_, r| r.owner != *owner);
+            self.allocations.insert(ip, owner.clone());
+            return Ok((ip, subnet));
+        }
+        self.released.retain(|_, r| r.owner != *owner);
+        let mut avoid: Vec<IpAddr> = reserved.to_vec();
+        avoid.extend(self.released.keys().copied());
+        match self.allocate_avoiding(subnets, &avoid, owner) {
+            Ok(got) => Ok(got),
+            Err(_) if avoid.len() > reserved.len() => {
+                // Full but for addresses kept for others: the oldest keeps are given up.
+                let got = self.allocate_avoiding(subnets, reserved, owner)?;
+                self.released.remove(&got.0);
+                Ok(got)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Give `owner` exactly the requested address `ip` (a static request): it must be an
+    /// allocatable address of one of `subnets`, not one of `reserved` (the VTEP), and not held
+    /// by anyone else (an address kept for another owner after its release is taken over).
+    pub fn claim(
+        &mut self,
+        subnets: &[IpNet],
+        reserved: &[IpAddr],
+        ip: IpAddr,
+        owner: &Owner,
+    ) -> Result<IpNet, ClaimError> {
+        let subnet =
+            *subnets
+                .iter()
+                .find(|s| s.contains(&ip))
+                .ok_or_else(|| ClaimError::Outside {
+                    ip,
+                    subnets: subnets.to_vec(),
+                })?;
+        if is_reserved(&subnet, ip) {
+            let what = if ip == subnet.network() {
+                "network address"
+            } else if Some(ip) == gateway(&subnet) {
+                "gateway"
+            } else {
+                "broadcast address"
+            };
+            return Err(ClaimError::Reserved { ip, subnet, what });
+        }
+        if reserved.contains(&ip) {
+            return Err(ClaimError::Vtep { ip });
+        }
+        match self.allocations.get(&ip) {
+            Some(o) if o != owner => {
+                return Err(ClaimError::InUse {
+                    ip,
+                    owner: o.clone(),
+                })
+            }
+            Some(_) => {}
+            None => {
+                self.allocations.insert(ip, owner.clone());
+            }
+        }
+        self.released.remove(&ip);
+        Ok(subnet)
+    }
+
+    /// Release every address of `owner`, keeping them for it (stamped `now`); returns them.
+    pub fn release_keeping(&mut self, owner: &Owner, now: u64) -> Vec<IpAddr> {
+        let gone = self.release(owner);
+        for ip in &gone {
+            self.released.insert(
+                *ip,
+                Released {
+                    owner: owner.clone(),
+                    at: now,
+                },
+            );
+        }
+        gone
+    }
+
+    /// Forget keeps older than `keep` seconds at `now`.
+    pub fn prune_released(&mut self, now: u64, keep: u64) {
+        self.released
+            .retain(|_, r| keep > 0 && now.saturating_sub(r.at) < keep);
+    }
+
     /// Release every address of `owner`; returns them.
     pub fn release(&mut self, owner: &Owner) -> Vec<IpAddr> {
         let gone = self.held_by(owner);
@@ -231,6 +387,12 @@ impl State {
         for ip in &stale {
             self.allocations.remove(ip);
         }
+        self.released.retain(|_, r| {
+            r.owner.network != network
+                || valid
+                    .iter()
+                    .any(|(c, i)| *c == r.owner.container && *i == r.owner.ifname)
+        });
         stale
     }
 
@@ -443,6 +605,136 @@ mod tests {
             .0;
         assert_eq!(moved, ip("10.42.1.3"));
         assert_eq!(st.held_by(&owner("a")), [moved]);
+    }
+
+    #[test]
+    fn a_released_address_is_kept_for_its_owner_a_while() {
+        let subnets = [net("10.42.1.0/29")]; // .2 ..= .6
+        let mut st = State::default();
+        let a = st
+            .allocate_sticky(&subnets, &[], &owner("a"), 100, 60)
+            .unwrap()
+            .0;
+        assert_eq!(a, ip("10.42.1.2"));
+        assert_eq!(st.release_keeping(&owner("a"), 110), [a]);
+        assert!(st.allocations.is_empty());
+        // Someone else does not get it while it is kept...
+        let b = st
+            .allocate_sticky(&subnets, &[], &owner("b"), 115, 60)
+            .unwrap()
+            .0;
+        assert_ne!(b, a);
+        // ...and the owner gets it back within the window (a restart, a network reload).
+        assert_eq!(
+            st.allocate_sticky(&subnets, &[], &owner("a"), 160, 60)
+                .unwrap()
+                .0,
+            a
+        );
+        assert!(st.released.is_empty(), "claimed back: no longer kept");
+        // After the window the keep is forgotten: round-robin moves on.
+        st.release_keeping(&owner("a"), 200);
+        let again = st
+            .allocate_sticky(&subnets, &[], &owner("a"), 260, 60)
+            .unwrap()
+            .0;
+        assert_ne!(again, a);
+        assert!(st.released.is_empty());
+        // keep 0: nothing is kept.
+        st.release_keeping(&owner("a"), 300);
+        st.prune_released(300, 0);
+        assert!(st.released.is_empty());
+        // A kept address never goes to the VTEP's owner... and a full subnet takes kept
+        // addresses rather than failing.
+        let mut st = State::default();
+        for i in 0..5 {
+            st.allocate_sticky(&subnets, &[], &owner(&format!("c{i}")), 0, 60)
+                .unwrap();
+        }
+        st.release_keeping(&owner("c0"), 1);
+        let x = st
+            .allocate_sticky(&subnets, &[], &owner("x"), 2, 60)
+            .unwrap()
+            .0;
+        assert_eq!(
+            x,
+            ip("10.42.1.2"),
+            "the only free address, kept for c0, is given up"
+        );
+        assert!(st.released.is_empty());
+        // GC forgets keeps of attachments that are not valid.
+        st.release_keeping(&owner("c1"), 3);
+        st.gc("mesh", &[("c2".into(), "eth0".into())]);
+        assert!(st.released.is_empty());
+    }
+
+    #[test]
+    fn static_claims() {
+        let subnets = [net("10.42.1.0/24")];
+        let vtep = [ip("10.42.1.250")];
+        let mut st = State::default();
+        assert_eq!(
+            st.claim(&subnets, &vtep, ip("10.42.1.200"), &owner("a")),
+            Ok(subnets[0])
+        );
+        // Again for the same owner: fine.
+        assert_eq!(
+            st.claim(&subnets, &vtep, ip("10.42.1.200"), &owner("a")),
+            Ok(subnets[0])
+        );
+        let e = st
+            .claim(&subnets, &vtep, ip("10.42.1.200"), &owner("b"))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "10.42.1.200 is in use by container a ifname eth0"
+        );
+        for (addr, msg) in [
+            (
+                "10.42.2.5",
+                "10.42.2.5 is not in this host's subnets (10.42.1.0/24)",
+            ),
+            (
+                "10.42.1.0",
+                "10.42.1.0 is the network address of 10.42.1.0/24",
+            ),
+            ("10.42.1.1", "10.42.1.1 is the gateway of 10.42.1.0/24"),
+            (
+                "10.42.1.255",
+                "10.42.1.255 is the broadcast address of 10.42.1.0/24",
+            ),
+            ("10.42.1.250", "10.42.1.250 is this host's VTEP address"),
+        ] {
+            let e = st
+                .claim(&subnets, &vtep, ip(addr), &owner("b"))
+                .unwrap_err();
+            assert_eq!(e.to_string(), msg);
+        }
+        // An address kept for someone else after its release is taken over by a request.
+        st.release_keeping(&owner("a"), 5);
+        assert!(st
+            .claim(&subnets, &vtep, ip("10.42.1.200"), &owner("b"))
+            .is_ok());
+        assert!(st.released.is_empty());
+        // Dynamic allocation never hands out a claimed address.
+        let got = st.allocate(&subnets, &owner("c")).unwrap().0;
+        assert_ne!(got, ip("10.42.1.200"));
+    }
+
+    #[test]
+    fn a_store_without_keeps_is_written_as_before() {
+        let mut st = State {
+            version: STATE_VERSION,
+            ..Default::default()
+        };
+        st.allocate(&[net("10.42.1.0/24")], &owner("a")).unwrap();
+        let v = serde_json::to_value(&st).unwrap();
+        assert!(v.get("released").is_none(), "{v}");
+        st.release_keeping(&owner("a"), 7);
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["released"]["10.42.1.2"]["at"], 7);
+        let back: State = serde_json::from_value(v).unwrap();
+        assert_eq!(back, st);
     }
 
     #[test]
