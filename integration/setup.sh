@@ -5,7 +5,7 @@ set -euo pipefail
 pkgs=(iproute2 iptables nftables iputils-ping socat tcpdump
       charon-systemd strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
       qemu-system-x86 busybox-static kmod cpio containernetworking-plugins prometheus
-      etcd-server etcd-client openssl)
+      etcd-server etcd-client openssl podman crun conmon)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
