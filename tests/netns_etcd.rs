@@ -614,6 +614,7 @@ fn ten_hosts_racing_for_auto_subnets_get_distinct_ones_and_keep_them() {
                             agent_ip: format!("192.168.77.{}", 100 + n).parse().unwrap(),
                             subnets: vec![SubnetSpec::Auto(24)],
                             ttl: 30,
+                            guard_ttl: 3600,
                         },
                     );
                     start.wait();
@@ -665,12 +666,102 @@ fn ten_hosts_racing_for_auto_subnets_get_distinct_ones_and_keep_them() {
                 agent_ip: "192.168.77.103".parse().unwrap(),
                 subnets: vec![SubnetSpec::Auto(24)],
                 ttl: 30,
+                guard_ttl: 3600,
             },
         );
         r.register().unwrap();
         r.subnets().unwrap()[0].to_string()
     });
     assert_eq!(again, r3);
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn an_auto_subnet_is_kept_by_its_host_and_freed_after_the_grace() {
+    require_root!();
+    use ipsec_mesh::metadata::etcd::{Client, EtcdUrl, Registrar, Registration, SubnetSpec};
+    let e = Etcd::new("gr");
+    e.put("/mesh/network", NET);
+    let url = EtcdUrl::parse(&format!("etcd://{}/mesh", e.endpoints(&[1, 2, 3]))).unwrap();
+    let ns = e.t.ns("cl");
+    // Record TTL 2 s, guard grace 8 s. A registrar that is dropped is a sidecar gone (no
+    // keep-alive any more).
+    let register = move |host: &str| {
+        let (u, host) = (url.clone(), host.to_string());
+        in_netns(&ns, move || {
+            let mut r = Registrar::new(
+                Client::new(u).unwrap(),
+                Registration {
+                    host,
+                    agent_ip: "192.168.77.50".parse().unwrap(),
+                    subnets: vec![SubnetSpec::Auto(24)],
+                    ttl: 2,
+                    guard_ttl: 8,
+                },
+            );
+            r.register().unwrap();
+            (
+                r.subnets().unwrap()[0].to_string(),
+                r.lease(),
+                r.guard_lease(),
+            )
+        })
+    };
+    let guard = |s: &str| format!("/mesh/subnets/{}", s.replace('/', "-"));
+    let kv = |key: &str| -> Option<Value> {
+        let v: Value = serde_json::from_str(&e.ctl(&["get", key, "-w", "json"])).unwrap();
+        v["kvs"].as_array().and_then(|a| a.first().cloned())
+    };
+    let wait_gone = |key: &str, within: Duration| {
+        let t = Instant::now();
+        while kv(key).is_some() {
+            assert!(t.elapsed() < within, "{key} still there after {within:?}");
+            thread::sleep(Duration::from_millis(200));
+        }
+        t.elapsed()
+    };
+
+    let (s, lease, guard_lease) = register("g1");
+    // The guard hangs on a lease of its own with the grace as TTL, not on the record's.
+    let g = kv(&guard(&s)).expect("guard key");
+    assert_eq!(g["lease"].as_i64(), Some(guard_lease));
+    assert_ne!(guard_lease, lease);
+    let ttl: Value = serde_json::from_str(&e.ctl(&[
+        "lease",
+        "timetolive",
+        &format!("{guard_lease:x}"),
+        "-w",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(ttl["granted-ttl"].as_i64(), Some(8), "{ttl}");
+    assert_eq!(kv("/mesh/hosts/g1").unwrap()["lease"].as_i64(), Some(lease));
+
+    // Restarted within the record's TTL: the same subnet, the guard moved to the new lease.
+    let (again, _, guard2) = register("g1");
+    assert_eq!(again, s);
+    assert_eq!(kv(&guard(&s)).unwrap()["lease"].as_i64(), Some(guard2));
+    // Gone longer than the record's TTL, back within the grace: still the same subnet.
+    wait_gone("/mesh/hosts/g1", Duration::from_secs(10));
+    assert!(kv(&guard(&s)).is_some(), "the guard went with the record");
+    let (again, _, _) = register("g1");
+    assert_eq!(again, s);
+    // Retired (gone longer than the grace): record and guard expire, and the subnet goes to
+    // the next newcomer.
+    wait_gone("/mesh/hosts/g1", Duration::from_secs(10));
+    let took = wait_gone(&guard(&s), Duration::from_secs(15));
+    assert!(took > Duration::from_secs(2), "guard freed after {took:?}");
+    assert_eq!(
+        e.ctl(&["get", "/mesh/subnets/", "--prefix", "--keys-only"])
+            .trim(),
+        ""
+    );
+    let (next, _, _) = register("g2");
+    assert_eq!(next, s, "the freed subnet is the first free one again");
+    assert_eq!(
+        e.ctl(&["get", &guard(&s), "--print-value-only"]).trim(),
+        "g2"
+    );
 }
 
 /// The sidecars of the mesh test, killed when the test ends.

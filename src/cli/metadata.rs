@@ -310,6 +310,12 @@ pub struct RegisterArgs {
     /// Prefix length of a `--subnet auto` allocation.
     #[arg(long, value_name = "LEN", default_value_t = 24, value_parser = clap::value_parser!(u8).range(1..=128))]
     pub auto_subnet_len: u8,
+
+    /// How long a `--subnet auto` allocation outlives this host, seconds: its guard key has
+    /// a lease of its own, kept alive with the record's (at least --register-ttl). A host
+    /// gone longer loses the subnet to the next newcomer; back sooner, it keeps it.
+    #[arg(long, value_name = "SECS", default_value_t = etcd::DEFAULT_AUTO_SUBNET_GRACE, value_parser = clap::value_parser!(i64).range(1..=90 * 86_400))]
+    pub auto_subnet_grace: i64,
 }
 
 /// Apply the etcd TLS flags (in [`super::SourceArgs`]), then start `--register`: the first
@@ -353,6 +359,7 @@ pub fn start_registration(src: &super::SourceArgs, r: &RegisterArgs) -> Result<(
             agent_ip,
             subnets,
             ttl: r.register_ttl,
+            guard_ttl: r.auto_subnet_grace.max(r.register_ttl),
         },
     );
     match reg.register() {

@@ -9,7 +9,9 @@
 //! - `PREFIX/hosts/<host-id>`: one host object exactly as in the file format's `hosts[]`
 //!   (its `id` equal to `<host-id>`);
 //! - `PREFIX/subnets/<a.b.c.d-len>`: a `--subnet auto` allocation (value: the host id); not
-//!   part of the mesh, read only by the allocator.
+//!   part of the mesh, read only by the allocator. Guards hang on a lease of their own
+//!   (`--auto-subnet-grace`, default a day), kept alive with the host record's: a retired
+//!   host's subnet is freed that long after it is gone; the same host id back sooner keeps it.
 //!
 //! Other keys under the prefix are ignored.
 //!
@@ -1575,6 +1577,9 @@ pub fn layout_of(url: &EtcdUrl, raw: &RawCluster) -> BTreeMap<String, Vec<u8>> {
 
 /// Default lease TTL of a registered host record, seconds (`--register-ttl`).
 pub const DEFAULT_REGISTER_TTL: i64 = 30;
+/// Default lease TTL of a `--subnet auto` allocation guard, seconds
+/// (`--auto-subnet-grace`): a host gone this long loses its subnet to the next newcomer.
+pub const DEFAULT_AUTO_SUBNET_GRACE: i64 = 24 * 3600;
 /// Allocation attempts before giving up (each lost race re-reads what is taken).
 const ALLOC_ATTEMPTS: usize = 64;
 /// Candidates looked at per allocation at most (a huge IPv6 cidr is not walked whole).
@@ -1596,6 +1601,11 @@ pub struct Registration {
     pub subnets: Vec<SubnetSpec>,
     /// Lease TTL, seconds.
     pub ttl: i64,
+    /// Lease TTL of the `auto` subnets' guards, seconds (at least `ttl`): the guards have a
+    /// lease of their own, kept alive with the record's, so a retired host's subnet is freed
+    /// this long after it is gone, while the same host id restarting sooner (within its
+    /// record's TTL or after it) gets its subnet back.
+    pub guard_ttl: i64,
 }
 
 /// The key of an allocation guard: `PREFIX/subnets/10.42.3.0-24`.
@@ -1644,6 +1654,8 @@ pub struct Registrar {
     /// The subnets once allocated (kept across re-registrations).
     subnets: Option<Vec<ipnet::IpNet>>,
     lease: i64,
+    /// The lease of the `auto` subnets' guards (0: none yet).
+    guard_lease: i64,
 }
 
 impl Registrar {
@@ -1653,6 +1665,7 @@ impl Registrar {
             reg,
             subnets: None,
             lease: 0,
+            guard_lease: 0,
         }
     }
 
@@ -1687,12 +1700,67 @@ impl Registrar {
                 SubnetSpec::Fixed(_) => None,
             })
             .collect();
+        if !autos.is_empty() && self.guard_lease == 0 {
+            self.guard_lease = self.grant_guard_lease()?;
+        }
         for (i, len) in autos.iter().enumerate() {
             let n = self.allocate(*len, i, &out)?;
             out.push(n);
         }
         self.subnets = Some(out.clone());
         Ok(out)
+    }
+
+    fn grant_guard_lease(&self) -> Result<i64, RegisterError> {
+        let ttl = self.reg.guard_ttl.max(self.reg.ttl);
+        let lease = self.client.lease_grant(ttl).map_err(|e| self.err(e))?;
+        Ok(lease.id)
+    }
+
+    /// The `auto` subnets this registrar holds (the last ones of [`Registrar::subnets`]).
+    fn auto_subnets(&self) -> Vec<ipnet::IpNet> {
+        let autos = self
+            .reg
+            .subnets
+            .iter()
+            .filter(|s| matches!(s, SubnetSpec::Auto(_)))
+            .count();
+        let all = self.subnets.clone().unwrap_or_default();
+        all[all.len().saturating_sub(autos)..].to_vec()
+    }
+
+    /// Put the guard of `net` under the guard lease: if it is this host's (a restart, or a
+    /// guard of an earlier version without a lease), or free again (it expired while etcd or
+    /// this host was away). False when another host holds it now.
+    fn put_guard(&self, net: &ipnet::IpNet) -> Result<bool, RegisterError> {
+        let key = subnet_key(&self.client.url, net);
+        let k = b64_encode(key.as_bytes());
+        let me = b64_encode(self.reg.host.as_bytes());
+        let put = json!([{ "request_put": {
+            "key": k, "value": me, "lease": self.guard_lease.to_string() } }]);
+        for compare in [
+            json!({ "target": "VALUE", "key": k, "value": me }),
+            json!({ "target": "CREATE", "key": k, "create_revision": "0" }),
+        ] {
+            let r = self
+                .client
+                .txn(&json!({ "compare": [compare], "success": put }))
+                .map_err(|e| self.err(e))?;
+            if r.succeeded {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Re-attach every `auto` guard to the current guard lease.
+    fn guard_all(&self) -> Result<(), RegisterError> {
+        for net in self.auto_subnets() {
+            if !self.put_guard(&net)? {
+                tracing::warn!(host = %self.reg.host, subnet = %net, "--subnet auto: another host holds this host's subnet now (its guard expired while this host was away)");
+            }
+        }
+        Ok(())
     }
 
     /// Allocate the `nth` auto subnet of length `len` (or find the one this host holds).
@@ -1769,8 +1837,12 @@ impl Registrar {
                 .filter(|n| !taken_here.contains(n))
                 .collect();
             if let Some(n) = reuse.first() {
-                tracing::info!(host = %self.reg.host, subnet = %n, nth, "--subnet auto: keeping this host's allocation");
-                return Ok(*n);
+                // Under this run's guard lease: the last run's lease expires harmlessly.
+                if self.put_guard(n)? {
+                    tracing::info!(host = %self.reg.host, subnet = %n, nth, "--subnet auto: keeping this host's allocation");
+                    return Ok(*n);
+                }
+                continue; // it expired and was taken meanwhile: look again
             }
             used.extend(mine);
             let Some(candidate) = first_free(cidr, len, &used) else {
@@ -1784,7 +1856,8 @@ impl Registrar {
             let txn = json!({
                 "compare": [{ "target": "CREATE", "key": k, "create_revision": "0" }],
                 "success": [{ "request_put": {
-                    "key": k, "value": b64_encode(self.reg.host.as_bytes()) } }],
+                    "key": k, "value": b64_encode(self.reg.host.as_bytes()),
+                    "lease": self.guard_lease.to_string() } }],
             });
             let r = self.client.txn(&txn).map_err(|e| self.err(e))?;
             if r.succeeded {
@@ -1839,6 +1912,17 @@ impl Registrar {
             self.register()?;
             return Ok(0);
         }
+        if self.guard_lease != 0 {
+            let guard = self
+                .client
+                .lease_keepalive(self.guard_lease)
+                .map_err(|e| self.err(e))?;
+            if guard == 0 {
+                tracing::warn!(host = %self.reg.host, "the subnet guards' lease is gone; guarding them again");
+                self.guard_lease = self.grant_guard_lease()?;
+                self.guard_all()?;
+            }
+        }
         let ttl = self
             .client
             .lease_keepalive(self.lease)
@@ -1854,6 +1938,11 @@ impl Registrar {
 
     pub fn lease(&self) -> i64 {
         self.lease
+    }
+
+    /// The lease of the `auto` subnets' guards (0 without `auto`).
+    pub fn guard_lease(&self) -> i64 {
+        self.guard_lease
     }
 
     /// Keep the registration alive on a thread of its own, forever (the record expires
