@@ -2,7 +2,7 @@
 # Build a gzip'ed newc initramfs for the ESP test VM (see README.md in this directory).
 #
 # usage: build-initramfs.sh OUT.cpio.gz [--init SCRIPT] [--add SRC:DEST]... [--bin SRC:DEST]...
-#                           [--module NAME]... [--iptables]
+#                           [--module NAME]... [--iptables] [--nftables]
 #   --init SCRIPT   test script, copied to /test.sh; /init runs it with busybox sh
 #   --add SRC:DEST  copy a file or directory into the image at absolute path DEST
 #                   (a DEST ending in '/' means "into this directory")
@@ -11,6 +11,7 @@
 #   --iptables      add iptables-legacy (xtables-legacy-multi as iptables, iptables-save,
 #                   iptables-restore, ip6tables*, iptables-legacy*), the extensions in
 #                   $VM_XT_EXTENSIONS and the netfilter modules in $VM_NF_MODULES
+#   --nftables      add nft (with its shared libraries) and the nf_tables modules
 #
 # Needs setup.sh to have run (reads $VM_CACHE/kernel.env). Set VM_MODULES to replace the
 # default module list entirely.
@@ -45,6 +46,10 @@ XT_EXTENSIONS="${VM_XT_EXTENSIONS:-libxt_standard libxt_mark libxt_MARK libxt_po
   libxt_REDIRECT libxt_MASQUERADE libxt_NAT libxt_SNAT libxt_DNAT libipt_icmp libipt_REJECT
   libip6t_icmp6 libip6t_REJECT}"
 
+# --nftables: nf_tables (its core holds meta, rt, counter, lookup, the set types and the
+# route chain type; inet, ipv4 and ipv6 families are built in), nothing of x_tables.
+NFT_MODULES="${VM_NFT_MODULES:-nf_tables}"
+
 ONDEMAND_DIRS="${VM_ONDEMAND_DIRS-kernel/crypto kernel/arch/x86/crypto kernel/lib/crypto}"
 
 usage() {
@@ -64,6 +69,7 @@ bins=()
 extra_modules=()
 init_script=""
 with_iptables=0
+with_nftables=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --add) [[ $# -ge 2 ]] || usage; adds+=("$2"); shift 2 ;;
@@ -71,6 +77,7 @@ while [[ $# -gt 0 ]]; do
     --module) [[ $# -ge 2 ]] || usage; extra_modules+=("$2"); shift 2 ;;
     --init) [[ $# -ge 2 ]] || usage; init_script="$2"; shift 2 ;;
     --iptables) with_iptables=1; shift ;;
+    --nftables) with_nftables=1; shift ;;
     -h | --help) usage ;;
     *) die "unknown argument: $1" ;;
     esac
@@ -102,6 +109,11 @@ if [[ "$with_iptables" -eq 1 ]]; then
         [[ -f "$d/libxt_standard.so" ]] && { xtables_libdir="$d"; break; }
     done
     [[ -n "$xtables_libdir" ]] || die "--iptables: iptables extension directory not found"
+fi
+nft_bin=""
+if [[ "$with_nftables" -eq 1 ]]; then
+    nft_bin="$(command -v nft || true)"
+    [[ -n "$nft_bin" ]] || die "--nftables: nft not found (apt-get install nftables)"
 fi
 [[ -z "$init_script" || -f "$init_script" ]] || die "no such test script: $init_script"
 
@@ -173,6 +185,10 @@ read -r -d '' -a modules <<<"${VM_MODULES:-$DEFAULT_MODULES}" || true
 if [[ "$with_iptables" -eq 1 ]]; then
     read -r -d '' -a nf_modules <<<"$NF_MODULES" || true
     modules+=("${nf_modules[@]}")
+fi
+if [[ "$with_nftables" -eq 1 ]]; then
+    read -r -d '' -a nft_modules <<<"$NFT_MODULES" || true
+    modules+=("${nft_modules[@]}")
 fi
 modules+=(${extra_modules[@]+"${extra_modules[@]}"})
 declare -A seen=()
@@ -251,6 +267,13 @@ if [[ "$with_iptables" -eq 1 ]]; then
     done
     [[ -f /etc/ethertypes ]] && install -m 0644 /etc/ethertypes "$stage/etc/ethertypes"
     log "iptables-legacy: $(basename "$xtables_multi") + $nxt extensions from $xtables_libdir"
+fi
+
+# --- nftables ----------------------------------------------------------------------------
+if [[ "$with_nftables" -eq 1 ]]; then
+    copy_elf "$(readlink -f "$nft_bin")" /usr/sbin/nft
+    ln -sf /usr/sbin/nft "$stage/sbin/nft"
+    log "nftables: $("$nft_bin" --version) with $(ldd "$nft_bin" | grep -c '=> /') shared libraries"
 fi
 
 # --- /init -------------------------------------------------------------------------------

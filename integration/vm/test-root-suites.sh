@@ -9,8 +9,11 @@
 # the tests (env!("CARGO_BIN_EXE_ipsec-mesh")), the files they read under
 # env!("CARGO_MANIFEST_DIR") (tests/fixtures/rancher, charon-conf) to the same paths; with
 # netns_charon also charon-systemd, swanctl, the strongSwan plugins of charon-conf/*.conf and
-# /etc/strongswan.{conf,d}. Prints "CHECK <suite>::<test>: ok|FAIL" lines and the libtest
-# summaries from the console. Exit 0 iff the VM prints "VM-RESULT: PASS". Run as root.
+# /etc/strongswan.{conf,d}. The image has iptables-legacy and nft (with nf_tables): the default
+# `--firewall auto` picks iptables there (the legacy branch of auto; the host runs the
+# nf_tables one), and the suites can switch to nftables. Prints "CHECK <suite>::<test>:
+# ok|FAIL" lines and the libtest summaries from the console. Exit 0 iff the VM prints
+# "VM-RESULT: PASS". Run as root.
 #
 # usage: test-root-suites.sh [TIMEOUT_SECS]     (VM timeout, default 420)
 # Environment:
@@ -113,7 +116,7 @@ if ! command -v xtables-legacy-multi >/dev/null; then
 fi
 
 # 3. initramfs.
-args=(--init "$here/root-suites-guest.sh" --iptables --module br_netfilter
+args=(--init "$here/root-suites-guest.sh" --iptables --nftables --module br_netfilter
     --bin "$out/ipsec-mesh:$bin"
     --bin "$(readlink -f /bin/dash):/opt/root-suites/bin/sh"
     --add "$list:/etc/root-suites.list"

@@ -10,7 +10,9 @@
 #   VM_BIN            use this ipsec-mesh binary instead of building one
 #   VM_OUT            directory for the initramfs and console log (default: a temporary one,
 #                     kept on failure)
-#   VM_APPEND         e.g. "vm.trace" (sh -x); see run.sh for more
+#   VM_APPEND         e.g. "vm.trace" (sh -x); see run.sh for more. With "e2e.mode=nftables"
+#                     the image carries nft and no iptables binaries (build-initramfs.sh
+#                     --nftables instead of --iptables)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
@@ -36,10 +38,18 @@ if ldd "$bin" 2>&1 | grep -q '=>'; then
     die "$bin is dynamically linked (expected a +crt-static build)"
 fi
 
-# 2. kernel + host tools; iptables provides xtables-legacy-multi for the guest.
+# 2. kernel + host tools; iptables provides xtables-legacy-multi for the guest (nftables
+# its nft in the nftables-only image).
 say "vm/setup.sh"
 "$here/setup.sh"
-if ! command -v xtables-legacy-multi >/dev/null; then
+fw_image=--iptables
+case " ${VM_APPEND:-} " in *" e2e.mode=nftables "*) fw_image=--nftables ;; esac
+if [[ "$fw_image" == --nftables ]]; then
+    command -v nft >/dev/null || {
+        say "installing nftables (nft for the guest)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nftables >/dev/null
+    }
+elif ! command -v xtables-legacy-multi >/dev/null; then
     say "installing iptables (xtables-legacy-multi for the guest)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -qq --no-install-recommends iptables >/dev/null ||
@@ -65,7 +75,7 @@ command -v gcc >/dev/null || die "gcc missing (needed for the esp-replay test he
 gcc -static -O2 -Wall -o "$out/esp-replay" "$here/esp-replay.c" || die "cannot build esp-replay"
 img="$out/xfrm-e2e.cpio.gz"
 say "build-initramfs.sh $img"
-"$here/build-initramfs.sh" "$img" --init "$here/xfrm-e2e.sh" --iptables \
+"$here/build-initramfs.sh" "$img" --init "$here/xfrm-e2e.sh" "$fw_image" \
     --module br_netfilter --add "$here/xfrm-e2e-route.sh:/xfrm-e2e-route.sh" \
     --bin "$stripped:/usr/bin/ipsec-mesh" --bin "$out/esp-replay:/usr/bin/esp-replay"
 

@@ -21,6 +21,12 @@ set -u
 
 IP=/sbin/ip # busybox sh would run its own `ip` applet (no xfrm) for a bare `ip`
 IPT="iptables -w"
+# e2e.mode=nftables: the image has nft and no iptables binaries at all (test-xfrm.sh builds
+# it with build-initramfs.sh --nftables): the switch counts with nft, apply's default
+# `--firewall auto` must pick its nftables backend (table inet ipsec-mesh, no x_tables), and
+# the suite ends after cleanup (section 10).
+FW=iptables
+grep -qw e2e.mode=nftables /proc/cmdline && FW=nftables
 BIN=/usr/bin/ipsec-mesh
 META=/tmp/mesh.json
 PSK=/tmp/mesh.psk
@@ -49,8 +55,13 @@ dump_host() { # $1 = host number
     $IP -n "h$1" rule
     $IP -n "h$1" route
     $IP -n "h$1" route show table $RT_TABLE
-    echo "----- h$1: iptables-save"
-    $IP netns exec "h$1" iptables-save
+    if [ "$FW" = nftables ]; then
+        echo "----- h$1: nft list ruleset"
+        $IP netns exec "h$1" nft list ruleset
+    else
+        echo "----- h$1: iptables-save"
+        $IP netns exec "h$1" iptables-save
+    fi
     echo "----- h$1: /proc/net/xfrm_stat (non-zero)"
     $IP netns exec "h$1" awk '$2 != 0' /proc/net/xfrm_stat
 }
@@ -59,7 +70,7 @@ dump_all() {
     [ "$dumped" -eq 0 ] || return 0
     dumped=1
     for n in $HOSTS; do [ ! -e /run/netns/h$n ] || dump_host "$n"; done
-    [ ! -e /run/netns/sw ] || { echo "----- sw: iptables -nvxL FORWARD"; $IP netns exec sw $IPT -nvxL FORWARD; }
+    [ ! -e /run/netns/sw ] || { echo "----- sw: underlay counters"; sw_counters; }
 }
 abort() {
     bad "$1" "$2"
@@ -70,10 +81,37 @@ abort() {
 
 # --- 0. tools ----------------------------------------------------------------------------
 [ -x $BIN ] || abort tools "$BIN missing from the initramfs"
-command -v iptables-restore >/dev/null || abort tools "iptables missing (build-initramfs.sh --iptables)"
-say "$($BIN --version 2>&1), $(iptables -V 2>&1)"
+if [ "$FW" = nftables ]; then
+    # No iptables of any kind: the product must manage with nft alone.
+    for t in iptables iptables-save iptables-restore ip6tables ip6tables-restore iptables-legacy \
+        iptables-nft xtables-legacy-multi xtables-nft-multi; do
+        ! command -v $t >/dev/null || abort tools "$t in an nftables-only image"
+    done
+    command -v nft >/dev/null || abort tools "nft missing (build-initramfs.sh --nftables)"
+    say "$($BIN --version 2>&1), $(nft --version 2>&1), no iptables"
+    # nft works in a netns with what our table uses: inet table, interval set, route chain,
+    # meta mark arithmetic, rt ipsec missing.
+    $IP netns add nftp || abort nftables "netns add"
+    out=$($IP netns exec nftp sh -c 'printf "%s\n" "table inet probe {" \
+        "set local { type ipv4_addr; flags interval; elements = { 10.99.1.0/24 } }" \
+        "chain o { type route hook output priority mangle; ip daddr != @local ip daddr 10.99.0.0/16 meta mark set meta mark & 0xffcfffff | 0x00100000 counter; }" \
+        "chain g { type filter hook output priority filter; meta mark & 0x00300000 == 0x00100000 ip daddr 10.99.0.0/16 rt ipsec missing counter drop; }" \
+        "}" | nft -f - && nft list table inet probe' 2>&1)
+    rc=$?
+    if [ $rc -eq 0 ] && echo "$out" | grep -q 'rt ipsec missing counter packets 0 bytes 0 drop' &&
+        echo "$out" | grep -q 'type route hook output priority mangle'; then
+        ok nftables "nft -f: inet table, interval set, route chain, meta mark set, rt ipsec missing work"
+    else
+        echo "$out"
+        abort nftables "nft probe failed (rc $rc)"
+    fi
+    $IP netns del nftp
+fi
+[ "$FW" = nftables ] || command -v iptables-restore >/dev/null || abort tools "iptables missing (build-initramfs.sh --iptables)"
+[ "$FW" = nftables ] || say "$($BIN --version 2>&1), $(iptables -V 2>&1)"
 
 # iptables-legacy works in a netns: iptables-restore --noflush -w, -m policy, -m mark, MARK.
+if [ "$FW" = iptables ]; then
 $IP netns add ipt || abort iptables "netns add"
 out=$($IP netns exec ipt sh -c '
   printf "*mangle\n:PROBE-MARK - [0:0]\n-A PROBE-MARK -d 10.99.0.0/16 -j MARK --set-xmark 0x100000/0x300000\n-A OUTPUT -j PROBE-MARK\nCOMMIT\n*filter\n:PROBE-GUARD - [0:0]\n-A PROBE-GUARD -d 10.99.0.0/16 -m mark --mark 0x100000/0x300000 -m policy --dir out --pol none -j DROP\n-A OUTPUT -j PROBE-GUARD\nCOMMIT\n" |
@@ -94,6 +132,7 @@ else
     abort iptables "iptables-legacy probe failed (rc $rc)"
 fi
 $IP netns del ipt
+fi
 
 # --- 1. topology -------------------------------------------------------------------------
 say "building topology"
@@ -148,11 +187,30 @@ done
 for n in $HOSTS; do
     $IP netns exec h$n sh -c 'f=/proc/sys/net/bridge/bridge-nf-call-iptables; [ ! -e $f ] || echo 0 >$f'
 done
+sw_counters() {
+    if [ "$FW" = nftables ]; then $IP netns exec sw nft list table ip e2e; else $IP netns exec sw $IPT -nvxL FORWARD; fi
+}
+if [ "$FW" = nftables ]; then
+    # The same counters in an nft table of the switch (br_netfilter runs the ip family's
+    # forward hook for bridged IPv4 as it runs iptables' FORWARD).
+    $IP netns exec sw sh -c "echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables &&
+        printf '%s\n' 'table ip e2e {' 'chain underlay { type filter hook forward priority filter;' \
+            'ip protocol esp counter comment \"e2e-esp\"' 'ip protocol != esp counter comment \"e2e-plain\"' \
+            'ip protocol != esp ip saddr 10.42.0.0/16 counter comment \"e2e-overlay\"' \
+            'ip protocol != esp ip daddr 10.42.0.0/16 counter comment \"e2e-overlay\"' '}' '}' |
+        nft -f -" || abort topology "underlay counters (br_netfilter loaded?)"
+else
 $IP netns exec sw sh -c "echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables &&
     printf '*filter\n-A FORWARD -p esp -m comment --comment e2e-esp\n-A FORWARD ! -p esp -m comment --comment e2e-plain\n-A FORWARD ! -p esp -s 10.42.0.0/16 -m comment --comment e2e-overlay\n-A FORWARD ! -p esp -d 10.42.0.0/16 -m comment --comment e2e-overlay\nCOMMIT\n' |
     iptables-restore --noflush -w" || abort topology "underlay counters (br_netfilter loaded?)"
+fi
 # underlay_count esp|plain|overlay -> packets counted so far
 underlay_count() {
+    if [ "$FW" = nftables ]; then
+        $IP netns exec sw nft list table ip e2e | awk -v c="$1" 'index($0, "comment \"e2e-" c "\"") {
+            for (i = 1; i < NF; i++) if ($i == "packets") n += $(i + 1) } END { print n + 0 }'
+        return
+    fi
     $IP netns exec sw $IPT -nvxL FORWARD | awk -v c="$1" '$0 ~ "/\\* e2e-" c " \\*/" { n += $1 } END { print n + 0 }'
 }
 
@@ -304,6 +362,7 @@ LAST_WRITES=""
 apply() {
     out=$($IP netns exec h$1 $BIN apply --metadata $META --host h$1 --driver xfrm --psk-file $PSK 2>&1)
     rc=$?
+    [ -f /tmp/apply-first.h$1 ] || echo "$out" >/tmp/apply-first.h$1
     echo "$out" | sed "s/^/  h$1 apply: /"
     line=$(echo "$out" | grep "^xfrm: host h$1: " | tail -n 1)
     LAST_WRITES=$(echo "$line" | sed -n 's/.* \([0-9][0-9]*\) writes.*/\1/p')
@@ -358,10 +417,38 @@ our_policy_count() { # $1 = netns -> policies with a reqid of ours or our mark m
 xfrm_stat() { $IP netns exec "$1" awk -v k="$2" '$1 == k { print $2 }' /proc/net/xfrm_stat; }
 
 # --- 3. forwarding: installed by apply ---------------------------------------------------
+# our_fw_left NETNS -> what of either firewall backend of ours is in NETNS (empty: nothing)
+our_fw_left() {
+    if command -v nft >/dev/null && $IP netns exec "$1" nft list table inet ipsec-mesh >/dev/null 2>&1; then
+        echo "table inet ipsec-mesh"
+    fi
+    if command -v iptables-save >/dev/null && $IP netns exec "$1" iptables-save | grep -q IPSEC-MESH-; then
+        echo "IPSEC-MESH- chains/jumps"
+    fi
+}
+if [ "$FW" = nftables ]; then
+    # apply ran with the default --firewall auto: its first run must have said it picked
+    # nftables.
+    for n in $HOSTS; do
+        why=$(grep -o 'firewall backend firewall=[a-z]* why="[^"]*"' /tmp/apply-first.h$n)
+        t=$($IP netns exec h$n nft list table inet ipsec-mesh 2>&1)
+        # No x_tables in the host: nothing of iptables was (or could be) used.
+        xt=$($IP netns exec h$n cat /proc/net/ip_tables_names 2>/dev/null)
+        if echo "$why" | grep -q 'firewall=nftables why="auto: no iptables, nft present"' &&
+            [ "$(echo "$t" | grep -c 'rt ipsec missing counter packets [0-9]* bytes [0-9]* drop')" -eq 2 ] &&
+            [ "$(echo "$t" | grep -c 'ip daddr != @local ip daddr 10.42.0.0/16 meta mark set')" -eq 2 ] &&
+            echo "$t" | grep -q 'elements = { 10.42.'"$n"'.0/24 }' && [ -z "$xt" ]; then
+            ok "auto-nftables-h$n" "$why; table inet ipsec-mesh: 2 mark, 2 guard rules; no x_tables"
+        else
+            bad "auto-nftables-h$n" "log: '${why:-no firewall backend line}'; x_tables: '$xt'; table: $t"
+        fi
+    done
+fi
 for n in $HOSTS; do
     rule=$($IP -n h$n rule show | grep "fwmark $MARK")
-    if $IP netns exec h$n $IPT -t mangle -S IPSEC-MESH-MARK >/dev/null 2>&1 &&
-        $IP netns exec h$n $IPT -t filter -S IPSEC-MESH-GUARD >/dev/null 2>&1 &&
+    if { [ "$FW" = nftables ] && [ -n "$(our_fw_left h$n)" ] ||
+        { $IP netns exec h$n $IPT -t mangle -S IPSEC-MESH-MARK >/dev/null 2>&1 &&
+            $IP netns exec h$n $IPT -t filter -S IPSEC-MESH-GUARD >/dev/null 2>&1; }; } &&
         [ -n "$rule" ] && [ -n "$($IP -n h$n route show table $RT_TABLE)" ]; then
         ok "forwarding-h$n" "installed by apply: $rule"
     else
@@ -576,9 +663,8 @@ for n in $HOSTS; do
     left=""
     [ "$states" -eq 0 ] || left="$left $states states"
     [ "$pols" -eq 0 ] || left="$left $pols policies"
-    if $IP netns exec h$n iptables-save | grep -q IPSEC-MESH-; then
-        left="$left IPSEC-MESH- chains/jumps"
-    fi
+    fw=$(our_fw_left h$n | tr '\n' ' ')
+    [ -z "$fw" ] || left="$left $fw"
     if $IP -n h$n rule show | grep -q "fwmark $MARK"; then
         left="$left fwmark rule"
     fi
@@ -598,6 +684,14 @@ if foreign_intact; then
 else
     bad foreign-objects "a foreign object in h1 was changed"
     dump_host 1
+fi
+if [ "$FW" = nftables ]; then
+    if [ -n "$FAILED" ]; then
+        echo "VM-RESULT: FAIL (nftables:$FAILED)"
+        exit 1
+    fi
+    echo "VM-RESULT: PASS"
+    exit 0
 fi
 
 # --- 11. the sidecar with UDP encapsulation (ESP in UDP 4500) ----------------------------
