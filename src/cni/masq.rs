@@ -21,15 +21,12 @@
 //!
 //! Life cycle: every ADD rewrites the table from the metadata in one transaction (so a host
 //! that joined the mesh is exempt from the next container start on); the DEL that leaves the
-//! bridge without ports deletes it. Both happen under an exclusive lock
-//! (`/run/ipsec-mesh/<table>.lock`), and ADD attaches its veth before it takes the lock, so a
-//! DEL never deletes the table under a container that needs it.
+//! bridge without ports deletes it. Both happen under an exclusive lock ([`lock`]: an abstract
+//! unix socket of the host's network namespace), and ADD attaches its veth before it takes
+//! the lock, so a DEL never deletes the table under a container that needs it.
 
-use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
@@ -161,31 +158,45 @@ pub fn run(script: &str) -> Result<(), CniError> {
     }
 }
 
-/// Directory of the masquerade locks.
-pub const LOCK_DIR: &str = "/run/ipsec-mesh";
+/// How long ADD or DEL waits for another plugin process's masquerade update.
+pub const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// An exclusive lock for `table` (released when the file is dropped).
-pub fn lock(table: &str) -> Result<File, CniError> {
-    let dir = PathBuf::from(LOCK_DIR);
-    let fail = |what: String, e: std::io::Error| {
-        CniError::new(code::IO, format!("masquerade lock {what}: {e}"))
-    };
-    fs::create_dir_all(&dir).map_err(|e| fail(dir.display().to_string(), e))?;
-    let path = dir.join(format!("{table}.lock"));
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| fail(path.display().to_string(), e))?;
-    // SAFETY: flock on a descriptor we own; blocking: holders keep it for one nft run.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(fail(
-            path.display().to_string(),
-            std::io::Error::last_os_error(),
-        ));
+/// A lock on `table`, held while the returned socket lives: an abstract unix socket
+/// `@ipsec-mesh/<table>` bound in the host's network namespace. Abstract names belong to the
+/// network namespace, as the table does, so the lock has exactly the table's scope, leaves no
+/// file behind and is released by the kernel when the process ends, however it ends.
+pub fn lock(table: &str) -> Result<std::os::unix::net::UnixListener, CniError> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    let name = format!("ipsec-mesh/{table}");
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| CniError::new(code::IO, format!("masquerade lock @{name}: {e}")))?;
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match UnixListener::bind_addr(&addr) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if start.elapsed() >= LOCK_TIMEOUT {
+                    return Err(CniError::new(
+                        code::TRY_AGAIN,
+                        format!(
+                            "masquerade lock @{name}: still held by another plugin process after {}s",
+                            LOCK_TIMEOUT.as_secs()
+                        ),
+                    ));
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(CniError::new(
+                    code::IO,
+                    format!("masquerade lock @{name}: {e}"),
+                ))
+            }
+        }
     }
-    Ok(f)
 }
 
 /// The mesh's exempt destinations and this host's sources, from the metadata.
@@ -211,6 +222,22 @@ mod tests {
 
     fn nets(v: &[&str]) -> Vec<IpNet> {
         v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_lock_excludes_a_second_holder_until_dropped() {
+        let t = format!("test_{}", std::process::id());
+        let held = lock(&t).unwrap();
+        let t2 = t.clone();
+        let waiter = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let _l = lock(&t2).unwrap();
+            start.elapsed()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(held);
+        let waited = waiter.join().unwrap();
+        assert!(waited >= std::time::Duration::from_millis(90), "{waited:?}");
     }
 
     #[test]

@@ -17,10 +17,22 @@
 //!
 //! ```json
 //! { "cniVersion": "1.0.0", "name": "ipsec-mesh",
+//!   "args": { "podman_labels": { "io.ipsec-mesh.subnets": "10.42.1.0/24",
+//!                                "io.ipsec-mesh.gateways": "10.42.1.1" } },
 //!   "plugins": [ { "type": "ipsec-mesh-bridge", "bridge": "cni0", "isGateway": true,
-//!                  "isDefaultGateway": true, "hairpinMode": true, "mtu": 1446,
-//!                  "ipam": { "type": "ipsec-mesh-ipam", "metadata": "/etc/ipsec-mesh/mesh.json" } } ] }
+//!                  "isDefaultGateway": true, "hairpinMode": true, "ipMasq": true, "mtu": 1446,
+//!                  "capabilities": { "ips": true, "mac": true },
+//!                  "ipam": { "type": "ipsec-mesh-ipam", "metadata": "/etc/ipsec-mesh/mesh.json",
+//!                            "ranges": [[ { "subnet": "10.42.1.0/24", "gateway": "10.42.1.1" } ]] } },
+//!                { "type": "portmap", "capabilities": { "portMappings": true } } ] }
 //! ```
+//!
+//! `--no-portmap` leaves the reference `portmap` plugin out (published ports then do
+//! nothing), `--no-masquerade` writes `"ipMasq": false`. `ranges` (host-local's layout) and the
+//! `podman_labels` are a snapshot of this host's subnets for people and tools (`podman network
+//! inspect` shows labels; it reads subnets only from its own `bridge` + `host-local`): the IPAM
+//! allocates from the metadata, which stays the source of truth, and logs a warning when
+//! `ranges` no longer matches it (run `cni-config` again).
 //!
 //! # `ipsec-mesh-bridge`
 //!
@@ -32,6 +44,7 @@
 //! | `isGateway` | false | put each IP's gateway (`/prefix`) on the bridge, enable forwarding |
 //! | `isDefaultGateway` | false | also a default route via the gateway in the container (implies `isGateway`) |
 //! | `hairpinMode` | false | hairpin on the container's bridge port |
+//! | `ipMasq` | false (`cni-config`: true) | masquerade traffic to destinations outside the mesh (module [`masq`]: one nftables table per network, one rule per family; mesh traffic keeps its source) |
 //! | `mtu` | planner | container MTU; with `linkMTUOverhead`, the underlay MTU it is taken from |
 //! | `linkMTUOverhead` | - | Rancher's setting, applied: MTU = underlay MTU - overhead (underlay: `mtu`, else the metadata's, else the default route's device) |
 //! | `mac` | kernel | container MAC (also `runtimeConfig.mac` or `CNI_ARGS` `MAC=`) |
@@ -54,6 +67,18 @@
 //! | `host` | discovered | this host's id (else rancher's `/self/host`, else the host whose `agent_ip` is local) |
 //! | `dataDir` | `/var/lib/cni/networks/ipsec-mesh` | allocation store (`allocations.json`, `lock`) |
 //! | `routes` | none | routes put in the result as given |
+//! | `keepReleasedSeconds` | 300 | a released address stays reserved this long for the same container and interface (0: off) |
+//! | `ranges` | - | host-local's layout; informational (see above) |
+//!
+//! Static addresses, as host-local takes them: `CNI_ARGS` `IP=a[,b]` (`podman run --ip`),
+//! `args.cni.ips`, and `runtimeConfig.ips` (the `ips` capability). Each must be an allocatable
+//! address of this host's subnets (not the network, gateway or broadcast address, not the
+//! VTEP), else ADD fails with code 109; one held by another container fails with 110.
+//!
+//! DEL keeps the address for its container id and interface for `keepReleasedSeconds`: a
+//! DEL then ADD of the same container (`podman restart`, `stop` + `start`, `network reload`)
+//! gets the same address back, and new containers are not given it meanwhile unless every
+//! other address is taken. A new container id always gets a fresh address.
 //!
 //! One address per (network, container, ifname) from the first of this host's subnets with
 //! room; network, gateway (first address) and broadcast are never handed out; the same
@@ -68,10 +93,11 @@
 //! On failure a plugin prints `{"cniVersion", "code", "msg", "details"}` and exits 1. Codes:
 //! the spec's 1 (version), 4 (environment), 6 (stdin not JSON), 7 (configuration), 11
 //! (metadata service unreachable or store locked: retry), 50 (STATUS); ours: 100 kernel
-//! refused a netlink request, 101 metadata invalid, 102 host unknown or without subnet, 103
-//! addresses exhausted, 104 allocation store unreadable, 105 CHECK mismatch, 106 IPAM plugin
-//! failed to run, 107 namespace cannot be entered, 108 interface name taken by someone else,
-//! 199 internal error. Logs go to stderr (`IPSEC_MESH_LOG`, default `warn`).
+//! refused a netlink request (or nft the masquerade table), 101 metadata invalid, 102 host
+//! unknown or without subnet, 103 addresses exhausted, 104 allocation store unreadable, 105
+//! CHECK mismatch, 106 IPAM plugin failed to run, 107 namespace cannot be entered, 108
+//! interface name taken by someone else, 109 requested address not this host's to give, 110
+//! requested address in use, 199 internal error. Logs go to stderr (`IPSEC_MESH_LOG`, default `warn`).
 
 pub mod bridge;
 pub mod config;
