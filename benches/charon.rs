@@ -202,11 +202,11 @@ fn main() {
             let t = Instant::now();
             let r = reconcile_config(&client, &p, &psk, &cfg).await.unwrap();
             drv.push(t.elapsed());
-            assert!(r.ok() && r.loaded == peers, "{:?}", r.errors);
+            assert!(r.ok() && r.loaded == peers, "{:?}", r.report.errors);
             let t = Instant::now();
             let r = reconcile_config(&client, &p, &psk, &cfg).await.unwrap();
             drv_noop.push(t.elapsed());
-            assert_eq!(r.writes, 0);
+            assert_eq!(r.report.writes, 0);
 
             // swanctl, from scratch, then the same file again
             clean().await;

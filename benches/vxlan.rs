@@ -98,7 +98,6 @@ fn case(peers: usize) {
         let t = Instant::now();
         let noop = vxlan::reconcile(&p, &cfg).unwrap();
         let t_noop = ms(t);
-        let index = noop.device.unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
@@ -107,6 +106,7 @@ fn case(peers: usize) {
         let cur = rt
             .block_on(async {
                 let h = vxlan::connect()?;
+                let index = vxlan::find_device(&h, &cfg.dev).await?.expect("device").index;
                 vxlan::read_current(&h, index, netlink_packet_route::AddressFamily::Inet).await
             })
             .unwrap();

@@ -176,7 +176,7 @@ fn case(peers: usize, with_sas: bool) {
             [&first, &noop, &add, &gone]
                 .iter()
                 .flat_map(|r| r.errors.iter())
-                .filter(|(_, e)| !e.contains("ESP"))
+                .filter(|f| !f.error.contains("ESP"))
                 .count(),
             max_rss_mib(),
             slab1.saturating_sub(slab0),
@@ -184,13 +184,17 @@ fn case(peers: usize, with_sas: bool) {
             first.writes,
             t_ip / t_first,
             noop.writes,
-            noop.seq_raises,
+            noop.parts
+                .iter()
+                .filter(|(n, _)| *n == ipsec_mesh::dataplane::xfrm::SEQ_RAISES)
+                .map(|(_, w)| w)
+                .sum::<usize>(),
             add.writes,
             gone.writes,
-            match (&first.esp_unsupported, with_sas) {
-                (Some(_), _) => " | SAs skipped: kernel has no ESP",
-                (None, true) => " | SAs included on both sides",
-                (None, false) => " | ip -batch without SAs",
+            match (first.warnings.is_empty(), with_sas) {
+                (false, _) => " | SAs skipped: kernel has no ESP",
+                (true, true) => " | SAs included on both sides",
+                (true, false) => " | ip -batch without SAs",
             },
         );
     })

@@ -60,6 +60,7 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
             last_writes: 6,
             last_version: Some("41".into()),
             driver_wakes: 2,
+            ..ReconcileStatus::default()
         },
         keying: ipsec_mesh::daemon::status::KeyingStatus {
             generation: 2,

@@ -339,7 +339,7 @@ async fn connect(h: &Host) -> Client {
 fn show(id: &str, r: &CharonReport) -> String {
     format!(
         "{id}: writes={} loaded={} sent={:?} peers={:?} errors={:?}",
-        r.writes, r.loaded, r.sent, r.peers, r.errors
+        r.report.writes, r.loaded, r.sent, r.peers, r.report.errors
     )
 }
 
@@ -511,7 +511,7 @@ fn mesh_of_three_pings_through_esp_in_udp_and_a_second_reconcile_writes_nothing(
         // nothing changed: no write at all
         let reports = reconcile_all(&lab, &clients, &ids, &psks).await;
         for (h, r) in lab.hosts.iter().zip(&reports) {
-            assert_eq!(r.writes, 0, "{}", show(&h.id, r));
+            assert_eq!(r.report.writes, 0, "{}", show(&h.id, r));
             assert_eq!(
                 r.sent("load-conn") + r.sent("initiate") + r.sent("load-shared"),
                 0
@@ -581,9 +581,9 @@ fn mesh_of_three_pings_through_esp_in_udp_and_a_second_reconcile_writes_nothing(
                     assert_eq!(r.loaded, 2, "{}", show(&h.id, r));
                     assert_eq!(r.sent("unload-conn"), 2, "{}", show(&h.id, r));
                     assert!(
-                        r.changes.iter().any(|c| c.contains("does not show")),
+                        r.report.lines().iter().any(|c| c.contains("does not show")),
                         "{:?}",
-                        r.changes
+                        r.report.lines()
                     );
                 }
             }
@@ -620,7 +620,7 @@ fn mesh_of_three_pings_through_esp_in_udp_and_a_second_reconcile_writes_nothing(
             }
         }
         let reports = reconcile_all_with(&lab, &clients, &ids, &psks, &aes128).await;
-        assert!(reports.iter().all(|r| r.writes == 0 && r.ok()));
+        assert!(reports.iter().all(|r| r.report.writes == 0 && r.ok()));
 
         // host-c leaves the metadata: a and b unload its conn and close its SAs
         let ab = ["host-a", "host-b"];
@@ -634,11 +634,12 @@ fn mesh_of_three_pings_through_esp_in_udp_and_a_second_reconcile_writes_nothing(
                 show(&h.id, r)
             );
             assert!(
-                r.changes
+                r.report
+                    .lines()
                     .iter()
-                    .any(|c| c == "unload-conn ipsec-mesh-host-c (peer left)"),
+                    .any(|c| c == "- charon conn ipsec-mesh-host-c (peer left)"),
                 "{:?}",
-                r.changes
+                r.report.lines()
             );
             assert_eq!(r.sent("load-shared"), 1, "owner set changed: new key id");
             assert_eq!(r.sent("unload-shared"), 1, "old key id unloaded");
@@ -653,7 +654,7 @@ fn mesh_of_three_pings_through_esp_in_udp_and_a_second_reconcile_writes_nothing(
         }
         assert!(lab.ping("host-a", "host-b") && lab.ping("host-b", "host-a"));
         let reports = reconcile_all_with(&lab, &clients[..2], &ab, &psks[..2], &aes128).await;
-        assert!(reports.iter().all(|r| r.writes == 0));
+        assert!(reports.iter().all(|r| r.report.writes == 0));
 
         // cleanup on host-a: ours gone, the foreign conn and key stay
         let r = cleanup(&clients[0]).await.unwrap();
@@ -746,7 +747,7 @@ fn conns_charon_refuses_are_reported_per_peer_and_nothing_else_is_loaded() {
         assert!(r.ok() && r.loaded == 2 && r.sent("initiate") == 0, "{}", show("host-a", &r));
         assert_eq!(r.peers["host-b"], PeerState::Down);
         let r = reconcile_config(&c, &p, &psk, &cfg(&lab.hosts[0])).await.unwrap();
-        assert_eq!(r.writes, 0, "{}", show("host-a", &r));
+        assert_eq!(r.report.writes, 0, "{}", show("host-a", &r));
     });
 }
 
@@ -785,7 +786,10 @@ fn kernel_netlink_reports_the_child_sa_failure_in_words_without_esp_and_installs
                 }
                 for (who, r) in ids.iter().zip(&r) {
                     assert!(
-                        r.errors.iter().all(|(_, e)| !e.contains("cannot hold ESP")),
+                        r.report
+                            .errors
+                            .iter()
+                            .all(|f| !f.error.contains("cannot hold ESP")),
                         "{}",
                         show(who, r)
                     );
@@ -907,7 +911,7 @@ fn charon_killed_and_restarted_every_sa_is_back_within_10s() {
             assert_eq!(ikes, 2, "{}: {m:?}", h.id);
         }
         let reports = reconcile_all(&lab, &clients, &ids, &psks).await;
-        assert!(reports.iter().all(|r| r.writes == 0 && r.ok()));
+        assert!(reports.iter().all(|r| r.report.writes == 0 && r.ok()));
     });
 }
 
@@ -1188,8 +1192,10 @@ fn no_charon_policies_ipsec_mesh_owns_the_policies_with_the_plans_reqids() {
         assert_eq!(pol.matches(&format!("reqid {reqid} ")).count(), 3, "{pol}");
         assert!(pol.contains("action block"), "{pol}");
         // Marks and guard of the backend the default `--firewall auto` picks here.
-        common::firewall::ours(Some(&h.ns))
-            .assert_installed(common::firewall::auto_backend(), &p.cidr.trunc().to_string());
+        common::firewall::ours(Some(&h.ns)).assert_installed(
+            common::firewall::auto_backend(),
+            &p.cidr.trunc().to_string(),
+        );
         let conns = must(
             "swanctl",
             &[

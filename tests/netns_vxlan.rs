@@ -418,7 +418,7 @@ fn drift_is_repaired_with_exact_writes_and_settings_change_recreates() {
     let w = applied_ok(&o);
     assert!(w >= 2 + 1 + 1 + 8, "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout)
-        .contains("- device vtep1042 (id 1042 -> 1043, dstport 4789 -> 4790)"));
+        .contains("- vxlan device vtep1042 (id 1042 -> 1043, dstport 4789 -> 4790)"));
     let link = t.sh("h1", "ip -d link show vtep1042");
     assert!(
         link.contains("vxlan id 1043") && link.contains("dstport 4790"),
@@ -486,7 +486,7 @@ fn foreign_device_and_foreign_route_are_left_alone_and_reported() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1));
         assert!(
-            err.contains("ipsec-mesh: h3: + route 10.42.3.0/24 via 10.42.3.0 onlink dev vtep1042 [h3]: a route to 10.42.3.0/24 exists in the main table and is not ipsec-mesh's (left untouched)"),
+            err.contains("ipsec-mesh: h3: + vxlan route 10.42.3.0/24 via 10.42.3.0 onlink dev vtep1042 [h3]: a route to 10.42.3.0/24 exists in the main table and is not ipsec-mesh's (left untouched)"),
             "{err}"
         );
         assert!(!err.contains("h2:"), "{err}");

@@ -413,7 +413,7 @@ fn drifted_policy_is_repaired_with_one_write() {
         let o = apply(&f);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1));
-        assert!(err.contains("ipsec-mesh: host-2: + policy out 0.0.0.0/0 -> 10.42.2.0/24"), "{err}");
+        assert!(err.contains("ipsec-mesh: host-2: + xfrm policy out 0.0.0.0/0 -> 10.42.2.0/24"), "{err}");
         assert!(err.contains("is not ipsec-mesh's (left untouched)"), "{err}");
         assert!(sh("ip xfrm policy").contains("reqid 1 mode tunnel"));
     })

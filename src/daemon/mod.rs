@@ -338,11 +338,16 @@ impl Loop {
         let t = Instant::now();
         let report = self.driver.reconcile(&plan);
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        let errors: BTreeMap<String, String> = report.errors.iter().cloned().collect();
+        let errors: BTreeMap<String, String> = report
+            .errors
+            .iter()
+            .map(|f| (f.owner.clone(), f.error.clone()))
+            .collect();
         self.last_errors = errors.clone();
-        for (owner, e) in &report.errors {
-            warn!(peer = %owner, error = %e, "not in place");
+        for f in &report.errors {
+            warn!(peer = %f.owner, error = %f.error, "not in place");
         }
+        log_changes(&report);
         // Per-peer backoff: a failing peer's counter grows, a healthy one's resets.
         let failed = report.failed_peers();
         // Sorted (failed_peers sorts and dedups): a binary search, not a scan per peer.
@@ -369,6 +374,16 @@ impl Loop {
             s.reconciles.last_duration_ms = ms;
             s.reconciles.total_duration_ms += ms;
             s.reconciles.last_writes = report.writes;
+            if !report.changes.is_empty() {
+                s.reconciles.last_changes = report
+                    .changes
+                    .iter()
+                    .take(status::CHANGES_SHOWN)
+                    .cloned()
+                    .collect();
+                s.reconciles.last_changes_total = report.changes.len();
+                s.reconciles.last_changed_at = Some(now);
+            }
             s.reconciles.last_version = version;
             s.update_peers(&plan, &counters, &errors, now);
         });
@@ -541,8 +556,9 @@ fn run_loop(
                         "stopping; --cleanup-on-exit: removing everything owned"
                     );
                     let r = lp.driver.cleanup();
-                    for (o, e) in &r.errors {
-                        warn!(owner = %o, error = %e, "cleanup failed");
+                    log_changes(&r);
+                    for f in &r.errors {
+                        warn!(owner = %f.owner, error = %f.error, "cleanup failed");
                     }
                 } else {
                     info!(why, "stopping; the dataplane stays in place");
@@ -568,6 +584,22 @@ fn run_loop(
             }
             Err(RecvTimeoutError::Disconnected) => return,
         }
+    }
+}
+
+/// How many changes of one reconcile are logged one by one (the rest as a count).
+const CHANGES_LOGGED: usize = 50;
+
+/// Log a reconcile's or cleanup's changes, each as `apply --diff` prints it.
+fn log_changes(report: &crate::dataplane::driver::DriverReport) {
+    for c in report.changes.iter().take(CHANGES_LOGGED) {
+        info!(change = %c, "changed");
+    }
+    if report.changes.len() > CHANGES_LOGGED {
+        info!(
+            more = report.changes.len() - CHANGES_LOGGED,
+            "more changes (see /status or --diff)"
+        );
     }
 }
 
@@ -661,7 +693,7 @@ mod tests {
             for (peer, left) in self.fail.lock().unwrap().iter_mut() {
                 if *left > 0 {
                     *left -= 1;
-                    r.errors.push((peer.clone(), "told to fail".into()));
+                    r.error(peer.as_str(), "told to fail");
                 }
             }
             r

@@ -35,6 +35,13 @@ pub struct ReconcileStatus {
     pub last_duration_ms: f64,
     pub total_duration_ms: f64,
     pub last_writes: usize,
+    /// The changes of the most recent reconcile that wrote something (a no-op reconcile
+    /// keeps them): the first [`CHANGES_SHOWN`], typed as in `apply --diff`.
+    pub last_changes: Vec<crate::dataplane::report::Change>,
+    /// How many changes that reconcile made (more than `last_changes` holds when cut).
+    pub last_changes_total: usize,
+    /// When it ran (seconds since the epoch).
+    pub last_changed_at: Option<u64>,
     /// Metadata version of the plan the last reconcile applied: once it equals
     /// `metadata.version`, the dataplane has been reconciled to the current metadata.
     pub last_version: Option<String>,
@@ -42,6 +49,9 @@ pub struct ReconcileStatus {
     /// (drift repaired at once) or, for charon, the daemon restarting.
     pub driver_wakes: u64,
 }
+
+/// How many changes of a reconcile `/status` shows.
+pub const CHANGES_SHOWN: usize = 100;
 
 /// Key generations and automatic rekeying (xfrm drivers; docs/keying.md).
 #[derive(Debug, Clone, Default, Serialize)]

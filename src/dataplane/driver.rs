@@ -5,74 +5,22 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::report::MESH;
 use super::{firewall, notify, routes, xfrm};
 use crate::plan::{Marks, Plan};
 
-/// An error and its causes on one line (`a: b: c`), without repeating a cause the text
-/// before already contains.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !msg.contains(&t) {
-            msg.push_str(": ");
-            msg.push_str(&t);
-        }
-        src = s.source();
-    }
-    msg
-}
+pub use super::report::error_chain;
 
-/// The outcome of one reconcile or cleanup of a driver.
-#[derive(Debug, Default, Clone)]
-pub struct DriverReport {
-    /// Modifying requests sent. 0 means nothing changed.
-    pub writes: usize,
-    /// One line per change, never secrets.
-    pub changes: Vec<String>,
-    /// Failures by owner: a peer's host id, or `mesh` for shared objects.
-    pub errors: Vec<(String, String)>,
-    /// Writes per component (`xfrm objects`, `firewall`, `routes`, ...).
-    pub parts: Vec<(&'static str, usize)>,
-}
+/// The outcome of one reconcile or cleanup of a driver: the one
+/// [report type](super::report::Report) of every layer.
+pub type DriverReport = super::report::Report;
 
-impl DriverReport {
-    pub fn ok(&self) -> bool {
-        self.errors.is_empty()
-    }
-
-    fn part(&mut self, name: &'static str, writes: usize, changes: Vec<String>) {
-        self.writes += writes;
-        self.changes.extend(changes);
-        self.parts.push((name, writes));
-    }
-
-    /// Record the failure of a whole step (`what`) for `owner`, with the error's causes.
-    pub fn fail(&mut self, owner: &str, what: &str, e: &dyn std::error::Error) {
-        self.errors
-            .push((owner.to_string(), format!("{what}: {}", error_chain(e))));
-    }
-
-    /// Fold an XFRM reconcile or cleanup in: its writes and changes as the `xfrm objects`
-    /// part, its per-owner errors, or the failure of the whole step.
-    fn xfrm(&mut self, r: Result<xfrm::Report, xfrm::socket::SocketError>) {
-        match r {
-            Ok(x) => {
-                self.part("xfrm objects", x.writes, x.changes);
-                self.errors
-                    .extend(x.errors.into_iter().map(|(o, e)| (owner_name(&o), e)));
-            }
-            Err(e) => self.fail("mesh", "xfrm", &e),
-        }
-    }
-
-    /// Host ids with at least one error.
-    pub fn failed_peers(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.errors.iter().map(|(o, _)| o.as_str()).collect();
-        v.sort();
-        v.dedup();
-        v
+/// Fold an XFRM reconcile or cleanup in: its writes and changes as the `xfrm objects` part,
+/// its per-owner errors, or the failure of the whole step.
+fn add_xfrm(r: &mut DriverReport, x: Result<xfrm::Report, xfrm::socket::SocketError>) {
+    match x {
+        Ok(x) => r.part("xfrm objects", x),
+        Err(e) => r.fail(MESH, "xfrm", &e),
     }
 }
 
@@ -220,16 +168,13 @@ impl Driver for VxlanEsp {
 
     fn reconcile(&mut self, plan: &Plan) -> DriverReport {
         let mut r = DriverReport::default();
-        r.xfrm(xfrm::reconcile_vxlan_esp(plan, self.port));
+        add_xfrm(&mut r, xfrm::reconcile_vxlan_esp(plan, self.port));
         r
     }
 
     fn cleanup(&mut self) -> DriverReport {
         let mut r = DriverReport::default();
-        match xfrm::cleanup(&self.marks) {
-            Ok(x) => r.part("xfrm objects", x.writes, x.changes),
-            Err(e) => r.fail("mesh", "xfrm", &e),
-        }
+        add_xfrm(&mut r, xfrm::cleanup(&self.marks));
         r
     }
 
@@ -274,10 +219,7 @@ impl Driver for Stack {
         let mut r = DriverReport::default();
         for d in &mut self.drivers {
             let x = d.reconcile(plan);
-            r.writes += x.writes;
-            r.changes.extend(x.changes);
-            r.errors.extend(x.errors);
-            r.parts.extend(x.parts);
+            r.absorb(x);
         }
         r
     }
@@ -286,10 +228,7 @@ impl Driver for Stack {
         let mut r = DriverReport::default();
         for d in self.drivers.iter_mut().rev() {
             let x = d.cleanup();
-            r.writes += x.writes;
-            r.changes.extend(x.changes);
-            r.errors.extend(x.errors);
-            r.parts.extend(x.parts);
+            r.absorb(x);
         }
         r
     }
@@ -384,25 +323,25 @@ impl Driver for XfrmMesh {
         if plan.udp_encap && self.scope == xfrm::Scope::All && self.encap_socket.is_none() {
             match xfrm::encap::open_socket(plan.endpoint.is_ipv6(), xfrm::desired::NAT_T_PORT) {
                 Ok(s) => self.encap_socket = Some(s),
-                Err(e) => r.fail("mesh", "UDP encapsulation socket (port 4500)", &e),
+                Err(e) => r.fail(MESH, "UDP encapsulation socket (port 4500)", &e),
             }
         } else if !plan.udp_encap {
             self.encap_socket = None;
         }
         // XFRM first: the block policy makes marked traffic fail closed before any marking
         // rule exists.
-        r.xfrm(xfrm::reconcile_scoped(plan, self.scope));
+        add_xfrm(&mut r, xfrm::reconcile_scoped(plan, self.scope));
         let spec = firewall::FirewallSpec::from_plan(plan).with_devices(
             self.forwarding.bridge.clone(),
             self.forwarding.underlay_dev.clone(),
         );
         match self.forwarding.firewall.backend().apply(&spec) {
-            Ok(f) => r.part("firewall", f.writes, f.changes),
-            Err(e) => r.fail("mesh", "firewall", &e),
+            Ok(f) => r.part("firewall", f),
+            Err(e) => r.fail(MESH, "firewall", &e),
         }
         match routes::reconcile(&routes::RouteSpec::from_plan(plan, self.forwarding.routes)) {
-            Ok(x) => r.part("routes", x.writes, x.changes),
-            Err(e) => r.fail("mesh", "routes", &e),
+            Ok(x) => r.part("routes", x),
+            Err(e) => r.fail(MESH, "routes", &e),
         }
         r
     }
@@ -411,14 +350,14 @@ impl Driver for XfrmMesh {
         let mut r = DriverReport::default();
         // Reverse of reconcile: stop steering first, then remove policies and SAs.
         match routes::cleanup(&self.forwarding.routes) {
-            Ok(x) => r.part("routes", x.writes, x.changes),
-            Err(e) => r.fail("mesh", "routes", &e),
+            Ok(x) => r.part("routes", x),
+            Err(e) => r.fail(MESH, "routes", &e),
         }
         match self.forwarding.firewall.backend().cleanup() {
-            Ok(x) => r.part("firewall", x.writes, x.changes),
-            Err(e) => r.fail("mesh", "firewall", &e),
+            Ok(x) => r.part("firewall", x),
+            Err(e) => r.fail(MESH, "firewall", &e),
         }
-        r.xfrm(xfrm::cleanup_scoped(&self.marks, self.scope));
+        add_xfrm(&mut r, xfrm::cleanup_scoped(&self.marks, self.scope));
         r
     }
 
@@ -530,11 +469,4 @@ fn sa_counters_by_peer(plan: &Plan) -> BTreeMap<String, PeerCounters> {
             )
         })
         .collect()
-}
-
-fn owner_name(o: &xfrm::objects::Owner) -> String {
-    match o {
-        xfrm::objects::Owner::Peer(h) => h.to_string(),
-        other => other.to_string(),
-    }
 }

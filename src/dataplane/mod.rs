@@ -9,6 +9,7 @@ pub mod driver;
 pub mod firewall;
 pub mod netns;
 pub mod notify;
+pub mod report;
 pub mod routes;
 pub mod rtnl;
 pub mod sysctl;

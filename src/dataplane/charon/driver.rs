@@ -39,7 +39,7 @@ use super::desired::{
 };
 use super::failure::explain_with;
 use super::listed::ListedConn;
-use super::report::{cmd_name, CharonReport, PeerState};
+use super::report::{cmd_name, CharonReport, PeerState, LAYER};
 use super::sas::conn_sas;
 use super::types::{
     Command, GetConns, GetShared, IkeSa, Initiate, ListSas, LoadShared, SharedKeyType, Stats,
@@ -47,7 +47,17 @@ use super::types::{
 };
 use super::wire::Message;
 use crate::dataplane::driver::PeerCounters;
+use crate::dataplane::report::Change;
 use crate::plan::{Plan, Psk};
+
+/// The change a successful `terminate` (of the request's `context`, a conn or SA name) made.
+fn terminated(context: &str) -> Change {
+    let c = Change::delete(LAYER, format!("sa {context}"));
+    match peer_of(context) {
+        Some(p) => c.for_peer(p),
+        None => c,
+    }
+}
 
 /// Conns per `load-conn` request. charon's `load-conn` handler loads every conn section of
 /// the message (vici_config.c `load_conn` parses all top-level sections, from 5.x to today;
@@ -192,7 +202,15 @@ async fn initiate_all(
         match o.result {
             Ok(_) => {
                 r.set(&c.peer, PeerState::Up);
-                r.change(format!("initiated {} ({}): up", c.name(), c.role.as_str()));
+                r.change(
+                    Change::update(
+                        LAYER,
+                        format!("sa {} ({})", c.name(), c.role.as_str()),
+                        None,
+                        Some("up (initiated)".into()),
+                    )
+                    .for_peer(c.peer.as_str()),
+                );
             }
             Err(e) if e.is_connection_lost() && !matches!(e, ViciError::Timeout { .. }) => {
                 r.set(&c.peer, PeerState::Failed);
@@ -313,10 +331,9 @@ async fn load_shared_key(
     r.note("load-shared", 1);
     match client.call(&ls).await {
         Ok(()) => {
-            r.change(format!(
-                "load-shared {} ({} owners)",
-                ls.id,
-                ls.owners.len()
+            r.change(Change::add(
+                LAYER,
+                format!("shared key {} ({} owners)", ls.id, ls.owners.len()),
             ));
             Ok(true)
         }
@@ -337,7 +354,7 @@ async fn unload_keys(
     for id in ids {
         r.note("unload-shared", 1);
         match client.call(&UnloadShared { id: id.clone() }).await {
-            Ok(()) => r.change(format!("unload-shared {id}")),
+            Ok(()) => r.change(Change::delete(LAYER, format!("shared key {id}"))),
             Err(e) if e.is_connection_lost() => return Err(e),
             Err(e) => r.error("mesh", format!("unload-shared {id}: {e}")),
         }
@@ -437,9 +454,12 @@ async fn sync_conns<'a>(
                 }
                 ("unload-conn", Ok(_)) if !changed.contains_key(names[0]) => {
                     r.unloaded += 1;
-                    r.change(format!("unload-conn {} (peer left)", names[0]));
+                    r.change(Change::delete(
+                        LAYER,
+                        format!("conn {} (peer left)", names[0]),
+                    ));
                 }
-                ("terminate", Ok(_)) => r.change(format!("terminate {}", q.context)),
+                ("terminate", Ok(_)) => r.change(terminated(&q.context)),
                 (_, Ok(_)) => {}
                 (cmd, Err(e)) => r.error(&owner, format!("{cmd} {}: {e}", names[0])),
             }
@@ -450,11 +470,14 @@ async fn sync_conns<'a>(
     }
     r.loaded = loads.loaded.len();
     for name in loads.loaded {
-        let what = match changed.get(name) {
-            Some(d) => format!("changed: {}", d.join("; ")),
-            None => "new".into(),
+        let c = match changed.get(name) {
+            Some(d) => Change::update(LAYER, format!("conn {name} ({})", d.join("; ")), None, None),
+            None => Change::add(LAYER, format!("conn {name}")),
         };
-        r.change(format!("load-conn {name} ({what})"));
+        r.change(match peer_of(name) {
+            Some(p) => c.for_peer(p),
+            None => c,
+        });
     }
     Ok(loads.failed)
 }
@@ -547,7 +570,7 @@ async fn do_sa_work(
         let outs = send(cfg, r, &w.terminate, BatchOptions::default()).await?;
         for (q, o) in w.terminate.iter().zip(outs) {
             match o.result {
-                Ok(_) => r.change(format!("terminate {}", q.context)),
+                Ok(_) => r.change(terminated(&q.context)),
                 Err(e) => r.error("mesh", format!("terminate {}: {e}", q.context)),
             }
         }
@@ -589,7 +612,10 @@ pub async fn cleanup(client: &Client) -> Result<CharonReport, ViciError> {
         r.note("terminate", 1);
         let owner = peer_of(&ike.name).unwrap_or("mesh");
         match client.call(&terminate_ike_cmd(ike.uniqueid)).await {
-            Ok(_) => r.change(format!("terminate {} ike-id={}", ike.name, ike.uniqueid)),
+            Ok(_) => r.change(
+                Change::delete(LAYER, format!("sa {} ike-id={}", ike.name, ike.uniqueid))
+                    .for_peer(owner),
+            ),
             Err(e) if e.is_connection_lost() => return Err(e),
             Err(e) => r.error(owner, format!("terminate {}: {e}", ike.name)),
         }
@@ -600,7 +626,7 @@ pub async fn cleanup(client: &Client) -> Result<CharonReport, ViciError> {
         match client.call(&UnloadConn { name: name.clone() }).await {
             Ok(()) => {
                 r.unloaded += 1;
-                r.change(format!("unload-conn {name}"));
+                r.change(Change::delete(LAYER, format!("conn {name}")));
             }
             Err(e) if e.is_connection_lost() => return Err(e),
             Err(e) => r.error(&owner, format!("unload-conn {name}: {e}")),

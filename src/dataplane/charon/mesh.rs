@@ -157,10 +157,9 @@ fn watch_events(
 }
 
 fn failed_run(e: ViciError) -> DriverReport {
-    DriverReport {
-        errors: vec![("mesh".into(), e.to_string())],
-        ..Default::default()
-    }
+    let mut r = DriverReport::default();
+    r.error(crate::dataplane::report::MESH, e.to_string());
+    r
 }
 
 impl Driver for CharonMesh {

@@ -4,6 +4,10 @@
 use std::collections::BTreeMap;
 
 use crate::dataplane::driver::DriverReport;
+use crate::dataplane::report::{Change, Report};
+
+/// The layer name in [`Change`]s.
+pub const LAYER: &str = "charon";
 pub use crate::dataplane::driver::PeerState;
 
 /// Commands that modify charon's state.
@@ -18,17 +22,14 @@ pub const WRITE_COMMANDS: [&str; 6] = [
 
 const READ_COMMANDS: [&str; 5] = ["list-conns", "list-sas", "get-shared", "get-conns", "stats"];
 
-/// What a reconcile or cleanup did.
+/// What a reconcile or cleanup did: the common [`Report`] (its `writes` count the modifying
+/// commands sent, [`WRITE_COMMANDS`]; failures by owner: a peer's host id, or `mesh` for the
+/// shared key / the whole run) and what only charon has.
 #[derive(Debug, Clone, Default)]
 pub struct CharonReport {
-    /// Modifying commands sent ([`WRITE_COMMANDS`]). 0 means nothing changed.
-    pub writes: usize,
+    pub report: Report,
     /// Every command sent, by name (reads too).
     pub sent: BTreeMap<&'static str, usize>,
-    /// One line per change, never secrets.
-    pub changes: Vec<String>,
-    /// Failures by owner: a peer's host id, or `mesh` for the shared key / the whole run.
-    pub errors: Vec<(String, String)>,
     /// State of every peer of the plan.
     pub peers: BTreeMap<String, PeerState>,
     /// Conns loaded (new or changed); several may share one `load-conn` (see [`LOAD_PACK`](super::driver::LOAD_PACK)).
@@ -39,7 +40,7 @@ pub struct CharonReport {
 
 impl CharonReport {
     pub fn ok(&self) -> bool {
-        self.errors.is_empty()
+        self.report.ok()
     }
 
     /// How many `command`s were sent.
@@ -49,10 +50,7 @@ impl CharonReport {
 
     /// The first error reported for `owner`.
     pub fn error_for(&self, owner: &str) -> Option<&str> {
-        self.errors
-            .iter()
-            .find(|(o, _)| o == owner)
-            .map(|(_, e)| e.as_str())
+        self.report.error_for(owner)
     }
 
     pub(super) fn note(&mut self, command: &'static str, n: usize) {
@@ -61,20 +59,19 @@ impl CharonReport {
         }
         *self.sent.entry(command).or_default() += n;
         if WRITE_COMMANDS.contains(&command) {
-            self.writes += n;
+            self.report.writes += n;
         }
     }
 
     pub(super) fn error(&mut self, owner: &str, msg: impl Into<String>) {
         let msg = msg.into();
         tracing::warn!(peer = owner, error = %msg, "charon driver");
-        self.errors.push((owner.to_string(), msg));
+        self.report.error(owner, msg);
     }
 
-    pub(super) fn change(&mut self, line: impl Into<String>) {
-        let line = line.into();
-        tracing::info!(change = %line, "charon driver");
-        self.changes.push(line);
+    pub(super) fn change(&mut self, change: Change) {
+        tracing::info!(%change, "charon driver");
+        self.report.changes.push(change);
     }
 
     pub(super) fn set(&mut self, peer: &str, st: PeerState) {
@@ -83,21 +80,18 @@ impl CharonReport {
 
     /// The generic driver report: peers still connecting count as not in place.
     pub fn into_driver_report(self) -> DriverReport {
-        let mut errors = self.errors;
+        let mut r = self.report;
         for (p, st) in &self.peers {
-            if *st == PeerState::Connecting && !errors.iter().any(|(o, _)| o == p) {
-                errors.push((
-                    p.clone(),
-                    "charon is still setting up the SA (retried by the next reconcile)".into(),
-                ));
+            if *st == PeerState::Connecting && r.error_for(p).is_none() {
+                r.error(
+                    p.as_str(),
+                    "charon is still setting up the SA (retried by the next reconcile)",
+                );
             }
         }
-        DriverReport {
-            writes: self.writes,
-            changes: self.changes,
-            errors,
-            parts: vec![("charon", self.writes)],
-        }
+        let mut d = DriverReport::default();
+        d.part("charon", r);
+        d
     }
 }
 
@@ -120,11 +114,11 @@ mod tests {
         let mut r = CharonReport::default();
         r.note("list-conns", 1);
         r.note("list-sas", 2);
-        assert_eq!(r.writes, 0);
+        assert_eq!(r.report.writes, 0);
         r.note("load-conn", 3);
         r.note("initiate", 1);
         assert_eq!(
-            (r.writes, r.sent("load-conn"), r.sent("list-sas")),
+            (r.report.writes, r.sent("load-conn"), r.sent("list-sas")),
             (4, 3, 2)
         );
         r.set("host-b", PeerState::Connecting);
@@ -132,6 +126,7 @@ mod tests {
         let d = r.into_driver_report();
         assert_eq!(d.writes, 4);
         assert_eq!(d.errors.len(), 1);
-        assert_eq!(d.errors[0].0, "host-b");
+        assert_eq!(d.errors[0].owner, "host-b");
+        assert_eq!(d.parts, vec![("charon", 4)]);
     }
 }

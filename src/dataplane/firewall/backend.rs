@@ -150,10 +150,7 @@ fn leftovers_of(kind: FirewallKind) -> Result<FirewallReport, FirewallError> {
 
 fn absorb(into: &mut FirewallReport, r: Result<FirewallReport, FirewallError>) {
     match r {
-        Ok(x) => {
-            into.writes += x.writes;
-            into.changes.extend(x.changes);
-        }
+        Ok(x) => into.absorb(x),
         // The new rules are in place and guard; the old ones are only redundant.
         Err(e) => tracing::warn!(error = %e, "removing the other firewall backend's rules failed"),
     }

@@ -261,21 +261,41 @@ impl FirewallSpec {
     }
 }
 
-/// The outcome of an apply or a cleanup.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FirewallReport {
-    /// Objects written: chains filled or deleted, jumps inserted or deleted. 0 = no-op.
-    pub writes: usize,
-    /// One human-readable line per write (`ipv4 mangle: fill chain IPSEC-MESH-MARK (3 rules)`).
-    pub changes: Vec<String>,
-}
+/// The outcome of an apply or a cleanup: the [common report](crate::dataplane::report);
+/// `writes` counts objects written (chains filled or deleted, jumps inserted or deleted, an
+/// nftables table replaced), 0 = no-op.
+pub use crate::dataplane::report::Report as FirewallReport;
 
-impl FirewallReport {
-    fn absorb(&mut self, family: Family, table: Table, changes: &[Change]) {
-        self.writes += changes.len();
-        self.changes
-            .extend(changes.iter().map(|c| format!("{family} {table}: {c}")));
-    }
+/// The layer name in [`Change`](crate::dataplane::report::Change)s.
+pub const LAYER: &str = "firewall";
+
+/// Add one iptables table's applied changes to `report`.
+fn absorb_table(report: &mut FirewallReport, family: Family, table: Table, changes: &[Change]) {
+    use crate::dataplane::report::Change as C;
+    report.writes += changes.len();
+    report.changes.extend(changes.iter().map(|c| {
+        let at = format!("{family} {table}");
+        match c {
+            Change::Fill {
+                chain,
+                rules,
+                created: true,
+            } => C::add(LAYER, format!("{at} chain {chain} ({} rules)", rules.len())),
+            Change::Fill { chain, rules, .. } => C::update(
+                LAYER,
+                format!("{at} chain {chain}"),
+                None,
+                Some(format!("{} rules", rules.len())),
+            ),
+            Change::InsertJump(j) => {
+                C::add(LAYER, format!("{at} jump `-I {} 1 {}`", j.from, j.rule))
+            }
+            Change::DeleteJump(j) => {
+                C::delete(LAYER, format!("{at} jump `-A {} {}`", j.from, j.rule))
+            }
+            Change::DeleteChain(chain) => C::delete(LAYER, format!("{at} chain {chain}")),
+        }
+    }));
 }
 
 #[derive(Debug, thiserror::Error)]

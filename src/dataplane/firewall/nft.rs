@@ -40,6 +40,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use super::{Family, FirewallError, FirewallReport, FirewallSpec};
+use crate::dataplane::report::Change;
 
 /// Our table (family `inet`).
 pub const TABLE: &str = "ipsec-mesh";
@@ -223,13 +224,15 @@ impl Nft {
             return Ok(FirewallReport::default());
         }
         self.run(&self.binary, &["-f", "-"], &transaction(&body))?;
+        let object = format!("nftables table inet {TABLE}");
+        let what = Some("4 chains: mark and guard".to_string());
         Ok(FirewallReport {
             writes: 1,
-            changes: vec![format!(
-                "nftables: {} table inet {TABLE} ({} chains, mark and guard)",
-                if live.is_some() { "replace" } else { "create" },
-                4
-            )],
+            changes: vec![match live {
+                Some(_) => Change::update(super::LAYER, object, Some("other rules".into()), what),
+                None => Change::add(super::LAYER, format!("{object} (4 chains: mark and guard)")),
+            }],
+            ..FirewallReport::default()
         })
     }
 
@@ -241,7 +244,11 @@ impl Nft {
         self.run(&self.binary, &["delete", "table", "inet", TABLE], "")?;
         Ok(FirewallReport {
             writes: 1,
-            changes: vec![format!("nftables: delete table inet {TABLE}")],
+            changes: vec![Change::delete(
+                super::LAYER,
+                format!("nftables table inet {TABLE}"),
+            )],
+            ..FirewallReport::default()
         })
     }
 }

@@ -182,7 +182,7 @@ pub fn apply_with(ipt: &Iptables, spec: &FirewallSpec) -> Result<FirewallReport,
     let mut report = FirewallReport::default();
     for table in Table::APPLY_ORDER {
         let changes = ipt.reconcile_table(table, &want[&table])?;
-        report.absorb(ipt.family, table, &changes);
+        super::absorb_table(&mut report, ipt.family, table, &changes);
     }
     Ok(report)
 }
@@ -194,10 +194,7 @@ pub fn cleanup() -> Result<FirewallReport, FirewallError> {
     let mut errors = Vec::new();
     for family in [Family::V4, Family::V6] {
         match cleanup_with(&Iptables::new(family)) {
-            Ok(r) => {
-                report.writes += r.writes;
-                report.changes.extend(r.changes);
-            }
+            Ok(r) => report.absorb(r),
             Err(FirewallError::MissingBinary { command }) => {
                 debug!(%command, "not installed: nothing of ours can exist there");
             }
@@ -218,7 +215,7 @@ pub fn cleanup_with(ipt: &Iptables) -> Result<FirewallReport, FirewallError> {
     let mut errors = Vec::new();
     for table in Table::CLEANUP_ORDER {
         match ipt.reconcile_table(table, &TableState::default()) {
-            Ok(changes) => report.absorb(ipt.family, table, &changes),
+            Ok(changes) => super::absorb_table(&mut report, ipt.family, table, &changes),
             Err(e @ FirewallError::MissingBinary { .. }) => return Err(e),
             Err(e) => errors.push(e),
         }

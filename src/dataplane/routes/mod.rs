@@ -77,15 +77,9 @@ pub enum RouteError {
     },
 }
 
-/// The outcome of a reconcile or a cleanup.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RouteReport {
-    /// Rules and routes added or deleted. 0 = no-op.
-    pub writes: usize,
-    pub changes: Vec<String>,
-    /// The underlay device used (index, name), for a reconcile.
-    pub underlay: Option<(u32, String)>,
-}
+/// The outcome of a reconcile or a cleanup: the [common report](crate::dataplane::report);
+/// `writes` counts rules and routes added or deleted, 0 = no-op.
+pub use crate::dataplane::report::Report as RouteReport;
 
 /// Reconcile (sync: own current-thread runtime and socket).
 pub fn reconcile(spec: &RouteSpec) -> Result<RouteReport, RouteError> {
@@ -215,7 +209,7 @@ async fn apply(
 ) -> Result<(), RouteError> {
     let names = link_names(h).await?;
     report.writes = execute(h, changes, &names).await?;
-    report.changes = changes.iter().map(|c| c.describe(&names)).collect();
+    report.changes = changes.iter().map(|c| c.change(&names)).collect();
     Ok(())
 }
 
@@ -223,14 +217,12 @@ async fn apply(
 /// request waits at most [`rtnl::REQUEST_TIMEOUT`] for the kernel).
 pub async fn reconcile_with(h: &Handle, spec: &RouteSpec) -> Result<RouteReport, RouteError> {
     let (index, name) = resolve_underlay(h, &spec.underlay).await?;
+    debug!(underlay = %name, index, "routing via the underlay device");
     let want = desired(spec, index);
     let rules = dump_owned_rules(h, spec.family, &spec.config).await?;
     let routes = dump_table(h, spec.family, spec.config.table).await?;
     let changes = diff(&rules, &routes, Some(&want));
-    let mut report = RouteReport {
-        underlay: Some((index, name)),
-        ..Default::default()
-    };
+    let mut report = RouteReport::default();
     if changes.is_empty() {
         debug!("routing up to date");
         return Ok(report);

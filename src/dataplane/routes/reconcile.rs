@@ -6,6 +6,10 @@ use std::fmt;
 
 use super::desired::Desired;
 use super::objects::{FoundRoute, FoundRule, RouteKey, RuleKey};
+use crate::dataplane::report::Change;
+
+/// The layer name in [`Change`]s.
+pub const LAYER: &str = "routes";
 
 /// One write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +23,16 @@ pub enum RouteChange {
 impl RouteChange {
     /// Human-readable, with interface names where known.
     pub fn describe(&self, names: &BTreeMap<u32, String>) -> String {
+        let verb = if self.is_delete() { "delete" } else { "add" };
+        format!("{verb} {}", self.change(names).object)
+    }
+
+    pub fn is_delete(&self) -> bool {
+        matches!(self, RouteChange::DelRule(_) | RouteChange::DelRoute(_))
+    }
+
+    /// The change for the report ([`Change`]), with interface names where known.
+    pub fn change(&self, names: &BTreeMap<u32, String>) -> Change {
         let route = |k: &RouteKey| {
             let dev = names
                 .get(&k.oif)
@@ -27,15 +41,11 @@ impl RouteChange {
             format!("route {} dev {dev} table {}", k.dst, k.table)
         };
         match self {
-            RouteChange::DelRule(r) => format!("delete {}", r.key),
-            RouteChange::AddRule(k) => format!("add {k}"),
-            RouteChange::DelRoute(r) => format!("delete {}", route(&r.key)),
-            RouteChange::AddRoute(k) => format!("add {}", route(k)),
+            RouteChange::DelRule(r) => Change::delete(LAYER, r.key.to_string()),
+            RouteChange::AddRule(k) => Change::add(LAYER, k.to_string()),
+            RouteChange::DelRoute(r) => Change::delete(LAYER, route(&r.key)),
+            RouteChange::AddRoute(k) => Change::add(LAYER, route(k)),
         }
-    }
-
-    pub fn is_delete(&self) -> bool {
-        matches!(self, RouteChange::DelRule(_) | RouteChange::DelRoute(_))
     }
 }
 

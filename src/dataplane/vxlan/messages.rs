@@ -387,7 +387,7 @@ pub fn request(op: &Op, index: u32) -> NetlinkMessage<RouteNetlinkMessage> {
         ),
         Op::DelDevice { index, .. } => (R::DelLink(del_device(*index)), ack),
         Op::NoIpv6LinkLocal => (R::SetLink(no_ipv6_link_local(index)), ack),
-        Op::SetDevice { mtu, mac, up } => (R::SetLink(set_device(index, *mtu, *mac, *up)), ack),
+        Op::SetDevice { mtu, mac, up, .. } => (R::SetLink(set_device(index, *mtu, *mac, *up)), ack),
         Op::AddAddress(a) => (
             R::NewAddress(address_message(index, a)),
             ack | NLM_F_CREATE | NLM_F_EXCL,

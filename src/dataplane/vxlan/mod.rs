@@ -31,6 +31,7 @@ use rtnetlink::Handle;
 use tracing::{debug, info, warn};
 
 use crate::dataplane::driver::{Driver, DriverReport, PeerCounters, PeerState};
+use crate::dataplane::report::MESH;
 use crate::dataplane::routes::{self, RouteError, Underlay};
 use crate::dataplane::rtnl::{self, Reason};
 use crate::model::Backend;
@@ -38,24 +39,8 @@ use crate::plan::Plan;
 pub use objects::{Owner, VxlanConfig};
 use reconcile::{Current, DeviceAction, Op, Step};
 
-/// What one reconcile or cleanup did.
-#[derive(Debug, Default, Clone)]
-pub struct Report {
-    /// Modifying requests sent to the kernel. 0 = nothing changed.
-    pub writes: usize,
-    /// One line per change applied (or attempted).
-    pub changes: Vec<String>,
-    /// Per-owner failures, in words.
-    pub errors: Vec<(Owner, String)>,
-    /// The device's index after the reconcile.
-    pub device: Option<u32>,
-}
-
-impl Report {
-    pub fn ok(&self) -> bool {
-        self.errors.is_empty()
-    }
-}
+/// What one reconcile or cleanup did: the [common report](crate::dataplane::report).
+pub use crate::dataplane::report::Report;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VxlanError {
@@ -218,25 +203,23 @@ async fn execute(h: &Handle, steps: &[Step], index: u32, dev: &str, report: &mut
     report.writes += steps.len();
     let mut all_ok = true;
     for (step, r) in steps.iter().zip(results) {
-        let line = step.describe(dev);
+        let change = step.change(dev);
         match r {
             Ok(()) => {
-                debug!(change = %line, "vxlan");
-                report.changes.push(line);
+                debug!(%change, "vxlan");
+                report.changes.push(change);
             }
-            Err(e) if already_gone(&step.op, e.errno()) => report.changes.push(line),
+            Err(e) if already_gone(&step.op, e.errno()) => report.changes.push(change),
             // No IPv6 in this kernel: there is no link-local address to avoid either.
             Err(e) if step.op == Op::NoIpv6LinkLocal => {
                 debug!(error = %e, "addrgenmode none refused; ignored");
-                report.changes.push(line);
+                report.changes.push(change);
             }
             Err(e) => {
                 all_ok = false;
                 let why = explain(&step.op, &e, dev);
-                warn!(peer = %step.owner, change = %line, error = %why, "vxlan change failed");
-                report
-                    .errors
-                    .push((step.owner.clone(), format!("{line}: {why}")));
+                warn!(peer = %step.owner, %change, error = %why, "vxlan change failed");
+                report.error(step.owner.to_string(), format!("{change}: {why}"));
             }
         }
     }
@@ -275,23 +258,19 @@ pub async fn reconcile_with(
     let dev = cfg.dev.as_str();
     let mut report = Report::default();
     if want.address.is_none() && !plan.subnets.is_empty() {
-        report
-            .errors
-            .push((Owner::Mesh, no_vtep_reason(plan.host.as_str())));
+        report.error(MESH, no_vtep_reason(plan.host.as_str()));
     }
     for owner in &want.no_vtep {
-        report
-            .errors
-            .push((owner.clone(), no_vtep_reason(&owner.to_string())));
+        report.error(owner.to_string(), no_vtep_reason(&owner.to_string()));
     }
 
     let found = find_device(h, dev).await?;
     let action = reconcile::diff_device(found.as_ref(), &want.device);
     if let DeviceAction::Foreign { kind } = &action {
-        report.errors.push((
-            Owner::Mesh,
+        report.error(
+            MESH,
             format!("device {dev} exists and is a {kind} device, not VXLAN: not ipsec-mesh's (left untouched); pick another --vxlan-dev"),
-        ));
+        );
         return Ok(report);
     }
     let found_index = found.as_ref().map_or(0, |f| f.index);
@@ -307,17 +286,16 @@ pub async fn reconcile_with(
             Op::CreateDevice(_) => match find_device(h, dev).await? {
                 Some(f) => index = f.index,
                 None => {
-                    report.errors.push((
-                        Owner::Mesh,
+                    report.error(
+                        MESH,
                         format!("device {dev} vanished right after it was created"),
-                    ));
+                    );
                     return Ok(report);
                 }
             },
             _ => {}
         }
     }
-    report.device = Some(index);
 
     let family = if plan.cidr.network().is_ipv4() {
         AddressFamily::Inet
@@ -359,13 +337,13 @@ pub async fn cleanup_with(h: &Handle, cfg: &VxlanConfig) -> Result<Report, Vxlan
         return Ok(report);
     };
     if found.kind.as_deref() != Some("vxlan") {
-        report.errors.push((
-            Owner::Mesh,
+        report.error(
+            MESH,
             format!(
                 "device {dev} is a {} device, not VXLAN: not ipsec-mesh's (left untouched)",
                 found.kind.as_deref().unwrap_or("plain")
             ),
-        ));
+        );
         return Ok(report);
     }
     let step = Step {
@@ -423,27 +401,11 @@ pub struct VxlanMesh {
     pub config: VxlanConfig,
 }
 
-fn owner_name(o: &Owner) -> String {
-    o.to_string()
-}
-
 fn to_driver_report(r: Result<Report, VxlanError>, what: &str) -> DriverReport {
     let mut d = DriverReport::default();
     match r {
-        Ok(x) => {
-            d.writes = x.writes;
-            d.parts.push(("vxlan objects", x.writes));
-            d.changes = x.changes;
-            d.errors = x
-                .errors
-                .iter()
-                .map(|(o, e)| (owner_name(o), e.clone()))
-                .collect();
-        }
-        Err(e) => d.errors.push((
-            "mesh".into(),
-            format!("{what}: {}", crate::dataplane::driver::error_chain(&e)),
-        )),
+        Ok(x) => d.part("vxlan objects", x),
+        Err(e) => d.fail(MESH, what, &e),
     }
     d
 }

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 
 use super::desired::Desired;
 use super::objects::*;
+use crate::dataplane::report::Change;
 
 /// What the device needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,11 +27,12 @@ pub enum DeviceAction {
     /// A VXLAN device whose identity settings (VNI, port, local, underlay, learning, group)
     /// differ: delete and create (these cannot be changed in place).
     Recreate { why: String },
-    /// In place: MTU, MAC, up.
+    /// In place: MTU, MAC, up; `was`: the old values of what changes, in words.
     Update {
         mtu: Option<u32>,
         mac: Option<Mac>,
         up: bool,
+        was: String,
     },
     /// A device of another kind holds the name: not ours, left untouched.
     Foreign { kind: String },
@@ -78,7 +80,22 @@ pub fn diff_device(found: Option<&FoundDevice>, want: &DeviceSpec) -> DeviceActi
     if mtu.is_none() && mac.is_none() && f.up {
         DeviceAction::Keep
     } else {
-        DeviceAction::Update { mtu, mac, up: true }
+        let mut was = Vec::new();
+        if mtu.is_some() {
+            was.push(format!("mtu {}", opt(f.mtu)));
+        }
+        if mac.is_some() {
+            was.push(format!("address {}", opt(f.mac)));
+        }
+        if !f.up {
+            was.push("down".into());
+        }
+        DeviceAction::Update {
+            mtu,
+            mac,
+            up: true,
+            was: was.join(" "),
+        }
     }
 }
 
@@ -113,6 +130,8 @@ pub enum Op {
         mtu: Option<u32>,
         mac: Option<Mac>,
         up: bool,
+        /// The old values of what changes, in words (for the report; empty: new device).
+        was: String,
     },
     AddAddress(IpNet),
     DelAddress(IpNet),
@@ -146,43 +165,59 @@ pub struct Step {
 }
 
 impl Step {
-    /// One line for logs and `--diff` output.
-    pub fn describe(&self, dev: &str) -> String {
-        let (sign, what) = match &self.op {
-            Op::CreateDevice(d) => ("+", d.to_string()),
-            Op::DelDevice { why, .. } => ("-", format!("device {dev} ({why})")),
-            Op::NoIpv6LinkLocal => ("~", format!("device {dev} addrgenmode none")),
-            Op::SetDevice { mtu, mac, up } => {
-                let mut s = format!("device {dev}");
+    /// The change for logs, `--diff` and `/status`.
+    pub fn change(&self, dev: &str) -> Change {
+        let c = match &self.op {
+            Op::CreateDevice(d) => Change::add(LAYER, d.to_string()),
+            Op::DelDevice { why, .. } => Change::delete(LAYER, format!("device {dev} ({why})")),
+            Op::NoIpv6LinkLocal => Change::update(
+                LAYER,
+                format!("device {dev}"),
+                None,
+                Some("addrgenmode none".into()),
+            ),
+            Op::SetDevice { mtu, mac, up, was } => {
+                let mut new = Vec::new();
                 if let Some(m) = mtu {
-                    s.push_str(&format!(" mtu {m}"));
+                    new.push(format!("mtu {m}"));
                 }
                 if let Some(m) = mac {
-                    s.push_str(&format!(" address {m}"));
+                    new.push(format!("address {m}"));
                 }
                 if *up {
-                    s.push_str(" up");
+                    new.push("up".into());
                 }
-                ("~", s)
+                Change::update(
+                    LAYER,
+                    format!("device {dev}"),
+                    (!was.is_empty()).then(|| was.clone()),
+                    Some(new.join(" ")),
+                )
             }
-            Op::AddAddress(a) => ("+", format!("address {a} dev {dev}")),
-            Op::DelAddress(a) => ("-", format!("address {a} dev {dev}")),
-            Op::AddFdb(e) => ("+", format!("{e} dev {dev}")),
-            Op::DelFdb(e) => ("-", format!("{e} dev {dev}")),
-            Op::SetNeighbour(n) => ("+", format!("{n} dev {dev}")),
-            Op::DelNeighbour(ip) => ("-", format!("neigh {ip} dev {dev}")),
-            Op::AddRoute(r) => ("+", format!("{r} dev {dev}")),
-            Op::DelRoute(r) => (
-                "-",
+            Op::AddAddress(a) => Change::add(LAYER, format!("address {a} dev {dev}")),
+            Op::DelAddress(a) => Change::delete(LAYER, format!("address {a} dev {dev}")),
+            Op::AddFdb(e) => Change::add(LAYER, format!("{e} dev {dev}")),
+            Op::DelFdb(e) => Change::delete(LAYER, format!("{e} dev {dev}")),
+            Op::SetNeighbour(n) => Change::add(LAYER, format!("{n} dev {dev}")),
+            Op::DelNeighbour(ip) => Change::delete(LAYER, format!("neigh {ip} dev {dev}")),
+            Op::AddRoute(r) => Change::add(LAYER, format!("{r} dev {dev}")),
+            Op::DelRoute(r) => Change::delete(
+                LAYER,
                 match r.via {
                     Some(v) => format!("route {} via {v} dev {dev}", r.dst),
                     None => format!("route {} dev {dev}", r.dst),
                 },
             ),
         };
-        format!("{sign} {what} [{}]", self.owner)
+        match &self.owner {
+            Owner::Mesh => c,
+            o => c.for_peer(o.to_string()),
+        }
     }
 }
+
+/// The layer name in [`Change`]s.
+pub const LAYER: &str = "vxlan";
 
 /// The device steps for `action` (`index`: the found device's).
 pub fn device_steps(action: &DeviceAction, want: &DeviceSpec, index: u32) -> Vec<Step> {
@@ -199,6 +234,7 @@ pub fn device_steps(action: &DeviceAction, want: &DeviceSpec, index: u32) -> Vec
             mtu: None,
             mac: None,
             up: true,
+            was: "down".into(),
         }));
         v
     };
@@ -213,10 +249,11 @@ pub fn device_steps(action: &DeviceAction, want: &DeviceSpec, index: u32) -> Vec
             v.extend(create());
             v
         }
-        DeviceAction::Update { mtu, mac, up } => vec![step(Op::SetDevice {
+        DeviceAction::Update { mtu, mac, up, was } => vec![step(Op::SetDevice {
             mtu: *mtu,
             mac: *mac,
             up: *up,
+            was: was.clone(),
         })],
     }
 }
@@ -411,7 +448,10 @@ mod tests {
     }
 
     fn lines(steps: &[Step]) -> Vec<String> {
-        steps.iter().map(|s| s.describe("vtep1042")).collect()
+        steps
+            .iter()
+            .map(|s| s.change("vtep1042").to_string())
+            .collect()
     }
 
     #[test]
@@ -426,8 +466,8 @@ mod tests {
             .all(|s| matches!(s.op, Op::SetNeighbour(_))));
         assert!(steps[7..].iter().all(|s| matches!(s.op, Op::AddRoute(_))));
         assert_eq!(
-            steps[7].describe("vtep1042"),
-            "+ route 10.42.2.0/24 via 10.42.2.0 onlink dev vtep1042 [h2]"
+            steps[7].change("vtep1042").to_string(),
+            "+ vxlan route 10.42.2.0/24 via 10.42.2.0 onlink dev vtep1042 [h2]"
         );
         assert_eq!(steps[0].owner, Owner::Mesh);
     }
@@ -451,11 +491,11 @@ mod tests {
         assert_eq!(
             l,
             vec![
-                "- route 10.42.3.0/24 via 10.42.3.0 dev vtep1042 [departed peer]".to_string(),
-                "- neigh 10.42.3.0 dev vtep1042 [departed peer]".to_string(),
-                "- fdb 00:00:00:00:00:00 dst 192.168.77.3 dev vtep1042 [departed peer]".to_string(),
+                "- vxlan route 10.42.3.0/24 via 10.42.3.0 dev vtep1042 [departed peer]".to_string(),
+                "- vxlan neigh 10.42.3.0 dev vtep1042 [departed peer]".to_string(),
+                "- vxlan fdb 00:00:00:00:00:00 dst 192.168.77.3 dev vtep1042 [departed peer]".to_string(),
                 format!(
-                    "- fdb {} dst 192.168.77.3 dev vtep1042 [departed peer]",
+                    "- vxlan fdb {} dst 192.168.77.3 dev vtep1042 [departed peer]",
                     vtep_mac("h3")
                 ),
             ]
@@ -481,10 +521,10 @@ mod tests {
         assert_eq!(
             l,
             vec![
-                "- fdb 00:00:00:00:00:00 dst 192.168.77.3 dev vtep1042 [departed peer]".to_string(),
-                "+ fdb 00:00:00:00:00:00 dst 192.168.77.33 dev vtep1042 [h3]".to_string(),
+                "- vxlan fdb 00:00:00:00:00:00 dst 192.168.77.3 dev vtep1042 [departed peer]".to_string(),
+                "+ vxlan fdb 00:00:00:00:00:00 dst 192.168.77.33 dev vtep1042 [h3]".to_string(),
                 format!(
-                    "+ fdb {} dst 192.168.77.33 dev vtep1042 [h3]",
+                    "+ vxlan fdb {} dst 192.168.77.33 dev vtep1042 [h3]",
                     vtep_mac("h3")
                 ),
             ]
@@ -514,14 +554,14 @@ mod tests {
         assert_eq!(
             l,
             vec![
-                "- route 10.42.3.0/24 via 10.42.3.1 dev vtep1042 [h3]".to_string(),
-                "- neigh 10.42.9.0 dev vtep1042 [departed peer]".to_string(),
-                "- address 10.42.1.1/32 dev vtep1042 [mesh]".to_string(),
+                "- vxlan route 10.42.3.0/24 via 10.42.3.1 dev vtep1042 [h3]".to_string(),
+                "- vxlan neigh 10.42.9.0 dev vtep1042 [departed peer]".to_string(),
+                "- vxlan address 10.42.1.1/32 dev vtep1042".to_string(),
                 format!(
-                    "+ neigh 10.42.2.0 lladdr {} permanent dev vtep1042 [h2]",
+                    "+ vxlan neigh 10.42.2.0 lladdr {} permanent dev vtep1042 [h2]",
                     vtep_mac("h2")
                 ),
-                "+ route 10.42.3.0/24 via 10.42.3.0 onlink dev vtep1042 [h3]".to_string(),
+                "+ vxlan route 10.42.3.0/24 via 10.42.3.0 onlink dev vtep1042 [h3]".to_string(),
             ]
         );
     }
@@ -549,10 +589,10 @@ mod tests {
         assert_eq!(
             l,
             vec![
-                "- fdb 00:00:00:00:00:00 dst 192.168.77.2 dev vtep1042 [h2]".to_string(),
-                "- fdb 02:09:09:09:09:09 dst 192.168.77.9 dev vtep1042 [departed peer]".to_string(),
-                "- fdb 00:00:00:00:00:00 dst 192.168.77.3 dev vtep1042 [h3]".to_string(),
-                "+ fdb 00:00:00:00:00:00 dst 192.168.77.2 dev vtep1042 [h2]".to_string(),
+                "- vxlan fdb 00:00:00:00:00:00 dst 192.168.77.2 dev vtep1042 [h2]".to_string(),
+                "- vxlan fdb 02:09:09:09:09:09 dst 192.168.77.9 dev vtep1042 [departed peer]".to_string(),
+                "- vxlan fdb 00:00:00:00:00:00 dst 192.168.77.3 dev vtep1042 [h3]".to_string(),
+                "+ vxlan fdb 00:00:00:00:00:00 dst 192.168.77.2 dev vtep1042 [h2]".to_string(),
             ]
         );
     }
@@ -580,8 +620,8 @@ mod tests {
         );
         let steps = device_steps(&a, &d, 7);
         assert_eq!(
-            steps[0].describe("vtep1042"),
-            "- device vtep1042 (id 1041 -> 1042, dstport 8472 -> 4789) [mesh]"
+            steps[0].change("vtep1042").to_string(),
+            "- vxlan device vtep1042 (id 1041 -> 1042, dstport 8472 -> 4789)"
         );
         assert_eq!(steps.len(), 4);
 
@@ -618,12 +658,13 @@ mod tests {
             DeviceAction::Update {
                 mtu: Some(1450),
                 mac: None,
-                up: true
+                up: true,
+                was: "mtu 1500 down".into()
             }
         );
         assert_eq!(
-            device_steps(&a, &d, 7)[0].describe("vtep1042"),
-            "~ device vtep1042 mtu 1450 up [mesh]"
+            device_steps(&a, &d, 7)[0].change("vtep1042").to_string(),
+            "~ vxlan device vtep1042: mtu 1500 down -> mtu 1450 up"
         );
 
         let mut g = f.clone();

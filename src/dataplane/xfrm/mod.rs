@@ -17,32 +17,20 @@ pub mod stat;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use tracing::{debug, info, warn};
 
+use crate::dataplane::report::Change;
 use crate::plan::{Marks, Plan, Transform};
-use objects::{Owner, Sa, SaId};
+use objects::{Sa, SaId};
 use reconcile::{Current, Op, Step};
 use socket::{KernelError, SocketError, XfrmSocket};
 
-/// What one reconcile or cleanup did.
-#[derive(Debug, Default)]
-pub struct Report {
-    /// Modifying requests sent to the kernel.
-    pub writes: usize,
-    /// One line per change applied (or attempted), never key material.
-    pub changes: Vec<String>,
-    /// Per-owner failures, in words.
-    pub errors: Vec<(Owner, String)>,
-    /// Set when the kernel cannot hold ESP SAs: SAs were skipped, policies installed.
-    pub esp_unsupported: Option<String>,
-    /// Sequence states raised to the clock ([`tend_sequences`]); not counted in `writes`,
-    /// which counts objects.
-    pub seq_raises: usize,
-}
+/// What one reconcile or cleanup did: the [common report](crate::dataplane::report). A
+/// kernel that cannot hold ESP SAs is a warning (SAs skipped, policies installed); the
+/// sequence states raised to the clock ([`tend_sequences`]) are the part `sequence raises`,
+/// not counted in `writes`, which counts objects.
+pub use crate::dataplane::report::Report;
 
-impl Report {
-    pub fn ok(&self) -> bool {
-        self.errors.is_empty()
-    }
-}
+/// The part name of [`Report::parts`] for the sequence states a reconcile raised.
+pub const SEQ_RAISES: &str = "sequence raises";
 
 /// Read our policies and SAs (recognised by reqid range and mark) from the kernel.
 /// Which objects a reconcile or cleanup manages.
@@ -367,7 +355,7 @@ impl SeqStarts {
 fn message(op: &Op, starts: &SeqStarts) -> (netlink_packet_xfrm::XfrmMessage, u16) {
     match op {
         Op::AddPolicy(p) => (messages::policy_add(p, false), NLM_F_CREATE | NLM_F_EXCL),
-        Op::UpdatePolicy(p) => (messages::policy_add(p, true), 0),
+        Op::UpdatePolicy { new, .. } => (messages::policy_add(new, true), 0),
         Op::DelPolicy(id) => (messages::policy_del(id), 0),
         Op::AddSa(s) => (
             messages::sa_add(s, starts.start(s)),
@@ -392,18 +380,18 @@ fn apply_steps(
     let results = sock.batch(msgs)?;
     report.writes += steps.len();
     for (step, r) in steps.into_iter().zip(results) {
-        let line = step.describe();
+        let change = step.change();
         match r {
             Ok(()) => {
-                debug!(change = %line, "xfrm");
-                report.changes.push(line);
+                debug!(%change, "xfrm");
+                report.changes.push(change);
             }
             // Deleting what is already gone is success.
             Err(e)
                 if e.errno == libc::ENOENT
                     && matches!(step.op, Op::DelPolicy(_) | Op::DelSa(_)) =>
             {
-                report.changes.push(line);
+                report.changes.push(change);
             }
             Err(e) => {
                 let why = match step.op {
@@ -412,8 +400,8 @@ fn apply_steps(
                     ),
                     _ => explain(&e, transform),
                 };
-                warn!(peer = %step.owner, change = %line, error = %why, "xfrm change failed");
-                report.errors.push((step.owner, format!("{line}: {why}")));
+                warn!(peer = %step.owner, %change, error = %why, "xfrm change failed");
+                report.error(step.owner.to_string(), format!("{change}: {why}"));
             }
         }
     }
@@ -435,9 +423,12 @@ fn tune_spd(sock: &mut XfrmSocket, plan: &Plan, report: &mut Report) {
     }
     report.writes += 1;
     match sock.batch(vec![(messages::spdinfo_set(v6, l, r), 0)]) {
-        Ok(v) if v.iter().all(Result::is_ok) => report
-            .changes
-            .push(format!("~ spd hash thresholds {l}/{r} [mesh]")),
+        Ok(v) if v.iter().all(Result::is_ok) => report.changes.push(Change::update(
+            reconcile::LAYER,
+            "spd hash thresholds",
+            current.map(|(l, r)| format!("{l}/{r}")),
+            Some(format!("{l}/{r}")),
+        )),
         // Only a lookup-speed tuning: log, do not fail the reconcile.
         other => warn!(?other, "could not set SPD hash thresholds"),
     }
@@ -488,9 +479,9 @@ fn reconcile_desired(
                 }
             });
             for owner in failed {
-                report.errors.push((owner, why.clone()));
+                report.error(owner.to_string(), why.clone());
             }
-            report.esp_unsupported = Some(why);
+            report.warnings.push(why);
         }
     }
     // Hash thresholds first, so the policies below land in hash buckets instead of the
@@ -528,15 +519,15 @@ fn reconcile_desired(
             plan.endpoint,
             std::time::SystemTime::now(),
         )?;
-        report.seq_raises = t.writes;
+        report.parts.push((SEQ_RAISES, t.writes));
         for (id, why) in t.errors {
-            report.errors.push((
-                Owner::Mesh,
+            report.error(
+                crate::dataplane::report::MESH,
                 format!(
                     "sa -> {} spi {:#010x}: raising its sequence state: {why}",
                     id.dst, id.spi
                 ),
-            ));
+            );
         }
     }
     info!(

@@ -133,6 +133,28 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// What identifies the policy, for a [`crate::dataplane::report::Change`]:
+    /// `policy out A -> B [mark M]`.
+    pub fn ident(&self) -> String {
+        let mut s = format!("policy {} {} -> {}", self.id.dir, self.id.src, self.id.dst);
+        if self.id.mark != Mark::NONE {
+            s.push_str(&format!(" mark {}", self.id.mark));
+        }
+        s
+    }
+
+    /// The settings compared after the identity ([`Policy::same_settings`]), in words.
+    pub fn settings(&self) -> String {
+        let what = match (self.action, self.tmpl) {
+            (Action::Block, _) => "block".to_string(),
+            (Action::Allow, Some(t)) => format!("tmpl {} -> {} reqid {:#x}", t.src, t.dst, t.reqid),
+            (Action::Allow, None) => "allow".to_string(),
+        };
+        format!("{what} priority {:#x}", self.priority)
+    }
+}
+
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::desired::Desired;
 use super::objects::*;
+use crate::dataplane::report::Change;
 
 /// Our objects found in the kernel.
 #[derive(Debug, Default)]
@@ -23,7 +24,11 @@ pub struct Current {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     AddPolicy(Policy),
-    UpdatePolicy(Policy),
+    /// Replace in place: same identity, other settings.
+    UpdatePolicy {
+        old: Policy,
+        new: Policy,
+    },
     DelPolicy(PolicyId),
     AddSa(Sa),
     DelSa(SaId),
@@ -36,24 +41,37 @@ pub struct Step {
 }
 
 impl Step {
-    /// One line for logs and `--diff` output (never key material).
-    pub fn describe(&self) -> String {
-        let (sign, what) = match &self.op {
-            Op::AddPolicy(p) => ("+", p.to_string()),
-            Op::UpdatePolicy(p) => ("~", p.to_string()),
-            Op::DelPolicy(id) => (
-                "-",
+    /// The change for logs, `--diff` and `/status` (never key material).
+    pub fn change(&self) -> Change {
+        let c = match &self.op {
+            Op::AddPolicy(p) => Change::add(LAYER, p.to_string()),
+            Op::UpdatePolicy { old, new } => Change::update(
+                LAYER,
+                new.ident(),
+                Some(old.settings()),
+                Some(new.settings()),
+            ),
+            Op::DelPolicy(id) => Change::delete(
+                LAYER,
                 format!(
                     "policy {} {} -> {} mark {}",
                     id.dir, id.src, id.dst, id.mark
                 ),
             ),
-            Op::AddSa(s) => ("+", s.to_string()),
-            Op::DelSa(id) => ("-", format!("sa -> {} spi {:#010x}", id.dst, id.spi)),
+            Op::AddSa(s) => Change::add(LAYER, s.to_string()),
+            Op::DelSa(id) => {
+                Change::delete(LAYER, format!("sa -> {} spi {:#010x}", id.dst, id.spi))
+            }
         };
-        format!("{sign} {what} [{}]", self.owner)
+        match &self.owner {
+            Owner::Mesh => c,
+            o => c.for_peer(o.to_string()),
+        }
     }
 }
+
+/// The layer name in [`Change`]s.
+pub const LAYER: &str = "xfrm";
 
 fn dir_rank(d: Dir) -> u8 {
     match d {
@@ -129,7 +147,10 @@ pub fn diff(current: &Current, desired: &Desired) -> Vec<Step> {
     for (owner, p) in &desired.policies {
         let op = match cur_pol.get(&p.id) {
             Some(c) if c.same_settings(p) => continue,
-            Some(_) => Op::UpdatePolicy(p.clone()),
+            Some(c) => Op::UpdatePolicy {
+                old: Policy::clone(c),
+                new: p.clone(),
+            },
             None => Op::AddPolicy(p.clone()),
         };
         let step = Step {
@@ -293,9 +314,12 @@ mod tests {
         assert_eq!(steps.len(), 3, "{steps:#?}");
         assert!(matches!(steps[0].op, Op::DelSa(_)));
         assert!(matches!(steps[1].op, Op::AddSa(_)));
-        assert!(matches!(steps[2].op, Op::UpdatePolicy(_)));
+        assert!(matches!(steps[2].op, Op::UpdatePolicy { .. }));
         assert!(
-            !steps[1].describe().contains(&format!("{:02x}", 7)),
+            !steps[1]
+                .change()
+                .to_string()
+                .contains(&format!("{:02x}", 7)),
             "no key in descriptions"
         );
     }
