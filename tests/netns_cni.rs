@@ -556,10 +556,21 @@ fn cni_config_output_drives_the_plugins() {
     conf["cniVersion"] = list["cniVersion"].clone();
     conf["name"] = list["name"].clone();
     assert_eq!(conf["mtu"], 1446);
+    assert_eq!(conf["ipMasq"], true);
+    assert_eq!(list["plugins"][1]["type"], "portmap");
     let r = ok(&w.bridge("h", "ADD", "c1", &conf)).clone();
     assert_eq!(r["ips"][0]["address"], "10.42.1.2/24");
     assert!(pings(&w, "c1", "10.42.1.1"));
+    // The masquerade table exists while a container is attached, and goes with the last one.
+    let masq = || {
+        w.sh("h", "nft list tables")
+            .lines()
+            .filter(|l| l.contains("ipsec_mesh_masq_"))
+            .count()
+    };
+    assert_eq!(masq(), 1);
     ok(&w.bridge("h", "DEL", "c1", &conf));
+    assert_eq!(masq(), 0);
 }
 
 /// Two hosts of a vxlan mesh, containers attached by our plugins, the mesh by

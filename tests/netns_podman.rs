@@ -373,7 +373,8 @@ fn world(tag: &str, masquerade: &[bool]) -> World {
         ),
     )
     .unwrap();
-    // The internet's web server.
+    image_tar(ns.dir.path());
+    // The internet's web server (owned by the world as soon as it runs: killed on drop).
     let www = ns.dir.path().join("www");
     std::fs::create_dir_all(www.join("cgi-bin")).unwrap();
     let cgi = www.join("cgi-bin/ip");
@@ -397,7 +398,6 @@ fn world(tag: &str, masquerade: &[bool]) -> World {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    image_tar(ns.dir.path());
     let mut w = World {
         hosts: Vec::new(),
         web: Some(web),
