@@ -764,6 +764,77 @@ fn an_auto_subnet_is_kept_by_its_host_and_freed_after_the_grace() {
     );
 }
 
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn a_silent_member_under_the_watch_is_left_at_the_next_probe() {
+    require_root!();
+    use ipsec_mesh::metadata::etcd::{Client, EtcdUrl};
+    use std::sync::atomic::Ordering::Relaxed;
+    let e = Etcd::new("si");
+    e.seed("/mesh", &[1, 2]);
+    // Member 1 first: the load and so the watch go to it.
+    let url = EtcdUrl::parse(&format!("etcd://{}/mesh", e.endpoints(&[1, 2, 3]))).unwrap();
+    let member1 = e.members[0].as_ref().unwrap().id() as libc::pid_t;
+    let ns = e.t.ns("cl");
+    let (took, watches, hosts, err) = in_netns(&ns, move || {
+        let c = Client::new(url.clone())
+            .unwrap()
+            .with_watch_probe(Duration::from_secs(2), Duration::from_secs(1));
+        // A watch connection lives 120 s here: without the probe, the stopped member would
+        // be left only then.
+        let mut src = EtcdSource::with_client(c).with_watch_cycle(Duration::from_secs(120));
+        let v = src.load().unwrap().version;
+        // The watch is created on member 1 and quiet.
+        assert_eq!(
+            src.wait_for_change(&v, Duration::from_secs(2)).unwrap(),
+            None
+        );
+        assert_eq!(src.stats().watches.load(Relaxed), 1);
+        // SAFETY: kill(2) on the pid of the test's own etcd member.
+        unsafe { libc::kill(member1, libc::SIGSTOP) };
+        // A host added through the two others (they keep a quorum).
+        let others = Client::new(EtcdUrl {
+            endpoints: url.endpoints[1..].to_vec(),
+            prefix: url.prefix.clone(),
+        })
+        .unwrap();
+        let t = Instant::now();
+        let mut put = others.put("/mesh/hosts/h3", host_json("h3", 3).as_bytes(), 0);
+        while put.is_err() && t.elapsed() < Duration::from_secs(20) {
+            thread::sleep(Duration::from_millis(200)); // a new leader is being elected
+            put = others.put("/mesh/hosts/h3", host_json("h3", 3).as_bytes(), 0);
+        }
+        put.unwrap();
+        let mut errors = Vec::new();
+        let got = loop {
+            match src.wait_for_change(&v, Duration::from_secs(1)) {
+                Ok(Some(n)) => break n,
+                Ok(None) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "no change: {errors:?}"
+            );
+        };
+        let took = t.elapsed();
+        let watches = src.stats().watches.load(Relaxed);
+        let hosts = ids(&mut src);
+        assert_ne!(got, v);
+        // SAFETY: as above.
+        unsafe { libc::kill(member1, libc::SIGCONT) };
+        (took, watches, hosts, errors)
+    });
+    // Left at the first probe (2 s quiet + 1 s probe), a watch made on another member.
+    assert!(
+        took < Duration::from_secs(15),
+        "took {took:?}; errors {err:?}"
+    );
+    assert_eq!(watches, 2, "one new watch, on another member");
+    assert!(err.is_empty(), "{err:?}");
+    assert_eq!(hosts, ["h1", "h2", "h3"]);
+}
+
 /// The sidecars of the mesh test, killed when the test ends.
 struct Sidecars(Vec<Option<Child>>);
 

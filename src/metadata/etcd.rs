@@ -86,6 +86,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// connection sees one; a member that went silent without closing the connection is left
 /// after this long at the latest).
 pub const WATCH_CYCLE: Duration = Duration::from_secs(11 * 60);
+/// A watch that received nothing (no event, no progress notification) for this long asks
+/// its member whether it still serves: one linearizable single-key read on the same member
+/// ([`WATCH_PROBE_TIMEOUT`]). A member that went silent without closing the connection
+/// (stopped, its host frozen or cut off) is left for the next endpoint then, not only when
+/// the connection's [`WATCH_CYCLE`] ends.
+pub const WATCH_PROBE_IDLE: Duration = Duration::from_secs(15);
+/// How long that probe may take.
+pub const WATCH_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A watch stream that ended sooner than this after it started waits this long before the
 /// next attempt (no tight loop against a flapping member).
 const MIN_STREAM_LIFE: Duration = Duration::from_millis(500);
@@ -725,6 +733,9 @@ pub struct Client {
     /// The endpoint tried first (the last one that answered).
     preferred: Arc<AtomicUsize>,
     request_timeout: Duration,
+    /// A quiet watch probes its member after this long ([`WATCH_PROBE_IDLE`]), with this
+    /// timeout ([`WATCH_PROBE_TIMEOUT`]).
+    probe: (Duration, Duration),
 }
 
 impl Client {
@@ -749,12 +760,36 @@ impl Client {
             scheme,
             preferred: Arc::new(AtomicUsize::new(0)),
             request_timeout: REQUEST_TIMEOUT,
+            probe: (WATCH_PROBE_IDLE, WATCH_PROBE_TIMEOUT),
         })
     }
 
     pub fn with_request_timeout(mut self, t: Duration) -> Client {
         self.request_timeout = t;
         self
+    }
+
+    /// A quiet watch probes its member after `idle`, giving it `timeout` to answer.
+    pub fn with_watch_probe(mut self, idle: Duration, timeout: Duration) -> Client {
+        self.probe = (idle, timeout);
+        self
+    }
+
+    /// Whether member `i` still serves: a linearizable read of one key (it needs the
+    /// member's leader) within the probe timeout. The error says what happened.
+    fn probe(&self, i: usize) -> Result<(), String> {
+        let key = self.url.network_key();
+        let req = json!({ "key": b64_encode(key.as_bytes()), "keys_only": true, "limit": "1" });
+        let timeout = self.probe.1;
+        let mut r = self
+            .post_once(i, "/v3/kv/range", &req, timeout)
+            .map_err(|(_, _, why)| why)?;
+        r.body_mut()
+            .with_config()
+            .limit(ERROR_BODY_LIMIT)
+            .read_to_vec()
+            .map(|_| ())
+            .map_err(|e| describe(&e, timeout, self.scheme == "https"))
     }
 
     fn origin_err(&self, e: CallError) -> MetadataError {
@@ -1256,11 +1291,53 @@ fn watch_once(
     stats.watches.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(endpoint = %client.url.endpoints[i], from, "etcd watch created");
     let reader = response.into_body().into_reader();
-    let stream = serde_json::Deserializer::from_reader(std::io::BufReader::new(reader))
-        .into_iter::<StreamMessage<WatchResponse>>();
+    // The stream is read on a thread of its own, so that a quiet stream can be told from a
+    // silent member (the read itself blocks up to the connection's lifetime). A reader left
+    // behind ends at its connection's next message or end: its channel is gone by then.
+    let (mtx, mrx) = mpsc::sync_channel(16);
+    let read = std::thread::Builder::new()
+        .name("etcd-watch-read".into())
+        .spawn(move || {
+            let stream = serde_json::Deserializer::from_reader(std::io::BufReader::new(reader))
+                .into_iter::<StreamMessage<WatchResponse>>();
+            for msg in stream {
+                if mtx.send(msg).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = read {
+        return Ended::Broken {
+            why: format!("cannot start the watch reader thread: {e}"),
+            created: false,
+        };
+    }
     let mut created = false;
     let broken = |why: String, created: bool| Ended::Broken { why, created };
-    for msg in stream {
+    let (idle, _) = client.probe;
+    loop {
+        let msg = match mrx.recv_timeout(idle) {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                if stop.load(Ordering::Relaxed) {
+                    return Ended::Gone;
+                }
+                match client.probe(i) {
+                    Ok(()) => continue,
+                    Err(why) => {
+                        return broken(
+                            format!(
+                                "the member went silent: no watch message for {}s, and a \
+                                 read on it failed: {why}",
+                                idle.as_secs_f64()
+                            ),
+                            created,
+                        )
+                    }
+                }
+            }
+        };
         if stop.load(Ordering::Relaxed) {
             return Ended::Gone;
         }
