@@ -5,7 +5,7 @@
 //!
 //! | `driver` | layers, reconciled in this order (cleaned up in reverse) | per-peer state from |
 //! |---|---|---|
-//! | `xfrm` | [`XfrmMesh`]: XFRM policies + SAs, firewall marks and guard, policy routes | it |
+//! | `xfrm` | [`XfrmMesh`]: XFRM policies + SAs, firewall marks and guard, policy routes (route mode, `--xfrm-mode route`: first one XFRM interface per peer, [`super::xfrmi`]) | it |
 //! | `vxlan` | [`VxlanMesh`] | its FDB and neighbours |
 //! | `vxlan` + ESP | [`VxlanEsp`] (transport-mode policies + SAs first, so VXLAN never leaves in clear), then [`VxlanMesh`] | the ESP layer's SAs |
 //! | `charon` | [`CharonMesh`] (charon installs policies and SAs) | charon's SAs |
@@ -90,12 +90,20 @@ impl DataplaneConfig {
         w
     }
 
-    /// The forwarding settings with `--firewall auto` made concrete (and said in the log).
+    /// The forwarding settings with `--firewall auto` and `--xfrm-mode auto` made concrete
+    /// (and said in the log; the mode only for the xfrm driver, which is the one that has it).
     fn forwarding(&self) -> Forwarding {
         let mut f = self.forwarding.clone();
         let (kind, why) = f.firewall.resolve();
         tracing::info!(firewall = %kind, why, "firewall backend");
         f.firewall = kind;
+        if self.driver == DriverKind::Xfrm {
+            let (mode, why) = f.xfrm_mode.resolve();
+            tracing::info!(xfrm_mode = %mode, why, "xfrm mode");
+            f.xfrm_mode = mode;
+        } else {
+            f.xfrm_mode = super::xfrmi::XfrmMode::Policy;
+        }
         f
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::report::MESH;
-use super::{firewall, notify, routes, xfrm};
+use super::{firewall, notify, routes, xfrm, xfrmi};
 use crate::plan::{Marks, Plan};
 
 pub use super::report::error_chain;
@@ -271,6 +271,8 @@ pub struct Forwarding {
     pub bridge: Option<String>,
     pub underlay_dev: Option<String>,
     pub routes: routes::RouteConfig,
+    /// Policy or route mode ([`xfrmi`]); `auto` is resolved when the driver is built.
+    pub xfrm_mode: xfrmi::XfrmMode,
 }
 
 /// The IKE-less driver: kernel XFRM policies and SAs, fwmark steering, policy routing.
@@ -282,6 +284,9 @@ pub struct XfrmMesh {
     /// With UDP encapsulation the kernel decapsulates ESP-in-UDP only on a UDP socket marked
     /// `UDP_ENCAP_ESPINUDP`; the driver holds it for as long as it lives.
     pub encap_socket: Option<std::net::UdpSocket>,
+    /// Route mode: whether [`xfrmi::probe`] found XFRM interfaces (asked once, before the
+    /// first write).
+    pub route_probe: Option<Result<(), String>>,
 }
 
 impl XfrmMesh {
@@ -291,6 +296,7 @@ impl XfrmMesh {
             marks,
             scope: xfrm::Scope::All,
             encap_socket: None,
+            route_probe: None,
         }
     }
 
@@ -328,6 +334,9 @@ impl Driver for XfrmMesh {
         } else if !plan.udp_encap {
             self.encap_socket = None;
         }
+        if self.forwarding.xfrm_mode == xfrmi::XfrmMode::Route && self.scope == xfrm::Scope::All {
+            return self.reconcile_route(plan, r);
+        }
         // XFRM first: the block policy makes marked traffic fail closed before any marking
         // rule exists.
         add_xfrm(&mut r, xfrm::reconcile_scoped(plan, self.scope));
@@ -342,6 +351,15 @@ impl Driver for XfrmMesh {
         match routes::reconcile(&routes::RouteSpec::from_plan(plan, self.forwarding.routes)) {
             Ok(x) => r.part("routes", x),
             Err(e) => r.fail(MESH, "routes", &e),
+        }
+        // Back from route mode: its interfaces go once nothing routes into them (reported
+        // only when there were some).
+        if self.scope == xfrm::Scope::All {
+            match xfrmi::cleanup() {
+                Ok(x) if x.writes > 0 || !x.errors.is_empty() => r.part("xfrm interfaces", x),
+                Ok(_) => {}
+                Err(e) => r.fail(MESH, "xfrm interfaces", &e),
+            }
         }
         r
     }
@@ -358,6 +376,12 @@ impl Driver for XfrmMesh {
             Err(e) => r.fail(MESH, "firewall", &e),
         }
         add_xfrm(&mut r, xfrm::cleanup_scoped(&self.marks, self.scope));
+        // Route mode's interfaces last (whatever the mode now: a host switched back to policy
+        // mode keeps none). A kernel without XFRM interfaces has none to list.
+        match xfrmi::cleanup() {
+            Ok(x) => r.part("xfrm interfaces", x),
+            Err(e) => r.fail(MESH, "xfrm interfaces", &e),
+        }
         r
     }
 
@@ -366,12 +390,14 @@ impl Driver for XfrmMesh {
     }
 
     fn watch(&mut self, _plan: &Plan, wake: Wake) {
+        let route = self.forwarding.xfrm_mode == xfrmi::XfrmMode::Route;
         start_notify(
             notify::Filter {
                 mark_mask: Some(self.marks.mask),
                 table: Some(self.forwarding.routes.table),
                 rule_priority: Some(self.forwarding.routes.priority),
-                device: None,
+                // Route mode: our XFRM interfaces (the routes into them are in our table).
+                device: route.then(|| format!("{}*", xfrmi::NAME_PREFIX)),
             },
             wake,
         );
@@ -384,6 +410,50 @@ impl Driver for XfrmMesh {
         } else {
             0
         }
+    }
+}
+
+impl XfrmMesh {
+    /// Route mode ([`xfrmi`]): the interfaces, then the policies and SAs bound to them (and the
+    /// inbound block policies on the underlay), the firewall with the guard letting traffic
+    /// into the interfaces through, and last the routes into them plus the unreachable
+    /// overlay route. Nothing is written when the kernel has no XFRM interfaces.
+    fn reconcile_route(&mut self, plan: &Plan, mut r: DriverReport) -> DriverReport {
+        let probe = self.route_probe.get_or_insert_with(xfrmi::probe).clone();
+        if let Err(why) = probe {
+            r.error(
+                MESH,
+                format!("--xfrm-mode route: {why}; use --xfrm-mode policy (or auto)"),
+            );
+            return r;
+        }
+        let underlay = match xfrmi::reconcile(plan) {
+            Ok((x, underlay)) => {
+                r.part("xfrm interfaces", x);
+                underlay
+            }
+            Err(e) => {
+                r.fail(MESH, "xfrm interfaces", &e);
+                return r;
+            }
+        };
+        add_xfrm(&mut r, xfrm::reconcile_route(plan, underlay));
+        let spec = firewall::FirewallSpec::from_plan(plan)
+            .with_devices(
+                self.forwarding.bridge.clone(),
+                self.forwarding.underlay_dev.clone(),
+            )
+            .with_tunnel_devices(Some(xfrmi::NAME_PREFIX.to_string()));
+        match self.forwarding.firewall.backend().apply(&spec) {
+            Ok(f) => r.part("firewall", f),
+            Err(e) => r.fail(MESH, "firewall", &e),
+        }
+        let rs = routes::RouteSpec::from_plan(plan, self.forwarding.routes);
+        match routes::reconcile_tunnels(&rs, plan.cidr, &routes::TunnelRoutes::from_plan(plan)) {
+            Ok(x) => r.part("routes", x),
+            Err(e) => r.fail(MESH, "routes", &e),
+        }
+        r
     }
 }
 

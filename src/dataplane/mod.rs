@@ -15,3 +15,4 @@ pub mod rtnl;
 pub mod sysctl;
 pub mod vxlan;
 pub mod xfrm;
+pub mod xfrmi;

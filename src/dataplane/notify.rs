@@ -43,7 +43,9 @@ pub struct Filter {
     /// Policy routing: our table and rule priority.
     pub table: Option<u32>,
     pub rule_priority: Option<u32>,
-    /// VXLAN: our device's name (its link, and routes and neighbours on it).
+    /// VXLAN: our device's name (its link, and routes and neighbours on it). A name ending
+    /// in `*` names the links of that prefix (the xfrm route mode's `imx*` interfaces; the
+    /// routes into them are in our table).
     pub device: Option<String>,
 }
 
@@ -210,7 +212,13 @@ pub fn classify_route(kind: u16, payload: &[u8], f: &Filter, ifindex: Option<u32
             let name = attrs(payload.get(16..).unwrap_or(&[]))
                 .find(|(t, _)| *t == IFLA_IFNAME)
                 .map(|(_, d)| d.split(|&c| c == 0).next().unwrap_or(&[]));
-            ours(matches!((&f.device, name), (Some(dev), Some(n)) if dev.as_bytes() == n))
+            ours(match (&f.device, name) {
+                (Some(dev), Some(n)) => match dev.strip_suffix('*') {
+                    Some(prefix) => n.starts_with(prefix.as_bytes()),
+                    None => dev.as_bytes() == n,
+                },
+                _ => false,
+            })
         }
         RTM_NEWNEIGH | RTM_DELNEIGH => {
             // struct ndmsg (12 bytes): ifindex (i32) at 4.
@@ -570,6 +578,33 @@ mod tests {
             classify_route(RTM_NEWNEIGH, &neigh, &f, Some(3)),
             Verdict::Foreign
         );
+        // The xfrm route mode's interfaces: a name prefix.
+        let routed = Filter {
+            device: Some("imx*".into()),
+            ..filter()
+        };
+        let mut imx = vec![0u8; 16];
+        imx.extend(attr(IFLA_IFNAME, b"imx3a\0"));
+        assert_eq!(
+            classify_route(RTM_DELLINK, &imx, &routed, None),
+            Verdict::Ours
+        );
+        assert_eq!(
+            classify_route(RTM_DELLINK, &imx, &f, None),
+            Verdict::Foreign
+        );
+        assert_eq!(
+            classify_route(RTM_NEWLINK, &other, &routed, None),
+            Verdict::Foreign
+        );
+        // The route mode's policies: 0/0 with our reqid (template) or the inbound block
+        // policies' mark mask.
+        let mut under = vec![0u8; USERPOLICY_INFO_LEN];
+        under.extend(attr(
+            XFRMA_MARK,
+            &[0u32.to_ne_bytes(), 0x30_0000u32.to_ne_bytes()].concat(),
+        ));
+        assert_eq!(classify_xfrm(XFRM_MSG_NEWPOLICY, &under, &f), Verdict::Ours);
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub const IPV6_FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 #[derive(Debug, Error)]
 #[error("writing {value} to {path}: {source}")]
 pub struct SysctlError {
-    pub path: &'static str,
+    pub path: String,
     pub value: &'static str,
     #[source]
     pub source: io::Error,
@@ -23,7 +23,7 @@ pub struct SysctlError {
 
 /// Sets `path` to `value` unless it already reads so (then nothing is written). Returns
 /// whether it wrote.
-pub fn ensure(path: &'static str, value: &'static str) -> Result<bool, SysctlError> {
+pub fn ensure(path: &str, value: &'static str) -> Result<bool, SysctlError> {
     if std::fs::read_to_string(path)
         .map(|s| s.trim() == value)
         .unwrap_or(false)
@@ -31,11 +31,39 @@ pub fn ensure(path: &'static str, value: &'static str) -> Result<bool, SysctlErr
         return Ok(false);
     }
     std::fs::write(path, value).map_err(|source| SysctlError {
-        path,
+        path: path.to_string(),
         value,
         source,
     })?;
     Ok(true)
+}
+
+/// The per-device settings of one of the route mode's XFRM interfaces
+/// ([`crate::dataplane::xfrmi`]), in write order: forwarding of what arrives on it (the
+/// kernel forwards only what comes in on a device with forwarding on, and a new device takes
+/// the `default` value, which need not follow `all`), and no IPv4 reverse-path filter of the
+/// device's own (0). A decrypted packet's source, a peer's container, is routed through the
+/// mesh's table selected by mark, which the filter's mark-less look-up does not see; the
+/// kernel applies the larger of `all` and the device's value, so 0 leaves exactly the
+/// operator's `all` in force ([`strict_rp_filter`] reports the one value that breaks route
+/// mode). Returns how many were written.
+pub fn tune_tunnel_device(dev: &str, v6: bool) -> Result<usize, SysctlError> {
+    let fwd = if v6 {
+        format!("/proc/sys/net/ipv6/conf/{dev}/forwarding")
+    } else {
+        format!("/proc/sys/net/ipv4/conf/{dev}/forwarding")
+    };
+    let rp = format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter");
+    Ok(usize::from(ensure(&fwd, "1")?) + usize::from(ensure(&rp, "0")?))
+}
+
+/// IPv4 strict reverse-path filtering for every device (`all/rp_filter` = 1): with it the
+/// kernel drops what the route mode's XFRM interfaces decrypt (their sources are routed by
+/// mark, which the filter does not use). `None` when it cannot be read.
+pub fn strict_rp_filter() -> Option<bool> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter")
+        .ok()
+        .map(|s| s.trim() == "1")
 }
 
 /// Turns forwarding on for the families asked for (IPv4 first).
@@ -56,7 +84,7 @@ mod tests {
     fn an_unwritable_setting_names_path_and_value() {
         // /proc/sys is never a directory a file can be written as
         let e = ensure("/proc/sys", "1").unwrap_err();
-        assert_eq!((e.path, e.value), ("/proc/sys", "1"));
+        assert_eq!((e.path.as_str(), e.value), ("/proc/sys", "1"));
         assert!(e.to_string().starts_with("writing 1 to /proc/sys: "), "{e}");
     }
 

@@ -259,6 +259,7 @@ mod tests {
             local_subnets: vec!["10.42.1.0/24".parse().unwrap()],
             bridge_dev: None,
             underlay_dev: None,
+            tunnel_devices: None,
         };
         let r = NoFirewall.apply(&spec).unwrap();
         assert_eq!(r.writes, 0);

@@ -167,6 +167,12 @@ pub struct FirewallSpec {
     pub bridge_dev: Option<String>,
     /// Physical NIC (underlay).
     pub underlay_dev: Option<String>,
+    /// Route mode ([`crate::dataplane::xfrmi`]): the name prefix of the mesh's XFRM
+    /// interfaces (`imx`). The guard lets marked traffic routed into them through: it has no
+    /// IPsec policy yet when the guard sees it (the interface encrypts it on transmit, with
+    /// its own interface id, and drops it when it cannot: it never sends in clear). `None`
+    /// (policy mode): no exemption.
+    pub tunnel_devices: Option<String>,
 }
 
 impl FirewallSpec {
@@ -183,6 +189,7 @@ impl FirewallSpec {
             local_subnets: plan.subnets.clone(),
             bridge_dev: None,
             underlay_dev: None,
+            tunnel_devices: None,
         }
     }
 
@@ -190,6 +197,13 @@ impl FirewallSpec {
     pub fn with_devices(mut self, bridge: Option<String>, underlay: Option<String>) -> Self {
         self.bridge_dev = bridge;
         self.underlay_dev = underlay;
+        self
+    }
+
+    /// Route mode: exempt marked traffic leaving through the interfaces named `prefix`*
+    /// from the guard (see [`FirewallSpec::tunnel_devices`]).
+    pub fn with_tunnel_devices(mut self, prefix: Option<String>) -> Self {
+        self.tunnel_devices = prefix;
         self
     }
 
@@ -244,6 +258,7 @@ impl FirewallSpec {
         for (what, dev) in [
             ("bridge", &self.bridge_dev),
             ("underlay", &self.underlay_dev),
+            ("tunnel", &self.tunnel_devices),
         ] {
             if let Some(d) = dev {
                 if d.is_empty()

@@ -79,8 +79,14 @@ pub fn render(spec: &FirewallSpec) -> String {
         hex(m.encrypt)
     );
     let mark = format!("{ip} daddr != @local {ip} daddr {overlay} {set_mark} counter");
+    // Route mode: traffic routed into the mesh's XFRM interfaces is encrypted by them on
+    // transmit (or dropped), never sent in clear; see the iptables guard in `render`.
+    let oif = match &spec.tunnel_devices {
+        Some(prefix) => format!("oifname != \"{prefix}*\" "),
+        None => String::new(),
+    };
     let guard = format!(
-        "meta mark & {} == {} {ip} daddr {overlay} rt ipsec missing counter drop",
+        "meta mark & {} == {} {ip} daddr {overlay} {oif}rt ipsec missing counter drop",
         hex(m.mask),
         hex(m.encrypt)
     );
@@ -266,6 +272,7 @@ mod tests {
             local_subnets: local.iter().map(|s| s.parse().unwrap()).collect(),
             bridge_dev: devs.0.map(String::from),
             underlay_dev: devs.1.map(String::from),
+            tunnel_devices: None,
         }
     }
 
@@ -289,6 +296,16 @@ mod tests {
         assert!(
             v6.contains("\t\tip6 daddr != @local ip6 daddr fd42::/48 meta mark set"),
             "{v6}"
+        );
+        let routed = render(
+            &spec("10.42.0.0/16", &[], (None, None)).with_tunnel_devices(Some("imx".into())),
+        );
+        assert_eq!(
+            routed
+                .matches("ip daddr 10.42.0.0/16 oifname != \"imx*\" rt ipsec missing counter drop")
+                .count(),
+            2,
+            "{routed}"
         );
         assert!(transaction(&v6).starts_with(
             "table inet ipsec-mesh\ndelete table inet ipsec-mesh\ntable inet ipsec-mesh {"

@@ -154,11 +154,21 @@ pub fn desired(spec: &FirewallSpec) -> BTreeMap<Table, TableState> {
     // guard is one rule whatever the number of peers. The encrypted
     // (outer) packet still carries the mark when it passes OUTPUT again, but goes to a peer's
     // underlay address, outside the overlay, so `-d <overlay>` lets it through.
+    //
+    // Route mode: marked packets routed into the mesh's XFRM interfaces (`! -o imx+`: one
+    // interface-name comparison, built into iptables, no extension) have no policy when the
+    // guard sees them: the interface encrypts them with its own id on transmit, and drops
+    // what it cannot encrypt (no policy or SA for its id), so they never leave in clear. Any
+    // other marked packet to the overlay without a policy is still dropped.
+    let oif = match &spec.tunnel_devices {
+        Some(prefix) => format!(" ! -o {prefix}+"),
+        None => String::new(),
+    };
     let mut filter = TableState::default();
     filter.chains.insert(
         GUARD_CHAIN.to_string(),
         vec![format!(
-            "-d {} -m mark --mark {} -m policy --dir out --pol none -j DROP",
+            "-d {}{oif} -m mark --mark {} -m policy --dir out --pol none -j DROP",
             spec.overlay.trunc(),
             mark_match(m.encrypt, m.mask)
         )],
@@ -279,6 +289,7 @@ mod tests {
             local_subnets: vec![net("10.42.1.0/24")],
             bridge_dev: None,
             underlay_dev: None,
+            tunnel_devices: None,
         }
     }
 
@@ -390,6 +401,25 @@ mod tests {
     }
 
     #[test]
+    fn route_mode_guard_exempts_only_the_mesh_interfaces() {
+        let s = spec(&["10.42.2.0/24"]).with_tunnel_devices(Some("imx".into()));
+        s.validate().unwrap();
+        let d = desired(&s);
+        assert_eq!(
+            d[&Table::Filter].chains[GUARD_CHAIN],
+            vec!["-d 10.42.0.0/16 ! -o imx+ -m mark --mark 0x100000/0x300000 -m policy --dir out --pol none -j DROP"],
+            "still one rule"
+        );
+        assert_eq!(
+            d[&Table::Mangle],
+            desired(&spec(&["10.42.2.0/24"]))[&Table::Mangle],
+            "marking is the same in both modes"
+        );
+        let bad = spec(&[]).with_tunnel_devices(Some("im x".into()));
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
     fn devices_go_through_pre_chain() {
         let s = spec(&["10.42.2.0/24"]).with_devices(Some("cbr0".into()), Some("eth0".into()));
         let m = &desired(&s)[&Table::Mangle];
@@ -415,6 +445,7 @@ mod tests {
             local_subnets: vec![net("fd42:0:1::/64")],
             bridge_dev: None,
             underlay_dev: None,
+            tunnel_devices: None,
         };
         s.validate().unwrap();
         assert_eq!(s.family(), super::super::Family::V6);

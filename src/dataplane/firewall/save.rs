@@ -201,6 +201,7 @@ COMMIT
             local_subnets: vec![],
             bridge_dev: Some("cbr0".into()),
             underlay_dev: None,
+            tunnel_devices: None,
         };
         for (table, want) in desired(&spec) {
             let mut dump = format!("*{table}\n:OUTPUT ACCEPT [0:0]\n");

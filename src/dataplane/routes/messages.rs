@@ -94,7 +94,8 @@ pub fn parse_route_via(msg: &RouteMessage) -> Option<(FoundRoute, Option<IpAddr>
     let mut table = u32::from(h.table);
     let (mut dst, mut gateway): (Option<IpAddr>, Option<IpAddr>) = (None, None);
     let (mut oif, mut priority) = (0, None);
-    let mut exact = h.kind == RouteType::Unicast && h.source_prefix_length == 0;
+    let mut exact = matches!(h.kind, RouteType::Unicast | RouteType::Unreachable)
+        && h.source_prefix_length == 0;
     for a in &msg.attributes {
         match a {
             RouteAttribute::Table(t) => table = *t,
@@ -119,6 +120,9 @@ pub fn parse_route_via(msg: &RouteMessage) -> Option<(FoundRoute, Option<IpAddr>
         Family::V6 => IpAddr::from([0u16; 8]),
     });
     let dst = IpNet::new(dst, h.destination_prefix_length).ok()?;
+    // Ours are unicast routes through a device, or unreachable routes through none (the
+    // route mode's fail-closed route; oif 0 stands for it in the key).
+    exact &= (h.kind == RouteType::Unreachable) == (oif == 0);
     let found = FoundRoute {
         key: RouteKey { dst, table, oif },
         exact,
@@ -162,20 +166,27 @@ fn dst_attr(dst: &IpNet) -> RouteAttribute {
     })
 }
 
-/// `ip route add DST dev OIF table T proto static scope link`.
+/// `ip route add DST dev OIF table T proto static scope link`, or for `oif` 0
+/// `ip route add unreachable DST table T proto static`.
 pub fn route_add_message(k: &RouteKey) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = af(Family::of(&k.dst));
     m.header.destination_prefix_length = k.dst.prefix_len();
     m.header.table = header_table(k.table);
     m.header.protocol = RouteProtocol::Static;
-    m.header.scope = RouteScope::Link;
-    m.header.kind = RouteType::Unicast;
-    m.attributes = vec![
-        dst_attr(&k.dst),
-        RouteAttribute::Oif(k.oif),
-        RouteAttribute::Table(k.table),
-    ];
+    if k.oif == 0 {
+        m.header.scope = RouteScope::Universe;
+        m.header.kind = RouteType::Unreachable;
+        m.attributes = vec![dst_attr(&k.dst), RouteAttribute::Table(k.table)];
+    } else {
+        m.header.scope = RouteScope::Link;
+        m.header.kind = RouteType::Unicast;
+        m.attributes = vec![
+            dst_attr(&k.dst),
+            RouteAttribute::Oif(k.oif),
+            RouteAttribute::Table(k.table),
+        ];
+    }
     m
 }
 

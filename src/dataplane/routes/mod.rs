@@ -33,7 +33,7 @@ use tracing::{debug, info};
 
 use crate::dataplane::firewall::Family;
 use crate::dataplane::rtnl::{self, Reason};
-pub use desired::{desired, Desired, RouteSpec};
+pub use desired::{desired, desired_tunnels, Desired, RouteSpec, TunnelRoutes};
 pub use messages::{
     parse_route, parse_route_via, parse_rule, request, route_add_message, route_del_message,
     rule_message,
@@ -225,6 +225,39 @@ pub async fn reconcile_with(h: &Handle, spec: &RouteSpec) -> Result<RouteReport,
     let mut report = RouteReport::default();
     if changes.is_empty() {
         debug!("routing up to date");
+        return Ok(report);
+    }
+    apply(h, &changes, &mut report).await?;
+    Ok(report)
+}
+
+/// Route mode (sync): the rule, each remote prefix into its peer's XFRM interface, and
+/// `unreachable <overlay>` ([`desired_tunnels`]).
+pub fn reconcile_tunnels(
+    spec: &RouteSpec,
+    overlay: ipnet::IpNet,
+    tunnels: &TunnelRoutes,
+) -> Result<RouteReport, RouteError> {
+    rtnl::block_on(async {
+        reconcile_tunnels_with(&rtnl::connect()?, spec, overlay, tunnels).await
+    })
+}
+
+/// [`reconcile_tunnels`] over an existing handle.
+pub async fn reconcile_tunnels_with(
+    h: &Handle,
+    spec: &RouteSpec,
+    overlay: ipnet::IpNet,
+    tunnels: &TunnelRoutes,
+) -> Result<RouteReport, RouteError> {
+    let links = crate::dataplane::xfrmi::indexes(h).await?;
+    let want = desired_tunnels(spec, overlay, tunnels, &links);
+    let rules = dump_owned_rules(h, spec.family, &spec.config).await?;
+    let routes = dump_table(h, spec.family, spec.config.table).await?;
+    let changes = diff(&rules, &routes, Some(&want));
+    let mut report = RouteReport::default();
+    if changes.is_empty() {
+        debug!("routing (route mode) up to date");
         return Ok(report);
     }
     apply(h, &changes, &mut report).await?;

@@ -64,12 +64,16 @@ impl fmt::Display for RuleKey {
 pub struct RouteKey {
     pub dst: IpNet,
     pub table: u32,
-    /// Output interface index (0: none).
+    /// Output interface index; 0: an `unreachable` route (no device: the route mode's
+    /// fail-closed route for the overlay).
     pub oif: u32,
 }
 
 impl fmt::Display for RouteKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.oif == 0 {
+            return write!(f, "route unreachable {} table {}", self.dst, self.table);
+        }
         write!(
             f,
             "route {} dev #{} table {}",

@@ -34,6 +34,9 @@ impl RouteChange {
     /// The change for the report ([`Change`]), with interface names where known.
     pub fn change(&self, names: &BTreeMap<u32, String>) -> Change {
         let route = |k: &RouteKey| {
+            if k.oif == 0 {
+                return k.to_string();
+            }
             let dev = names
                 .get(&k.oif)
                 .cloned()

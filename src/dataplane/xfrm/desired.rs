@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::objects::*;
-use crate::plan::{Plan, SaKey, Transform};
+use crate::plan::{Peer, Plan, SaKey, Transform};
 
 /// Priority of per-pair policies (lower value wins in the kernel).
 pub const PAIR_PRIORITY: u32 = 0x2a00;
@@ -63,6 +63,8 @@ pub fn block_policy(plan: &Plan) -> Policy {
                 value: plan.marks.encrypt,
                 mask: plan.marks.mask,
             },
+            if_id: 0,
+            dev: 0,
         },
         priority: BLOCK_PRIORITY,
         action: Action::Block,
@@ -88,7 +90,6 @@ pub fn desired(plan: &Plan) -> Desired {
         value: plan.marks.encrypt,
         mask: plan.marks.mask,
     };
-    let encap = plan.udp_encap.then_some((NAT_T_PORT, NAT_T_PORT));
     let inner_v6 = plan.cidr.network().is_ipv6();
     for p in &plan.peers {
         let owner = Owner::Peer(p.host.as_str().into());
@@ -117,6 +118,8 @@ pub fn desired(plan: &Plan) -> Desired {
                     dst,
                     l4: L4::ANY,
                     mark,
+                    if_id: 0,
+                    dev: 0,
                 },
                 priority: PAIR_PRIORITY,
                 action: Action::Allow,
@@ -136,52 +139,136 @@ pub fn desired(plan: &Plan) -> Desired {
                 pol(Dir::Fwd, remote, anywhere, Mark::NONE, in_t),
             ));
         }
-        if let Some(ko) = &p.key_out {
-            d.sas.push((
-                owner.clone(),
-                Sa {
-                    id: SaId {
-                        dst: p.endpoint,
-                        spi: p.spi_out,
-                    },
-                    src: me,
-                    reqid: p.reqid,
-                    inner_v6,
-                    crypto: crypto(plan.transform, ko),
-                    encap,
-                    output_mark: None,
-                    replay_window: plan.replay_window,
-                    esn: true,
-                    transport: false,
-                },
-            ));
-            // One inbound SA per accepted generation: a peer may switch first.
-            for (rx, ki) in p.rx.iter().filter_map(|r| r.key.as_ref().map(|k| (r, k))) {
-                d.sas.push((
-                    owner.clone(),
-                    Sa {
-                        id: SaId {
-                            dst: me,
-                            spi: rx.spi,
-                        },
-                        src: p.endpoint,
-                        reqid: p.reqid,
-                        inner_v6,
-                        crypto: crypto(plan.transform, ki),
-                        encap,
-                        output_mark: Some(Mark {
-                            value: plan.marks.decrypt,
-                            mask: plan.marks.mask,
-                        }),
-                        replay_window: plan.replay_window,
-                        esn: true,
-                        transport: false,
-                    },
-                ));
-            }
-        }
+        tunnel_sas(plan, p, &owner, 0, &mut d);
     }
     d
+}
+
+/// The tunnel-mode SAs of one peer (none without keys): the outbound one and one inbound SA
+/// per accepted generation (a peer may switch first), bound to `if_id` (0: policy mode).
+fn tunnel_sas(plan: &Plan, p: &Peer, owner: &Owner, if_id: u32, d: &mut Desired) {
+    let Some(ko) = &p.key_out else {
+        return;
+    };
+    let me = plan.endpoint;
+    let encap = plan.udp_encap.then_some((NAT_T_PORT, NAT_T_PORT));
+    let inner_v6 = plan.cidr.network().is_ipv6();
+    let sa = |src, dst, spi, key, output_mark| Sa {
+        id: SaId { dst, spi },
+        src,
+        reqid: p.reqid,
+        inner_v6,
+        crypto: crypto(plan.transform, key),
+        encap,
+        output_mark,
+        replay_window: plan.replay_window,
+        esn: true,
+        transport: false,
+        if_id,
+    };
+    d.sas
+        .push((owner.clone(), sa(me, p.endpoint, p.spi_out, ko, None)));
+    let decrypted = Some(Mark {
+        value: plan.marks.decrypt,
+        mask: plan.marks.mask,
+    });
+    for (rx, ki) in p.rx.iter().filter_map(|r| r.key.as_ref().map(|k| (r, k))) {
+        d.sas
+            .push((owner.clone(), sa(p.endpoint, me, rx.spi, ki, decrypted)));
+    }
+}
+
+/// Route mode ([`crate::dataplane::xfrmi`]): per peer three policies, `out`, `in` and `fwd`,
+/// all `0/0 -> 0/0` of the overlay's family, bound to the peer's XFRM interface id (its
+/// reqid) and unmarked, with the same tunnel templates and SAs (also bound to the id) as
+/// policy mode. What selects the peer is the route: a remote prefix routed into the peer's
+/// interface `imx<slot>` reaches the kernel's policy lookup with that interface's id. The
+/// kernel keeps policies in per-(if_id, family, direction) bins, so each lookup sees exactly
+/// one `0/0` policy whatever the number of peers and containers: `3 x peers` policies plus
+/// the two [`underlay_blocks`], O(1) per packet.
+///
+/// There is no outbound block policy here: the kernel's first (if_id 0) lookup of a packet
+/// routed into an XFRM interface would match it and drop everything. Outbound fail-closed is
+/// the unreachable route for the overlay in the mesh's table ([`crate::dataplane::routes`]),
+/// the interface itself (it never sends in clear: no policy or no SA for its id drops the
+/// packet) and the firewall guard.
+///
+/// Inbound: a decrypted packet arrives on the peer's interface and is checked against that
+/// id's `in`/`fwd` policy (the template: this peer's endpoint and reqid). The peer's own
+/// prefixes are not in the selectors, so unlike policy mode the policies do not stop a peer
+/// from sending with another peer's container addresses (see README, route mode).
+pub fn route_mode(plan: &Plan, underlay_dev: u32) -> Desired {
+    let mut d = Desired::default();
+    d.policies.extend(underlay_blocks(plan, underlay_dev));
+    let me: IpAddr = plan.endpoint;
+    let anywhere = any(plan.cidr.network().is_ipv6());
+    for p in &plan.peers {
+        let owner = Owner::Peer(p.host.as_str().into());
+        let if_id = crate::dataplane::xfrmi::if_id(p);
+        let pol = |dir, src, dst| Policy {
+            id: PolicyId {
+                dir,
+                src: anywhere,
+                dst: anywhere,
+                l4: L4::ANY,
+                mark: Mark::NONE,
+                if_id,
+                dev: 0,
+            },
+            priority: PAIR_PRIORITY,
+            action: Action::Allow,
+            tmpl: Some(Tmpl {
+                src,
+                dst,
+                reqid: p.reqid,
+                transport: false,
+            }),
+        };
+        d.policies
+            .push((owner.clone(), pol(Dir::Out, me, p.endpoint)));
+        d.policies
+            .push((owner.clone(), pol(Dir::In, p.endpoint, me)));
+        d.policies
+            .push((owner.clone(), pol(Dir::Fwd, p.endpoint, me)));
+        tunnel_sas(plan, p, &owner, if_id, &mut d);
+    }
+    d
+}
+
+/// Route mode, inbound fail-closed: `in` and `fwd` block policies (interface id 0) for
+/// packets from the overlay that arrive in clear on the underlay device. On the inbound
+/// check the kernel matches the selector's device against the interface the packet came in
+/// on (`skb_iif`) and uses interface id 0 for anything not decrypted by an XFRM interface,
+/// so plaintext claiming an overlay source from the underlay is dropped, while traffic from
+/// this host's containers (another device) and decrypted traffic (its peer's interface id)
+/// never meets these policies. Mark 0 under our mask identifies them as ours.
+pub fn underlay_blocks(plan: &Plan, underlay_dev: u32) -> Vec<(Owner, Policy)> {
+    let v6 = plan.cidr.network().is_ipv6();
+    [Dir::In, Dir::Fwd]
+        .into_iter()
+        .map(|dir| {
+            (
+                Owner::Mesh,
+                Policy {
+                    id: PolicyId {
+                        dir,
+                        src: plan.cidr.trunc(),
+                        dst: any(v6),
+                        l4: L4::ANY,
+                        mark: Mark {
+                            value: 0,
+                            mask: plan.marks.mask,
+                        },
+                        if_id: 0,
+                        dev: underlay_dev,
+                    },
+                    priority: BLOCK_PRIORITY,
+                    action: Action::Block,
+                    tmpl: None,
+                },
+            )
+        })
+        .collect()
 }
 
 /// Encrypted VXLAN: ESP in transport mode for the VXLAN traffic (UDP to `port`) between this
@@ -205,6 +292,8 @@ pub fn vxlan_esp(plan: &Plan, port: u16) -> Desired {
                 dst: host(dst),
                 l4,
                 mark: Mark::NONE,
+                if_id: 0,
+                dev: 0,
             },
             priority: PAIR_PRIORITY,
             action: Action::Allow,
@@ -231,6 +320,7 @@ pub fn vxlan_esp(plan: &Plan, port: u16) -> Desired {
                 replay_window: plan.replay_window,
                 esn: true,
                 transport: true,
+                if_id: 0,
             };
             d.sas
                 .push((owner.clone(), sa(me, p.endpoint, p.spi_out, ko)));
@@ -385,6 +475,110 @@ mod tests {
         // 3 directions x 20 remote prefixes + the block policy (was 3 x 10 x 20 + 1 = 601).
         assert_eq!(d.policies.len(), 3 * 20 + 1);
         assert_eq!(prefix_thresholds(&p), Some((0, 32)));
+    }
+
+    /// A Rancher-shaped cluster: `hosts` hosts, each with `containers` /32s drawn at random
+    /// (xorshift, distinct) from 10.42.0.0/16, as Rancher's IPAM leaves them.
+    fn rancher_cluster(hosts: usize, containers: usize, seed: u32) -> Cluster {
+        let mut x = seed | 1;
+        let mut used = std::collections::BTreeSet::new();
+        let mut next = || loop {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let a = x & 0xffff;
+            if a & 0xff != 0 && a & 0xff != 0xff && used.insert(a) {
+                return format!("10.42.{}.{}/32", a >> 8, a & 0xff);
+            }
+        };
+        Cluster::validate(&RawCluster {
+            network: RawNetwork {
+                cidr: "10.42.0.0/16".into(),
+                ..Default::default()
+            },
+            hosts: (0..hosts)
+                .map(|i| RawHost {
+                    id: format!("host-{i}"),
+                    agent_ip: format!("192.168.{}.{}", 77 + i / 250, i % 250 + 1),
+                    subnets: (0..containers).map(|_| next()).collect(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn route_mode_objects_grow_with_peers_only() {
+        let k = Psk::from_bytes(&[3; 32]);
+        let count = |hosts, containers| {
+            let c = rancher_cluster(hosts, containers, 0x9e37_79b9);
+            let p = plan(&c, "host-0", &PlanOptions::default(), Some(&k)).unwrap();
+            let d = route_mode(&p, 2);
+            (p, d)
+        };
+        let (p, d) = count(50, 10);
+        let peers = p.peers.len();
+        assert_eq!(peers, 49);
+        // 3 per peer + the two inbound block policies; policy mode would hold 3 x 490 + 1.
+        assert_eq!(d.policies.len(), 3 * peers + 2);
+        assert_eq!(desired(&p).policies.len(), 3 * 49 * 10 + 1);
+        for containers in [1, 2, 40] {
+            let (_, other) = count(50, containers);
+            assert_eq!(
+                other.policies.len(),
+                d.policies.len(),
+                "{containers} containers each"
+            );
+            assert_eq!(other.sas.len(), d.sas.len());
+        }
+        // One out SA and three inbound generations per peer, as in policy mode.
+        assert_eq!(d.sas.len(), 4 * peers);
+        assert_eq!(d.sas.len(), desired(&p).sas.len());
+        // Every pair policy is 0/0 -> 0/0, unmarked, bound to its peer's interface id, and
+        // the ids are distinct.
+        let mut ids = std::collections::BTreeSet::new();
+        for (owner, x) in &d.policies {
+            if x.tmpl.is_none() {
+                continue;
+            }
+            assert_eq!(
+                (x.id.src.prefix_len(), x.id.dst.prefix_len()),
+                (0, 0),
+                "{x}"
+            );
+            assert_eq!(x.id.mark, Mark::NONE, "{x}");
+            let peer = p
+                .peers
+                .iter()
+                .find(|q| Owner::Peer(q.host.as_str().into()) == *owner)
+                .unwrap();
+            assert_eq!(x.id.if_id, peer.reqid, "{x}");
+            assert_eq!(x.tmpl.unwrap().reqid, peer.reqid);
+            ids.insert(x.id.if_id);
+        }
+        assert_eq!(ids.len(), peers);
+        assert!(d.sas.iter().all(|(_, s)| ids.contains(&s.if_id)));
+        // The inbound block policies: ours, on the underlay device, from the overlay.
+        let blocks: Vec<&Policy> = d
+            .policies
+            .iter()
+            .map(|(_, x)| x)
+            .filter(|x| x.tmpl.is_none())
+            .collect();
+        assert_eq!(blocks.len(), 2);
+        for b in blocks {
+            assert_eq!(b.action, Action::Block);
+            assert_eq!((b.id.dev, b.id.if_id), (2, 0));
+            assert_eq!(b.id.src, p.cidr);
+            assert!(b.is_owned(&p.marks), "{b}");
+            assert_ne!(
+                b.id.dir,
+                Dir::Out,
+                "an outbound block would drop what goes into the interfaces"
+            );
+        }
+        assert!(d.policies.iter().all(|(_, x)| x.is_owned(&p.marks)));
     }
 
     #[test]

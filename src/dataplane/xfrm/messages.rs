@@ -33,6 +33,7 @@ fn selector(id: &PolicyId) -> Selector {
     // source_prefix leaves the family unset for 0.0.0.0/0; set it explicitly.
     s.family = family(&src.network());
     s.proto = id.l4.proto;
+    s.ifindex = id.dev as i32;
     if id.l4.dport != 0 {
         s.dport = id.l4.dport;
         s.dport_mask = u16::MAX;
@@ -53,6 +54,11 @@ fn mark_attr(m: Mark) -> Option<XfrmAttrs> {
         value: m.value,
         mask: m.mask,
     }))
+}
+
+/// `XFRMA_IF_ID` when set (route mode); the kernel treats a missing one as 0.
+fn if_id_attr(if_id: u32) -> Option<XfrmAttrs> {
+    (if_id != 0).then_some(XfrmAttrs::IfId(if_id))
 }
 
 fn template(t: &Tmpl) -> UserTemplate {
@@ -87,6 +93,7 @@ pub fn policy_add(p: &Policy, update: bool) -> XfrmMessage {
         nlas.push(XfrmAttrs::Template(vec![template(t)]));
     }
     nlas.extend(mark_attr(p.id.mark));
+    nlas.extend(if_id_attr(p.id.if_id));
     let m = policy::ModifyMessage {
         user_policy_info: info,
         nlas,
@@ -98,7 +105,7 @@ pub fn policy_add(p: &Policy, update: bool) -> XfrmMessage {
     }
 }
 
-/// `XFRM_MSG_DELPOLICY` by selector, direction and mark.
+/// `XFRM_MSG_DELPOLICY` by selector, direction, mark and interface id.
 pub fn policy_del(id: &PolicyId) -> XfrmMessage {
     XfrmMessage::DeletePolicy(policy::DelGetMessage {
         user_policy_id: UserPolicyId {
@@ -106,7 +113,10 @@ pub fn policy_del(id: &PolicyId) -> XfrmMessage {
             index: 0,
             direction: dir_code(id.dir),
         },
-        nlas: mark_attr(id.mark).into_iter().collect(),
+        nlas: mark_attr(id.mark)
+            .into_iter()
+            .chain(if_id_attr(id.if_id))
+            .collect(),
     })
 }
 
@@ -218,6 +228,7 @@ pub fn sa_add(sa: &Sa, start: u64) -> XfrmMessage {
         nlas.push(XfrmAttrs::MarkVal(m.value));
         nlas.push(XfrmAttrs::MarkMask(m.mask));
     }
+    nlas.extend(if_id_attr(sa.if_id));
     if sa.esn {
         nlas.push(XfrmAttrs::ReplayStateEsn(replay_esn(
             sa.replay_window,
@@ -301,8 +312,10 @@ pub fn parse_policy(msg: &XfrmMessage) -> Option<Policy> {
     };
     let mut mark = Mark::NONE;
     let mut tmpl = None;
+    let mut if_id = 0;
     for a in &m.nlas {
         match a {
+            XfrmAttrs::IfId(v) => if_id = *v,
             XfrmAttrs::Mark(x) => {
                 mark = Mark {
                     value: x.value,
@@ -337,6 +350,8 @@ pub fn parse_policy(msg: &XfrmMessage) -> Option<Policy> {
                 dport: if sel.dport_mask != 0 { sel.dport } else { 0 },
             },
             mark,
+            if_id,
+            dev: sel.ifindex as u32,
         },
         priority: i.priority,
         action: if i.action == XFRM_POLICY_BLOCK {
@@ -361,6 +376,7 @@ const SEL_PLEN_S: usize = 43;
 const SEL_DPORT: usize = 32;
 const SEL_DPORT_MASK: usize = 34;
 const SEL_PROTO: usize = 44;
+const SEL_IFINDEX: usize = 48;
 const POL_PRIORITY: usize = 152;
 const POL_DIR: usize = 160;
 const POL_ACTION: usize = 161;
@@ -374,6 +390,7 @@ const TMPL_MODE: usize = 48;
 const XFRMA_TMPL_ID: u16 = 5;
 const XFRMA_POLICY_TYPE_ID: u16 = 16;
 const XFRMA_MARK_ID: u16 = 21;
+const XFRMA_IF_ID_ID: u16 = 31;
 const XFRM_MSG_NEWPOLICY_ID: u16 = 19;
 
 fn raw_ip(b: &[u8], fam: u16) -> Option<IpAddr> {
@@ -410,6 +427,7 @@ pub fn parse_policy_raw(msg: &[u8]) -> Option<Policy> {
     let dst = IpNet::new(raw_ip(&i[SEL_DADDR..], fam)?, i[SEL_PLEN_D]).ok()?;
     let mut mark = Mark::NONE;
     let mut tmpl = None;
+    let mut if_id = 0;
     let mut off = NLMSG_HDR + POL_INFO_LEN;
     while off + 4 <= msg.len() {
         let len = ne_u16(msg, off) as usize;
@@ -419,6 +437,7 @@ pub fn parse_policy_raw(msg: &[u8]) -> Option<Policy> {
         }
         let v = &msg[off + 4..off + len];
         match kind {
+            XFRMA_IF_ID_ID if v.len() >= 4 => if_id = ne_u32(v, 0),
             XFRMA_MARK_ID if v.len() >= 8 => {
                 mark = Mark {
                     value: ne_u32(v, 0),
@@ -461,6 +480,8 @@ pub fn parse_policy_raw(msg: &[u8]) -> Option<Policy> {
                 },
             },
             mark,
+            if_id,
+            dev: ne_u32(i, SEL_IFINDEX),
         },
         priority: ne_u32(i, POL_PRIORITY),
         action: if i[POL_ACTION] == XFRM_POLICY_BLOCK {
@@ -618,8 +639,10 @@ pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
     let mut encap = None;
     let (mut mval, mut mmask) = (None, None);
     let mut esn_window = None;
+    let mut if_id = 0;
     for a in &m.nlas {
         match a {
+            XfrmAttrs::IfId(v) => if_id = *v,
             XfrmAttrs::EncryptionAlgAead(x) => aead = Some(x),
             XfrmAttrs::EncryptionAlg(x) => enc = Some(x),
             XfrmAttrs::AuthenticationAlgTrunc(x) => auth = Some(x),
@@ -663,6 +686,7 @@ pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
         replay_window: esn_window.unwrap_or(u32::from(i.replay_window)),
         esn: i.flags & XFRM_STATE_ESN != 0 && esn_window.is_some(),
         transport: i.mode == XFRM_MODE_TRANSPORT,
+        if_id,
     })
 }
 
@@ -688,6 +712,8 @@ mod tests {
                     value: 0x100000,
                     mask: 0x300000,
                 },
+                if_id: 0,
+                dev: 0,
             },
             priority: 0x2a00,
             action: Action::Allow,
@@ -750,6 +776,7 @@ mod tests {
             replay_window: 1024,
             esn: true,
             transport: false,
+            if_id: 0,
         };
         let msg = sa_add(&sa, 0x0019_8a3b_c4d5_e6f7);
         assert_eq!(msg.message_type(), XFRM_MSG_NEWSA);
@@ -774,6 +801,13 @@ mod tests {
         cbc.esn = false;
         cbc.transport = true;
         assert_eq!(parse_sa(&roundtrip(&sa_add(&cbc, 0))), Some(cbc));
+        // Route mode: the SA carries its peer's XFRM interface id.
+        let mut routed = sa.clone();
+        routed.if_id = 0x5000_0007;
+        let m = sa_add(&routed, 0);
+        let XfrmMessage::AddSa(a) = &m else { panic!() };
+        assert!(a.nlas.contains(&XfrmAttrs::IfId(0x5000_0007)));
+        assert_eq!(parse_sa(&roundtrip(&m)), Some(routed));
         let del = sa_del(&sa.id);
         assert_eq!(del.message_type(), XFRM_MSG_DELSA);
     }
@@ -815,6 +849,26 @@ mod tests {
         vx.id.mark = Mark::NONE;
         vx.tmpl.as_mut().unwrap().transport = true;
         cases.push(vx);
+        // Route mode: a peer's 0/0 policy bound to its XFRM interface id, and an inbound
+        // block policy bound to the underlay device (selector ifindex).
+        let mut routed = pol();
+        routed.id.src = "0.0.0.0/0".parse().unwrap();
+        routed.id.dst = "0.0.0.0/0".parse().unwrap();
+        routed.id.mark = Mark::NONE;
+        routed.id.if_id = 0x5000_0007;
+        cases.push(routed);
+        let mut under = pol();
+        under.id.dir = Dir::In;
+        under.id.src = "10.42.0.0/16".parse().unwrap();
+        under.id.dst = "0.0.0.0/0".parse().unwrap();
+        under.id.mark = Mark {
+            value: 0,
+            mask: 0x300000,
+        };
+        under.id.dev = 3;
+        under.tmpl = None;
+        under.action = Action::Block;
+        cases.push(under);
         for p in cases {
             let mut m = NetlinkMessage::new(
                 NetlinkHeader::default(),
@@ -827,6 +881,16 @@ mod tests {
             assert_eq!(
                 parse_policy_raw(&buf),
                 parse_policy(&roundtrip(&policy_add(&p, false)))
+            );
+            // The deletion names the same identity (mark, interface id, selector device).
+            let XfrmMessage::DeletePolicy(d) = policy_del(&p.id) else {
+                panic!()
+            };
+            assert_eq!(d.user_policy_id.selector.ifindex as u32, p.id.dev);
+            assert_eq!(
+                d.nlas.contains(&XfrmAttrs::IfId(p.id.if_id)),
+                p.id.if_id != 0,
+                "{p}"
             );
             // Truncated input is refused, never a panic.
             for cut in [10, 100, 183, buf.len() - 1] {

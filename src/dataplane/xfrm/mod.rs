@@ -288,6 +288,7 @@ fn probe_sa(spec: ProbeSpec, transform: Transform) -> Sa {
         replay_window: 0,
         esn: false,
         transport: false,
+        if_id: 0,
     }
 }
 
@@ -447,6 +448,18 @@ pub fn reconcile_scoped(plan: &Plan, scope: Scope) -> Result<Report, SocketError
         want.sas.clear();
     }
     reconcile_desired(plan, want, scope, true)
+}
+
+/// Route mode: make the kernel hold exactly [`desired::route_mode`] (per peer three `0/0`
+/// policies and the SAs, bound to the peer's XFRM interface id; the inbound block policies on
+/// `underlay_dev`). No SPD hash tuning: `0/0` policies live in the per-interface-id bins.
+pub fn reconcile_route(plan: &Plan, underlay_dev: u32) -> Result<Report, SocketError> {
+    reconcile_desired(
+        plan,
+        desired::route_mode(plan, underlay_dev),
+        Scope::All,
+        false,
+    )
 }
 
 /// Encrypted VXLAN: make the kernel hold exactly [`desired::vxlan_esp`] (ESP transport mode

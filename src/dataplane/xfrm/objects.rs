@@ -63,6 +63,26 @@ pub struct PolicyId {
     pub dst: IpNet,
     pub l4: L4,
     pub mark: Mark,
+    /// `XFRMA_IF_ID`: 0 for the policy-mode objects; a peer's XFRM interface id in route mode
+    /// ([`crate::dataplane::xfrmi`]). Part of the kernel's identity of a policy.
+    pub if_id: u32,
+    /// The selector's interface index (`ip xfrm policy ... dev X`; 0: any). On the inbound
+    /// policy check the kernel compares it with the device the packet arrived on.
+    pub dev: u32,
+}
+
+impl PolicyId {
+    /// ` dev #N` and ` if_id N` when set (empty for the policy-mode objects).
+    pub fn scope_suffix(&self) -> String {
+        let mut s = String::new();
+        if self.dev != 0 {
+            s.push_str(&format!(" dev #{}", self.dev));
+        }
+        if self.if_id != 0 {
+            s.push_str(&format!(" if_id {:#x}", self.if_id));
+        }
+        s
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -116,18 +136,26 @@ impl Policy {
     }
 
     /// Whether a policy found in the kernel is ipsec-mesh's: a template with a reqid in our
-    /// range, or the fail-closed block policy (our exact mark, no template, block).
+    /// range, the fail-closed block policy (our exact mark, no template, block), or a
+    /// route-mode inbound block policy (`in`/`fwd`, block, mark 0 under our mask: see
+    /// [`super::desired::underlay_blocks`]).
     pub fn is_owned(&self, marks: &Marks) -> bool {
         match self.tmpl {
             Some(t) => is_owned_reqid(t.reqid),
+            None if self.action != Action::Block => false,
+            None if self.id.dir == Dir::Out => {
+                self.id.mark
+                    == (Mark {
+                        value: marks.encrypt,
+                        mask: marks.mask,
+                    })
+            }
             None => {
-                self.action == Action::Block
-                    && self.id.dir == Dir::Out
-                    && self.id.mark
-                        == (Mark {
-                            value: marks.encrypt,
-                            mask: marks.mask,
-                        })
+                self.id.mark
+                    == (Mark {
+                        value: 0,
+                        mask: marks.mask,
+                    })
             }
         }
     }
@@ -141,6 +169,7 @@ impl Policy {
         if self.id.mark != Mark::NONE {
             s.push_str(&format!(" mark {}", self.id.mark));
         }
+        s.push_str(&self.id.scope_suffix());
         s
     }
 
@@ -165,6 +194,7 @@ impl fmt::Display for Policy {
         if self.id.mark != Mark::NONE {
             write!(f, " mark {}", self.id.mark)?;
         }
+        f.write_str(&self.id.scope_suffix())?;
         match (self.action, self.tmpl) {
             (Action::Block, _) => write!(f, " block"),
             (Action::Allow, Some(t)) => {
@@ -253,6 +283,8 @@ pub struct Sa {
     pub esn: bool,
     /// Transport mode (encrypted VXLAN) instead of tunnel mode.
     pub transport: bool,
+    /// `XFRMA_IF_ID`: 0, or the peer's XFRM interface id in route mode.
+    pub if_id: u32,
 }
 
 impl fmt::Display for Sa {
@@ -271,6 +303,9 @@ impl fmt::Display for Sa {
         }
         if self.transport {
             write!(f, " transport")?;
+        }
+        if self.if_id != 0 {
+            write!(f, " if_id {:#x}", self.if_id)?;
         }
         Ok(())
     }

@@ -54,8 +54,12 @@ impl Step {
             Op::DelPolicy(id) => Change::delete(
                 LAYER,
                 format!(
-                    "policy {} {} -> {} mark {}",
-                    id.dir, id.src, id.dst, id.mark
+                    "policy {} {} -> {} mark {}{}",
+                    id.dir,
+                    id.src,
+                    id.dst,
+                    id.mark,
+                    id.scope_suffix()
                 ),
             ),
             Op::AddSa(s) => Change::add(LAYER, s.to_string()),

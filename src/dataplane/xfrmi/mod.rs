@@ -1,0 +1,299 @@
+//! Route mode of the xfrm driver (`--xfrm-mode route`): one XFRM interface per peer.
+//!
+//! Policy mode selects a peer by XFRM policy selectors, one set per remote prefix: under
+//! Rancher addressing (every container a random /32) that is 3 policies per remote container.
+//! Route mode lets the routing table, an LPM trie built for many entries, pick the peer: each
+//! remote prefix is routed into the peer's XFRM interface (`imx<slot>`, kernel
+//! `xfrm_interface`, `IFLA_XFRM_IF_ID` = the peer's reqid, `IFLA_XFRM_LINK` = the underlay
+//! device), and the kernel looks the policy up with that interface's id. Kernel objects per
+//! host: one interface and three `0/0` policies (`out`, `in`, `fwd`, bound to the id, see
+//! [`crate::dataplane::xfrm::desired::route_mode`]) per peer plus two inbound block policies,
+//! and the SAs as in policy mode (bound to the id); the per-container prefixes are routes.
+//! Per packet: one route look-up and one policy bin per interface id (the kernel keys its
+//! inexact policy bins by `(if_id, family, direction)`), independent of peers and containers.
+//!
+//! This module owns the interfaces: of kind `xfrm`, in link group [`LINK_GROUP`], named
+//! [`NAME_PREFIX`]... Nothing else is read as ours or written. `desired` (pure: values,
+//! ownership, diff) and `messages` (pure: rtnetlink build/parse) -> [`reconcile`] /
+//! [`cleanup`] here, the only I/O, over the one rtnetlink layer ([`rtnl`]). [`probe`] tells
+//! whether the kernel has XFRM interfaces at all, in a private network namespace.
+
+pub mod desired;
+pub mod messages;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use rtnetlink::Handle;
+use tracing::{debug, info, warn};
+
+use crate::dataplane::routes::{self, Underlay};
+use crate::dataplane::{rtnl, sysctl};
+use crate::plan::Plan;
+pub use desired::{
+    diff, if_id, is_owned, name, FoundLink, LinkDiff, LinkOp, LinkSpec, LINK_GROUP, NAME_PREFIX,
+};
+
+/// What the route mode needs from the kernel and this module could not get.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// A dump, the socket, or the whole exchange.
+    #[error(transparent)]
+    Rtnl(#[from] rtnl::Error),
+    /// The underlay device (the plan's endpoint) was not found.
+    #[error(transparent)]
+    Underlay(#[from] routes::RouteError),
+    /// The kernel cannot make XFRM interfaces.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// What a reconcile or cleanup of the interfaces did: the common report; `writes` counts
+/// links created, set or deleted and per-device sysctls written (0 = no-op).
+pub use crate::dataplane::report::Report as LinkReport;
+use crate::dataplane::report::{Change, MESH};
+
+/// The layer name in [`Change`]s.
+pub const LAYER: &str = "xfrmi";
+
+/// The words for a kernel without XFRM interfaces.
+pub fn unsupported(kernel_said: &str) -> String {
+    format!(
+        "this kernel has no XFRM interfaces (CONFIG_XFRM_INTERFACE, module xfrm_interface, is \
+         missing; kernel said: {kernel_said})"
+    )
+}
+
+/// Can this kernel make XFRM interfaces? Creates one (`imxprobe`, if_id 1, no underlay) in a
+/// private network namespace of a thread of its own, so nothing of the caller's namespace is
+/// touched; the interface dies with the namespace. `Err` says what is missing in words.
+pub fn probe() -> Result<(), String> {
+    let r = crate::dataplane::netns::in_new_netns(|| {
+        rtnl::block_on(async {
+            let h = rtnl::connect()?;
+            let spec = LinkSpec {
+                name: "imxprobe".into(),
+                if_id: 1,
+                underlay: 0,
+                mtu: 1400,
+                owner: "probe".into(),
+            };
+            let r = rtnl::send(&h, messages::request(&LinkOp::Create(spec))).await;
+            Ok::<_, rtnl::Error>(r)
+        })
+    });
+    match r {
+        Ok(Ok(Ok(()))) => Ok(()),
+        // "Unknown device type" (EOPNOTSUPP) is what a kernel without the link kind says.
+        Ok(Ok(Err(reason))) if reason.errno() == Some(libc::EOPNOTSUPP) => {
+            Err(unsupported(&reason.to_string()))
+        }
+        Ok(Ok(Err(reason))) => Err(format!("probing XFRM interfaces failed: {reason}")),
+        Ok(Err(e)) => Err(format!("probing XFRM interfaces failed: {e}")),
+        Err(e) => Err(format!(
+            "probing XFRM interfaces needs a private network namespace: {e}"
+        )),
+    }
+}
+
+/// Every link, parsed.
+async fn dump_links(h: &Handle) -> Result<Vec<FoundLink>, rtnl::Error> {
+    Ok(rtnl::dump("links", h.link().get().execute())
+        .await?
+        .iter()
+        .map(messages::parse)
+        .collect())
+}
+
+/// Send `ops`, record writes, changes and failures (by owner).
+async fn apply(h: &Handle, ops: &[LinkOp], report: &mut LinkReport) {
+    let results = rtnl::send_all(h, ops.iter().map(messages::request)).await;
+    report.writes += ops.len();
+    for (op, r) in ops.iter().zip(results) {
+        let line = op.describe();
+        let change = || {
+            let c = match op {
+                LinkOp::Create(s) => Change::add(LAYER, s.to_string()),
+                LinkOp::Set { spec, .. } => Change::update(
+                    LAYER,
+                    format!("xfrm interface {}", spec.name),
+                    None,
+                    Some(format!("mtu {} up", spec.mtu)),
+                ),
+                LinkOp::Delete { name, .. } => {
+                    Change::delete(LAYER, format!("xfrm interface {name}"))
+                }
+            };
+            match op.owner() {
+                Some(o) => c.for_peer(o),
+                None => c,
+            }
+        };
+        match r {
+            Ok(()) => {
+                info!("route mode: {line}");
+                report.changes.push(change());
+            }
+            Err(e) if e.errno() == Some(libc::ENODEV) && matches!(op, LinkOp::Delete { .. }) => {
+                report.changes.push(change());
+            }
+            Err(e) => {
+                let owner = op.owner().unwrap_or(MESH).to_string();
+                let why = if e.errno() == Some(libc::EEXIST) {
+                    format!(
+                        "{line}: an XFRM interface with this id or name exists and is not \
+                         ipsec-mesh's (left untouched) ({e})"
+                    )
+                } else if e.errno() == Some(libc::EOPNOTSUPP) {
+                    unsupported(&e.to_string())
+                } else {
+                    format!("{line}: {e}")
+                };
+                warn!(peer = %owner, error = %why, "route mode: interface change failed");
+                report.error(owner, why);
+            }
+        }
+    }
+}
+
+/// Make the interfaces match `plan` (one per peer, on the plan endpoint's device), then their
+/// per-device sysctls ([`sysctl::tune_tunnel_device`]). A sync wrapper: its own runtime.
+/// Also returns the underlay device's index.
+pub fn reconcile(plan: &Plan) -> Result<(LinkReport, u32), LinkError> {
+    rtnl::block_on(async { reconcile_with(&rtnl::connect()?, plan).await })
+}
+
+/// [`reconcile`] over an existing handle.
+pub async fn reconcile_with(h: &Handle, plan: &Plan) -> Result<(LinkReport, u32), LinkError> {
+    let (underlay, dev) = routes::resolve_underlay(h, &Underlay::Address(plan.endpoint)).await?;
+    let want = desired::desired(plan, underlay);
+    let found = dump_links(h).await?;
+    let d = diff(&found, &want);
+    let mut report = LinkReport::default();
+    for (s, why) in &d.blocked {
+        report.error(s.owner.clone(), why.clone());
+    }
+    if !d.ops.is_empty() {
+        apply(h, &d.ops, &mut report).await;
+    } else {
+        debug!(underlay = %dev, links = want.len(), "route mode: interfaces up to date");
+    }
+    let failed: std::collections::BTreeSet<String> =
+        report.errors.iter().map(|f| f.owner.clone()).collect();
+    let v6 = matches!(plan.cidr.network(), IpAddr::V6(_));
+    let mut sysctl_errors = Vec::new();
+    for s in want.iter().filter(|s| !failed.contains(&s.owner)) {
+        match sysctl::tune_tunnel_device(&s.name, v6) {
+            Ok(n) => {
+                report.writes += n;
+                if n > 0 {
+                    report.changes.push(
+                        Change::update(
+                            LAYER,
+                            format!("sysctl of {}", s.name),
+                            None,
+                            Some("forwarding 1, rp_filter 0".into()),
+                        )
+                        .for_peer(s.owner.clone()),
+                    );
+                }
+            }
+            Err(e) => sysctl_errors.push((s.owner.clone(), e.to_string())),
+        }
+    }
+    for (o, e) in sysctl_errors {
+        report.error(o, e);
+    }
+    if !v6 && !want.is_empty() && sysctl::strict_rp_filter() == Some(true) {
+        report.error(
+            MESH,
+            "route mode: net.ipv4.conf.all.rp_filter is 1 (strict): the kernel drops what the \
+             XFRM interfaces decrypt (a peer container's address is routed by mark, which the \
+             filter does not use); set it to 0 or 2",
+        );
+    }
+    Ok((report, underlay))
+}
+
+/// Delete every interface of ours (sync wrapper).
+pub fn cleanup() -> Result<LinkReport, LinkError> {
+    rtnl::block_on(async { cleanup_with(&rtnl::connect()?).await })
+}
+
+/// [`cleanup`] over an existing handle.
+pub async fn cleanup_with(h: &Handle) -> Result<LinkReport, LinkError> {
+    let found = dump_links(h).await?;
+    let d = diff(&found, &[]);
+    let mut report = LinkReport::default();
+    if !d.ops.is_empty() {
+        apply(h, &d.ops, &mut report).await;
+    }
+    Ok(report)
+}
+
+/// The index of each interface of ours, by name (for the routes into them).
+pub async fn indexes(h: &Handle) -> Result<BTreeMap<String, u32>, rtnl::Error> {
+    Ok(dump_links(h)
+        .await?
+        .into_iter()
+        .filter(is_owned)
+        .map(|l| (l.name, l.index))
+        .collect())
+}
+
+/// How the xfrm driver selects a peer (`--xfrm-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XfrmMode {
+    /// XFRM policy selectors per remote prefix (every kernel with XFRM).
+    #[default]
+    Policy,
+    /// One XFRM interface per peer, prefixes routed into it (this module; needs the kernel's
+    /// `xfrm_interface`).
+    Route,
+    /// `route` when [`probe`] finds XFRM interfaces, else `policy`.
+    Auto,
+}
+
+impl XfrmMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XfrmMode::Policy => "policy",
+            XfrmMode::Route => "route",
+            XfrmMode::Auto => "auto",
+        }
+    }
+
+    /// `auto` made concrete with [`probe`] (the others as they are), and why.
+    pub fn resolve(self) -> (XfrmMode, String) {
+        match self {
+            XfrmMode::Auto => match probe() {
+                Ok(()) => (
+                    XfrmMode::Route,
+                    "auto: the kernel has XFRM interfaces".into(),
+                ),
+                Err(why) => (XfrmMode::Policy, format!("auto: {why}")),
+            },
+            m => (m, "asked for".into()),
+        }
+    }
+}
+
+impl std::fmt::Display for XfrmMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for XfrmMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<XfrmMode, String> {
+        match s {
+            "policy" => Ok(XfrmMode::Policy),
+            "route" => Ok(XfrmMode::Route),
+            "auto" => Ok(XfrmMode::Auto),
+            _ => Err(format!(
+                "unknown xfrm mode {s:?}: expected policy, route or auto"
+            )),
+        }
+    }
+}
