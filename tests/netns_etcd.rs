@@ -1188,6 +1188,47 @@ fn mutual_tls_the_mesh_works_and_a_client_without_a_valid_certificate_is_told_wh
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.lines().any(|l| l.starts_with("h2 ")), "{text}");
+    // The same with the flags instead of the environment (plan, apply and cni-config share
+    // them with run), and without either: a TLS error naming the endpoint.
+    let (ok, out, err) = e.mesh(&[
+        "plan",
+        "--metadata",
+        &url,
+        "--host",
+        "h1",
+        "--etcd-cacert",
+        &ca,
+        "--etcd-cert",
+        &cert,
+        "--etcd-key",
+        &key,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.lines().any(|l| l.starts_with("h2 ")), "{out}");
+    let (ok, out, err) = e.mesh(&[
+        "cni-config",
+        "--metadata",
+        &url,
+        "--host",
+        "h1",
+        "--etcd-cacert",
+        &ca,
+        "--etcd-cert",
+        &cert,
+        "--etcd-key",
+        &key,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&s[0]), "h1's subnet {} in {out}", s[0]);
+    let (ok, _, err) = e.mesh(&["plan", "--metadata", &url, "--host", "h1"]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "{}:2379: the member closed the connection",
+            member_ip(1)
+        )),
+        "{err}"
+    );
 }
 
 impl Etcd {
