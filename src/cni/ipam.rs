@@ -113,6 +113,8 @@ fn claim_all(
         }
         got.push((r.ip, subnet));
     }
+    // Addresses kept for this owner after an earlier release are not needed any more.
+    trial.released.retain(|_, k| k.owner != *who);
     *st = trial;
     Ok(got)
 }
@@ -466,6 +468,15 @@ mod tests {
                 .contains("the subnet is 10.42.2.0/24"),
             "{e}"
         );
+        // A container restarted with a static request gives up what was kept for it.
+        assert!(f.run("DEL", "c3", &conf).1);
+        let (v, ok) = f.run_args("ADD", "c3", &conf, "IP=10.42.2.77");
+        assert!(ok, "{v}");
+        let st: Value = serde_json::from_slice(
+            &std::fs::read(f.dir.path().join("data/allocations.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(st.get("released").is_none(), "{st}");
         // Failed requests allocated nothing; dynamic allocation avoids claimed addresses.
         let (v, _) = f.run("ADD", "c5", &conf);
         assert_eq!(v["ips"][0]["address"], "10.42.2.2/24");
