@@ -180,10 +180,8 @@ impl Ours {
                 let mark = t
                     .iter()
                     .filter(|l| {
-                        l.starts_with(&format!(
+                        l.contains(&format!(
                             "{ip} daddr != @local {ip} daddr {cidr} meta mark set"
-                        )) || l.contains(&format!(
-                            " {ip} daddr != @local {ip} daddr {cidr} meta mark set"
                         ))
                     })
                     .count();
