@@ -100,11 +100,12 @@ impl Host {
     }
 }
 
-/// The lab: a switch and hosts. Dropping it stops every charon and deletes every netns.
+/// The lab: a switch and hosts. Dropping it stops every charon, then its
+/// [`common::Namespaces`] deletes every netns (also when the test panics).
 struct Lab {
     sw: String,
     hosts: Vec<Host>,
-    _dir: tempfile::TempDir,
+    ns: common::Namespaces,
 }
 
 impl Drop for Lab {
@@ -112,11 +113,6 @@ impl Drop for Lab {
         for h in &mut self.hosts {
             h.stop();
         }
-        for h in &self.hosts {
-            let _ = run("ip", &["netns", "del", &h.cns]);
-            let _ = run("ip", &["netns", "del", &h.ns]);
-        }
-        let _ = run("ip", &["netns", "del", &self.sw]);
     }
 }
 
@@ -133,36 +129,28 @@ impl Lab {
             "{} is missing: run integration/setup.sh (charon-systemd, libcharon-extra-plugins)",
             common::CHARON
         );
-        let base = format!("ch{}{tag}", std::process::id() % 100_000);
-        let dir = tempfile::tempdir().unwrap();
+        let mut ns = common::Namespaces::new("ch", tag);
+        let sw = ns.add("sw");
         let mut lab = Lab {
-            sw: format!("{base}sw"),
+            sw,
             hosts: Vec::new(),
-            _dir: dir,
+            ns,
         };
-        let _ = run("ip", &["netns", "del", &lab.sw]);
-        ip(&["netns", "add", &lab.sw]);
-        ip(&["-n", &lab.sw, "link", "set", "lo", "up"]);
         ip(&["-n", &lab.sw, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &lab.sw, "link", "set", "br0", "up"]);
         for (i, conf) in confs.iter().enumerate() {
             let letter = (b'a' + i as u8) as char;
-            let hdir = lab._dir.path().join(letter.to_string());
+            let hdir = lab.ns.dir.path().join(letter.to_string());
             std::fs::create_dir_all(&hdir).unwrap();
             let h = Host {
                 id: format!("host-{letter}"),
                 n: i as u8 + 1,
-                ns: format!("{base}{letter}"),
-                cns: format!("{base}{letter}c"),
+                ns: lab.ns.add(&letter.to_string()),
+                cns: lab.ns.add(&format!("{letter}c")),
                 dir: hdir,
                 conf: conf.to_string(),
                 charon: None,
             };
-            for ns in [&h.ns, &h.cns] {
-                let _ = run("ip", &["netns", "del", ns]);
-                ip(&["netns", "add", ns]);
-                ip(&["-n", ns, "link", "set", "lo", "up"]);
-            }
             let port = format!("p{letter}");
             // underlay: eth0 <-> switch port
             ip(&[

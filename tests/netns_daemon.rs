@@ -20,10 +20,9 @@ mod common;
 use common::rancher::{Env, FakeRancher, Gen};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -86,25 +85,6 @@ fn check(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Run `f` on a thread that entered the named network namespace (sockets it creates live
-/// there and stay there when handed to other threads).
-fn in_netns<T, F>(ns: &str, f: F) -> T
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
-    let path = format!("/var/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
 /// One HTTP/1.1 GET (as a scraper sends it) over a connected stream: (status code, body).
@@ -382,9 +362,11 @@ fn expected_firewall(plan: &Plan) -> Vec<String> {
 // A network namespace and what the kernel holds in it.
 // ------------------------------------------------------------------------------------------
 
-/// A fresh namespace, deleted on drop (after the sidecar guard killed its process).
+/// A fresh namespace, deleted on drop by its [`common::Namespaces`] guard (after the sidecar
+/// guard killed its process).
 struct Netns {
     name: String,
+    _guard: common::Namespaces,
 }
 
 /// Everything in a namespace that is not ipsec-mesh's (must never change).
@@ -400,15 +382,15 @@ impl Netns {
     /// `lo` up and an underlay veth `ul0` holding `agent` (address/prefix).
     fn new(agent: &str) -> Netns {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "dm{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        );
-        check(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns { name };
+        let mut guard =
+            common::Namespaces::new("dm", &SEQ.fetch_add(1, Ordering::SeqCst).to_string());
+        let name = guard.add("h");
+        let ns = Netns {
+            name,
+            _guard: guard,
+        };
         ns.sh(&format!(
-            "ip link set lo up && ip link add ul0 type veth peer name ul0p \
+            "ip link add ul0 type veth peer name ul0p \
              && ip addr add {agent} dev ul0 && ip link set ul0 up && ip link set ul0p up"
         ));
         ns
@@ -645,15 +627,6 @@ impl Netns {
              && iptables -w -t mangle -A PREROUTING -j FOREIGN \
              && iptables -w -t filter -A FORWARD -s 10.9.9.0/24 -j ACCEPT",
         );
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
     }
 }
 
@@ -924,7 +897,7 @@ const R_PORT: u16 = 8080;
 fn rancher_in(ns: &str, env: Env) -> FakeRancher {
     let ns = ns.to_string();
     FakeRancher::serve(env, move || {
-        in_netns(&ns, || TcpListener::bind(("127.0.0.1", R_PORT)))
+        common::in_netns(&ns, || TcpListener::bind(("127.0.0.1", R_PORT)))
             .expect("bind the fake rancher-metadata in the namespace")
     })
 }
@@ -1473,7 +1446,7 @@ fn healthz_metrics_and_status_cli_against_the_running_sidecar() {
     }
 
     let get = |path: &'static str| {
-        in_netns(&ns, move || {
+        common::in_netns(&ns, move || {
             http_get(TcpStream::connect("127.0.0.1:9542").unwrap(), path)
         })
     };

@@ -53,6 +53,26 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Run `f` on a thread that entered the named network namespace `ns` (sockets it creates live
+/// there and stay there when handed to other threads; threads it spawns stay there too).
+pub fn in_netns<T, F>(ns: &str, f: F) -> T
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
 /// Named network namespaces of one test and a scratch directory; every namespace is deleted
 /// on drop, also when the test panics. Names are `<kind><pid><tag>-<role>`, so parallel tests
 /// and leftovers of a killed run never collide.

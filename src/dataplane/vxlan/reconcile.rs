@@ -493,7 +493,8 @@ mod tests {
             vec![
                 "- vxlan route 10.42.3.0/24 via 10.42.3.0 dev vtep1042 [departed peer]".to_string(),
                 "- vxlan neigh 10.42.3.0 dev vtep1042 [departed peer]".to_string(),
-                "- vxlan fdb 00:00:00:00:00:00 dst 192.168.77.3 dev vtep1042 [departed peer]".to_string(),
+                "- vxlan fdb 00:00:00:00:00:00 dst 192.168.77.3 dev vtep1042 [departed peer]"
+                    .to_string(),
                 format!(
                     "- vxlan fdb {} dst 192.168.77.3 dev vtep1042 [departed peer]",
                     vtep_mac("h3")
@@ -521,7 +522,8 @@ mod tests {
         assert_eq!(
             l,
             vec![
-                "- vxlan fdb 00:00:00:00:00:00 dst 192.168.77.3 dev vtep1042 [departed peer]".to_string(),
+                "- vxlan fdb 00:00:00:00:00:00 dst 192.168.77.3 dev vtep1042 [departed peer]"
+                    .to_string(),
                 "+ vxlan fdb 00:00:00:00:00:00 dst 192.168.77.33 dev vtep1042 [h3]".to_string(),
                 format!(
                     "+ vxlan fdb {} dst 192.168.77.33 dev vtep1042 [h3]",
@@ -590,7 +592,8 @@ mod tests {
             l,
             vec![
                 "- vxlan fdb 00:00:00:00:00:00 dst 192.168.77.2 dev vtep1042 [h2]".to_string(),
-                "- vxlan fdb 02:09:09:09:09:09 dst 192.168.77.9 dev vtep1042 [departed peer]".to_string(),
+                "- vxlan fdb 02:09:09:09:09:09 dst 192.168.77.9 dev vtep1042 [departed peer]"
+                    .to_string(),
                 "- vxlan fdb 00:00:00:00:00:00 dst 192.168.77.3 dev vtep1042 [h3]".to_string(),
                 "+ vxlan fdb 00:00:00:00:00:00 dst 192.168.77.2 dev vtep1042 [h2]".to_string(),
             ]
