@@ -1163,6 +1163,61 @@ fn mutual_tls_the_mesh_works_and_a_client_without_a_valid_certificate_is_told_wh
     e.wait_peers(&[1, 2], &[1, 2], Duration::from_secs(30));
     assert!(e.ping(1, &s[1]), "c1 -> c2 with metadata over mutual TLS");
     assert!(e.ping(2, &s[0]), "c2 -> c1");
+
+    // A malformed record is left out, and the sidecars say so: /status (JSON and text) by
+    // key and why, and a gauge in /metrics; gone again once the record is deleted.
+    e.put(
+        "/mesh/hosts/bad",
+        r#"{"id":"bad","agent_ip":"192.168.78.99","subnet":["10.42.200.0/24"]}"#,
+    );
+    let status_of = |n: usize, format: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &e.t.ns(&format!("h{n}")), BIN, "status"])
+            .args(["--format", format])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let metrics_of = |n: usize| {
+        in_netns(&e.t.ns(&format!("h{n}")), || {
+            use ipsec_mesh::daemon::server::{get, Listen, DEFAULT_LISTEN};
+            get(&Listen::parse(DEFAULT_LISTEN), "/metrics").unwrap_or_default()
+        })
+    };
+    let t = Instant::now();
+    loop {
+        let v: Value = serde_json::from_str(&status_of(1, "json")).unwrap_or(Value::Null);
+        let skipped = &v["metadata"]["skipped"];
+        if skipped.as_array().is_some_and(|a| !a.is_empty()) {
+            assert_eq!(skipped.as_array().unwrap().len(), 1, "{skipped}");
+            assert_eq!(skipped[0]["key"], "/mesh/hosts/bad");
+            let why = skipped[0]["error"].as_str().unwrap();
+            assert!(why.contains("unknown field `subnet`"), "{why}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "h1 never showed the record left out: {v}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let text = status_of(1, "table");
+    assert!(
+        text.lines()
+            .any(|l| l
+                .starts_with("metadata record left out: /mesh/hosts/bad: unknown field `subnet`")),
+        "{text}"
+    );
+    let m = metrics_of(1);
+    assert!(m.contains("ipsec_mesh_metadata_skipped_records 1\n"), "{m}");
+    assert_eq!(e.peers(1), ["h2"], "the good hosts stay");
+    e.ctl(&["del", "/mesh/hosts/bad"]);
+    let t = Instant::now();
+    while !metrics_of(1).contains("ipsec_mesh_metadata_skipped_records 0\n") {
+        assert!(t.elapsed() < Duration::from_secs(20), "the gauge stays up");
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!status_of(1, "table").contains("left out"));
     let out = Command::new("ip")
         .args([
             "netns",

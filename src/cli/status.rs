@@ -43,6 +43,13 @@ pub fn run(cmd: StatusCmd) -> Result<ExitCode> {
     if let Some(e) = md["last_error"].as_str() {
         println!("metadata error (last good state kept): {e}");
     }
+    for s in md["skipped"].as_array().into_iter().flatten() {
+        println!(
+            "metadata record left out: {}: {}",
+            s["key"].as_str().unwrap_or("?"),
+            s["error"].as_str().unwrap_or("?")
+        );
+    }
     let k = &v["keying"];
     if let Some(every) = k["rekey_every_s"].as_u64() {
         let next = k["next_rekey_at"].as_u64().unwrap_or(0);

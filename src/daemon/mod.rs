@@ -192,7 +192,11 @@ impl Loop {
             Ok((snap, me)) => {
                 let version = snap.version.clone();
                 let previous = self.snapshot.replace((snap, me));
-                self.set_status(|s| s.metadata.last_error = None);
+                let skipped = self.source.skipped();
+                self.set_status(|s| {
+                    s.metadata.last_error = None;
+                    s.metadata.skipped = skipped;
+                });
                 let Some(changed) = self.replan() else {
                     // Not plannable (e.g. the self host left): keep the last good state.
                     self.snapshot = previous;

@@ -25,6 +25,8 @@ pub struct MetadataStatus {
     pub loaded_at: Option<u64>,
     /// The last load or validation error; the last good state is kept meanwhile.
     pub last_error: Option<String>,
+    /// Records the last good load left out (etcd: malformed host records), by key and why.
+    pub skipped: Vec<crate::metadata::etcd::Skipped>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -291,6 +293,12 @@ pub fn metrics(s: &Status, xfrm_stat: &[(String, u64)], now: u64) -> String {
         "gauge",
         one(u8::from(s.metadata.last_error.is_some()).to_string()),
     );
+    metric(
+        "metadata_skipped_records",
+        "Records the metadata in use left out (malformed etcd host records; /status says which).",
+        "gauge",
+        one(s.metadata.skipped.len().to_string()),
+    );
     if s.has_sas {
         metric(
             "key_generation",
@@ -471,6 +479,10 @@ mod tests {
             metadata: MetadataStatus {
                 version: Some("ab\"c".into()),
                 loaded_at: Some(100),
+                skipped: vec![crate::metadata::etcd::Skipped {
+                    key: "/m/hosts/h9".into(),
+                    error: "unknown field `subnet`".into(),
+                }],
                 ..Default::default()
             },
             reconciles: ReconcileStatus {
@@ -515,6 +527,7 @@ mod tests {
         assert!(m.contains("ipsec_mesh_reconciles_total 3\n"));
         assert!(m.contains("ipsec_mesh_metadata_version_info{version=\"ab\\\"c\"} 1\n"));
         assert!(m.contains("ipsec_mesh_metadata_age_seconds 30\n"));
+        assert!(m.contains("ipsec_mesh_metadata_skipped_records 1\n"));
         assert!(m.contains("ipsec_mesh_peer_bytes_total{peer=\"b\",direction=\"out\"} 7\n"));
         assert!(m.contains("ipsec_mesh_xfrm_stat_total{counter=\"XfrmOutNoStates\"} 4\n"));
         assert!(m.contains("ipsec_mesh_reconcile_duration_seconds_total 0.000000\n"));

@@ -472,8 +472,9 @@ impl Entry {
     }
 }
 
-/// A host record left out of the mesh, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A host record left out of the mesh, and why (shown in the sidecar's `/status`; host
+/// records hold no secrets).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Skipped {
     /// The full key (`/ipsec-mesh/hosts/h3`).
     pub key: String,
@@ -1517,6 +1518,10 @@ impl EtcdSource {
 impl MetadataSource for EtcdSource {
     fn origin(&self) -> String {
         self.client.url.origin()
+    }
+
+    fn skipped(&self) -> Vec<Skipped> {
+        self.skipped.clone()
     }
 
     fn set_body_limit(&mut self, bytes: u64) {

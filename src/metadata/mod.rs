@@ -78,6 +78,12 @@ pub trait MetadataSource: Send {
     /// Largest answer a network source accepts (`--metadata-max-mb`).
     fn set_body_limit(&mut self, _bytes: u64) {}
 
+    /// The records the last good load left out (partial validity: etcd's malformed host
+    /// records), by key and why. Sources that are all-or-nothing have none.
+    fn skipped(&self) -> Vec<etcd::Skipped> {
+        Vec::new()
+    }
+
     /// Block until the content may differ from `version`, or `max_wait` has passed.
     /// Returns the new version, or `None` when nothing changed within `max_wait`.
     fn wait_for_change(
