@@ -50,6 +50,10 @@ fn realistic() -> (Status, Vec<(String, u64)>) {
             version: Some("v\"42\"\nnext".into()),
             loaded_at: Some(1_700_000_000),
             last_error: Some("cluster.json: line 3 column 7: expected `,`".into()),
+            skipped: vec![ipsec_mesh::metadata::etcd::Skipped {
+                key: "/ipsec-mesh/hosts/h3".into(),
+                error: "unknown field `subnet`".into(),
+            }],
         },
         reconciles: ReconcileStatus {
             count: 17,
