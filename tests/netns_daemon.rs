@@ -591,7 +591,7 @@ impl Netns {
 
     fn owned(&self) -> Owned {
         let mut firewall = self.firewall().0;
-        if let Some(t) = common::firewall::ours(Some(&self.name)).nft {
+        if let Some(t) = common::firewall::nft_table(Some(&self.name)) {
             firewall.extend(t.iter().map(|l| format!("nft {l}")));
         }
         firewall.sort();

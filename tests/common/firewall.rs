@@ -79,8 +79,19 @@ pub fn ours(ns: Option<&str>) -> Ours {
         }
     }
     iptables.sort();
-    let nft = tool(ns, &["nft", "list", "table", "inet", "ipsec-mesh"]).map(|t| normalize(&t));
-    Ours { iptables, nft }
+    Ours {
+        iptables,
+        nft: nft_table(ns),
+    }
+}
+
+/// The lines of `table inet ipsec-mesh` in `ns` (see [`Ours::nft`]); no process at all
+/// without nft.
+pub fn nft_table(ns: Option<&str>) -> Option<Vec<String>> {
+    if !present("nft") {
+        return None;
+    }
+    tool(ns, &["nft", "list", "table", "inet", "ipsec-mesh"]).map(|t| normalize(&t))
 }
 
 /// nft listing lines, trimmed, without counter values and blank lines.
