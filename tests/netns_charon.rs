@@ -28,7 +28,7 @@ use ipsec_mesh::dataplane::charon::{
     Client, ConnConfig, ConnectOptions, GetConns, GetShared, ListConns, ListSas, LoadConn,
     LoadShared, PeerState, SharedKeyType, Terminate,
 };
-use ipsec_mesh::model::{Cluster, RawCluster, RawHost, RawNetwork};
+use ipsec_mesh::model::Cluster;
 use ipsec_mesh::plan::{plan, Plan, PlanOptions, Psk};
 
 const PSK: &[u8] = b"netns-charon-test-psk-0123456789abcdef";
@@ -267,26 +267,7 @@ impl Lab {
 }
 
 fn cluster(ids: &[&str]) -> Cluster {
-    Cluster::validate(&RawCluster {
-        network: RawNetwork {
-            cidr: "10.42.0.0/16".into(),
-            backend: None,
-            mtu: None,
-        },
-        hosts: ids
-            .iter()
-            .map(|id| {
-                let n = id.as_bytes()[id.len() - 1] - b'a' + 1;
-                RawHost {
-                    id: id.to_string(),
-                    agent_ip: format!("192.168.77.{n}"),
-                    subnets: vec![format!("10.42.{n}.0/24")],
-                    ..Default::default()
-                }
-            })
-            .collect(),
-    })
-    .unwrap()
+    common::cluster::valid(&common::cluster::lettered(ids))
 }
 
 fn plan_for(ids: &[&str], me: &str) -> Plan {

@@ -13,34 +13,24 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::{Child, Command};
 
-use common::{in_new_netns, sh};
+use common::{cluster, in_new_netns, sh};
 use ipsec_mesh::dataplane::firewall::{
     nft, save::rule_packets, Firewall, FirewallKind, FirewallSpec, GUARD_CHAIN, MARK_CHAIN,
 };
 use ipsec_mesh::dataplane::routes::{self, RouteConfig, RouteSpec};
-use ipsec_mesh::model::{Cluster, RawCluster, RawHost, RawNetwork};
+use ipsec_mesh::model::{Cluster, RawCluster};
 use ipsec_mesh::plan::{self, Plan, PlanOptions};
 
 type HostDef<'a> = (&'a str, &'a str, &'a [&'a str]);
 
 fn plan_for(cidr: &str, hosts: &[HostDef], me: &str) -> Plan {
-    let c = Cluster::validate(&RawCluster {
-        network: RawNetwork {
-            cidr: cidr.into(),
-            backend: None,
-            mtu: None,
-        },
-        hosts: hosts
+    let c = cluster::valid(&cluster::raw(
+        cidr,
+        hosts
             .iter()
-            .map(|(id, ip, subnets)| RawHost {
-                id: id.to_string(),
-                agent_ip: ip.to_string(),
-                subnets: subnets.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            })
+            .map(|(id, ip, subnets)| cluster::host(id, ip, subnets))
             .collect(),
-    })
-    .unwrap();
+    ));
     plan::plan(&c, me, &PlanOptions::default(), None).unwrap()
 }
 
@@ -861,35 +851,7 @@ fn marked_traffic_without_ipsec_policy_is_dropped() {
 /// 10.0.0.0/8, so the remote prefixes do not aggregate into a few blocks. Agent IPs in
 /// 172.16.0.0/16.
 fn spread_mesh(hosts: usize) -> RawCluster {
-    let mut x: u32 = 0x2545_f491;
-    let mut used = BTreeSet::from(["10.42.1.0/24".to_string()]);
-    let mut subnets = vec!["10.42.1.0/24".to_string()];
-    while subnets.len() < hosts {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        let n = format!("10.{}.{}.0/24", (x >> 8) & 0xff, x & 0xff);
-        if used.insert(n.clone()) {
-            subnets.push(n);
-        }
-    }
-    RawCluster {
-        network: RawNetwork {
-            cidr: "10.0.0.0/8".into(),
-            backend: None,
-            mtu: None,
-        },
-        hosts: subnets
-            .into_iter()
-            .enumerate()
-            .map(|(i, sn)| RawHost {
-                id: format!("host-{i:05}"),
-                agent_ip: format!("172.16.{}.{}", i / 250, i % 250 + 1),
-                subnets: vec![sn],
-                ..Default::default()
-            })
-            .collect(),
-    }
+    cluster::spread_24s(hosts, 0x2545_f491)
 }
 
 fn spread_plan(hosts: usize) -> Plan {

@@ -5,31 +5,24 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use proptest::prelude::*;
 
-use ipsec_mesh::model::{Cluster, RawCluster, RawHost, RawNetwork};
+#[path = "common/cluster.rs"]
+mod cluster;
+
+use ipsec_mesh::model::{Cluster, RawCluster, RawHost};
 use ipsec_mesh::plan::{self, ids, KeyDeriver, Peer, Plan, PlanOptions, Psk, Transform};
 
 fn raw_host(i: usize, id: &str) -> RawHost {
-    RawHost {
-        id: id.to_string(),
-        agent_ip: format!("172.16.{}.{}", i / 250, i % 250 + 1),
-        subnets: vec![format!("10.{}.{}.0/24", 42 + i / 256, i % 256)],
-        ..Default::default()
-    }
+    cluster::numbered_host(i, id)
 }
 
 fn raw(ids: &[String]) -> RawCluster {
-    RawCluster {
-        network: RawNetwork {
-            cidr: "10.0.0.0/8".into(),
-            backend: None,
-            mtu: None,
-        },
-        hosts: ids
-            .iter()
+    cluster::raw(
+        "10.0.0.0/8",
+        ids.iter()
             .enumerate()
             .map(|(i, id)| raw_host(i, id))
             .collect(),
-    }
+    )
 }
 
 fn all_plans(c: &Cluster, opts: &PlanOptions, psk: Option<&Psk>) -> HashMap<String, Plan> {
@@ -221,4 +214,25 @@ fn collisions_in_a_small_space_resolve_stably() {
     let g = ids::assign(&grown, 12);
     let moved = (0..names.len()).filter(|&i| g[i] != a[i]).count();
     assert!(moved <= 3, "{moved} hosts moved because one host joined");
+}
+
+/// The shared generator's spread clusters are valid and spread over 10.0.0.0/8 (not one
+/// tidy block), its numbered and lettered ones valid.
+#[test]
+fn generated_clusters_are_valid_and_spread_ones_do_not_aggregate() {
+    assert_eq!(
+        cluster::valid(&cluster::lettered(&["host-a", "host-c"]))
+            .hosts
+            .len(),
+        2
+    );
+    assert_eq!(cluster::valid(&cluster::numbered(600)).hosts.len(), 600);
+    let s = cluster::spread_24s(500, 0x2545_f491);
+    assert_eq!(cluster::valid(&s).hosts.len(), 500);
+    let second_octets: BTreeSet<&str> = s
+        .hosts
+        .iter()
+        .map(|h| h.subnets[0].split('.').nth(1).unwrap())
+        .collect();
+    assert!(second_octets.len() > 100, "{}", second_octets.len());
 }

@@ -3,6 +3,8 @@
 
 use std::process::{Command, Stdio};
 
+/// The cluster generator (benches/common includes it too).
+pub mod cluster;
 /// Our firewall objects of either backend, and the backend `--firewall auto` picks here.
 pub mod firewall;
 /// The fake rancher-metadata server and Rancher-shaped environments.
