@@ -107,7 +107,7 @@ fn case(peers: usize) {
             .block_on(async {
                 let h = vxlan::connect()?;
                 let index = vxlan::find_device(&h, &cfg.dev).await?.expect("device").index;
-                vxlan::read_current(&h, index, netlink_packet_route::AddressFamily::Inet).await
+                vxlan::read_current(&h, index).await
             })
             .unwrap();
         let t_dump = ms(t);

@@ -30,18 +30,34 @@ impl Topo {
 
     /// Metadata with hosts `ns` (1-based), each 192.168.77.N with 10.42.N.0/24.
     fn write_meta(&self, hosts: &[u32]) {
+        self.write_meta_families(hosts, Family::V4, Family::V4);
+    }
+
+    /// Metadata with hosts `ns` (1-based): agent_ip 192.168.77.N or fd77::N (`underlay`),
+    /// subnet 10.42.N.0/24 in 10.42.0.0/16 or fd42:0:0:N::/64 in fd42::/48 (`overlay`).
+    fn write_meta_families(&self, hosts: &[u32], underlay: Family, overlay: Family) {
+        let (cidr, subnet) = match overlay {
+            Family::V4 => ("10.42.0.0/16", "10.42.{}.0/24"),
+            Family::V6 => ("fd42::/48", "fd42:0:0:{}::/64"),
+        };
+        let agent = match underlay {
+            Family::V4 => "192.168.77.{}",
+            Family::V6 => "fd77::{}",
+        };
         let hs: Vec<String> = hosts
             .iter()
             .map(|i| {
                 format!(
-                    r#"{{"id":"h{i}","agent_ip":"192.168.77.{i}","subnets":["10.42.{i}.0/24"]}}"#
+                    r#"{{"id":"h{i}","agent_ip":"{}","subnets":["{}"]}}"#,
+                    agent.replace("{}", &i.to_string()),
+                    subnet.replace("{}", &i.to_string())
                 )
             })
             .collect();
         std::fs::write(
             self.meta(),
             format!(
-                r#"{{"network":{{"cidr":"10.42.0.0/16","backend":"vxlan","mtu":1500}},"hosts":[{}]}}"#,
+                r#"{{"network":{{"cidr":"{cidr}","backend":"vxlan","mtu":1500}},"hosts":[{}]}}"#,
                 hs.join(",")
             ),
         )
@@ -105,8 +121,23 @@ fn applied_ok(o: &Output) -> usize {
     writes(o)
 }
 
+/// An address family (of the underlay or of the overlay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
 /// The 3-host topology of the module docs.
 fn three_hosts(tag: &str) -> Topo {
+    three_hosts_on(tag, Family::V4)
+}
+
+/// The 3-host topology of the module docs on an IPv4 underlay, or on an IPv6-only one
+/// (`uN` fd77::N/64 and no IPv4 address; the containers and bridges are then dual-stack
+/// too: cbr0 also fd42:0:0:N::1/64, eth0 also fd42:0:0:N::2/64 with a default route, and
+/// IPv6 forwarding on). IPv6 addresses are `nodad`.
+fn three_hosts_on(tag: &str, underlay: Family) -> Topo {
     let mut t = Topo::new("vx", tag);
     let sw = t.add("sw");
     sh(&format!(
@@ -115,24 +146,40 @@ fn three_hosts(tag: &str) -> Topo {
     for n in 1..=3 {
         let h = t.add(&format!("h{n}"));
         let c = t.add(&format!("c{n}"));
+        let (uaddr, v6) = match underlay {
+            Family::V4 => (format!("192.168.77.{n}/24"), String::new()),
+            Family::V6 => (
+                format!("fd77::{n}/64 nodad"),
+                format!(
+                    " && ip -n {h} addr add fd42:0:0:{n}::1/64 dev cbr0 nodad && \
+                     ip -n {c} addr add fd42:0:0:{n}::2/64 dev eth0 nodad && \
+                     ip -n {c} -6 route add default via fd42:0:0:{n}::1 && \
+                     ip netns exec {h} sysctl -qw net.ipv6.conf.all.forwarding=1"
+                ),
+            ),
+        };
         sh(&format!(
             "ip link add u{n} netns {h} type veth peer name sw{n} netns {sw} && \
              ip -n {sw} link set sw{n} master br0 && ip -n {sw} link set sw{n} up && \
-             ip -n {h} link set u{n} up && ip -n {h} addr add 192.168.77.{n}/24 dev u{n} && \
+             ip -n {h} link set u{n} up && ip -n {h} addr add {uaddr} dev u{n} && \
              ip -n {h} link add cbr0 type bridge && ip -n {h} link set cbr0 up && \
              ip -n {h} addr add 10.42.{n}.1/24 dev cbr0 && \
              ip link add vc{n} netns {h} type veth peer name eth0 netns {c} && \
              ip -n {h} link set vc{n} master cbr0 && ip -n {h} link set vc{n} up && \
              ip -n {c} link set eth0 up && ip -n {c} addr add 10.42.{n}.2/24 dev eth0 && \
              ip -n {c} route add default via 10.42.{n}.1 && \
-             ip netns exec {h} sysctl -qw net.ipv4.ip_forward=1"
+             ip netns exec {h} sysctl -qw net.ipv4.ip_forward=1{v6}"
         ));
     }
     // The underlay works before anything of ours exists.
     for n in 1..=3 {
         for m in (1..=3).filter(|m| *m != n) {
+            let peer = match underlay {
+                Family::V4 => format!("192.168.77.{m}"),
+                Family::V6 => format!("fd77::{m}"),
+            };
             assert!(
-                t.try_sh(&format!("h{n}"), &format!("ping -c 1 -W 2 192.168.77.{m}")),
+                t.try_sh(&format!("h{n}"), &format!("ping -c 1 -W 2 {peer}")),
                 "underlay h{n} -> h{m}"
             );
         }
@@ -363,6 +410,185 @@ fn three_hosts_ping_over_vxlan_and_reconcile_minimally() {
         assert!(String::from_utf8_lossy(&o.stdout).contains("0 removed"));
     }
     foreign_intact(&t, 1);
+}
+
+/// Issue 18: the same 3 hosts on an IPv6-only underlay (fd77::N, no IPv4 on it), first with
+/// an IPv4 overlay, then the metadata switched to an IPv6 overlay: the device's local address
+/// and every FDB remote are IPv6, the MTU leaves VXLAN-over-IPv6's 70 bytes (1430: a DF
+/// packet of exactly 1430 bytes crosses, 1431 does not), every container pair pings in the
+/// overlay's family, nothing IPv4 is on the underlay, a no-op reapply writes nothing, the
+/// family switch removes exactly the old family's objects, cleanup leaves nothing of ours.
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn three_hosts_on_an_ipv6_underlay_ping_over_v4_then_v6_overlays() {
+    require_root!();
+    let t = three_hosts_on("6", Family::V6);
+    assert!(
+        !t.sh("h1", "ip -4 addr show dev u1").contains("inet "),
+        "the underlay must be IPv6-only"
+    );
+    t.sh("h1", "ip -6 route add fd99::/64 dev u1 proto static");
+    let foreign_v6 = |t: &Topo| {
+        let r = t.sh("h1", "ip -6 route show dev u1");
+        assert!(r.contains("fd99::/64 proto static"), "{r}");
+        assert!(t.sh("h1", "ip -6 addr show dev u1").contains("fd77::1/64"));
+    };
+
+    // IPv4 overlay over IPv6: device, address, 2 peers x (2 fdb + neighbour + route).
+    t.write_meta_families(&[1, 2, 3], Family::V6, Family::V4);
+    for n in 1..=3 {
+        let o = t.apply(n, &[]);
+        assert!(applied_ok(&o) >= 1 + 1 + 2 * 4, "{}", text(&o));
+    }
+    let link = t.sh("h1", "ip -d link show vtep1042");
+    for want in [
+        "mtu 1430",
+        "vxlan id 1042",
+        "local fd77::1 dev u1",
+        "dstport 4789",
+        "nolearning",
+        "UP",
+    ] {
+        assert!(link.contains(want), "{want:?} not in {link}");
+    }
+    let s1 = state(&t, 1);
+    for want in [
+        "00:00:00:00:00:00 dst fd77::2 self permanent",
+        "00:00:00:00:00:00 dst fd77::3 self permanent",
+        "10.42.2.0 lladdr ",
+        "10.42.2.0/24 via 10.42.2.0 proto static onlink",
+        "10.42.3.0/24 via 10.42.3.0 proto static onlink",
+        "inet 10.42.1.0/32",
+    ] {
+        assert!(s1.contains(want), "{want:?} not in\n{s1}");
+    }
+    assert_eq!(
+        s1.matches(" dst fd77::").count(),
+        4,
+        "2 FDB remotes per peer, all IPv6:\n{s1}"
+    );
+    let mut failed = Vec::new();
+    let vx = capture(&t, "udp port 4789", || {
+        for a in 1..=3 {
+            for b in (1..=3).filter(|b| *b != a) {
+                if !pings(&t, &format!("c{a}"), &format!("10.42.{b}.2")) {
+                    failed.push(format!("c{a}->c{b}"));
+                }
+            }
+        }
+        if !pings(&t, "h1", "10.42.2.2") {
+            failed.push("h1->c2".into());
+        }
+    });
+    assert!(
+        failed.is_empty(),
+        "pings failed: {failed:?}\n{}",
+        state(&t, 1)
+    );
+    assert!(
+        vx.contains("IP6 fd77::1.") && vx.contains("> fd77::2.4789: VXLAN"),
+        "no VXLAN over IPv6 on the underlay:\n{vx}"
+    );
+    assert!(
+        vx.contains("10.42.1.2 > 10.42.2.2: ICMP echo request"),
+        "inner packet not seen in VXLAN:\n{vx}"
+    );
+    // The MTU is the largest that fits: 1430 + 70 = the underlay's 1500.
+    let ipv4 = capture(&t, "ip", || {
+        assert!(
+            t.try_sh("c1", "ping -M do -s 1402 -c 1 -W 2 10.42.2.2"),
+            "a 1430-byte DF packet must cross"
+        );
+        assert!(
+            !t.try_sh("c1", "ping -M do -s 1403 -c 1 -W 2 10.42.2.2"),
+            "a 1431-byte DF packet must not"
+        );
+    });
+    assert!(
+        ipv4.trim().is_empty(),
+        "IPv4 on an IPv6-only underlay:\n{ipv4}"
+    );
+    for n in 1..=3 {
+        let o = t.apply(n, &[]);
+        assert_eq!(applied_ok(&o), 0, "{}", text(&o));
+    }
+    foreign_v6(&t);
+
+    // The overlay becomes IPv6: per host, the IPv4 address, 2 neighbours and 2 routes go,
+    // the IPv6 ones come; the device and the FDB stay.
+    t.write_meta_families(&[1, 2, 3], Family::V6, Family::V6);
+    for n in 1..=3 {
+        let o = t.apply(n, &[]);
+        assert_eq!(applied_ok(&o), 5 + 5, "{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(!out.contains("vxlan device"), "device untouched: {out}");
+        assert!(!out.contains("vxlan fdb"), "FDB untouched: {out}");
+    }
+    let s1 = state(&t, 1);
+    assert!(!s1.contains("10.42."), "IPv4 overlay objects left:\n{s1}");
+    let v6 =
+        t.sh("h1", "ip -6 route show dev vtep1042") + &t.sh("h1", "ip -6 addr show dev vtep1042");
+    for want in [
+        "fd42:0:0:2::/64 via fd42:0:0:2:: proto static metric 1024 onlink",
+        "fd42:0:0:3::/64 via fd42:0:0:3:: proto static metric 1024 onlink",
+        "inet6 fd42:0:0:1::/128 scope global nodad",
+    ] {
+        assert!(v6.contains(want), "{want:?} not in\n{v6}");
+    }
+    assert!(s1.contains("fd42:0:0:2:: lladdr "), "{s1}");
+    let mut failed = Vec::new();
+    let vx = capture(&t, "udp port 4789", || {
+        for a in 1..=3 {
+            for b in (1..=3).filter(|b| *b != a) {
+                if !pings(&t, &format!("c{a}"), &format!("fd42:0:0:{b}::2")) {
+                    failed.push(format!("c{a}->c{b}"));
+                }
+            }
+        }
+        if !pings(&t, "h1", "fd42:0:0:2::2") {
+            failed.push("h1->c2".into());
+        }
+    });
+    assert!(
+        failed.is_empty(),
+        "IPv6 pings failed: {failed:?}\n{}",
+        state(&t, 1)
+    );
+    assert!(
+        vx.contains("fd42:0:0:1::2 > fd42:0:0:2::2: ICMP6, echo request"),
+        "inner IPv6 packet not seen in VXLAN:\n{vx}"
+    );
+    // 1430 bytes of IPv6: 40 header + 8 ICMPv6 + 1382.
+    assert!(
+        t.try_sh("c1", "ping -M do -s 1382 -c 1 -W 2 fd42:0:0:2::2"),
+        "a 1430-byte IPv6 packet must cross"
+    );
+    assert!(
+        !t.try_sh("c1", "ping -M do -s 1383 -c 1 -W 2 fd42:0:0:2::2"),
+        "a 1431-byte IPv6 packet must not"
+    );
+    for n in 1..=3 {
+        let o = t.apply(n, &[]);
+        assert_eq!(applied_ok(&o), 0, "{}", text(&o));
+    }
+    foreign_v6(&t);
+
+    // Cleanup: nothing of ours in either family; the underlay as it was.
+    for n in 1..=3 {
+        let o = t.mesh(n, &["cleanup", "--driver", "vxlan"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let h = format!("h{n}");
+        assert!(!t.try_sh(&h, "ip link show vtep1042"));
+        for fam in ["-4", "-6"] {
+            let routes = t.sh(&h, &format!("ip {fam} route"));
+            assert!(!routes.contains("vtep1042"), "{routes}");
+            assert!(!t.sh(&h, &format!("ip {fam} neigh")).contains("vtep1042"));
+        }
+        let o = t.mesh(n, &["cleanup", "--driver", "vxlan"]);
+        assert!(String::from_utf8_lossy(&o.stdout).contains("0 removed"));
+    }
+    foreign_v6(&t);
+    assert!(t.try_sh("h1", "ping -c 1 -W 2 fd77::2"), "underlay intact");
 }
 
 #[test]

@@ -115,12 +115,10 @@ pub async fn find_device(
     Ok(found.as_ref().map(messages::parse_device))
 }
 
-/// Everything on device `index` that the diff looks at (overlay `family`).
-pub async fn read_current(
-    h: &Handle,
-    index: u32,
-    family: AddressFamily,
-) -> Result<Current, VxlanError> {
+/// Everything on device `index` that the diff looks at, of both IP families: the overlay's
+/// and the other one, so that what an earlier overlay family left on our device (its
+/// address, neighbours, routes) is seen and removed when the metadata changes family.
+pub async fn read_current(h: &Handle, index: u32) -> Result<Current, VxlanError> {
     let mut cur = Current::default();
     let addrs = rtnl::dump(
         "addresses",
@@ -129,7 +127,7 @@ pub async fn read_current(
     .await?;
     cur.addresses = addrs
         .iter()
-        .filter(|m| m.header.family == family)
+        .filter(|m| is_ip(m.header.family))
         .filter_map(|m| messages::parse_address(m, index))
         .collect();
     let fdb = rtnl::dump(
@@ -146,27 +144,34 @@ pub async fn read_current(
         .filter(|(i, _)| *i == index)
         .map(|(_, f)| f)
         .collect();
-    let neigh = rtnl::dump(
-        "neighbours",
-        h.neighbours().get().set_address_family(family).execute(),
-    )
-    .await?;
-    cur.neighbours = neigh
-        .iter()
-        .filter(|m| m.header.family == family)
-        .filter_map(messages::parse_neighbour)
-        .filter(|(i, _)| *i == index)
-        .map(|(_, n)| n)
-        .collect();
-    let mut q = RouteMessage::default();
-    q.header.address_family = family;
-    let rts = rtnl::dump("routes", h.route().get(q).execute()).await?;
-    cur.routes = rts
-        .iter()
-        .filter(|m| m.header.address_family == family)
-        .filter_map(|m| messages::parse_route(m, index))
-        .collect();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let neigh = rtnl::dump(
+            "neighbours",
+            h.neighbours().get().set_address_family(family).execute(),
+        )
+        .await?;
+        cur.neighbours.extend(
+            neigh
+                .iter()
+                .filter(|m| m.header.family == family)
+                .filter_map(messages::parse_neighbour)
+                .filter(|(i, _)| *i == index)
+                .map(|(_, n)| n),
+        );
+        let mut q = RouteMessage::default();
+        q.header.address_family = family;
+        let rts = rtnl::dump("routes", h.route().get(q).execute()).await?;
+        cur.routes.extend(
+            rts.iter()
+                .filter(|m| m.header.address_family == family)
+                .filter_map(|m| messages::parse_route(m, index)),
+        );
+    }
     Ok(cur)
+}
+
+fn is_ip(f: AddressFamily) -> bool {
+    matches!(f, AddressFamily::Inet | AddressFamily::Inet6)
 }
 
 /// Why a step failed, in words an operator can act on.
@@ -297,15 +302,10 @@ pub async fn reconcile_with(
         }
     }
 
-    let family = if plan.cidr.network().is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
     let current = if fresh {
         Current::default()
     } else {
-        read_current(h, index, family).await?
+        read_current(h, index).await?
     };
     let steps = reconcile::diff_objects(&current, &want);
     let (dels, adds): (Vec<Step>, Vec<Step>) = steps.into_iter().partition(|s| s.op.is_delete());
@@ -366,14 +366,7 @@ pub fn peer_states(
     block_on(async {
         let h = connect()?;
         let fdb = match find_device(&h, &cfg.dev).await? {
-            Some(d) => {
-                let family = if plan.cidr.network().is_ipv4() {
-                    AddressFamily::Inet
-                } else {
-                    AddressFamily::Inet6
-                };
-                read_current(&h, d.index, family).await?.fdb
-            }
+            Some(d) => read_current(&h, d.index).await?.fdb,
             None => Vec::new(),
         };
         let have: std::collections::BTreeSet<(objects::Mac, Option<IpAddr>)> =

@@ -197,7 +197,7 @@ impl fmt::Display for Neighbour {
     }
 }
 
-/// A neighbour found on our device (overlay family).
+/// An IP neighbour found on our device (either family).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FoundNeighbour {
     pub ip: IpAddr,

@@ -106,10 +106,10 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 /// What was found on our device.
 #[derive(Debug, Clone, Default)]
 pub struct Current {
-    /// Addresses of the overlay family (IPv6 link-local excluded).
+    /// Addresses of either family (IPv6 link-local excluded).
     pub addresses: Vec<IpNet>,
     pub fdb: Vec<FoundFdb>,
-    /// Neighbours of the overlay family.
+    /// IPv4 and IPv6 neighbours.
     pub neighbours: Vec<FoundNeighbour>,
     /// Our routes (main table, on our device, `proto static`).
     pub routes: Vec<FoundRoute>,
