@@ -287,6 +287,8 @@ pub struct XfrmMesh {
     /// Route mode: whether [`xfrmi::probe`] found XFRM interfaces (asked once, before the
     /// first write).
     pub route_probe: Option<Result<(), String>>,
+    /// Policy mode: whether leftover route-mode interfaces were looked for already.
+    pub links_checked: bool,
 }
 
 impl XfrmMesh {
@@ -297,6 +299,7 @@ impl XfrmMesh {
             scope: xfrm::Scope::All,
             encap_socket: None,
             route_probe: None,
+            links_checked: false,
         }
     }
 
@@ -352,9 +355,11 @@ impl Driver for XfrmMesh {
             Ok(x) => r.part("routes", x),
             Err(e) => r.fail(MESH, "routes", &e),
         }
-        // Back from route mode: its interfaces go once nothing routes into them (reported
-        // only when there were some).
-        if self.scope == xfrm::Scope::All {
+        // Back from route mode: its interfaces go once nothing routes into them. Looked for
+        // by the first reconcile of this driver only (a link dump is not free on a host with
+        // thousands of container veths); reported only when there were some.
+        if self.scope == xfrm::Scope::All && !self.links_checked {
+            self.links_checked = true;
             match xfrmi::cleanup() {
                 Ok(x) if x.writes > 0 || !x.errors.is_empty() => r.part("xfrm interfaces", x),
                 Ok(_) => {}
