@@ -240,6 +240,16 @@ pub enum Invalid {
         first_host: String,
         other_family: u8,
     },
+    /// A subnet or VTEP address of the other family than the overlay: the model has one
+    /// overlay family per network (its `cidr`'s), whatever the underlay's family.
+    #[error("{what} {value} is IPv{family} but the network cidr {cidr} is IPv{cidr_family}: one overlay family per network (dual-stack overlays are not supported yet)")]
+    OverlayFamily {
+        what: &'static str,
+        value: String,
+        family: u8,
+        cidr: IpNet,
+        cidr_family: u8,
+    },
     #[error("vtep {value} is not inside the network cidr {cidr}")]
     VtepOutsideCidr { value: IpAddr, cidr: IpNet },
     #[error("vtep {value} lies inside {subnet} of host {other_host:?}, where it may be a workload's address")]
@@ -322,6 +332,26 @@ fn parse_endpoint(value: &str) -> Result<IpAddr, Invalid> {
         }),
         None => Ok(ip),
     }
+}
+
+fn family_of(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        4
+    } else {
+        6
+    }
+}
+
+/// `what` (`ip`, written `value`) is of the other family than the overlay `cidr`.
+fn family_mismatch(what: &'static str, ip: IpAddr, value: String, cidr: IpNet) -> Option<Invalid> {
+    let (family, cidr_family) = (family_of(ip), family_of(cidr.network()));
+    (family != cidr_family).then_some(Invalid::OverlayFamily {
+        what,
+        value,
+        family,
+        cidr,
+        cidr_family,
+    })
 }
 
 /// The network address of the first of `subnets` that has one to spare: IPv4 /30 or wider,
@@ -422,7 +452,7 @@ impl Cluster {
                     },
                 ));
             }
-            let family = |ip: &IpAddr| if ip.is_ipv4() { 4 } else { 6 };
+            let family = |ip: &IpAddr| family_of(*ip);
             if let Some(first) = hosts.first().map(|h: &Host| h.agent_ip) {
                 if family(&first) != family(&agent_ip) {
                     return Err(err(
@@ -450,6 +480,9 @@ impl Cluster {
             let mut subnets = Vec::with_capacity(rh.subnets.len());
             for (j, s) in rh.subnets.iter().enumerate() {
                 let net = parse_prefix(s).map_err(|e| err(Location::subnet(i, &rh.id, j), e))?;
+                if let Some(e) = family_mismatch("subnet", net.network(), net.to_string(), cidr) {
+                    return Err(err(Location::subnet(i, &rh.id, j), e));
+                }
                 if !cidr.contains(&net) {
                     return Err(err(
                         Location::subnet(i, &rh.id, j),
@@ -465,6 +498,9 @@ impl Cluster {
                 Some(v) => {
                     let ip =
                         parse_endpoint(v).map_err(|e| err(Location::host(i, &rh.id, "vtep"), e))?;
+                    if let Some(e) = family_mismatch("vtep", ip, ip.to_string(), cidr) {
+                        return Err(err(Location::host(i, &rh.id, "vtep"), e));
+                    }
                     if !cidr.contains(&ip) {
                         return Err(err(
                             Location::host(i, &rh.id, "vtep"),
@@ -899,10 +935,67 @@ mod tests {
             }
         ));
         assert_eq!(c.network.backend, Backend::Vxlan);
-        // A v4 subnet in a v6 overlay is outside it.
+        // A v4 subnet in a v6 overlay: refused by family, naming the JSON path.
         let mut r2 = r.clone();
         r2.hosts[0].subnets = vec!["10.0.0.0/24".into()];
-        assert!(matches!(fails(&r2).what, Invalid::OutsideCidr { .. }));
+        assert_eq!(
+            fails(&r2).to_string(),
+            r#"hosts[0] (id "a").subnets[0]: subnet 10.0.0.0/24 is IPv4 but the network cidr fd42::/48 is IPv6: one overlay family per network (dual-stack overlays are not supported yet)"#
+        );
+    }
+
+    /// Issue 18: the underlay's family and the overlay's are independent (VXLAN and ESP
+    /// tunnel mode carry either inner family over either outer one), but the overlay has one
+    /// family: a host's subnets (and VTEP) all of the cidr's.
+    #[test]
+    fn ipv6_agent_ip_with_an_ipv4_overlay_and_single_family_overlays() {
+        let r = raw(vec![
+            host("a", "fd77::1", &["10.42.1.0/24"]),
+            host("b", "2001:db8::2", &["10.42.2.0/24", "10.42.102.0/24"]),
+        ]);
+        let c = Cluster::validate(&r).unwrap();
+        assert_eq!(c.host("a").unwrap().agent_ip.to_string(), "fd77::1");
+        assert_eq!(vtep_of(&c, "b").as_deref(), Some("10.42.2.0"));
+        // IPv4 agent_ip with an IPv6 overlay, likewise.
+        let mut r4 = raw(vec![host("a", "192.168.77.1", &["fd42:0:0:1::/64"])]);
+        r4.network.cidr = "fd42::/48".into();
+        assert!(Cluster::validate(&r4).is_ok());
+
+        // Mixed subnets of one host (dual-stack): refused at the other family's subnet.
+        let mut mixed = r.clone();
+        mixed.hosts[1].subnets = vec!["10.42.2.0/24".into(), "fd42:0:0:2::/64".into()];
+        let e = fails(&mixed);
+        assert_eq!(e.location.to_string(), r#"hosts[1] (id "b").subnets[1]"#);
+        assert!(
+            matches!(
+                e.what,
+                Invalid::OverlayFamily {
+                    what: "subnet",
+                    family: 6,
+                    cidr_family: 4,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("fd42:0:0:2::/64 is IPv6 but the network cidr 10.42.0.0/16 is IPv4"),
+            "{e}"
+        );
+        // A VTEP of the other family.
+        let e = fails(&raw(vec![with_vtep(
+            host("a", "fd77::1", &["10.42.1.0/24"]),
+            "fd42::1",
+        )]));
+        assert_eq!(
+            e.to_string(),
+            r#"hosts[0] (id "a").vtep: vtep fd42::1 is IPv6 but the network cidr 10.42.0.0/16 is IPv4: one overlay family per network (dual-stack overlays are not supported yet)"#
+        );
+        // Agent IPs still share one family (one underlay for every tunnel).
+        let mut u = r.clone();
+        u.hosts[1].agent_ip = "192.168.77.2".into();
+        assert!(matches!(fails(&u).what, Invalid::MixedFamily { .. }));
     }
 
     #[test]

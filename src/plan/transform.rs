@@ -222,6 +222,71 @@ mod tests {
         }
     }
 
+    /// Issue 18: the MTU left for containers depends on the underlay's family (outer header
+    /// 20 or 40 bytes), not on the overlay's (the inner header is part of the inner packet).
+    #[test]
+    fn mtu_follows_the_underlay_family_not_the_overlays() {
+        use crate::model::{Cluster, RawCluster, RawHost, RawNetwork};
+        use crate::plan::{plan, PlanOptions};
+        let mk = |v6_under: bool, v6_over: bool, backend: &str| {
+            let agent = |n: u8| {
+                if v6_under {
+                    format!("fd77::{n}")
+                } else {
+                    format!("192.168.77.{n}")
+                }
+            };
+            let subnet = |n: u8| {
+                if v6_over {
+                    format!("fd42:0:0:{n}::/64")
+                } else {
+                    format!("10.42.{n}.0/24")
+                }
+            };
+            let c = Cluster::validate(&RawCluster {
+                network: RawNetwork {
+                    cidr: if v6_over { "fd42::/48" } else { "10.42.0.0/16" }.into(),
+                    backend: Some(backend.into()),
+                    mtu: Some(1500),
+                },
+                hosts: (1..=2)
+                    .map(|n| RawHost {
+                        id: format!("h{n}"),
+                        agent_ip: agent(n),
+                        subnets: vec![subnet(n)],
+                        ..Default::default()
+                    })
+                    .collect(),
+            })
+            .unwrap();
+            plan(&c, "h1", &PlanOptions::default(), None).unwrap().mtu
+        };
+        for v6_over in [false, true] {
+            // ESP tunnel mode, aes256gcm16: 20 + 8 + 8 + 16 (+ padding) over IPv4, 40 + ... over IPv6.
+            assert_eq!(
+                mk(false, v6_over, "ipsec"),
+                1446,
+                "v4 underlay, v6 overlay {v6_over}"
+            );
+            assert_eq!(
+                mk(true, v6_over, "ipsec"),
+                1426,
+                "v6 underlay, v6 overlay {v6_over}"
+            );
+            // VXLAN: 50 bytes over IPv4, 70 over IPv6.
+            assert_eq!(
+                mk(false, v6_over, "vxlan"),
+                1450,
+                "v4 underlay, v6 overlay {v6_over}"
+            );
+            assert_eq!(
+                mk(true, v6_over, "vxlan"),
+                1430,
+                "v6 underlay, v6 overlay {v6_over}"
+            );
+        }
+    }
+
     #[test]
     fn transport_overhead() {
         assert_eq!(esp_transport_overhead(Transform::Aes256Gcm16), 37);

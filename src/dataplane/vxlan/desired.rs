@@ -402,6 +402,23 @@ pub(crate) mod tests {
             "vxlan",
         );
         assert_eq!(mtu(&v6), 1430);
+        // Over IPv6 the device's local address and every FDB remote are IPv6; encrypted
+        // VXLAN (ESP transport mode, no second IP header) leaves its overhead on top.
+        let d = desired(&v6, &VxlanConfig::default(), 2);
+        assert_eq!(
+            (d.device.local.to_string(), d.device.mtu),
+            ("2001:db8::1".into(), 1430)
+        );
+        assert!(d
+            .fdb
+            .iter()
+            .all(|(_, e)| e.dst.to_string() == "2001:db8::2"));
+        let esp = VxlanConfig {
+            esp: true,
+            ..VxlanConfig::default()
+        };
+        assert_eq!(desired(&v6, &esp, 2).device.mtu, 1430 - 37);
+        assert_eq!(desired(&p, &esp, 2).device.mtu, 1450 - 37);
     }
 
     #[test]
