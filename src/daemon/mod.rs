@@ -611,7 +611,7 @@ fn log_changes(report: &crate::dataplane::driver::DriverReport) {
 mod tests {
     use super::*;
     use crate::dataplane::driver::DriverReport;
-    use crate::model::{Cluster, RawCluster, RawHost, RawNetwork};
+    use crate::model::{Cluster, RawCluster};
     use std::sync::Condvar;
 
     /// A metadata source the test changes: each change bumps the version and wakes the
@@ -711,19 +711,7 @@ mod tests {
     }
 
     fn cluster() -> RawCluster {
-        let host = |id: &str, n: u8| RawHost {
-            id: id.into(),
-            agent_ip: format!("192.168.77.{n}"),
-            subnets: vec![format!("10.42.{n}.0/24")],
-            ..Default::default()
-        };
-        RawCluster {
-            network: RawNetwork {
-                cidr: "10.42.0.0/16".into(),
-                ..Default::default()
-            },
-            hosts: vec![host("a", 1), host("b", 2), host("c", 3)],
-        }
+        crate::test_cluster::on_77(&["a", "b", "c"])
     }
 
     /// A running loop for host "a" over `src` and `driver`.

@@ -441,21 +441,7 @@ mod tests {
 
     #[test]
     fn update_peers_keeps_peer_errors_on_peers_and_the_rest_as_mesh_errors() {
-        let c = crate::model::Cluster::validate(&crate::model::RawCluster {
-            network: crate::model::RawNetwork {
-                cidr: "10.42.0.0/16".into(),
-                ..Default::default()
-            },
-            hosts: (1..=3)
-                .map(|n| crate::model::RawHost {
-                    id: format!("h{n}"),
-                    agent_ip: format!("192.168.77.{n}"),
-                    subnets: vec![format!("10.42.{n}.0/24")],
-                    ..Default::default()
-                })
-                .collect(),
-        })
-        .unwrap();
+        let c = crate::test_cluster::valid(&crate::test_cluster::on_77(&["h1", "h2", "h3"]));
         let plan = crate::plan::plan(&c, "h1", &Default::default(), None).unwrap();
         let errors = BTreeMap::from([
             ("h2".to_string(), "no SA".to_string()),

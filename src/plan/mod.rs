@@ -373,25 +373,11 @@ fn known_hosts(cluster: &Cluster) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{RawCluster, RawHost, RawNetwork};
 
     fn cluster(n: usize) -> Cluster {
-        Cluster::validate(&RawCluster {
-            network: RawNetwork {
-                cidr: "10.42.0.0/16".into(),
-                backend: None,
-                mtu: None,
-            },
-            hosts: (0..n)
-                .map(|i| RawHost {
-                    id: format!("host-{i}"),
-                    agent_ip: format!("192.168.77.{}", i + 1),
-                    subnets: vec![format!("10.42.{}.0/24", i + 1)],
-                    ..Default::default()
-                })
-                .collect(),
-        })
-        .unwrap()
+        let ids: Vec<String> = (0..n).map(|i| format!("host-{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        crate::test_cluster::valid(&crate::test_cluster::on_77(&ids))
     }
 
     #[test]
@@ -434,22 +420,12 @@ mod tests {
         let v: Vec<usize> = (0..10_000).collect();
         let par = derive_in_parallel(&v, true, &|x: &usize| x * 3);
         assert_eq!(par, v.iter().map(|x| x * 3).collect::<Vec<_>>());
-        let c = Cluster::validate(&RawCluster {
-            network: RawNetwork {
-                cidr: "10.0.0.0/8".into(),
-                backend: None,
-                mtu: None,
-            },
-            hosts: (0..PARALLEL_FROM + 5)
-                .map(|i| RawHost {
-                    id: format!("host-{i}"),
-                    agent_ip: format!("172.16.{}.{}", i / 250, i % 250 + 1),
-                    subnets: vec![format!("10.{}.{}.0/24", i / 256, i % 256)],
-                    ..Default::default()
-                })
+        let c = crate::test_cluster::valid(&crate::test_cluster::raw(
+            "10.0.0.0/8",
+            (0..PARALLEL_FROM + 5)
+                .map(|i| crate::test_cluster::numbered_host(i, &format!("host-{i}")))
                 .collect(),
-        })
-        .unwrap();
+        ));
         let psk = Psk::from_bytes(&[7u8; 32]);
         let p = plan(&c, "host-0", &PlanOptions::default(), Some(&psk)).unwrap();
         let k = KeyDeriver::new(&psk);

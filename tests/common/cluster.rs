@@ -7,9 +7,15 @@
 //! - [`numbered_host`] / [`numbered`]: `host-00000`, ... with agent IPs in 172.16.0.0/16 and one
 //!   /24 each in host order (10.42.0.0/24, 10.42.1.0/24, ...): property tests and benchmarks
 //!   where only the count matters.
+//! - [`on_77`]: the given ids, the ith on 192.168.77.(i+1) with 10.42.(i+1).0/24.
 //! - [`spread_24s`]: the same ids and agents, but every host's /24 drawn at random from
 //!   10.0.0.0/8 (fixed seed, no duplicates) as a real allocator leaves them, so remote prefixes
-//!   do not aggregate into a few blocks. Rancher's random /32s are in [`super::rancher`].
+//!   do not aggregate into a few blocks.
+//! - [`random_32s`]: Rancher's addressing (every container a /32 drawn at random from
+//!   10.42.0.0/16); the fake rancher-metadata server's environments are in `rancher.rs`.
+//!
+//! The library's unit tests include this file too (`crate::test_cluster`, with
+//! `extern crate self as ipsec_mesh`), so there is one generator for every test and bench.
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
@@ -56,6 +62,51 @@ pub fn lettered(ids: &[&str]) -> RawCluster {
                     &format!("192.168.77.{n}"),
                     &[&format!("10.42.{n}.0/24")],
                 )
+            })
+            .collect(),
+    )
+}
+
+/// `ids[i]` on 192.168.77.(i + 1) with 10.42.(i + 1).0/24, in 10.42.0.0/16.
+pub fn on_77(ids: &[&str]) -> RawCluster {
+    raw(
+        "10.42.0.0/16",
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| {
+                host(
+                    id,
+                    &format!("192.168.77.{}", i + 1),
+                    &[&format!("10.42.{}.0/24", i + 1)],
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Rancher-shaped: `hosts` hosts `host-0`, ... (agents 192.168.(77 + i / 250).(i % 250 + 1)),
+/// each with `containers` /32s drawn at random (xorshift from `seed`, distinct, never a .0
+/// or .255) from 10.42.0.0/16, as Rancher's IPAM leaves them.
+pub fn random_32s(hosts: usize, containers: usize, seed: u32) -> RawCluster {
+    let mut x = seed | 1;
+    let mut used = BTreeSet::new();
+    let mut next = || loop {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let a = x & 0xffff;
+        if a & 0xff != 0 && a & 0xff != 0xff && used.insert(a) {
+            return format!("10.42.{}.{}/32", a >> 8, a & 0xff);
+        }
+    };
+    raw(
+        "10.42.0.0/16",
+        (0..hosts)
+            .map(|i| RawHost {
+                id: format!("host-{i}"),
+                agent_ip: format!("192.168.{}.{}", 77 + i / 250, i % 250 + 1),
+                subnets: (0..containers).map(|_| next()).collect(),
+                ..Default::default()
             })
             .collect(),
     )

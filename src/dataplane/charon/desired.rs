@@ -407,22 +407,11 @@ mod tests {
     use crate::plan::{plan, PlanOptions};
 
     pub(crate) fn cluster(n: usize) -> Cluster {
-        Cluster::validate(&RawCluster {
-            network: RawNetwork {
-                cidr: "10.42.0.0/16".into(),
-                backend: None,
-                mtu: None,
-            },
-            hosts: (0..n)
-                .map(|i| RawHost {
-                    id: format!("host-{}", (b'a' + i as u8) as char),
-                    agent_ip: format!("192.168.77.{}", i + 1),
-                    subnets: vec![format!("10.42.{}.0/24", i + 1)],
-                    ..Default::default()
-                })
-                .collect(),
-        })
-        .unwrap()
+        let ids: Vec<String> = (0..n)
+            .map(|i| format!("host-{}", (b'a' + i as u8) as char))
+            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        crate::test_cluster::valid(&crate::test_cluster::lettered(&ids))
     }
 
     fn psk() -> Psk {

@@ -281,28 +281,12 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::dataplane::charon::types::IkeSa;
-    use crate::model::{Cluster, RawCluster, RawHost, RawNetwork};
     use crate::plan::{plan, PlanOptions};
 
     fn the_plan(me: &str) -> Plan {
-        let c = Cluster::validate(&RawCluster {
-            network: RawNetwork {
-                cidr: "10.42.0.0/16".into(),
-                backend: None,
-                mtu: None,
-            },
-            hosts: ["host-a", "host-b", "host-c"]
-                .iter()
-                .enumerate()
-                .map(|(i, id)| RawHost {
-                    id: id.to_string(),
-                    agent_ip: format!("192.168.77.{}", i + 1),
-                    subnets: vec![format!("10.42.{}.0/24", i + 1)],
-                    ..Default::default()
-                })
-                .collect(),
-        })
-        .unwrap();
+        let c = crate::test_cluster::valid(&crate::test_cluster::on_77(&[
+            "host-a", "host-b", "host-c",
+        ]));
         plan(&c, me, &PlanOptions::default(), None).unwrap()
     }
 

@@ -197,23 +197,7 @@ pub(super) mod tests {
 
     #[test]
     fn from_plan_uses_endpoint_and_family() {
-        use crate::model::{Cluster, RawCluster, RawHost, RawNetwork};
-        let c = Cluster::validate(&RawCluster {
-            network: RawNetwork {
-                cidr: "10.42.0.0/16".into(),
-                backend: None,
-                mtu: None,
-            },
-            hosts: (1..=3)
-                .map(|i| RawHost {
-                    id: format!("h{i}"),
-                    agent_ip: format!("192.168.77.{i}"),
-                    subnets: vec![format!("10.42.{i}.0/24")],
-                    ..Default::default()
-                })
-                .collect(),
-        })
-        .unwrap();
+        let c = crate::test_cluster::valid(&crate::test_cluster::on_77(&["h1", "h2", "h3"]));
         let p = crate::plan::plan(&c, "h1", &Default::default(), None).unwrap();
         let s = RouteSpec::from_plan(&p, RouteConfig::default());
         assert_eq!(

@@ -187,12 +187,7 @@ pub(crate) mod tests {
             },
             hosts: hosts
                 .iter()
-                .map(|(id, ip, nets)| RawHost {
-                    id: id.to_string(),
-                    agent_ip: ip.to_string(),
-                    subnets: nets.iter().map(|s| s.to_string()).collect(),
-                    ..Default::default()
-                })
+                .map(|(id, ip, nets)| crate::test_cluster::host(id, ip, nets))
                 .collect(),
         })
         .unwrap();

@@ -354,31 +354,18 @@ pub fn prefix_thresholds(plan: &Plan) -> Option<(u8, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Cluster, RawCluster, RawHost, RawNetwork};
+    use crate::model::Cluster;
     use crate::plan::{plan, PlanOptions, Psk};
+    use crate::test_cluster as tc;
 
     fn a_plan(psk: bool) -> Plan {
-        let c = Cluster::validate(&RawCluster {
-            network: RawNetwork {
-                cidr: "10.42.0.0/16".into(),
-                ..Default::default()
-            },
-            hosts: vec![
-                RawHost {
-                    id: "a".into(),
-                    agent_ip: "192.168.77.1".into(),
-                    subnets: vec!["10.42.1.0/24".into()],
-                    ..Default::default()
-                },
-                RawHost {
-                    id: "b".into(),
-                    agent_ip: "192.168.77.2".into(),
-                    subnets: vec!["10.42.2.0/24".into(), "10.42.102.0/24".into()],
-                    ..Default::default()
-                },
+        let c = tc::valid(&tc::raw(
+            "10.42.0.0/16",
+            vec![
+                tc::host("a", "192.168.77.1", &["10.42.1.0/24"]),
+                tc::host("b", "192.168.77.2", &["10.42.2.0/24", "10.42.102.0/24"]),
             ],
-        })
-        .unwrap();
+        ));
         let k = Psk::from_bytes(&[1; 32]);
         plan(&c, "a", &PlanOptions::default(), psk.then_some(&k)).unwrap()
     }
@@ -443,11 +430,9 @@ mod tests {
     #[test]
     fn policies_do_not_multiply_with_local_subnets() {
         // A Rancher-shaped host: 10 local /32s and 2 peers with 10 random /32s each.
-        let host = |id: &str, ip: &str, subnets: &[String]| RawHost {
-            id: id.into(),
-            agent_ip: ip.into(),
-            subnets: subnets.to_vec(),
-            ..Default::default()
+        let host = |id: &str, ip: &str, subnets: &[String]| {
+            let s: Vec<&str> = subnets.iter().map(String::as_str).collect();
+            tc::host(id, ip, &s)
         };
         let addrs = |seed: u32| -> Vec<String> {
             (0..10u32)
@@ -458,18 +443,14 @@ mod tests {
                 .collect()
         };
         let (a, b, c) = (addrs(1), addrs(2), addrs(3));
-        let cluster = Cluster::validate(&RawCluster {
-            network: RawNetwork {
-                cidr: "10.42.0.0/16".into(),
-                ..Default::default()
-            },
-            hosts: vec![
+        let cluster = tc::valid(&tc::raw(
+            "10.42.0.0/16",
+            vec![
                 host("a", "192.168.77.1", &a),
                 host("b", "192.168.77.2", &b),
                 host("c", "192.168.77.3", &c),
             ],
-        })
-        .unwrap();
+        ));
         let p = plan(&cluster, "a", &PlanOptions::default(), None).unwrap();
         let d = desired(&p);
         // 3 directions x 20 remote prefixes + the block policy (was 3 x 10 x 20 + 1 = 601).
@@ -477,35 +458,9 @@ mod tests {
         assert_eq!(prefix_thresholds(&p), Some((0, 32)));
     }
 
-    /// A Rancher-shaped cluster: `hosts` hosts, each with `containers` /32s drawn at random
-    /// (xorshift, distinct) from 10.42.0.0/16, as Rancher's IPAM leaves them.
+    /// A Rancher-shaped cluster ([`tc::random_32s`]).
     fn rancher_cluster(hosts: usize, containers: usize, seed: u32) -> Cluster {
-        let mut x = seed | 1;
-        let mut used = std::collections::BTreeSet::new();
-        let mut next = || loop {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            let a = x & 0xffff;
-            if a & 0xff != 0 && a & 0xff != 0xff && used.insert(a) {
-                return format!("10.42.{}.{}/32", a >> 8, a & 0xff);
-            }
-        };
-        Cluster::validate(&RawCluster {
-            network: RawNetwork {
-                cidr: "10.42.0.0/16".into(),
-                ..Default::default()
-            },
-            hosts: (0..hosts)
-                .map(|i| RawHost {
-                    id: format!("host-{i}"),
-                    agent_ip: format!("192.168.{}.{}", 77 + i / 250, i % 250 + 1),
-                    subnets: (0..containers).map(|_| next()).collect(),
-                    ..Default::default()
-                })
-                .collect(),
-        })
-        .unwrap()
+        tc::valid(&tc::random_32s(hosts, containers, seed))
     }
 
     #[test]
@@ -583,23 +538,7 @@ mod tests {
 
     #[test]
     fn a_key_ring_limits_the_inbound_generations_to_its_secrets() {
-        let c = Cluster::validate(&RawCluster {
-            network: RawNetwork {
-                cidr: "10.42.0.0/16".into(),
-                ..Default::default()
-            },
-            hosts: ["a", "b"]
-                .iter()
-                .enumerate()
-                .map(|(i, id)| RawHost {
-                    id: id.to_string(),
-                    agent_ip: format!("192.168.77.{}", i + 1),
-                    subnets: vec![format!("10.42.{}.0/24", i + 1)],
-                    ..Default::default()
-                })
-                .collect(),
-        })
-        .unwrap();
+        let c = tc::valid(&tc::on_77(&["a", "b"]));
         let ring = Psk::ring(&[(4, &[4; 32]), (5, &[5; 32])]);
         let opts = |generation| PlanOptions {
             generation,

@@ -211,26 +211,17 @@ pub fn diff(current: &Current, desired: &Desired) -> Vec<Step> {
 mod tests {
     use super::super::desired::desired;
     use super::*;
-    use crate::model::{Cluster, RawCluster, RawHost, RawNetwork};
     use crate::plan::{plan, Plan, PlanOptions, Psk};
 
     fn mk_plan(hosts: &[(&str, &str, &str)], me: &str) -> Plan {
-        let c = Cluster::validate(&RawCluster {
-            network: RawNetwork {
-                cidr: "10.42.0.0/16".into(),
-                ..Default::default()
-            },
-            hosts: hosts
+        use crate::test_cluster as tc;
+        let c = tc::valid(&tc::raw(
+            "10.42.0.0/16",
+            hosts
                 .iter()
-                .map(|(id, ip, net)| RawHost {
-                    id: id.to_string(),
-                    agent_ip: ip.to_string(),
-                    subnets: vec![net.to_string()],
-                    ..Default::default()
-                })
+                .map(|(id, ip, net)| tc::host(id, ip, &[net]))
                 .collect(),
-        })
-        .unwrap();
+        ));
         plan(
             &c,
             me,
