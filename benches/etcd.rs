@@ -10,14 +10,16 @@
 //!    `ipsec-mesh metadata push`) and on the same hosts in a file: wall time and peak RSS of
 //!    the release binary (GNU time's `%M`), median of 5 rounds.
 //! 3. **churn**: `CHURN` changes at `RATE`/s (first half new hosts, second half deleting them
-//!    again), to the same 3 sidecars: lag of each change (put -> programmed on every
-//!    sidecar, or gone from every one) p50/p99/max, and the sidecars' CPU time (utime+stime
-//!    from /proc) over the churn, as seconds and % of one core.
+//!    again; etcd puts from 4 threads so the rate holds, the achieved rate is printed), to the
+//!    same 3 sidecars: lag of each change (put -> programmed on every sidecar, or gone from
+//!    every one) p50/p99/max, the sidecars' CPU time (utime+stime from /proc) over the churn
+//!    as seconds and % of one core, their VmHWM, and the etcd members' CPU.
 //!
-//! `cargo bench --bench etcd [-- changes=50 hosts=10000 churn=1000 rate=50]`. Needs root (network
-//! namespaces), Debian's `etcd-server` and `etcd-client` and GNU `time` (integration/setup.sh):
-//! it fails saying which is missing. Not run in CI (about 3 minutes). Traffic: only inside
-//! the namespaces it makes (tests/common/etcd.rs: members 192.168.78.11-13, hosts .21-.26).
+//! `cargo bench --bench etcd [-- changes=50 hosts=10000 churn=1000 rate=50]`. Needs root
+//! (network namespaces), Debian's `etcd-server` and `etcd-client` (integration/setup.sh) and
+//! GNU `time` (`apt-get install time`): it fails saying which is missing. Not run in CI
+//! (about 1.5 minutes after the build). Traffic: only inside the namespaces it makes
+//! (tests/common/etcd.rs: members 192.168.78.11-13, hosts .21-.26).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -45,6 +47,8 @@ const NETWORK: &str = r#"{"cidr":"10.0.0.0/8","backend":"vxlan"}"#;
 /// How long one change may take to reach every sidecar before the bench fails.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 const LOAD_ROUNDS: usize = 5;
+/// Threads making the churn's etcd puts.
+const SENDERS: usize = 4;
 
 struct Params {
     changes: usize,
@@ -343,20 +347,10 @@ impl Mesh {
 
     /// CPU seconds (utime + stime) the sidecars used so far, and their largest VmHWM (MiB).
     fn cpu_and_hwm(&self) -> (f64, f64) {
-        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let mut cpu = 0.0;
+        let pids: Vec<u32> = self.sidecars.iter().map(|c| c.id()).collect();
         let mut hwm: f64 = 0.0;
-        for c in &self.sidecars {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap();
-            let f: Vec<&str> = stat
-                .rsplit_once(')')
-                .unwrap()
-                .1
-                .split_whitespace()
-                .collect();
-            // Fields 14 and 15 of stat(5); f[0] is field 3.
-            cpu += (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / tick;
-            let status = std::fs::read_to_string(format!("/proc/{}/status", c.id())).unwrap();
+        for pid in &pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
             let kib: f64 = status
                 .lines()
                 .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -364,7 +358,7 @@ impl Mesh {
                 .unwrap_or(0.0);
             hwm = hwm.max(kib / 1024.0);
         }
-        (cpu, hwm)
+        (cpu_seconds(&pids), hwm)
     }
 }
 
@@ -391,44 +385,110 @@ fn summary(mut ms: Vec<f64>) -> (f64, f64, f64) {
 struct Churn {
     lag_ms: Vec<f64>,
     cpu_s: f64,
+    /// The etcd members' CPU over the same window.
+    etcd_cpu_s: f64,
     window_s: f64,
+    /// Changes per second achieved.
+    rate: f64,
     settle_ms: f64,
     hwm: f64,
 }
 
 /// Phase 3: `count` changes at `rate`/s: hosts c0.. added, then deleted in the same order.
-fn churn(m: &mut Mesh, count: usize, rate: f64) -> Churn {
+fn churn(m: &mut Mesh, count: usize, rate: f64, etcd_pids: &[u32]) -> Churn {
     let half = count / 2;
     let (cpu0, _) = m.cpu_and_hwm();
+    let etcd0 = cpu_seconds(etcd_pids);
     let start = Instant::now();
-    let mut sent: Vec<(Instant, bool, String)> = Vec::with_capacity(count);
-    for i in 0..count {
-        let due = start + Duration::from_secs_f64(i as f64 / rate);
-        if let Some(d) = due.checked_duration_since(Instant::now()) {
-            thread::sleep(d);
-        }
+    let change = move |i: usize| {
         let k = i % half;
         let (rec, subnet) = record(&format!("c{k}"), k, 200);
-        let added = i < half;
-        let t0 = m.writer.set(&format!("c{k}"), added.then_some(&rec));
-        sent.push((t0, added, subnet));
+        (format!("c{k}"), (i < half).then_some(rec), subnet)
+    };
+    let due = move |i: usize| {
+        if let Some(d) = (start + Duration::from_secs_f64(i as f64 / rate))
+            .checked_duration_since(Instant::now())
+        {
+            thread::sleep(d);
+        }
+    };
+    // (change number, put started, added, subnet)
+    let mut sent: Vec<(usize, Instant, bool, String)> = Vec::with_capacity(count);
+    match &mut m.writer {
+        // SENDERS threads (each its own connection), change i on thread i % SENDERS: the
+        // rate holds while one put takes less than SENDERS / rate (a put and the delete of
+        // the same host, `half` apart, stay on one thread when SENDERS divides `half`).
+        Writer::Etcd { client, url } => {
+            let threads: Vec<_> = (0..SENDERS)
+                .map(|j| {
+                    let mut w = Writer::Etcd {
+                        client: client.clone(),
+                        url: url.clone(),
+                    };
+                    thread::spawn(move || {
+                        let mut out = Vec::new();
+                        for i in (j..count).step_by(SENDERS) {
+                            due(i);
+                            let (id, rec, subnet) = change(i);
+                            let t0 = w.set(&id, rec.as_ref());
+                            out.push((i, t0, rec.is_some(), subnet));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            for th in threads {
+                sent.extend(th.join().unwrap());
+            }
+            sent.sort_by_key(|s| s.0);
+        }
+        w @ Writer::File { .. } => {
+            for i in 0..count {
+                due(i);
+                let (id, rec, subnet) = change(i);
+                let t0 = w.set(&id, rec.as_ref());
+                sent.push((i, t0, rec.is_some(), subnet));
+            }
+        }
     }
+    let sent_s = (sent.last().unwrap().1 - start).as_secs_f64();
     let mut lag_ms = Vec::new();
     let mut last = start;
-    for (t0, added, subnet) in &sent {
+    for (_, t0, added, subnet) in &sent {
         let t = m.wait_done(subnet, *added, *t0);
         last = last.max(t);
         lag_ms.push((t - *t0).as_secs_f64() * 1e3);
     }
     let (cpu1, hwm) = m.cpu_and_hwm();
-    let settle_ms = (last - sent.last().unwrap().0).as_secs_f64() * 1e3;
+    let settle_ms = (last - sent.last().unwrap().1).as_secs_f64() * 1e3;
     Churn {
         lag_ms,
         cpu_s: cpu1 - cpu0,
+        etcd_cpu_s: cpu_seconds(etcd_pids) - etcd0,
         window_s: (last - start).as_secs_f64(),
+        rate: (count - 1) as f64 / sent_s,
         settle_ms,
         hwm,
     }
+}
+
+/// utime + stime of processes `pids`, seconds.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let f: Vec<&str> = stat
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .split_whitespace()
+                .collect();
+            // Fields 14 and 15 of proc_pid_stat(5); f[0] is field 3.
+            (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / tick
+        })
+        .sum()
 }
 
 /// `ipsec-mesh plan` on `metadata` for `host`: (seconds, peak RSS MiB), through GNU time (a
@@ -597,8 +657,9 @@ fn main() {
 
     // 3. Churn at a fixed rate, etcd then the file.
     let la3 = loadavg();
-    let ce = churn(&mut etcd_mesh, p.churn, p.rate);
-    let cf = churn(&mut file_mesh, p.churn, p.rate);
+    let members: Vec<u32> = e.members.iter().flatten().map(|c| c.id()).collect();
+    let ce = churn(&mut etcd_mesh, p.churn, p.rate, &members);
+    let cf = churn(&mut file_mesh, p.churn, p.rate, &members);
     println!(
         "\n3. churn: {} changes at {}/s ({} hosts added then deleted), load avg {la3} -> {}:",
         p.churn,
@@ -607,22 +668,33 @@ fn main() {
         loadavg()
     );
     println!(
-        "  {:<8} {:>10} {:>10} {:>10} {:>10} {:>16} {:>12}",
-        "", "lag p50", "lag p99", "lag max", "settle", "CPU 3 sidecars", "sidecar HWM"
+        "  {:<6} {:>8} {:>10} {:>10} {:>10} {:>8} {:>17} {:>10} {:>9}",
+        "",
+        "rate/s",
+        "lag p50",
+        "lag p99",
+        "lag max",
+        "settle",
+        "CPU 3 sidecars",
+        "sidecar",
+        "etcd CPU"
     );
     for (name, c) in [("etcd", ce), ("file", cf)] {
         let (l50, l99, lmax) = summary(c.lag_ms);
         println!(
-            "  {name:<8} {l50:>7.1} ms {l99:>7.1} ms {lmax:>7.1} ms {:>7.0} ms {:>6.2} s ({:>3.0} %) {:>8.1} MiB",
+            "  {name:<6} {:>8.1} {l50:>7.1} ms {l99:>7.1} ms {lmax:>7.1} ms {:>5.0} ms {:>6.2} s ({:>3.0} %) {:>6.1} MiB {:>7.2} s",
+            c.rate,
             c.settle_ms,
             c.cpu_s,
             c.cpu_s / c.window_s / 3.0 * 100.0,
-            c.hwm
+            c.hwm,
+            c.etcd_cpu_s
         );
     }
     println!(
-        "  (CPU %: per sidecar, of one core, over the churn window; settle: last change -> \
-         programmed everywhere)"
+        "  (rate: achieved; CPU %: per sidecar, of one core, over the churn window (first put ->\n  \
+         programmed everywhere); sidecar: largest VmHWM; settle: last put -> programmed\n  \
+         everywhere; etcd CPU: the 3 members together, also during the file's churn)"
     );
     println!("\nload average at the end {}", loadavg());
 }
