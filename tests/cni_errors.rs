@@ -2,10 +2,12 @@
 //! malformed input answered with an error object (spec code + message) on stdout and a
 //! non-zero exit, never a crash. Also `ipsec-mesh cni-config`.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::{json, Value};
+
+#[path = "common/cni.rs"]
+mod cni;
 
 const BRIDGE: &str = env!("CARGO_BIN_EXE_ipsec-mesh-bridge");
 const IPAM: &str = env!("CARGO_BIN_EXE_ipsec-mesh-ipam");
@@ -13,35 +15,8 @@ const MESH: &str = env!("CARGO_BIN_EXE_ipsec-mesh");
 
 /// Run `bin` with `env` (CNI_* unset otherwise) and `stdin`: (exit ok, stdout JSON).
 fn run(bin: &str, env: &[(&str, &str)], stdin: &str) -> (bool, Value) {
-    let mut cmd = Command::new(bin);
-    for k in [
-        "CNI_COMMAND",
-        "CNI_CONTAINERID",
-        "CNI_NETNS",
-        "CNI_IFNAME",
-        "CNI_ARGS",
-        "CNI_PATH",
-    ] {
-        cmd.env_remove(k);
-    }
-    let mut child = cmd
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v = serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {text:?}"));
-    (out.status.success(), v)
+    let a = cni::run(None, bin, env, stdin);
+    (a.ok, a.json)
 }
 
 const ADD: &[(&str, &str)] = &[

@@ -10,7 +10,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 use common::sh;
 use serde_json::{json, Value};
@@ -25,13 +25,7 @@ fn our_bin_dir() -> PathBuf {
     Path::new(BRIDGE).parent().unwrap().to_path_buf()
 }
 
-/// What a plugin printed.
-#[derive(Debug)]
-struct Answer {
-    ok: bool,
-    json: Value,
-    stderr: String,
-}
+use common::cni::{answer, Answer};
 
 impl World {
     fn netns_path(&self, role: &str) -> String {
@@ -121,41 +115,19 @@ fn spawn_plugin(
     ifname: &str,
     conf: &Value,
 ) -> std::process::Child {
-    use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", host_ns, bin])
-        .env("CNI_COMMAND", cmd)
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", ifname)
-        .env("CNI_PATH", path)
-        .env("IPSEC_MESH_LOG", "info")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    child
-}
-
-fn answer(out: &Output) -> Answer {
-    let text = String::from_utf8_lossy(&out.stdout);
-    Answer {
-        ok: out.status.success(),
-        json: if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(text.trim())
-                .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {text}"))
-        },
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    common::cni::spawn(
+        Some(host_ns),
+        bin,
+        &[
+            ("CNI_COMMAND", cmd),
+            ("CNI_CONTAINERID", container),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", ifname),
+            ("CNI_PATH", path),
+            ("IPSEC_MESH_LOG", "info"),
+        ],
+        &conf.to_string(),
+    )
 }
 
 #[track_caller]

@@ -5,6 +5,8 @@ use std::process::{Command, Stdio};
 
 /// The cluster generator (benches/common includes it too).
 pub mod cluster;
+/// The CNI plugin runner (cni_errors includes it too).
+pub mod cni;
 /// Our firewall objects of either backend, and the backend `--firewall auto` picks here.
 pub mod firewall;
 /// The fake rancher-metadata server and Rancher-shaped environments.
