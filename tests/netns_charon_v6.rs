@@ -11,6 +11,8 @@
 //!   ac bc     containers: eth0 10.42.N.2/24, default via 10.42.N.1
 //! ```
 
+// tests/common re-exports in_new_netns, which this suite does not use.
+#[allow(unused_imports)]
 mod common;
 
 use std::path::PathBuf;
