@@ -218,13 +218,18 @@ async fn apply(
 pub async fn reconcile_with(h: &Handle, spec: &RouteSpec) -> Result<RouteReport, RouteError> {
     let (index, name) = resolve_underlay(h, &spec.underlay).await?;
     debug!(underlay = %name, index, "routing via the underlay device");
-    let want = desired(spec, index);
+    sync(h, spec, &desired(spec, index)).await
+}
+
+/// Make our rule and table in `spec`'s family hold exactly `want`: dump, diff, write the
+/// difference (nothing when it matches).
+async fn sync(h: &Handle, spec: &RouteSpec, want: &Desired) -> Result<RouteReport, RouteError> {
     let rules = dump_owned_rules(h, spec.family, &spec.config).await?;
     let routes = dump_table(h, spec.family, spec.config.table).await?;
-    let changes = diff(&rules, &routes, Some(&want));
+    let changes = diff(&rules, &routes, Some(want));
     let mut report = RouteReport::default();
     if changes.is_empty() {
-        debug!("routing up to date");
+        debug!(table = spec.config.table, "routing up to date");
         return Ok(report);
     }
     apply(h, &changes, &mut report).await?;
@@ -251,17 +256,7 @@ pub async fn reconcile_tunnels_with(
     tunnels: &TunnelRoutes,
 ) -> Result<RouteReport, RouteError> {
     let links = crate::dataplane::xfrmi::indexes(h).await?;
-    let want = desired_tunnels(spec, overlay, tunnels, &links);
-    let rules = dump_owned_rules(h, spec.family, &spec.config).await?;
-    let routes = dump_table(h, spec.family, spec.config.table).await?;
-    let changes = diff(&rules, &routes, Some(&want));
-    let mut report = RouteReport::default();
-    if changes.is_empty() {
-        debug!("routing (route mode) up to date");
-        return Ok(report);
-    }
-    apply(h, &changes, &mut report).await?;
-    Ok(report)
+    sync(h, spec, &desired_tunnels(spec, overlay, tunnels, &links)).await
 }
 
 /// Cleanup over an existing handle: our rules of both families, every route in our table.
