@@ -41,8 +41,6 @@ use ipsec_mesh::metadata::etcd::{Client, EtcdUrl};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ipsec-mesh");
-/// GNU time (Debian package `time`).
-const TIME: &str = "/usr/bin/time";
 const NETWORK: &str = r#"{"cidr":"10.0.0.0/8","backend":"vxlan"}"#;
 /// How long one change may take to reach every sidecar before the bench fails.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -491,48 +489,12 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
         .sum()
 }
 
-/// `ipsec-mesh plan` on `metadata` for `host`: (seconds, peak RSS MiB), through GNU time (a
-/// child forked from this process would count pages shared before its exec).
-fn plan_once(metadata: &str, host: &str) -> (f64, f64) {
-    let t = Instant::now();
-    let out = Command::new(TIME)
-        .args([
-            "-f",
-            "%M",
-            BIN,
-            "plan",
-            "--metadata",
-            metadata,
-            "--host",
-            host,
-        ])
-        .args(["--format", "json"])
-        .env("IPSEC_MESH_LOG", "warn")
-        .stdout(Stdio::null())
-        .output()
-        .expect("run /usr/bin/time ipsec-mesh");
-    let secs = t.elapsed().as_secs_f64();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "plan failed on {metadata}: {err}");
-    let kib: f64 = err
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no %M from {TIME}: {err}"));
-    (secs, kib / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Rounds alternate between the two sources, so both see the same machine load.
 fn load_cases(cases: &[(&str, &str)], host: &str) -> Vec<(f64, f64, f64, f64)> {
     let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
     for _ in 0..LOAD_ROUNDS {
         for (i, (_, md)) in cases.iter().enumerate() {
-            runs[i].push(plan_once(md, host));
+            runs[i].push(mesh::plan_once(BIN, md, host));
         }
     }
     runs.into_iter()
@@ -540,7 +502,12 @@ fn load_cases(cases: &[(&str, &str)], host: &str) -> Vec<(f64, f64, f64, f64)> {
             let t: Vec<f64> = r.iter().map(|x| x.0).collect();
             let lo = t.iter().cloned().fold(f64::MAX, f64::min);
             let hi = t.iter().cloned().fold(0.0, f64::max);
-            (median(t), lo, hi, median(r.iter().map(|x| x.1).collect()))
+            (
+                mesh::median(t),
+                lo,
+                hi,
+                mesh::median(r.iter().map(|x| x.1).collect()),
+            )
         })
         .collect()
 }
@@ -553,7 +520,7 @@ fn main() {
     );
     common::require_program(common::etcd::ETCD, "etcd-server");
     common::require_program(common::etcd::ETCDCTL, "etcd-client");
-    common::require_program(TIME, "time");
+    common::require_program(mesh::TIME, "time");
     let cpus = thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "etcd bench: {cpus} CPUs, load average at start {} (release binary {BIN})",

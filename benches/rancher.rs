@@ -9,61 +9,22 @@
 //! `cargo bench --bench rancher [-- HOSTS...]` (default 2000 5000; 10 containers per host).
 //! Traffic: loopback only.
 
+mod common;
 #[path = "../tests/common/rancher.rs"]
 #[allow(dead_code)]
 mod rancher;
-
-use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use rancher::{Env, FakeRancher, Gen};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ipsec-mesh");
 const ROUNDS: usize = 5;
-/// GNU time (Debian package `time`).
-const TIME: &str = "/usr/bin/time";
-
-/// Run `ipsec-mesh plan` on `metadata` for `host`: (seconds, peak RSS in MiB). The RSS is
-/// GNU time's `%M` (the child's `ru_maxrss`): measured through it, because a child forked
-/// from this big process would count the parent's pages it shared before its exec.
-fn plan_once(metadata: &str, host: &str) -> (f64, f64) {
-    let t = Instant::now();
-    let out = Command::new(TIME)
-        .args([
-            "-f",
-            "%M",
-            BIN,
-            "plan",
-            "--metadata",
-            metadata,
-            "--host",
-            host,
-        ])
-        .args(["--format", "json"])
-        .env("IPSEC_MESH_LOG", "warn")
-        .stdout(Stdio::null())
-        .output()
-        .expect("run /usr/bin/time ipsec-mesh");
-    let secs = t.elapsed().as_secs_f64();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "plan failed on {metadata}: {err}");
-    let kib: f64 = err
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no %M from {TIME}: {err}"));
-    (secs, kib / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn case(name: &str, metadata: &str, host: &str) -> (f64, f64) {
-    let runs: Vec<(f64, f64)> = (0..ROUNDS).map(|_| plan_once(metadata, host)).collect();
-    let t = median(runs.iter().map(|r| r.0).collect());
-    let rss = median(runs.iter().map(|r| r.1).collect());
+    let runs: Vec<(f64, f64)> = (0..ROUNDS)
+        .map(|_| common::plan_once(BIN, metadata, host))
+        .collect();
+    let t = common::median(runs.iter().map(|r| r.0).collect());
+    let rss = common::median(runs.iter().map(|r| r.1).collect());
     let (lo, hi) = runs
         .iter()
         .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(r.0), hi.max(r.0)));
