@@ -153,7 +153,33 @@ vm_suite() {
     fi
 }
 
+# The VM suites' static release build (the ipsec-mesh binary and the root suites' test
+# executables, one cargo invocation: test-root-suites.sh VM_BUILD_ONLY=1), started in the
+# background at nice 19 right after setup, so it uses the CPU the host suites leave idle (most
+# of their time is spent waiting on the kernel, charon and etcd). vm() waits for it; its own
+# builds then find everything fresh. Its output goes to a log, shown if it fails.
+prebuild_pid=""
+prebuild_log="$work/vm-prebuild.log"
+vm_prebuild_start() {
+    is_root || return 0
+    say "vm: static release build started in the background (log shown if it fails)"
+    VM_BUILD_ONLY=1 nice -n 19 "$here/vm/test-root-suites.sh" >"$prebuild_log" 2>&1 &
+    prebuild_pid=$!
+}
+vm_prebuild_wait() {
+    [ -n "$prebuild_pid" ] || return 0
+    say "vm: waiting for the background release build"
+    if ! wait "$prebuild_pid"; then
+        cat "$prebuild_log" >&2
+        echo "vm: the background release build failed; the suites build again in the foreground" >&2
+    else
+        tail -n 3 "$prebuild_log"
+    fi
+    prebuild_pid=""
+}
+
 vm() {
+    vm_prebuild_wait
     if ! is_root; then
         echo "vm: needs root (qemu + kernel download); nothing run" >&2
         fail_stage vm-not-root
@@ -188,6 +214,7 @@ case "${1:-all}" in
             exit 1
         fi
         setup
+        vm_prebuild_start
         unit
         no_skips
         vm

@@ -24,6 +24,9 @@
 #   CARGO_TARGET_DIR  cargo's target directory (default: the project's target/)
 #   VM_OUT            directory for the initramfs and console log (default: a temporary one,
 #                     kept on failure)
+#   VM_BUILD_ONLY     1: only build the static test executables and the binary (step 1), then
+#                     exit; integration/run.sh starts this early, in the background, so the
+#                     release build overlaps the host's test runs
 #   VM_MEM            guest memory (default here 768M); see run.sh for VM_APPEND, VM_VERBOSE
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -84,6 +87,11 @@ artifacts=$(sed -n 's/.*"reason":"compiler-artifact".*"target":{"kind":\["\([^"]
 exe_of() { awk -v k="$1" -v n="$2" '$1 == k && $2 == n { print $3 }' <<<"$artifacts" | tail -n 1; }
 bin=$(exe_of bin ipsec-mesh)
 [[ -n "$bin" && -x "$bin" ]] || die "no ipsec-mesh executable in cargo's output ($out/build.json)"
+
+if [[ "${VM_BUILD_ONLY:-}" == 1 ]]; then
+    say "built: $bin and the test executables of $suites (VM_BUILD_ONLY=1)"
+    exit 0
+fi
 
 static_ok() { ! ldd "$1" 2>&1 | grep -q '=>'; }
 mkdir -p "$out/tests"
