@@ -1,0 +1,443 @@
+# Sourced by xfrm-e2e.sh (busybox sh, inside the test VM) before its own topology, when the
+# kernel command line says e2e.mode=v6-u6 or e2e.mode=v6-u4 (issue 18): `apply --driver xfrm
+# --xfrm-mode policy` end to end with real ESP over an IPv6 (v6-u6) or IPv4 (v6-u4) underlay,
+# the containers dual-stack. Uses xfrm-e2e.sh's helpers (ok, bad, abort, say, now) and
+# variables (IP, BIN, META, PSK, HOSTS, MARK, RT_TABLE, REQID_*), builds its own topology and
+# ends the run (VM-RESULT).
+#
+# e2e.overlay=4|6|46 on the command line picks the overlay families (default 46: dual-stack
+# metadata, cidr ["10.42.0.0/16", "fd42::/48"]); 4 or 6 is a single-family network.
+#
+# Topology (network namespaces in the VM; nothing leaves it):
+#   sw        bridge br0 = the underlay switch; br_netfilter hands bridged IPv4 to iptables
+#             and IPv6 to ip6tables FORWARD, whose counters split ESP, neighbour discovery
+#             (ICMPv6 130-137, 143: the v6 underlay's own) and everything else ("plaintext")
+#   h1 h2 h3  hosts: uN fd77::N/64 nodad (v6-u6; no IPv4 address) or 192.168.77.N/24 (v6-u4;
+#             IPv6 off), a default route of each overlay family on uN (so a packet that
+#             missed the mark would leave in clear and be counted), bridge cbr0 10.42.N.1/24
+#             and fd42:0:0:N::1/64, forwarding on
+#   c1 c2 c3  containers: eth0 10.42.N.2/24 and fd42:0:0:N::2/64, default routes via cbr0
+#
+# Checks ("CHECK v6-<name>: ok|FAIL"): apply on each host; the fwmark path of each family
+# (rule, table 1042, mark chain, guard); every ordered container pair pings in each family;
+# every SA of the generation in use carries bytes; each host pings each remote container
+# from its cbr0 address (host-originated: the OUTPUT mark); the underlay carries ESP of its own
+# family only and no plaintext of either family; a second apply writes nothing; h2's SAs
+# flushed -> pings to/from c2 fail in each family, c1<->c3 still work, nothing in clear,
+# h2's drop counters rise; apply on h2 -> every pair back, a further apply writes nothing;
+# cleanup (twice) leaves nothing of ours in either family.
+
+V6_U=6
+grep -qw e2e.mode=v6-u4 /proc/cmdline && V6_U=4
+V6_FAMS="4 6"
+case " $(cat /proc/cmdline) " in
+*" e2e.overlay=4 "*) V6_FAMS=4 ;;
+*" e2e.overlay=6 "*) V6_FAMS=6 ;;
+esac
+FAILED=""
+IP6T="ip6tables -w"
+
+uaddr() { if [ "$V6_U" = 6 ]; then echo "fd77::$1"; else echo "192.168.77.$1"; fi; }
+caddr() { if [ "$1" = 6 ]; then echo "fd42:0:0:$2::$3"; else echo "10.42.$2.$3"; fi; }
+pingf() { if [ "$1" = 6 ]; then echo "ping -6"; else echo ping; fi; }
+v6_stat() { $IP netns exec "$1" awk -v k="$2" '$1 == k { print $2 }' /proc/net/xfrm_stat; }
+
+dump_host() { # $1 = host number
+    echo "----- h$1: ip -s xfrm state"
+    $IP -n "h$1" -s xfrm state
+    echo "----- h$1: ip xfrm policy"
+    $IP -n "h$1" xfrm policy
+    for f in 4 6; do
+        echo "----- h$1: ip -$f rule / route (main, $RT_TABLE)"
+        $IP -$f -n "h$1" rule
+        $IP -$f -n "h$1" route
+        $IP -$f -n "h$1" route show table $RT_TABLE
+    done
+    echo "----- h$1: iptables-save / ip6tables-save"
+    $IP netns exec "h$1" iptables-save
+    $IP netns exec "h$1" ip6tables-save
+    echo "----- h$1: /proc/net/xfrm_stat (non-zero)"
+    $IP netns exec "h$1" awk '$2 != 0' /proc/net/xfrm_stat
+}
+sw_counters() {
+    $IP netns exec sw $IPT -nvxL FORWARD
+    $IP netns exec sw $IP6T -nvxL FORWARD
+}
+
+# --- topology ------------------------------------------------------------------------------
+say "v6: underlay IPv$V6_U, overlay families: $V6_FAMS"
+for ns in sw h1 h2 h3 c1 c2 c3; do
+    $IP netns add $ns || abort v6-topology "netns add $ns"
+    # No DAD, no router solicitations: addresses usable at once, no chatter.
+    $IP netns exec $ns sh -c 'for c in all default; do echo 0 >/proc/sys/net/ipv6/conf/$c/accept_dad
+        echo 0 >/proc/sys/net/ipv6/conf/$c/router_solicitations; echo 0 >/proc/sys/net/ipv6/conf/$c/accept_ra; done' ||
+        abort v6-topology "sysctl $ns"
+done
+$IP -batch - <<EOF || abort v6-topology "veth pairs"
+link add u1 netns h1 type veth peer name sw1 netns sw
+link add u2 netns h2 type veth peer name sw2 netns sw
+link add u3 netns h3 type veth peer name sw3 netns sw
+link add vc1 netns h1 type veth peer name eth0 netns c1
+link add vc2 netns h2 type veth peer name eth0 netns c2
+link add vc3 netns h3 type veth peer name eth0 netns c3
+EOF
+$IP -n sw -batch - <<EOF || abort v6-topology "switch"
+link set lo up
+link add br0 type bridge
+link set br0 up
+link set sw1 master br0
+link set sw2 master br0
+link set sw3 master br0
+link set sw1 up
+link set sw2 up
+link set sw3 up
+EOF
+for n in $HOSTS; do
+    if [ "$V6_U" = 6 ]; then
+        uconf="addr add fd77::$n/64 dev u$n nodad"
+    else
+        # IPv6 on but without any address (addrgenmode none: no link-local, no ND, no MLD),
+        # so an IPv6 default route can point at uN and a leak would be seen on the switch.
+        uconf="addr add 192.168.77.$n/24 dev u$n"
+        $IP -n h$n link set u$n addrgenmode none || abort v6-topology "addrgenmode h$n"
+    fi
+    {
+        echo "link set lo up"
+        echo "link set u$n up"
+        echo "$uconf"
+        echo "link add cbr0 type bridge"
+        echo "link set cbr0 up"
+        echo "link set vc$n master cbr0"
+        echo "link set vc$n up"
+        for f in $V6_FAMS; do
+            if [ "$f" = 6 ]; then
+                echo "addr add fd42:0:0:$n::1/64 dev cbr0 nodad"
+                echo "route add ::/0 dev u$n"
+            else
+                echo "addr add 10.42.$n.1/24 dev cbr0"
+                echo "route add default dev u$n"
+            fi
+        done
+    } | $IP -n h$n -batch - || abort v6-topology "host h$n"
+    {
+        echo "link set lo up"
+        echo "link set eth0 up"
+        for f in $V6_FAMS; do
+            if [ "$f" = 6 ]; then
+                echo "addr add fd42:0:0:$n::2/64 dev eth0 nodad"
+                echo "route add ::/0 via fd42:0:0:$n::1"
+            else
+                echo "addr add 10.42.$n.2/24 dev eth0"
+                echo "route add default via 10.42.$n.1"
+            fi
+        done
+    } | $IP -n c$n -batch - || abort v6-topology "container c$n"
+    $IP netns exec h$n sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward; echo 1 >/proc/sys/net/ipv6/conf/all/forwarding
+        for f in iptables ip6tables; do f=/proc/sys/net/bridge/bridge-nf-call-$f; [ ! -e $f ] || echo 0 >$f; done' ||
+        abort v6-topology "forwarding h$n"
+done
+
+# Underlay counters in sw (br_netfilter: bridged IPv4 -> iptables, IPv6 -> ip6tables FORWARD).
+$IP netns exec sw sh -c "echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables &&
+    echo 1 >/proc/sys/net/bridge/bridge-nf-call-ip6tables &&
+    printf '*filter\n-A FORWARD -p esp -m comment --comment e2e-esp\n-A FORWARD ! -p esp -m comment --comment e2e-plain\n-A FORWARD ! -p esp -s 10.42.0.0/16 -m comment --comment e2e-overlay\n-A FORWARD ! -p esp -d 10.42.0.0/16 -m comment --comment e2e-overlay\nCOMMIT\n' |
+    iptables-restore --noflush -w &&
+    { printf '*filter\n-A FORWARD -p esp -m comment --comment e2e-esp\n'
+      for t in 130 131 132 133 134 135 136 137 143; do
+          printf -- '-A FORWARD -p ipv6-icmp -m icmp6 --icmpv6-type %s -m comment --comment e2e-nd -j ACCEPT\n' \$t
+      done
+      printf -- '-A FORWARD ! -p esp -m comment --comment e2e-plain\n-A FORWARD ! -p esp -s fd42::/48 -m comment --comment e2e-overlay\n-A FORWARD ! -p esp -d fd42::/48 -m comment --comment e2e-overlay\nCOMMIT\n'
+    } | ip6tables-restore --noflush -w" || abort v6-topology "underlay counters (br_netfilter loaded?)"
+# ucount 4|6 esp|plain|overlay|nd -> packets of that family counted so far on the switch
+ucount() {
+    if [ "$1" = 6 ]; then t="$IP6T"; else t="$IPT"; fi
+    # shellcheck disable=SC2086
+    $IP netns exec sw $t -nvxL FORWARD | awk -v c="$2" '$0 ~ "/\\* e2e-" c " \\*/" { n += $1 } END { print n + 0 }'
+}
+
+# Warm-up: hosts reach each other on the underlay, containers their gateway in each family.
+warm=""
+for n in $HOSTS; do
+    for m in $HOSTS; do
+        [ "$n" = "$m" ] && continue
+        $IP netns exec h$n $(pingf $V6_U) -c 1 -W 2 "$(uaddr $m)" >/dev/null || warm="$warm h$n->h$m"
+    done
+    for f in $V6_FAMS; do
+        $IP netns exec c$n $(pingf $f) -c 1 -W 2 "$(caddr $f $n 1)" >/dev/null || warm="$warm c$n->gw/v$f"
+    done
+done
+[ -z "$warm" ] || abort v6-topology "underlay/bridge pings failed:$warm"
+plain4_0=$(ucount 4 plain) plain6_0=$(ucount 6 plain)
+ok v6-topology "underlay IPv$V6_U ($(uaddr 1) $(uaddr 2) $(uaddr 3)), overlay families: $V6_FAMS; underlay and gateway pings ok"
+
+# v6_pings "a>b ..." COUNT [FAMILIES] -> pings (in parallel) from container a to container b
+# in each family (default: all overlay families); sets PING_OK / PING_FAILED
+v6_pings() {
+    rm -f /tmp/ping.*
+    pids=""
+    for f in ${3:-$V6_FAMS}; do
+        for p in $1; do
+            a=${p%>*} b=${p#*>}
+            ($IP netns exec c$a $(pingf $f) -c "$2" -i 0.2 -W 2 -w 6 "$(caddr $f $b 2)" >/tmp/ping.$a$b.$f 2>&1
+                echo $? >/tmp/ping.$a$b.$f.rc) &
+            pids="$pids $!"
+        done
+    done
+    # shellcheck disable=SC2086
+    wait $pids
+    PING_OK="" PING_FAILED=""
+    for f in ${3:-$V6_FAMS}; do
+        for p in $1; do
+            a=${p%>*} b=${p#*>}
+            got=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/ping.$a$b.$f)
+            if [ "$(cat /tmp/ping.$a$b.$f.rc)" = 0 ]; then
+                PING_OK="$PING_OK c$a>c$b/v$f(${got:-?}/$2)"
+            else
+                PING_FAILED="$PING_FAILED c$a>c$b/v$f(${got:-?}/$2)"
+            fi
+        done
+    done
+}
+ALL_PAIRS="1>2 1>3 2>1 2>3 3>1 3>2"
+
+# --- metadata, apply -----------------------------------------------------------------------
+{
+    cidrs=""
+    for f in $V6_FAMS; do
+        if [ "$f" = 6 ]; then c='"fd42::/48"'; else c='"10.42.0.0/16"'; fi
+        cidrs="${cidrs:+$cidrs, }$c"
+    done
+    case "$V6_FAMS" in *" "*) cidrs="[$cidrs]" ;; esac
+    echo "{ \"network\": { \"cidr\": $cidrs, \"backend\": \"ipsec\", \"mtu\": 1500 },"
+    echo '  "hosts": ['
+    for n in $HOSTS; do
+        subs=""
+        for f in $V6_FAMS; do
+            if [ "$f" = 6 ]; then s="\"fd42:0:0:$n::/64\""; else s="\"10.42.$n.0/24\""; fi
+            subs="${subs:+$subs, }$s"
+        done
+        echo "    { \"id\": \"h$n\", \"agent_ip\": \"$(uaddr $n)\", \"subnets\": [$subs] }$([ $n = 3 ] || echo ,)"
+    done
+    echo '  ] }'
+} >$META
+sed 's/^/  metadata: /' $META
+(umask 077 && head -c 40 /dev/urandom | base64 | tr -d "\n" >$PSK)
+
+V6_OUT=""
+v6_apply() { # N -> sets V6_OUT and LAST_WRITES; returns apply's status (99: odd summary)
+    V6_OUT=$($IP netns exec h$1 $BIN apply --metadata $META --host h$1 --driver xfrm \
+        --xfrm-mode policy --psk-file $PSK 2>&1)
+    rc=$?
+    line=$(echo "$V6_OUT" | grep "^xfrm: host h$1: " | tail -n 1)
+    LAST_WRITES=$(echo "$line" | sed -n 's/.* \([0-9][0-9]*\) writes.*/\1/p')
+    if [ $rc -eq 0 ] && ! echo "$line" | grep -q ': 2 peers, [0-9]* writes, 0 errors'; then
+        echo "  h$1 apply: exit 0 but the summary line is '$line'"
+        rc=99
+    fi
+    [ $rc -eq 0 ] || echo "$V6_OUT" | sed "s/^/  h$1 apply: /"
+    return $rc
+}
+for n in $HOSTS; do
+    ts=$(now)
+    if v6_apply $n && [ "${LAST_WRITES:-0}" -gt 0 ]; then
+        ok "v6-apply-h$n" "$LAST_WRITES writes, $(awk -v a="$ts" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}')s"
+    else
+        abort "v6-apply-h$n" "exit $rc, writes '$LAST_WRITES'"
+    fi
+done
+
+# --- the fwmark path of each family (installed by apply) -------------------------------------
+# mark_pkts NETNS FAMILY -> packets the MARK rules of IPSEC-MESH-MARK have counted
+mark_pkts() {
+    if [ "$2" = 6 ]; then t="$IP6T"; else t="$IPT"; fi
+    # shellcheck disable=SC2086
+    $IP netns exec "$1" $t -t mangle -nvxL IPSEC-MESH-MARK 2>/dev/null | awk '/MARK/ { n += $1 } END { print n + 0 }'
+}
+for n in $HOSTS; do
+    what="" miss=""
+    for f in $V6_FAMS; do
+        if [ "$f" = 6 ]; then t="$IP6T" cidr=fd42::/48; else t="$IPT" cidr=10.42.0.0/16; fi
+        rule=$($IP -$f -n h$n rule show | grep -c "fwmark $MARK lookup $RT_TABLE")
+        routes=$($IP -$f -n h$n route show table $RT_TABLE | grep -c "dev u$n")
+        # shellcheck disable=SC2086
+        marks=$($IP netns exec h$n $t -t mangle -S IPSEC-MESH-MARK 2>/dev/null | grep -c -- "-d $cidr .*-j MARK")
+        # shellcheck disable=SC2086
+        jumps=$($IP netns exec h$n $t -t mangle -S 2>/dev/null | grep -c -e '-A PREROUTING .*-j IPSEC-MESH-MARK' -e '-A OUTPUT .*-j IPSEC-MESH-MARK')
+        # shellcheck disable=SC2086
+        guard=$($IP netns exec h$n $t -t filter -S IPSEC-MESH-GUARD 2>/dev/null | grep -c -- '--pol none -j DROP')
+        what="$what v$f: rule $rule, $routes routes in $RT_TABLE, $marks MARK, $jumps jumps, $guard guard;"
+        [ "$rule" -eq 1 ] && [ "$routes" -ge 1 ] && [ "$marks" -ge 1 ] && [ "$jumps" -eq 2 ] && [ "$guard" -ge 1 ] ||
+            miss="$miss v$f"
+    done
+    if [ -z "$miss" ]; then ok "v6-fwmark-h$n" "$what"; else bad "v6-fwmark-h$n" "missing in$miss:$what"; dump_host $n; fi
+done
+
+# --- every ordered container pair, each family ---------------------------------------------
+marks0=""
+for n in $HOSTS; do for f in $V6_FAMS; do marks0="$marks0 $(mark_pkts h$n $f)"; done; done
+ping_start=$(now)
+v6_pings "$ALL_PAIRS" 3
+ping_took=$(awk -v a="$ping_start" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')
+if [ -z "$PING_FAILED" ]; then
+    ok v6-ping-all "${ping_took}s:$PING_OK"
+else
+    bad v6-ping-all "failed:$PING_FAILED; ok:${PING_OK:- -}"
+    dump_all
+fi
+marks1=""
+for n in $HOSTS; do for f in $V6_FAMS; do marks1="$marks1 $(mark_pkts h$n $f)"; done; done
+up="" i=0
+for n in $HOSTS; do
+    for f in $V6_FAMS; do
+        i=$((i + 1))
+        a=$(echo $marks0 | cut -d' ' -f$i) b=$(echo $marks1 | cut -d' ' -f$i)
+        [ "$b" -gt "$a" ] || up="$up h$n/v$f($a->$b)"
+    done
+done
+if [ -z "$up" ]; then
+    ok v6-fwmark-forwarded "the forwarded pings were marked on every host in each family (MARK packets before/after:$marks0 /$marks1)"
+else
+    bad v6-fwmark-forwarded "no marked forwarded packets on:$up"
+fi
+
+# --- every SA of the generation in use carried bytes ---------------------------------------
+# sa_lines NETNS -> "src dst spi reqid bytes packets" per SA of ours
+sa_lines() {
+    $IP -n "$1" -s xfrm state | awk -v lo=$REQID_MIN -v hi=$REQID_MAX '
+        /^src / { src = $2; dst = $4 }
+        $1 == "proto" && $3 == "spi" { spi = $4; reqid = $6 + 0 }
+        /lifetime current:/ { getline; b = $0; sub(/\(bytes\).*/, "", b); gsub(/ /, "", b)
+            p = $0; sub(/.*, /, "", p); sub(/\(packets\).*/, "", p)
+            if (reqid >= lo && reqid <= hi) print src, dst, spi, reqid, b + 0, p + 0 }'
+}
+for n in $HOSTS; do
+    lines=$(sa_lines h$n)
+    count=$(echo "$lines" | grep -c .)
+    used=$(echo "$lines" | awk 'substr($3, 10, 1) == "1" { n++ } END { print n + 0 }')
+    zero=$(echo "$lines" | awk '$5 == 0 && substr($3, 10, 1) == "1" { printf " spi %s (%s->%s)", $3, $1, $2 }')
+    fams=$($IP -n h$n xfrm state | awk '/^src / { o = ($2 ~ /:/) ? 6 : 4 } /sel src/ { i = ($3 ~ /:/) ? 6 : 4; print "v" i "-in-v" o }' | sort | uniq -c | awk '{ printf "%s%d %s", (NR > 1 ? ", " : ""), $1, $2 }')
+    summary=$(echo "$lines" | awk 'substr($3, 10, 1) == "1" { printf "%s%s->%s %s:%dB", (n++ ? ", " : ""), $1, $2, $3, $5 }')
+    # Per peer one outbound SA of generation 1 and one inbound one (of the 0, 1, 2 accepted).
+    if [ "$count" -ge 8 ] && [ "$used" -ge 4 ] && [ -z "$zero" ]; then
+        ok "v6-sa-bytes-h$n" "$count SAs of ours ($fams), $used of generation 1, each with bytes: $summary"
+    else
+        bad "v6-sa-bytes-h$n" "$count SAs ($fams; want >= 8), $used of generation 1 (want >= 4), no bytes on:${zero:- -}; $summary"
+    fi
+done
+
+# --- host-originated traffic: each host pings each remote container from its cbr0 address --
+# The main table's default route points at uN: only the OUTPUT mark (IPSEC-MESH-MARK) takes
+# the packet into table 1042 and the XFRM policy; a miss would leave in clear (counted).
+om0=""
+for n in $HOSTS; do for f in $V6_FAMS; do om0="$om0 $(mark_pkts h$n $f)"; done; done
+rm -f /tmp/hping.*
+pids=""
+for f in $V6_FAMS; do
+    for n in $HOSTS; do
+        for m in $HOSTS; do
+            [ "$n" = "$m" ] && continue
+            ($IP netns exec h$n $(pingf $f) -c 2 -i 0.2 -W 2 -w 6 -I "$(caddr $f $n 1)" "$(caddr $f $m 2)" >/tmp/hping.$n$m.$f 2>&1
+                echo $? >/tmp/hping.$n$m.$f.rc) &
+            pids="$pids $!"
+        done
+    done
+done
+# shellcheck disable=SC2086
+wait $pids
+hok="" hbad=""
+for f in $V6_FAMS; do
+    for n in $HOSTS; do
+        for m in $HOSTS; do
+            [ "$n" = "$m" ] && continue
+            if [ "$(cat /tmp/hping.$n$m.$f.rc)" = 0 ]; then hok="$hok h$n>c$m/v$f"; else hbad="$hbad h$n>c$m/v$f($(tail -n 1 /tmp/hping.$n$m.$f))"; fi
+        done
+    done
+done
+om1=""
+for n in $HOSTS; do for f in $V6_FAMS; do om1="$om1 $(mark_pkts h$n $f)"; done; done
+if [ -z "$hbad" ]; then
+    ok v6-host-originated "from cbr0's address, marked in OUTPUT (MARK packets$om0 ->$om1):$hok"
+else
+    bad v6-host-originated "failed:$hbad; ok:${hok:- -}"
+    dump_host 1
+fi
+
+# --- the underlay: ESP of its own family only, no plaintext of either family ---------------
+v6_underlay() { # NAME WHAT
+    esp4=$(ucount 4 esp) esp6=$(ucount 6 esp) nd=$(ucount 6 nd)
+    p4=$(($(ucount 4 plain) - plain4_0)) p6=$(($(ucount 6 plain) - plain6_0))
+    o4=$(ucount 4 overlay) o6=$(ucount 6 overlay)
+    if [ "$V6_U" = 6 ]; then espu=$esp6 espo=$esp4; else espu=$esp4 espo=$esp6; fi
+    msg="ESP over IPv$V6_U $espu, over the other family $espo; other IPv4 $p4, other IPv6 $p6 (neighbour discovery $nd apart); with container addresses IPv4 $o4, IPv6 $o6"
+    if [ "$espu" -gt 0 ] && [ "$espo" -eq 0 ] && [ "$p4" -eq 0 ] && [ "$p6" -eq 0 ] && [ "$o4" -eq 0 ] && [ "$o6" -eq 0 ]; then
+        ok "$1" "$2: $msg"
+    else
+        bad "$1" "$2: $msg"
+        sw_counters
+    fi
+}
+v6_underlay v6-no-plaintext "after the container and host pings"
+
+# --- a second apply writes nothing ---------------------------------------------------------
+for n in $HOSTS; do
+    if v6_apply $n && [ "$LAST_WRITES" = 0 ]; then ok "v6-noop-h$n" "0 writes"; else bad "v6-noop-h$n" "exit $rc, writes '$LAST_WRITES'"; fi
+done
+
+# --- fail closed: h2 loses its SAs -------------------------------------------------------------
+out_ns0=$(v6_stat h2 XfrmOutNoStates) blk0=$(v6_stat h2 XfrmOutPolBlock) in_ns0=$(v6_stat h2 XfrmInNoStates)
+$IP -n h2 xfrm state flush || abort v6-flush "ip xfrm state flush in h2"
+v6_pings "1>2 3>2 2>1 2>3" 2
+fails=$PING_FAILED oks=$PING_OK
+v6_pings "1>3 3>1" 2
+out_ns1=$(v6_stat h2 XfrmOutNoStates) blk1=$(v6_stat h2 XfrmOutPolBlock) in_ns1=$(v6_stat h2 XfrmInNoStates)
+drops="h2 XfrmOutNoStates $out_ns0->$out_ns1, XfrmOutPolBlock $blk0->$blk1, XfrmInNoStates $in_ns0->$in_ns1"
+if [ -z "$oks" ] && [ -z "$PING_FAILED" ]; then
+    ok v6-no-sa-pings "c2 unreachable in each family ($fails); c1<->c3 fine:$PING_OK"
+else
+    bad v6-no-sa-pings "to/from c2 ok:${oks:- -}; c1<->c3 failed:${PING_FAILED:- -}"
+fi
+if [ $((out_ns1 + blk1)) -gt $((out_ns0 + blk0)) ] && [ "$in_ns1" -gt "$in_ns0" ]; then
+    ok v6-no-sa-dropped "$drops"
+else
+    bad v6-no-sa-dropped "$drops"
+fi
+v6_underlay v6-no-sa-no-plaintext "h2 without SAs"
+ts=$(now)
+if v6_apply 2 && [ "${LAST_WRITES:-0}" -gt 0 ]; then ok v6-reapply-h2 "$LAST_WRITES writes"; else bad v6-reapply-h2 "exit $rc, writes '$LAST_WRITES'"; fi
+v6_pings "$ALL_PAIRS" 3
+if [ -z "$PING_FAILED" ]; then ok v6-recovered "apply + pings in $(awk -v a="$ts" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')s:$PING_OK"; else bad v6-recovered "failed:$PING_FAILED; ok:${PING_OK:- -}"; dump_all; fi
+v6_underlay v6-recovered-no-plaintext "after the recovery"
+for n in $HOSTS; do
+    if v6_apply $n && [ "$LAST_WRITES" = 0 ]; then ok "v6-noop-after-recovery-h$n" "0 writes"; else bad "v6-noop-after-recovery-h$n" "exit $rc, writes '$LAST_WRITES'"; fi
+done
+
+# --- cleanup (twice) -----------------------------------------------------------------------------
+for n in $HOSTS; do
+    out1=$($IP netns exec h$n $BIN cleanup --driver xfrm --xfrm-mode policy 2>&1)
+    rc1=$?
+    out2=$($IP netns exec h$n $BIN cleanup --driver xfrm --xfrm-mode policy 2>&1)
+    rc2=$?
+    left=""
+    [ "$(sa_lines h$n | grep -c .)" -eq 0 ] || left="$left SAs"
+    $IP -n h$n xfrm policy | grep -q . && left="$left policies"
+    for f in 4 6; do
+        $IP -$f -n h$n rule show | grep -q "lookup $RT_TABLE" && left="$left v$f-rule"
+        [ -z "$($IP -$f -n h$n route show table $RT_TABLE 2>/dev/null)" ] || left="$left v$f-routes-in-$RT_TABLE"
+    done
+    $IP netns exec h$n iptables-save | grep -q IPSEC-MESH- && left="$left iptables-chains"
+    $IP netns exec h$n ip6tables-save | grep -q IPSEC-MESH- && left="$left ip6tables-chains"
+    if [ $rc1 -eq 0 ] && [ $rc2 -eq 0 ] && [ -z "$left" ]; then
+        ok "v6-cleanup-h$n" "nothing of ours left in either family; second cleanup ok"
+    else
+        bad "v6-cleanup-h$n" "exit $rc1/$rc2; left:${left:- nothing}; $out1 $out2"
+        dump_host $n
+    fi
+done
+
+say "done in $(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')s"
+if [ -n "$FAILED" ]; then
+    echo "VM-RESULT: FAIL (v6-u$V6_U:$FAILED)"
+    exit 1
+fi
+echo "VM-RESULT: PASS"
+exit 0
