@@ -77,6 +77,7 @@ img="$out/xfrm-e2e.cpio.gz"
 say "build-initramfs.sh $img"
 "$here/build-initramfs.sh" "$img" --init "$here/xfrm-e2e.sh" "$fw_image" \
     --module br_netfilter --add "$here/xfrm-e2e-route.sh:/xfrm-e2e-route.sh" \
+    --add "$here/xfrm-e2e-v6.sh:/xfrm-e2e-v6.sh" \
     --bin "$stripped:/usr/bin/ipsec-mesh" --bin "$out/esp-replay:/usr/bin/esp-replay"
 
 # 4. boot and check.

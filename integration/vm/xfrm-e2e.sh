@@ -134,6 +134,14 @@ fi
 $IP netns del ipt
 fi
 
+# --- IPv6 (kernel command line e2e.mode=v6-u6 or e2e.mode=v6-u4; issue 18) -----------------
+# xfrm-e2e-v6.sh (in the image beside this script), sourced: it builds its own topology (an
+# IPv6 or IPv4 underlay, dual-stack containers) and ends the run.
+case " $(cat /proc/cmdline) " in *" e2e.mode=v6-"*)
+    [ -r /xfrm-e2e-v6.sh ] || abort v6 "/xfrm-e2e-v6.sh missing from the initramfs"
+    . /xfrm-e2e-v6.sh ;;
+esac
+
 # --- 1. topology -------------------------------------------------------------------------
 say "building topology"
 for ns in sw h1 h2 h3 c1 c2 c3; do
