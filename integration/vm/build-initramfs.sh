@@ -34,12 +34,12 @@ DEFAULT_MODULES="xfrm_algo xfrm_user esp4 esp6 xfrm4_tunnel xfrm6_tunnel af_key 
 # through busybox modprobe, which finds it when it is shipped: see NF_ONDEMAND.
 NF_MODULES="${VM_NF_MODULES:-x_tables ip_tables iptable_filter iptable_mangle iptable_raw
   ip6_tables ip6table_filter ip6table_mangle ip6table_raw xt_mark xt_policy xt_comment xt_esp
-  xt_tcpudp xt_addrtype xt_multiport xt_physdev}"
+  xt_tcpudp xt_addrtype xt_multiport xt_physdev ipt_rpfilter ip6t_rpfilter}"
 NF_ONDEMAND="xt_conntrack xt_state xt_connmark xt_CT xt_LOG xt_NFLOG xt_REDIRECT xt_MASQUERADE
   xt_nat xt_length xt_limit xt_set xt_u32 xt_iprange xt_owner xt_pkttype xt_TCPMSS
   iptable_nat ip6table_nat ipt_REJECT ip6t_REJECT br_netfilter"
 # Extensions (from the host's iptables package) copied to its XTABLES_LIBDIR.
-XT_EXTENSIONS="${VM_XT_EXTENSIONS:-libxt_standard libxt_mark libxt_MARK libxt_policy
+XT_EXTENSIONS="${VM_XT_EXTENSIONS:-libxt_standard libxt_mark libxt_MARK libxt_policy libxt_rpfilter
   libxt_comment libxt_esp libxt_tcp libxt_udp libxt_multiport libxt_addrtype libxt_physdev
   libxt_conntrack libxt_state libxt_CONNMARK libxt_connmark libxt_CT libxt_LOG libxt_NFLOG
   libxt_length libxt_limit libxt_iprange libxt_owner libxt_pkttype libxt_TCPMSS
@@ -47,8 +47,9 @@ XT_EXTENSIONS="${VM_XT_EXTENSIONS:-libxt_standard libxt_mark libxt_MARK libxt_po
   libip6t_icmp6 libip6t_REJECT}"
 
 # --nftables: nf_tables (its core holds meta, rt, counter, lookup, the set types and the
-# route chain type; inet, ipv4 and ipv6 families are built in), nothing of x_tables.
-NFT_MODULES="${VM_NFT_MODULES:-nf_tables}"
+# route chain type; inet, ipv4 and ipv6 families are built in), nothing of x_tables; nft_fib_inet
+# (with nft_fib_ipv4/6) for the route mode's reverse-path check (`fib saddr . iif oif`).
+NFT_MODULES="${VM_NFT_MODULES:-nf_tables nft_fib_inet}"
 
 ONDEMAND_DIRS="${VM_ONDEMAND_DIRS-kernel/crypto kernel/arch/x86/crypto kernel/lib/crypto}"
 
