@@ -33,11 +33,125 @@ pub struct RawCluster {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawNetwork {
-    pub cidr: String,
+    /// The overlay: one prefix (a string, single-family) or a list of one or two prefixes
+    /// of different families (dual-stack).
+    pub cidr: RawCidr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
+}
+
+/// `network.cidr` as written: a string (one overlay family) or a list of one or two
+/// prefixes of different families (a dual-stack overlay). A string serializes as a string,
+/// so single-family metadata round-trips unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawCidr {
+    One(String),
+    List(Vec<String>),
+}
+
+impl Default for RawCidr {
+    fn default() -> RawCidr {
+        RawCidr::One(String::new())
+    }
+}
+
+impl RawCidr {
+    /// The prefix as written when one string is given, else the first of the list (`""`
+    /// for an empty list): for callers that take one prefix (etcd's `--subnet auto`).
+    pub fn as_str(&self) -> &str {
+        match self {
+            RawCidr::One(s) => s,
+            RawCidr::List(l) => l.first().map_or("", String::as_str),
+        }
+    }
+
+    /// The prefixes with their JSON paths below `network` (`cidr`, `cidr[1]`).
+    fn items(&self) -> Vec<(String, &str)> {
+        match self {
+            RawCidr::One(s) => vec![("cidr".to_string(), s.as_str())],
+            RawCidr::List(l) => l
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("cidr[{i}]"), s.as_str()))
+                .collect(),
+        }
+    }
+}
+
+impl From<&str> for RawCidr {
+    fn from(s: &str) -> RawCidr {
+        RawCidr::One(s.to_string())
+    }
+}
+
+impl From<String> for RawCidr {
+    fn from(s: String) -> RawCidr {
+        RawCidr::One(s)
+    }
+}
+
+impl From<&[&str]> for RawCidr {
+    fn from(l: &[&str]) -> RawCidr {
+        RawCidr::List(l.iter().map(|s| s.to_string()).collect())
+    }
+}
+
+impl<const N: usize> From<[&str; N]> for RawCidr {
+    fn from(l: [&str; N]) -> RawCidr {
+        RawCidr::from(&l[..])
+    }
+}
+
+impl PartialEq<&str> for RawCidr {
+    fn eq(&self, other: &&str) -> bool {
+        matches!(self, RawCidr::One(s) if s == other)
+    }
+}
+
+impl PartialEq<str> for RawCidr {
+    fn eq(&self, other: &str) -> bool {
+        matches!(self, RawCidr::One(s) if s == other)
+    }
+}
+
+impl Serialize for RawCidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RawCidr::One(c) => s.serialize_str(c),
+            RawCidr::List(l) => l.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawCidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawCidr, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawCidr;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a prefix (\"10.42.0.0/16\") or a list of one prefix per family")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawCidr, E> {
+                Ok(RawCidr::One(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<RawCidr, E> {
+                Ok(RawCidr::One(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<RawCidr, A::Error> {
+                let mut l = Vec::new();
+                while let Some(s) = a.next_element::<String>()? {
+                    l.push(s);
+                }
+                Ok(RawCidr::List(l))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -136,11 +250,51 @@ impl fmt::Display for HostId {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Network {
-    /// The overlay: every host subnet lies inside it.
-    pub cidr: IpNet,
+    /// The overlay: one prefix per family (one, or two for a dual-stack overlay), in the
+    /// metadata's order; every host subnet lies inside the one of its family.
+    pub cidrs: Vec<IpNet>,
     pub backend: Backend,
     /// Underlay MTU.
     pub mtu: u16,
+}
+
+impl Network {
+    /// The first overlay prefix listed (the only one of a single-family network).
+    pub fn cidr(&self) -> IpNet {
+        self.cidrs[0]
+    }
+
+    /// The overlay prefix of a family, if the network has that family.
+    pub fn cidr_of(&self, v6: bool) -> Option<IpNet> {
+        self.cidrs
+            .iter()
+            .copied()
+            .find(|c| c.network().is_ipv6() == v6)
+    }
+
+    /// Both families on the overlay.
+    pub fn dual_stack(&self) -> bool {
+        self.cidrs.len() > 1
+    }
+
+    /// The cidrs as the file format writes them: a string for one, a list for two.
+    pub fn cidr_json(&self) -> serde_json::Value {
+        match self.cidrs.as_slice() {
+            [one] => serde_json::Value::String(one.to_string()),
+            many => many
+                .iter()
+                .map(|c| serde_json::Value::String(c.to_string()))
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Display for Network {
+    /// The cidrs, comma-separated (`10.42.0.0/16,fd42::/48`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c: Vec<String> = self.cidrs.iter().map(IpNet::to_string).collect();
+        f.write_str(&c.join(","))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,7 +396,7 @@ pub enum Invalid {
     },
     /// A subnet or VTEP address of the other family than the overlay: the model has one
     /// overlay family per network (its `cidr`'s), whatever the underlay's family.
-    #[error("{what} {value} is IPv{family} but the network cidr {cidr} is IPv{cidr_family}: one overlay family per network (dual-stack overlays are not supported yet)")]
+    #[error("{what} {value} is IPv{family} but the network cidr {cidr} is IPv{cidr_family}: one overlay family per network (for a dual-stack overlay, list one cidr per family: \"cidr\": [\"10.42.0.0/16\", \"fd42::/48\"])")]
     OverlayFamily {
         what: &'static str,
         value: String,
@@ -252,6 +406,22 @@ pub enum Invalid {
     },
     #[error("vtep {value} is not inside the network cidr {cidr}")]
     VtepOutsideCidr { value: IpAddr, cidr: IpNet },
+    /// Dual-stack: a subnet (or VTEP) outside the cidr of its own family.
+    #[error("{what}{value} is outside the network's IPv{family} cidr {cidr}")]
+    OutsideFamilyCidr {
+        what: &'static str,
+        value: String,
+        family: u8,
+        cidr: IpNet,
+    },
+    #[error("a second IPv{family} prefix (one per family)")]
+    SecondOfFamily { family: u8 },
+    #[error("{count} prefixes listed: at most two, one per family")]
+    TooManyCidrs { count: usize },
+    #[error("an empty list: give one prefix, or one per family for a dual-stack overlay")]
+    NoCidr,
+    #[error("a dual-stack overlay needs the ipsec backend (the vxlan backend carries one overlay family)")]
+    DualStackVxlan,
     #[error("vtep {value} lies inside {subnet} of host {other_host:?}, where it may be a workload's address")]
     VtepInOtherHost {
         value: IpAddr,
@@ -406,13 +576,51 @@ fn check_vteps(
 impl Cluster {
     /// The one validation path every metadata source goes through.
     pub fn validate(raw: &RawCluster) -> Result<Cluster, ValidationError> {
-        let cidr =
-            parse_prefix(&raw.network.cidr).map_err(|e| err(Location::network("cidr"), e))?;
+        let items = raw.network.cidr.items();
+        if items.is_empty() {
+            return Err(err(Location::network("cidr"), Invalid::NoCidr));
+        }
+        if items.len() > 2 {
+            return Err(err(
+                Location::network("cidr"),
+                Invalid::TooManyCidrs { count: items.len() },
+            ));
+        }
+        let mut cidrs: Vec<IpNet> = Vec::with_capacity(items.len());
+        for (path, value) in &items {
+            let c = parse_prefix(value).map_err(|e| err(Location::network(path), e))?;
+            if cidrs
+                .iter()
+                .any(|o| o.network().is_ipv6() == c.network().is_ipv6())
+            {
+                return Err(err(
+                    Location::network(path),
+                    Invalid::SecondOfFamily {
+                        family: family_of(c.network()),
+                    },
+                ));
+            }
+            cidrs.push(c);
+        }
+        let dual = cidrs.len() > 1;
+        // The single-family network's cidr (the first listed when dual-stack: only used for
+        // single-family checks and messages).
+        let cidr = cidrs[0];
+        let cidr_for = |ip: IpAddr| -> IpNet {
+            cidrs
+                .iter()
+                .copied()
+                .find(|c| c.network().is_ipv6() == ip.is_ipv6())
+                .unwrap_or(cidr)
+        };
         let backend = match &raw.network.backend {
             None => Backend::Ipsec,
             Some(b) => Backend::from_str(b)
                 .map_err(|e| err(Location::network("backend"), Invalid::Backend(e)))?,
         };
+        if dual && backend == Backend::Vxlan {
+            return Err(err(Location::network("cidr"), Invalid::DualStackVxlan));
+        }
         let mtu = match raw.network.mtu {
             None => MTU_DEFAULT,
             Some(m) if (MTU_MIN as u32..=MTU_MAX as u32).contains(&m) => m as u16,
@@ -443,12 +651,12 @@ impl Cluster {
 
             let agent_ip = parse_endpoint(&rh.agent_ip)
                 .map_err(|e| err(Location::host(i, &rh.id, "agent_ip"), e))?;
-            if cidr.contains(&agent_ip) {
+            if let Some(&c) = cidrs.iter().find(|c| c.contains(&agent_ip)) {
                 return Err(err(
                     Location::host(i, &rh.id, "agent_ip"),
                     Invalid::AgentInOverlay {
                         value: agent_ip,
-                        cidr,
+                        cidr: c,
                     },
                 ));
             }
@@ -480,14 +688,30 @@ impl Cluster {
             let mut subnets = Vec::with_capacity(rh.subnets.len());
             for (j, s) in rh.subnets.iter().enumerate() {
                 let net = parse_prefix(s).map_err(|e| err(Location::subnet(i, &rh.id, j), e))?;
-                if let Some(e) = family_mismatch("subnet", net.network(), net.to_string(), cidr) {
-                    return Err(err(Location::subnet(i, &rh.id, j), e));
-                }
-                if !cidr.contains(&net) {
-                    return Err(err(
-                        Location::subnet(i, &rh.id, j),
-                        Invalid::OutsideCidr { value: net, cidr },
-                    ));
+                if dual {
+                    let c = cidr_for(net.network());
+                    if !c.contains(&net) {
+                        return Err(err(
+                            Location::subnet(i, &rh.id, j),
+                            Invalid::OutsideFamilyCidr {
+                                what: "",
+                                value: net.to_string(),
+                                family: family_of(net.network()),
+                                cidr: c,
+                            },
+                        ));
+                    }
+                } else {
+                    if let Some(e) = family_mismatch("subnet", net.network(), net.to_string(), cidr)
+                    {
+                        return Err(err(Location::subnet(i, &rh.id, j), e));
+                    }
+                    if !cidr.contains(&net) {
+                        return Err(err(
+                            Location::subnet(i, &rh.id, j),
+                            Invalid::OutsideCidr { value: net, cidr },
+                        ));
+                    }
                 }
                 subnets.push(net);
                 all_subnets.push((net, i, j));
@@ -498,19 +722,43 @@ impl Cluster {
                 Some(v) => {
                     let ip =
                         parse_endpoint(v).map_err(|e| err(Location::host(i, &rh.id, "vtep"), e))?;
-                    if let Some(e) = family_mismatch("vtep", ip, ip.to_string(), cidr) {
+                    if dual {
+                        let c = cidr_for(ip);
+                        if !c.contains(&ip) {
+                            return Err(err(
+                                Location::host(i, &rh.id, "vtep"),
+                                Invalid::OutsideFamilyCidr {
+                                    what: "vtep ",
+                                    value: ip.to_string(),
+                                    family: family_of(ip),
+                                    cidr: c,
+                                },
+                            ));
+                        }
+                    } else if let Some(e) = family_mismatch("vtep", ip, ip.to_string(), cidr) {
                         return Err(err(Location::host(i, &rh.id, "vtep"), e));
                     }
-                    if !cidr.contains(&ip) {
+                    if !cidr_for(ip).contains(&ip) {
                         return Err(err(
                             Location::host(i, &rh.id, "vtep"),
-                            Invalid::VtepOutsideCidr { value: ip, cidr },
+                            Invalid::VtepOutsideCidr {
+                                value: ip,
+                                cidr: cidr_for(ip),
+                            },
                         ));
                     }
                     Some(ip)
                 }
                 None if rh.workload_subnets => None,
-                None => spare_network_address(&subnets),
+                // Dual-stack: from the subnets of the first listed family.
+                None => {
+                    let first_family: Vec<IpNet> = subnets
+                        .iter()
+                        .copied()
+                        .filter(|n| n.network().is_ipv6() == cidr.network().is_ipv6())
+                        .collect();
+                    spare_network_address(&first_family)
+                }
             };
 
             hosts.push(Host {
@@ -565,7 +813,11 @@ impl Cluster {
 
         hosts.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Cluster {
-            network: Network { cidr, backend, mtu },
+            network: Network {
+                cidrs,
+                backend,
+                mtu,
+            },
             hosts,
         })
     }
@@ -940,7 +1192,7 @@ mod tests {
         r2.hosts[0].subnets = vec!["10.0.0.0/24".into()];
         assert_eq!(
             fails(&r2).to_string(),
-            r#"hosts[0] (id "a").subnets[0]: subnet 10.0.0.0/24 is IPv4 but the network cidr fd42::/48 is IPv6: one overlay family per network (dual-stack overlays are not supported yet)"#
+            r#"hosts[0] (id "a").subnets[0]: subnet 10.0.0.0/24 is IPv4 but the network cidr fd42::/48 is IPv6: one overlay family per network (for a dual-stack overlay, list one cidr per family: "cidr": ["10.42.0.0/16", "fd42::/48"])"#
         );
     }
 
@@ -990,12 +1242,174 @@ mod tests {
         )]));
         assert_eq!(
             e.to_string(),
-            r#"hosts[0] (id "a").vtep: vtep fd42::1 is IPv6 but the network cidr 10.42.0.0/16 is IPv4: one overlay family per network (dual-stack overlays are not supported yet)"#
+            r#"hosts[0] (id "a").vtep: vtep fd42::1 is IPv6 but the network cidr 10.42.0.0/16 is IPv4: one overlay family per network (for a dual-stack overlay, list one cidr per family: "cidr": ["10.42.0.0/16", "fd42::/48"])"#
         );
         // Agent IPs still share one family (one underlay for every tunnel).
         let mut u = r.clone();
         u.hosts[1].agent_ip = "192.168.77.2".into();
         assert!(matches!(fails(&u).what, Invalid::MixedFamily { .. }));
+    }
+
+    fn dual(hosts: Vec<RawHost>) -> RawCluster {
+        let mut r = raw(hosts);
+        r.network.cidr = ["10.42.0.0/16", "fd42::/48"].into();
+        r
+    }
+
+    /// Issue 18 item 2: `network.cidr` as a list of one prefix per family.
+    #[test]
+    fn dual_stack_overlay_accepted_with_subnets_of_both_families() {
+        let r = dual(vec![
+            host("b", "192.168.77.2", &["fd42:0:0:2::/64", "10.42.2.0/24"]),
+            host("a", "192.168.77.1", &["10.42.1.0/24", "fd42:0:0:1::/64"]),
+            // A host of one family only is fine too.
+            host("c", "192.168.77.3", &["fd42:0:0:3::/64"]),
+        ]);
+        let c = Cluster::validate(&r).unwrap();
+        assert!(c.network.dual_stack());
+        assert_eq!(
+            c.network.cidrs,
+            vec![
+                "10.42.0.0/16".parse::<IpNet>().unwrap(),
+                "fd42::/48".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.network.cidr_of(true).unwrap().to_string(), "fd42::/48");
+        assert_eq!(
+            c.network.cidr_of(false).unwrap().to_string(),
+            "10.42.0.0/16"
+        );
+        assert_eq!(c.network.to_string(), "10.42.0.0/16,fd42::/48");
+        let b = c.host("b").unwrap();
+        let subnets: Vec<String> = b.subnets.iter().map(|s| s.to_string()).collect();
+        assert_eq!(subnets, ["10.42.2.0/24", "fd42:0:0:2::/64"]);
+        // The default VTEP comes from the first listed family's subnets.
+        assert_eq!(vtep_of(&c, "b").as_deref(), Some("10.42.2.0"));
+        assert_eq!(vtep_of(&c, "c"), None);
+        // An IPv6 underlay carries both families as well.
+        let mut r6 = r.clone();
+        for (i, h) in r6.hosts.iter_mut().enumerate() {
+            h.agent_ip = format!("fd77::{}", i + 1);
+        }
+        assert!(Cluster::validate(&r6).is_ok());
+        // A list of one prefix is a single-family network.
+        let mut one = raw(vec![host("a", "192.168.77.1", &["10.42.1.0/24"])]);
+        one.network.cidr = ["10.42.0.0/16"].into();
+        let c1 = Cluster::validate(&one).unwrap();
+        assert!(!c1.network.dual_stack());
+        assert_eq!(c1.network.cidr_json(), serde_json::json!("10.42.0.0/16"));
+        assert_eq!(
+            c.network.cidr_json(),
+            serde_json::json!(["10.42.0.0/16", "fd42::/48"])
+        );
+    }
+
+    #[test]
+    fn dual_stack_errors_name_the_json_path() {
+        let cases: Vec<(RawCidr, &str)> = vec![
+            (
+                ["10.42.0.0/16", "10.43.0.0/16"].into(),
+                "network.cidr[1]: a second IPv4 prefix (one per family)",
+            ),
+            (
+                ["fd42::/48", "fd43::/48"].into(),
+                "network.cidr[1]: a second IPv6 prefix (one per family)",
+            ),
+            (
+                ["10.42.0.0/16", "fd42::1/48"].into(),
+                "network.cidr[1]: \"fd42::1/48\" has host bits set (did you mean fd42::/48?)",
+            ),
+            (
+                ["10.42.0.0/16", "fd42::/48", "fd43::/48"].into(),
+                "network.cidr: 3 prefixes listed: at most two, one per family",
+            ),
+            (
+                RawCidr::List(vec![]),
+                "network.cidr: an empty list: give one prefix, or one per family for a dual-stack overlay",
+            ),
+            (
+                ["nope", "fd42::/48"].into(),
+                "network.cidr[0]: \"nope\" is not a prefix in CIDR notation (address/length): the prefix length is missing",
+            ),
+        ];
+        for (cidr, want) in cases {
+            let mut r = good();
+            r.network.cidr = cidr.clone();
+            assert_eq!(fails(&r).to_string(), want, "{cidr:?}");
+        }
+        // A subnet outside the cidr of its own family.
+        let r = dual(vec![
+            host("h1", "192.168.77.1", &["10.42.1.0/24"]),
+            host("h2", "192.168.77.2", &["10.42.2.0/24"]),
+            host("h3", "192.168.77.3", &["10.42.3.0/24", "fd43::/64"]),
+        ]);
+        assert_eq!(
+            fails(&r).to_string(),
+            r#"hosts[2] (id "h3").subnets[1]: fd43::/64 is outside the network's IPv6 cidr fd42::/48"#
+        );
+        let r = dual(vec![host(
+            "h1",
+            "192.168.77.1",
+            &["fd42:0:0:1::/64", "10.43.0.0/24"],
+        )]);
+        assert_eq!(
+            fails(&r).to_string(),
+            r#"hosts[0] (id "h1").subnets[1]: 10.43.0.0/24 is outside the network's IPv4 cidr 10.42.0.0/16"#
+        );
+        // VTEPs: inside the cidr of their own family.
+        let r = dual(vec![with_vtep(
+            host("h1", "192.168.77.1", &["10.42.1.0/24"]),
+            "fd43::1",
+        )]);
+        assert_eq!(
+            fails(&r).to_string(),
+            r#"hosts[0] (id "h1").vtep: vtep fd43::1 is outside the network's IPv6 cidr fd42::/48"#
+        );
+        let r = dual(vec![with_vtep(
+            host("h1", "192.168.77.1", &["10.42.1.0/24"]),
+            "fd42::1",
+        )]);
+        assert_eq!(
+            vtep_of(&Cluster::validate(&r).unwrap(), "h1").as_deref(),
+            Some("fd42::1")
+        );
+        // An agent IP inside either overlay.
+        let r = dual(vec![host("h1", "fd42::ff:1", &["10.42.1.0/24"])]);
+        assert!(matches!(fails(&r).what, Invalid::AgentInOverlay { .. }));
+        // Overlaps stay per family and across hosts.
+        let r = dual(vec![
+            host("h1", "192.168.77.1", &["fd42:0:0:1::/64"]),
+            host("h2", "192.168.77.2", &["fd42::/56"]),
+        ]);
+        assert!(matches!(fails(&r).what, Invalid::SubnetOverlap { .. }));
+        // The vxlan backend carries one overlay family.
+        let mut r = dual(vec![host("h1", "192.168.77.1", &["10.42.1.0/24"])]);
+        r.network.backend = Some("vxlan".into());
+        assert_eq!(
+            fails(&r).to_string(),
+            "network.cidr: a dual-stack overlay needs the ipsec backend (the vxlan backend carries one overlay family)"
+        );
+    }
+
+    #[test]
+    fn cidr_wire_format_string_or_list() {
+        let one: RawNetwork = serde_json::from_str(r#"{"cidr":"10.42.0.0/16"}"#).unwrap();
+        assert_eq!(one.cidr, "10.42.0.0/16");
+        assert_eq!(
+            serde_json::to_string(&one).unwrap(),
+            r#"{"cidr":"10.42.0.0/16"}"#
+        );
+        let two: RawNetwork =
+            serde_json::from_str(r#"{"cidr":["10.42.0.0/16","fd42::/48"],"mtu":1500}"#).unwrap();
+        assert_eq!(two.cidr, RawCidr::from(["10.42.0.0/16", "fd42::/48"]));
+        assert_eq!(
+            serde_json::to_string(&two).unwrap(),
+            r#"{"cidr":["10.42.0.0/16","fd42::/48"],"mtu":1500}"#
+        );
+        let e = serde_json::from_str::<RawNetwork>(r#"{"cidr":5}"#).unwrap_err();
+        assert!(e.to_string().contains("a prefix"), "{e}");
+        let e = serde_json::from_str::<RawNetwork>(r#"{"cidr":["10.42.0.0/16",5]}"#).unwrap_err();
+        assert!(e.to_string().contains("expected a string"), "{e}");
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl Mesh {
     fn raw(&self) -> RawCluster {
         RawCluster {
             network: RawNetwork {
-                cidr: self.cidr.clone(),
+                cidr: self.cidr.clone().into(),
                 backend: None,
                 mtu: None,
             },

@@ -123,7 +123,7 @@ fn load_maps_the_fixture_as_rancher_would() {
         .unwrap();
     let cni = &managed["metadata"]["cniConfig"]["10-rancher.conf"];
     let net = &snap.cluster.network;
-    assert_eq!(net.cidr.to_string(), cni["bridgeSubnet"]);
+    assert_eq!(net.cidr().to_string(), cni["bridgeSubnet"]);
     assert_eq!(net.backend, Backend::Ipsec);
     assert_eq!(
         u64::from(net.mtu),

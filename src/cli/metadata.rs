@@ -221,7 +221,7 @@ fn show(cmd: ShowCmd) -> Result<ExitCode> {
                 "source": cmd.metadata,
                 "version": version,
                 "network": {
-                    "cidr": cluster.network.cidr.to_string(),
+                    "cidr": cluster.network.cidr_json(),
                     "backend": cluster.network.backend.as_str(),
                     "mtu": cluster.network.mtu,
                 },
@@ -240,7 +240,7 @@ fn show(cmd: ShowCmd) -> Result<ExitCode> {
 fn table(src: &str, c: &Cluster, version: &str, skipped: &[(String, Skipped)]) -> String {
     let mut out = format!(
         "{src}  version {version}  network {} backend {} mtu {}  {} hosts\n",
-        c.network.cidr,
+        c.network,
         c.network.backend,
         c.network.mtu,
         c.hosts.len()

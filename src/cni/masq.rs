@@ -201,7 +201,7 @@ pub fn lock(table: &str) -> Result<std::os::unix::net::UnixListener, CniError> {
 
 /// The mesh's exempt destinations and this host's sources, from the metadata.
 pub fn from_cluster(cluster: &crate::model::Cluster, self_id: &str) -> (Vec<IpNet>, Vec<IpNet>) {
-    let mut exempt = vec![cluster.network.cidr];
+    let mut exempt = cluster.network.cidrs.clone();
     let mut sources = Vec::new();
     for h in &cluster.hosts {
         exempt.extend(h.subnets.iter().copied());

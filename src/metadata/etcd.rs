@@ -1871,7 +1871,7 @@ impl Registrar {
                 if e.key == url.network_key() {
                     let n: RawNetwork = serde_json::from_slice(&e.value)
                         .map_err(|x| alloc_err(format!("{}: {x}", url.key_origin(&e.key))))?;
-                    cidr = Some(crate::model::parse_prefix(&n.cidr).map_err(|x| {
+                    cidr = Some(crate::model::parse_prefix(n.cidr.as_str()).map_err(|x| {
                         alloc_err(format!("{}: cidr: {x}", url.key_origin(&e.key)))
                     })?);
                 } else if let Some(name) = e.key.strip_prefix(&subnets_dir) {

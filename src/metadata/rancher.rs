@@ -385,7 +385,7 @@ fn network_settings(index: usize, n: &RancherNetwork) -> Result<RawNetwork, MapE
             file.contains("vxlan") || f.get("name").and_then(Value::as_str) == Some("vxlan")
         });
     Ok(RawNetwork {
-        cidr,
+        cidr: cidr.into(),
         backend: Some(if vxlan { "vxlan" } else { "ipsec" }.to_string()),
         mtu,
     })
@@ -707,7 +707,7 @@ impl MetadataSource for RancherSource {
             origin = %self.base,
             %version,
             hosts = cluster.hosts.len(),
-            cidr = %cluster.network.cidr,
+            cidr = %cluster.network,
             "rancher-metadata loaded"
         );
         Ok(Snapshot {

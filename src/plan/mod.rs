@@ -162,8 +162,13 @@ pub struct Plan {
     /// The self host's VTEP address ([`crate::model::Host::vtep`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vtep: Option<IpAddr>,
-    /// The overlay cidr.
+    /// The overlay cidr: the first listed in the metadata (a dual-stack overlay's other
+    /// family is in `cidrs`).
     pub cidr: IpNet,
+    /// Every overlay cidr, one per family (two for a dual-stack overlay), in the metadata's
+    /// order. Peers' `subnets` hold prefixes of every family listed here; one SA pair per peer
+    /// carries them all, over the pair's one underlay family.
+    pub cidrs: Vec<IpNet>,
     /// Underlay MTU from the metadata.
     pub underlay_mtu: u16,
     /// MTU left for container interfaces under this backend and transform.
@@ -316,7 +321,8 @@ pub fn plan_with(
         endpoint: host.agent_ip,
         subnets: host.subnets.clone(),
         vtep: host.vtep,
-        cidr: cluster.network.cidr,
+        cidr: cluster.network.cidr(),
+        cidrs: cluster.network.cidrs.clone(),
         underlay_mtu: cluster.network.mtu,
         mtu: overlay_mtu(cluster.network.mtu, encap),
         transform: opts.transform,
@@ -465,6 +471,47 @@ mod tests {
         assert_ne!(ab.key_out_id, ab.key_in_id);
         assert_eq!(a.mtu, 1446);
         assert_eq!(ab.endpoint.to_string(), "192.168.77.2");
+    }
+
+    /// Issue 18 item 2: a host that adds an IPv6 subnet (the network becoming dual-stack)
+    /// changes no pair's reqid, SPIs, marks or keys; the peers' `subnets` list both families
+    /// and the plan carries both cidrs.
+    #[test]
+    fn dual_stack_keeps_every_pairs_ids_and_keys() {
+        let single = crate::test_cluster::on_77(&["host-0", "host-1", "host-2"]);
+        let mut dual = single.clone();
+        dual.network.cidr = ["10.42.0.0/16", "fd42::/48"].into();
+        dual.hosts[1].subnets.push("fd42:0:0:2::/64".into());
+        let psk = Psk::from_bytes(&[7u8; 32]);
+        let o = PlanOptions::default();
+        for me in ["host-0", "host-1", "host-2"] {
+            let a = plan(&crate::test_cluster::valid(&single), me, &o, Some(&psk)).unwrap();
+            let b = plan(&crate::test_cluster::valid(&dual), me, &o, Some(&psk)).unwrap();
+            assert_eq!(a.mtu, b.mtu, "one underlay family, one MTU");
+            assert_eq!(b.cidrs.len(), 2);
+            assert_eq!(a.cidr, b.cidr);
+            for (x, y) in a.peers.iter().zip(&b.peers) {
+                assert_eq!(
+                    (x.reqid, x.spi_out, x.spi_in, x.mark_out, x.mark_in),
+                    (y.reqid, y.spi_out, y.spi_in, y.mark_out, y.mark_in)
+                );
+                assert_eq!(
+                    (&x.key_out_id, &x.key_in_id, &x.rx),
+                    (&y.key_out_id, &y.key_in_id, &y.rx)
+                );
+            }
+        }
+        let p = plan(&crate::test_cluster::valid(&dual), "host-0", &o, None).unwrap();
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["cidr"], "10.42.0.0/16");
+        assert_eq!(
+            json["cidrs"],
+            serde_json::json!(["10.42.0.0/16", "fd42::/48"])
+        );
+        assert_eq!(
+            json["peers"][0]["subnets"],
+            serde_json::json!(["10.42.2.0/24", "fd42:0:0:2::/64"])
+        );
     }
 
     #[test]
