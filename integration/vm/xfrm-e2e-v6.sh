@@ -34,7 +34,19 @@ case " $(cat /proc/cmdline) " in
 *" e2e.overlay=4 "*) V6_FAMS=4 ;;
 *" e2e.overlay=6 "*) V6_FAMS=6 ;;
 esac
+# e2e.switch=4|6: after the fail-closed checks, every host re-applies with a network of
+# that family only (a change of overlay family: the old family's objects must go).
+V6_SWITCH=""
+case " $(cat /proc/cmdline) " in
+*" e2e.switch=4 "*) V6_SWITCH=4 ;;
+*" e2e.switch=6 "*) V6_SWITCH=6 ;;
+esac
 FAILED=""
+# gap NAME MSG: a check the driver is known to fail today (named in the CI report as a known
+# gap): a "NOTE: known gap" line, not a failure, unless e2e.strict is on the command line.
+gap() {
+    if grep -qw e2e.strict /proc/cmdline; then bad "$1" "$2"; else echo "NOTE: known gap $1: $2"; fi
+}
 IP6T="ip6tables -w"
 
 uaddr() { if [ "$V6_U" = 6 ]; then echo "fd77::$1"; else echo "192.168.77.$1"; fi; }
@@ -109,7 +121,7 @@ for n in $HOSTS; do
         echo "link set cbr0 up"
         echo "link set vc$n master cbr0"
         echo "link set vc$n up"
-        for f in $V6_FAMS; do
+        for f in $V6_FAMS $V6_SWITCH; do
             if [ "$f" = 6 ]; then
                 echo "addr add fd42:0:0:$n::1/64 dev cbr0 nodad"
                 echo "route add ::/0 dev u$n"
@@ -122,7 +134,7 @@ for n in $HOSTS; do
     {
         echo "link set lo up"
         echo "link set eth0 up"
-        for f in $V6_FAMS; do
+        for f in $V6_FAMS $V6_SWITCH; do
             if [ "$f" = 6 ]; then
                 echo "addr add fd42:0:0:$n::2/64 dev eth0 nodad"
                 echo "route add ::/0 via fd42:0:0:$n::1"
@@ -148,11 +160,13 @@ $IP netns exec sw sh -c "echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables &&
       done
       printf -- '-A FORWARD ! -p esp -m comment --comment e2e-plain\n-A FORWARD ! -p esp -s fd42::/48 -m comment --comment e2e-overlay\n-A FORWARD ! -p esp -d fd42::/48 -m comment --comment e2e-overlay\nCOMMIT\n'
     } | ip6tables-restore --noflush -w" || abort v6-topology "underlay counters (br_netfilter loaded?)"
-# ucount 4|6 esp|plain|overlay|nd -> packets of that family counted so far on the switch
-ucount() {
-    if [ "$1" = 6 ]; then t="$IP6T"; else t="$IPT"; fi
-    # shellcheck disable=SC2086
-    $IP netns exec sw $t -nvxL FORWARD | awk -v c="$2" '$0 ~ "/\\* e2e-" c " \\*/" { n += $1 } END { print n + 0 }'
+# ucounts -> "esp4 plain4 overlay4 esp6 plain6 overlay6 nd6": packets counted so far on the
+# switch (one process reads both tables)
+ucounts() {
+    $IP netns exec sw sh -c "$IPT -nvxL FORWARD; echo ---; $IP6T -nvxL FORWARD" | awk '
+        /^---/ { f = 6; next }
+        /\/\* e2e-/ { c = $0; sub(/.*\/\* e2e-/, "", c); sub(/ .*/, "", c); n[c (f ? f : 4)] += $1 }
+        END { printf "%d %d %d %d %d %d %d\n", n["esp4"], n["plain4"], n["overlay4"], n["esp6"], n["plain6"], n["overlay6"], n["nd6"] }'
 }
 
 # Warm-up: hosts reach each other on the underlay, containers their gateway in each family.
@@ -167,8 +181,10 @@ for n in $HOSTS; do
     done
 done
 [ -z "$warm" ] || abort v6-topology "underlay/bridge pings failed:$warm"
-plain4_0=$(ucount 4 plain) plain6_0=$(ucount 6 plain)
-ok v6-topology "underlay IPv$V6_U ($(uaddr 1) $(uaddr 2) $(uaddr 3)), overlay families: $V6_FAMS; underlay and gateway pings ok"
+# shellcheck disable=SC2046
+set -- $(ucounts)
+plain4_0=$2 plain6_0=$5
+ok v6-topology "underlay IPv$V6_U ($(uaddr 1) $(uaddr 2) $(uaddr 3)), overlay families: $V6_FAMS; underlay and gateway pings ok, the switch counted them: $plain4_0 IPv4, $plain6_0 IPv6 non-ESP packets"
 
 # v6_pings "a>b ..." COUNT [FAMILIES] -> pings (in parallel) from container a to container b
 # in each family (default: all overlay families); sets PING_OK / PING_FAILED
@@ -218,25 +234,28 @@ v6_flush_check() {
 
 # --- metadata, apply -----------------------------------------------------------------------
 say "v6: apply on h1 h2 h3"
-{
-    cidrs=""
-    for f in $V6_FAMS; do
-        if [ "$f" = 6 ]; then c='"fd42::/48"'; else c='"10.42.0.0/16"'; fi
-        cidrs="${cidrs:+$cidrs, }$c"
-    done
-    case "$V6_FAMS" in *" "*) cidrs="[$cidrs]" ;; esac
-    echo "{ \"network\": { \"cidr\": $cidrs, \"backend\": \"ipsec\", \"mtu\": 1500 },"
-    echo '  "hosts": ['
-    for n in $HOSTS; do
-        subs=""
+v6_meta() { # writes $META for the overlay families $V6_FAMS
+    {
+        cidrs=""
         for f in $V6_FAMS; do
-            if [ "$f" = 6 ]; then s="\"fd42:0:0:$n::/64\""; else s="\"10.42.$n.0/24\""; fi
-            subs="${subs:+$subs, }$s"
+            if [ "$f" = 6 ]; then c='"fd42::/48"'; else c='"10.42.0.0/16"'; fi
+            cidrs="${cidrs:+$cidrs, }$c"
         done
-        echo "    { \"id\": \"h$n\", \"agent_ip\": \"$(uaddr $n)\", \"subnets\": [$subs] }$([ $n = 3 ] || echo ,)"
-    done
-    echo '  ] }'
-} >$META
+        case "$V6_FAMS" in *" "*) cidrs="[$cidrs]" ;; esac
+        echo "{ \"network\": { \"cidr\": $cidrs, \"backend\": \"ipsec\", \"mtu\": 1500 },"
+        echo '  "hosts": ['
+        for n in $HOSTS; do
+            subs=""
+            for f in $V6_FAMS; do
+                if [ "$f" = 6 ]; then s="\"fd42:0:0:$n::/64\""; else s="\"10.42.$n.0/24\""; fi
+                subs="${subs:+$subs, }$s"
+            done
+            echo "    { \"id\": \"h$n\", \"agent_ip\": \"$(uaddr $n)\", \"subnets\": [$subs] }$([ $n = 3 ] || echo ,)"
+        done
+        echo '  ] }'
+    } >$META
+}
+v6_meta
 sed 's/^/  metadata: /' $META
 (umask 077 && head -c 40 /dev/urandom | base64 | tr -d "\n" >$PSK)
 
@@ -264,11 +283,14 @@ for n in $HOSTS; do
 done
 
 # --- the fwmark path of each family (installed by apply) -------------------------------------
-# mark_pkts NETNS FAMILY -> packets the MARK rules of IPSEC-MESH-MARK have counted
-mark_pkts() {
-    if [ "$2" = 6 ]; then t="$IP6T"; else t="$IPT"; fi
-    # shellcheck disable=SC2086
-    $IP netns exec "$1" $t -t mangle -nvxL IPSEC-MESH-MARK 2>/dev/null | awk '/MARK/ { n += $1 } END { print n + 0 }'
+# marks_all -> per host and overlay family, the packets the MARK rules of IPSEC-MESH-MARK
+# have counted ("h1/v4:N h1/v6:N ...")
+marks_all() {
+    for n in $HOSTS; do
+        # shellcheck disable=SC2016
+        $IP netns exec h$n sh -c 'for f in $0; do if [ $f = 6 ]; then t=ip6tables; else t=iptables; fi
+            $t -w -t mangle -nvxL IPSEC-MESH-MARK 2>/dev/null | awk -v l="$1/v$f" "/MARK/ { n += \$1 } END { printf \" %s:%d\", l, n }"; done' "$V6_FAMS" h$n
+    done
 }
 for n in $HOSTS; do
     what="" miss=""
@@ -291,8 +313,7 @@ done
 
 # --- every ordered container pair, each family ---------------------------------------------
 say "v6: container pings"
-marks0=""
-for n in $HOSTS; do for f in $V6_FAMS; do marks0="$marks0 $(mark_pkts h$n $f)"; done; done
+marks0=$(marks_all)
 ping_start=$(now)
 v6_pings "$ALL_PAIRS" 3
 ping_took=$(awk -v a="$ping_start" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')
@@ -302,16 +323,8 @@ else
     bad v6-ping-all "failed:$PING_FAILED; ok:${PING_OK:- -}"
     dump_all
 fi
-marks1=""
-for n in $HOSTS; do for f in $V6_FAMS; do marks1="$marks1 $(mark_pkts h$n $f)"; done; done
-up="" i=0
-for n in $HOSTS; do
-    for f in $V6_FAMS; do
-        i=$((i + 1))
-        a=$(echo $marks0 | cut -d' ' -f$i) b=$(echo $marks1 | cut -d' ' -f$i)
-        [ "$b" -gt "$a" ] || up="$up h$n/v$f($a->$b)"
-    done
-done
+marks1=$(marks_all)
+up=$(printf '%s\n%s\n' "$marks0" "$marks1" | awk '{ for (i = 1; i <= NF; i++) { split($i, kv, ":"); if (NR == 1) a[kv[1]] = kv[2]; else if (kv[2] <= a[kv[1]]) printf " %s(%d->%d)", kv[1], a[kv[1]], kv[2] } }')
 if [ -z "$up" ]; then
     ok v6-fwmark-forwarded "the forwarded pings were marked on every host in each family (MARK packets before/after:$marks0 /$marks1)"
 else
@@ -319,6 +332,15 @@ else
 fi
 
 # --- every SA of the generation in use carried bytes ---------------------------------------
+# v6_sa_fams NETNS -> how many SAs carry which inner family over which outer one ("any": the
+# af-unspec flag, selector family unset)
+v6_sa_fams() {
+    $IP -n "$1" xfrm state | awk '
+        function put() { if (o) print "v" (i ? i : "any") "-in-v" o }
+        /^src / { put(); o = ($2 ~ /:/) ? 6 : 4; i = "" }
+        /sel src/ { i = ($3 ~ /:/) ? 6 : 4 }
+        END { put() }' | sort | uniq -c | awk '{ printf "%s%d %s", (NR > 1 ? ", " : ""), $1, $2 }'
+}
 # sa_lines NETNS -> "src dst spi reqid bytes packets" per SA of ours
 sa_lines() {
     $IP -n "$1" -s xfrm state | awk -v lo=$REQID_MIN -v hi=$REQID_MAX '
@@ -333,7 +355,7 @@ for n in $HOSTS; do
     count=$(echo "$lines" | grep -c .)
     used=$(echo "$lines" | awk 'substr($3, 10, 1) == "1" { n++ } END { print n + 0 }')
     zero=$(echo "$lines" | awk '$5 == 0 && substr($3, 10, 1) == "1" { printf " spi %s (%s->%s)", $3, $1, $2 }')
-    fams=$($IP -n h$n xfrm state | awk '/^src / { o = ($2 ~ /:/) ? 6 : 4 } /sel src/ { i = ($3 ~ /:/) ? 6 : 4; print "v" i "-in-v" o }' | sort | uniq -c | awk '{ printf "%s%d %s", (NR > 1 ? ", " : ""), $1, $2 }')
+    fams=$(v6_sa_fams h$n)
     summary=$(echo "$lines" | awk 'substr($3, 10, 1) == "1" { printf "%s%s->%s %s:%dB", (n++ ? ", " : ""), $1, $2, $3, $5 }')
     # Per peer one outbound SA of generation 1 and one inbound one (of the 0, 1, 2 accepted).
     if [ "$count" -ge 8 ] && [ "$used" -ge 4 ] && [ -z "$zero" ]; then
@@ -347,8 +369,7 @@ done
 say "v6: host-originated pings"
 # The main table's default route points at uN: only the OUTPUT mark (IPSEC-MESH-MARK) takes
 # the packet into table 1042 and the XFRM policy; a miss would leave in clear (counted).
-om0=""
-for n in $HOSTS; do for f in $V6_FAMS; do om0="$om0 $(mark_pkts h$n $f)"; done; done
+om0=$(marks_all)
 rm -f /tmp/hping.*
 pids=""
 for f in $V6_FAMS; do
@@ -372,8 +393,7 @@ for f in $V6_FAMS; do
         done
     done
 done
-om1=""
-for n in $HOSTS; do for f in $V6_FAMS; do om1="$om1 $(mark_pkts h$n $f)"; done; done
+om1=$(marks_all)
 if [ -z "$hbad" ]; then
     ok v6-host-originated "from cbr0's address, marked in OUTPUT (MARK packets$om0 ->$om1):$hok"
 else
@@ -383,15 +403,16 @@ fi
 
 # --- the underlay: ESP of its own family only, no plaintext of either family ---------------
 v6_underlay() { # NAME WHAT
-    esp4=$(ucount 4 esp) esp6=$(ucount 6 esp) nd=$(ucount 6 nd)
-    p4=$(($(ucount 4 plain) - plain4_0)) p6=$(($(ucount 6 plain) - plain6_0))
-    o4=$(ucount 4 overlay) o6=$(ucount 6 overlay)
+    u_name=$1 u_what=$2
+    # shellcheck disable=SC2046
+    set -- $(ucounts)
+    esp4=$1 p4=$(($2 - plain4_0)) o4=$3 esp6=$4 p6=$(($5 - plain6_0)) o6=$6 nd=$7
     if [ "$V6_U" = 6 ]; then espu=$esp6 espo=$esp4; else espu=$esp4 espo=$esp6; fi
     msg="ESP over IPv$V6_U $espu, over the other family $espo; other IPv4 $p4, other IPv6 $p6 (neighbour discovery $nd apart); with container addresses IPv4 $o4, IPv6 $o6"
     if [ "$espu" -gt 0 ] && [ "$espo" -eq 0 ] && [ "$p4" -eq 0 ] && [ "$p6" -eq 0 ] && [ "$o4" -eq 0 ] && [ "$o6" -eq 0 ]; then
-        ok "$1" "$2: $msg"
+        ok "$u_name" "$u_what: $msg"
     else
-        bad "$1" "$2: $msg"
+        bad "$u_name" "$u_what: $msg"
         sw_counters
     fi
 }
@@ -422,6 +443,46 @@ v6_pings "$ALL_PAIRS" 3
 if [ -z "$PING_FAILED" ]; then ok v6-recovered "apply + pings in $(awk -v a="$ts" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')s:$PING_OK"; else bad v6-recovered "failed:$PING_FAILED; ok:${PING_OK:- -}"; dump_all; fi
 v6_underlay v6-recovered-no-plaintext "after the recovery"
 if v6_apply 2 && [ "$LAST_WRITES" = 0 ]; then ok v6-noop-after-recovery-h2 "0 writes"; else bad v6-noop-after-recovery-h2 "exit $rc, writes '$LAST_WRITES'"; fi
+
+# --- a change of overlay family (e2e.switch=F) -----------------------------------------------
+if [ -n "$V6_SWITCH" ]; then
+    say "v6: overlay family switch: $V6_FAMS -> $V6_SWITCH"
+    old_fams=$V6_FAMS
+    V6_FAMS=$V6_SWITCH
+    v6_meta
+    for n in $HOSTS; do
+        if v6_apply $n && [ "${LAST_WRITES:-0}" -gt 0 ]; then ok "v6-switch-apply-h$n" "$LAST_WRITES writes"; else bad "v6-switch-apply-h$n" "exit $rc, writes '$LAST_WRITES'"; fi
+    done
+    for n in $HOSTS; do
+        left=""
+        for f in $old_fams; do
+            [ "$f" = "$V6_SWITCH" ] && continue
+            if [ "$f" = 6 ]; then t="$IP6T" cidr=fd42::/48 re=':'; else t="$IPT" cidr=10.42.0.0/16 re='^src [0-9.]* '; fi
+            $IP -$f -n h$n rule show | grep -q "lookup $RT_TABLE" && left="$left v$f-rule"
+            [ -z "$($IP -$f -n h$n route show table $RT_TABLE)" ] || left="$left v$f-routes"
+            # shellcheck disable=SC2086
+            $IP netns exec h$n $t -t mangle -S 2>/dev/null | grep -q -- "-d $cidr .*-j MARK" && left="$left v$f-MARK"
+            np=$($IP -n h$n xfrm policy | grep '^src' | grep -c -e "$re")
+            [ "$np" -eq 0 ] || left="$left $np-v$f-policies"
+        done
+        if [ -z "$left" ]; then
+            ok "v6-switch-old-gone-h$n" "no rule, route, MARK rule or policy of the old family; SAs now: $(v6_sa_fams h$n)"
+        else
+            # Policy mode's rule, routes and firewall follow the new overlay family only; the
+            # old family's are left (guard included, so nothing leaks) until cleanup.
+            gap "v6-switch-old-gone-h$n" "left of the old family after the switch:$left"
+        fi
+    done
+    v6_pings "$ALL_PAIRS" 3
+    if [ -z "$PING_FAILED" ]; then ok v6-switch-ping-all "$PING_OK"; else bad v6-switch-ping-all "failed:$PING_FAILED; ok:${PING_OK:- -}"; dump_all; fi
+    zero=""
+    for n in $HOSTS; do
+        z=$(sa_lines h$n | awk -v h=$n '$5 == 0 && substr($3, 10, 1) == "1" { printf " h%s:%s", h, $3 }')
+        zero="$zero$z"
+    done
+    if [ -z "$zero" ]; then ok v6-switch-sa-bytes "every generation-1 SA of every host carried bytes"; else bad v6-switch-sa-bytes "no bytes on:$zero"; fi
+    v6_underlay v6-switch-no-plaintext "after the family switch"
+fi
 
 # --- cleanup (twice) -----------------------------------------------------------------------------
 say "v6: cleanup"
