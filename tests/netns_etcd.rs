@@ -612,7 +612,7 @@ fn ten_hosts_racing_for_auto_subnets_get_distinct_ones_and_keep_them() {
                         Registration {
                             host: format!("r{n}"),
                             agent_ip: format!("192.168.77.{}", 100 + n).parse().unwrap(),
-                            subnets: vec![SubnetSpec::Auto(24)],
+                            subnets: vec![SubnetSpec::Auto(Some(24))],
                             ttl: 30,
                             guard_ttl: 3600,
                         },
@@ -664,7 +664,7 @@ fn ten_hosts_racing_for_auto_subnets_get_distinct_ones_and_keep_them() {
             Registration {
                 host: "r3".into(),
                 agent_ip: "192.168.77.103".parse().unwrap(),
-                subnets: vec![SubnetSpec::Auto(24)],
+                subnets: vec![SubnetSpec::Auto(Some(24))],
                 ttl: 30,
                 guard_ttl: 3600,
             },
@@ -694,7 +694,7 @@ fn an_auto_subnet_is_kept_by_its_host_and_freed_after_the_grace() {
                 Registration {
                     host,
                     agent_ip: "192.168.77.50".parse().unwrap(),
-                    subnets: vec![SubnetSpec::Auto(24)],
+                    subnets: vec![SubnetSpec::Auto(Some(24))],
                     ttl: 2,
                     guard_ttl: 8,
                 },
@@ -838,6 +838,16 @@ fn a_silent_member_under_the_watch_is_left_at_the_next_probe() {
 /// The sidecars of the mesh test, killed when the test ends.
 struct Sidecars(Vec<Option<Child>>);
 
+/// The `i`-th address of `net` (1: the bridge's, 2: the container's).
+fn nth_addr(net: &ipnet::IpNet, i: u8) -> std::net::IpAddr {
+    match net {
+        ipnet::IpNet::V4(n) => std::net::IpAddr::V4((u32::from(n.network()) + u32::from(i)).into()),
+        ipnet::IpNet::V6(n) => {
+            std::net::IpAddr::V6((u128::from(n.network()) + u128::from(i)).into())
+        }
+    }
+}
+
 impl Drop for Sidecars {
     fn drop(&mut self) {
         for c in self.0.iter_mut().flatten() {
@@ -848,17 +858,20 @@ impl Drop for Sidecars {
 }
 
 impl Etcd {
-    /// Give container `n` the first address of `subnet` behind host `n`'s bridge.
+    /// Give container `n` the second address of `subnet` (IPv4 or IPv6) behind host `n`'s
+    /// bridge, which holds the first.
     fn add_container(&self, n: usize, subnet: &str) {
         let (h, c) = (self.t.ns(&format!("h{n}")), self.t.ns(&format!("c{n}")));
-        let base = subnet.trim_end_matches(".0/24");
+        let net: ipnet::IpNet = subnet.parse().unwrap();
+        let (gw, addr, len) = (nth_addr(&net, 1), nth_addr(&net, 2), net.prefix_len());
+        let nodad = if net.addr().is_ipv6() { "nodad" } else { "" };
         common::sh(&format!(
             "ip -n {h} link add cbr0 type bridge && ip -n {h} link set cbr0 up && \
-             ip -n {h} addr add {base}.1/24 dev cbr0 && \
+             ip -n {h} addr add {gw}/{len} dev cbr0 {nodad} && \
              ip link add vc{n} netns {h} type veth peer name eth0 netns {c} && \
              ip -n {h} link set vc{n} master cbr0 && ip -n {h} link set vc{n} up && \
-             ip -n {c} link set eth0 up && ip -n {c} addr add {base}.2/24 dev eth0 && \
-             ip -n {c} route add default via {base}.1"
+             ip -n {c} link set eth0 up && ip -n {c} addr add {addr}/{len} dev eth0 {nodad} && \
+             ip -n {c} route add default via {gw}"
         ));
     }
 
@@ -874,7 +887,7 @@ impl Etcd {
             .args(["netns", "exec", &self.t.ns(&format!("h{n}")), BIN, "run"])
             .args(["--metadata", url, "--host", &format!("h{n}")])
             .args(["--driver", "vxlan"])
-            .args(["--register", "--agent-ip", &Self::host_ip(n)])
+            .args(["--register", "--agent-ip", &self.host_addr(n)])
             .args(["--subnet", "auto"])
             .args(extra)
             .env("IPSEC_MESH_LOG", "info")
@@ -955,7 +968,7 @@ impl Etcd {
     }
 
     fn ping(&self, from: usize, to_subnet: &str) -> bool {
-        let dst = format!("{}.2", to_subnet.trim_end_matches(".0/24"));
+        let dst = nth_addr(&to_subnet.parse().unwrap(), 2);
         self.t
             .try_sh(&format!("c{from}"), &format!("ping -c 1 -W 2 -w 6 {dst}"))
     }
@@ -1036,6 +1049,76 @@ fn five_registered_hosts_mesh_over_vxlan_and_a_dead_host_expires() {
     e.wait_peers(&six, &six, Duration::from_secs(30));
     assert!(e.ping(1, &subnets[4]), "c1 -> c5 after the restart");
     assert!(e.ping(5, &subnets[0]), "c5 -> c1 after the restart");
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn ipv6_only_etcd_registers_ipv6_hosts_with_64s_and_they_mesh_over_vxlan() {
+    // Everything IPv6: the etcd members listen and peer on fd78::/64 only, the sidecars reach
+    // them by bracketed endpoints, register IPv6 agent_ips, and `--subnet auto` (no
+    // --auto-subnet-len) takes a /64 of the IPv6 network cidr; the mesh is VXLAN over the
+    // IPv6 underlay carrying the IPv6 overlay.
+    require_root!();
+    let e = Etcd::ipv6("v6");
+    e.put("/mesh/network", r#"{"cidr":"fd42::/48","backend":"vxlan"}"#);
+    let url = format!("etcd://{}/mesh", e.endpoints(&[1, 2, 3]));
+    assert!(url.contains("[fd78::11]:2379"), "{url}");
+    let mut e = e;
+    for n in 1..=3 {
+        e.add_host(n);
+    }
+    let cars = Sidecars((1..=3).map(|n| Some(e.sidecar(n, &url))).collect());
+    let mut subnets = Vec::new();
+    for n in 1..=3 {
+        let s = e.registered_subnet(n, Duration::from_secs(20));
+        let net: ipnet::IpNet = s.parse().unwrap();
+        assert_eq!(
+            net.prefix_len(),
+            64,
+            "h{n}: {s} (the IPv6 default is a /64)"
+        );
+        assert!(
+            "fd42::/48".parse::<ipnet::IpNet>().unwrap().contains(&net),
+            "h{n}: {s} outside the network cidr"
+        );
+        let rec: Value = serde_json::from_str(
+            e.ctl(&["get", &format!("/mesh/hosts/h{n}"), "--print-value-only"])
+                .trim(),
+        )
+        .unwrap();
+        assert_eq!(
+            rec["agent_ip"],
+            e.host_addr(n).as_str(),
+            "h{n}'s record: {rec}"
+        );
+        e.add_container(n, &s);
+        subnets.push(s);
+    }
+    let mut distinct = subnets.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "{subnets:?}");
+    let all: Vec<usize> = (1..=3).collect();
+    e.wait_peers(&all, &all, Duration::from_secs(30));
+    let h1 = e.t.ns("h1");
+    let fdb = common::sh(&format!("bridge -n {h1} fdb show dev vtep1042"));
+    for n in 2..=3 {
+        assert!(
+            fdb.contains(&format!("dst {} ", e.host_addr(n))),
+            "h1's fdb has no IPv6 remote for h{n}: {fdb}"
+        );
+    }
+    for a in 1..=3 {
+        for b in (1..=3).filter(|b| *b != a) {
+            assert!(
+                e.ping(a, &subnets[b - 1]),
+                "c{a} -> c{b} ({}) over IPv6 (logs in {})",
+                subnets[b - 1],
+                e.t.dir.path().display()
+            );
+        }
+    }
+    drop(cars);
 }
 
 #[test]

@@ -307,9 +307,10 @@ pub struct RegisterArgs {
     #[arg(long, value_name = "SECS", default_value_t = etcd::DEFAULT_REGISTER_TTL, value_parser = clap::value_parser!(i64).range(1..=86_400))]
     pub register_ttl: i64,
 
-    /// Prefix length of a `--subnet auto` allocation.
-    #[arg(long, value_name = "LEN", default_value_t = 24, value_parser = clap::value_parser!(u8).range(1..=128))]
-    pub auto_subnet_len: u8,
+    /// Prefix length of a `--subnet auto` allocation [default: 24 from an IPv4 network cidr,
+    /// 64 from an IPv6 one].
+    #[arg(long, value_name = "LEN", value_parser = clap::value_parser!(u8).range(1..=128))]
+    pub auto_subnet_len: Option<u8>,
 
     /// How long a `--subnet auto` allocation outlives this host, seconds: its guard key has
     /// a lease of its own, kept alive with the record's (at least --register-ttl). A host

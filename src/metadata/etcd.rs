@@ -1671,8 +1671,19 @@ const ALLOC_SCAN: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubnetSpec {
     Fixed(ipnet::IpNet),
-    /// `auto`: a free subnet of this prefix length.
-    Auto(u8),
+    /// `auto`: a free subnet of this prefix length; `None`: the default for the network cidr's
+    /// family ([`default_auto_len`]).
+    Auto(Option<u8>),
+}
+
+/// The prefix length of a `--subnet auto` allocation without `--auto-subnet-len`: a /24 from
+/// an IPv4 cidr (254 containers), a /64 from an IPv6 one (the smallest subnet SLAAC and
+/// every IPv6 tool expect; a /24 of an IPv6 cidr would be nonsense).
+pub fn default_auto_len(cidr: &ipnet::IpNet) -> u8 {
+    match cidr {
+        ipnet::IpNet::V4(_) => 24,
+        ipnet::IpNet::V6(_) => 64,
+    }
 }
 
 /// What `run --register` writes.
@@ -1773,7 +1784,7 @@ impl Registrar {
                 SubnetSpec::Auto(_) => None,
             })
             .collect();
-        let autos: Vec<u8> = self
+        let autos: Vec<Option<u8>> = self
             .reg
             .subnets
             .iter()
@@ -1848,7 +1859,7 @@ impl Registrar {
     /// Allocate the `nth` auto subnet of length `len` (or find the one this host holds).
     fn allocate(
         &self,
-        len: u8,
+        len: Option<u8>,
         nth: usize,
         taken_here: &[ipnet::IpNet],
     ) -> Result<ipnet::IpNet, RegisterError> {
@@ -1905,6 +1916,7 @@ impl Registrar {
                     url.key_origin(&url.network_key())
                 )));
             };
+            let len = len.unwrap_or_else(|| default_auto_len(&cidr));
             if len < cidr.prefix_len() || len > cidr.max_prefix_len() {
                 return Err(alloc_err(format!(
                     "a /{len} cannot be allocated from the network cidr {cidr}"

@@ -10,6 +10,10 @@
 //!   hN cN      a host on the underlay (192.168.78.20+N) and its container ([`Etcd::add_host`])
 //! ```
 //!
+//! [`Etcd::ipv6`] builds the same on an IPv6-only underlay, fd78::/64 (members fd78::11-13,
+//! the client fd78::100, hosts fd78::20+N; `nodad` addresses): etcd listens, peers and is
+//! reached on IPv6 only, URLs in brackets (`http://[fd78::11]:2379`).
+//!
 //! No traffic leaves the namespaces; every process and namespace goes away on drop.
 #![allow(dead_code)]
 
@@ -28,6 +32,11 @@ pub fn member_ip(n: usize) -> String {
     format!("192.168.78.{}", 10 + n)
 }
 
+/// Member `n`'s address on an IPv6 underlay ([`Etcd::ipv6`]).
+pub fn member_ip6(n: usize) -> String {
+    format!("fd78::{}", 10 + n)
+}
+
 pub fn host_json(id: &str, n: u32) -> String {
     format!(r#"{{"id":"{id}","agent_ip":"192.168.77.{n}","subnets":["10.42.{n}.0/24"]}}"#)
 }
@@ -42,6 +51,8 @@ pub struct Etcd {
     pub members: Vec<Option<Child>>,
     /// Client TLS: members serve https with --client-cert-auth (certificates in `dir`).
     pub tls: bool,
+    /// An IPv6-only underlay ([`Etcd::ipv6`]).
+    pub v6: bool,
 }
 
 impl Etcd {
@@ -50,6 +61,15 @@ impl Etcd {
     }
 
     pub fn with_tls(tag: &str, tls: bool) -> Etcd {
+        Etcd::build(tag, tls, false)
+    }
+
+    /// The cluster on an IPv6-only underlay (see the module docs), plain http.
+    pub fn ipv6(tag: &str) -> Etcd {
+        Etcd::build(tag, false, true)
+    }
+
+    fn build(tag: &str, tls: bool, v6: bool) -> Etcd {
         assert!(
             super::is_root(),
             "a real etcd cluster in network namespaces needs root: run it through integration/run.sh as root"
@@ -66,17 +86,20 @@ impl Etcd {
             super::sh(&format!(
                 "ip link add u{i} netns {ns} type veth peer name p{i} netns {sw} && \
                  ip -n {sw} link set p{i} master br0 && ip -n {sw} link set p{i} up && \
-                 ip -n {ns} link set u{i} up && ip -n {ns} addr add {ip}/24 dev u{i}"
+                 ip -n {ns} link set u{i} up && {}",
+                addr_cmd(&ns, ip, &format!("u{i}"), v6)
             ));
         };
         for n in 1..=3 {
-            attach(&format!("e{n}"), &member_ip(n), n);
+            let ip = if v6 { member_ip6(n) } else { member_ip(n) };
+            attach(&format!("e{n}"), &ip, n);
         }
-        attach("cl", "192.168.78.100", 0);
+        attach("cl", if v6 { "fd78::100" } else { "192.168.78.100" }, 0);
         let mut e = Etcd {
             t,
             members: vec![None, None, None],
             tls,
+            v6,
         };
         if tls {
             e.make_certs();
@@ -88,16 +111,34 @@ impl Etcd {
         e
     }
 
+    /// Member `n`'s address (of the underlay's family).
+    pub fn member(&self, n: usize) -> String {
+        if self.v6 {
+            member_ip6(n)
+        } else {
+            member_ip(n)
+        }
+    }
+
+    /// Member `n`'s `HOST:PORT` (`[ADDR]:PORT` on IPv6).
+    pub fn member_port(&self, n: usize, port: u16) -> String {
+        if self.v6 {
+            format!("[{}]:{port}", member_ip6(n))
+        } else {
+            format!("{}:{port}", member_ip(n))
+        }
+    }
+
     pub fn cluster_flag(&self) -> String {
         (1..=3)
-            .map(|n| format!("e{n}=http://{}:2380", member_ip(n)))
+            .map(|n| format!("e{n}=http://{}", self.member_port(n, 2380)))
             .collect::<Vec<_>>()
             .join(",")
     }
 
     /// Start member `n` (1-based); its data dir survives a kill, so a restart rejoins.
     pub fn start(&mut self, n: usize) {
-        let ip = member_ip(n);
+        let (client, peer) = (self.member_port(n, 2379), self.member_port(n, 2380));
         let dir = self.t.dir.path().join(format!("e{n}"));
         let log = File::create(self.t.dir.path().join(format!("e{n}.log"))).unwrap();
         let scheme = self.scheme();
@@ -113,13 +154,10 @@ impl Etcd {
             .args(["--name", &format!("e{n}")])
             .arg("--data-dir")
             .arg(&dir)
-            .args(["--listen-client-urls", &format!("{scheme}://{ip}:2379")])
-            .args(["--advertise-client-urls", &format!("{scheme}://{ip}:2379")])
-            .args(["--listen-peer-urls", &format!("http://{ip}:2380")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://{ip}:2380"),
-            ])
+            .args(["--listen-client-urls", &format!("{scheme}://{client}")])
+            .args(["--advertise-client-urls", &format!("{scheme}://{client}")])
+            .args(["--listen-peer-urls", &format!("http://{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://{peer}")])
             .args(["--initial-cluster", &self.cluster_flag()])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &self.t.prefix])
@@ -182,7 +220,7 @@ impl Etcd {
                 &format!("e{n}"),
                 &format!(
                     "subjectAltName=IP:{}\nextendedKeyUsage=serverAuth,clientAuth",
-                    member_ip(n)
+                    self.member(n)
                 ),
                 "ca",
             ));
@@ -208,7 +246,7 @@ impl Etcd {
     pub fn endpoints(&self, which: &[usize]) -> String {
         which
             .iter()
-            .map(|n| format!("{}:2379", member_ip(*n)))
+            .map(|n| self.member_port(*n, 2379))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -218,7 +256,7 @@ impl Etcd {
         let running: Vec<usize> = (1..=3).filter(|n| self.members[n - 1].is_some()).collect();
         let eps: Vec<String> = running
             .iter()
-            .map(|n| format!("{}://{}:2379", self.scheme(), member_ip(*n)))
+            .map(|n| format!("{}://{}", self.scheme(), self.member_port(*n, 2379)))
             .collect();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.t.ns("cl"), ETCDCTL]);
@@ -287,7 +325,7 @@ impl Etcd {
             (me == s["leader"].as_u64()? && me != 0)
                 .then(|| e["Endpoint"].as_str())
                 .flatten()
-                .and_then(|ep| (1..=3).find(|n| ep.contains(&member_ip(*n))))
+                .and_then(|ep| (1..=3).find(|n| ep.contains(&self.member_port(*n, 2379))))
         })
     }
 
@@ -319,17 +357,37 @@ impl Etcd {
         format!("192.168.78.{}", 20 + n)
     }
 
+    /// Host `n`'s underlay address of this cluster's family (fd78::20+n on IPv6).
+    pub fn host_addr(&self, n: usize) -> String {
+        if self.v6 {
+            format!("fd78::{}", 20 + n)
+        } else {
+            Self::host_ip(n)
+        }
+    }
+
     /// Host `n`'s namespace on the underlay, its container namespace behind bridge cbr0.
     pub fn add_host(&mut self, n: usize) {
         let sw = self.t.ns("sw");
         let h = self.t.add(&format!("h{n}"));
         self.t.add(&format!("c{n}"));
-        let ip = Self::host_ip(n);
+        let ip = self.host_addr(n);
         super::sh(&format!(
             "ip link add u{n} netns {h} type veth peer name q{n} netns {sw} && \
              ip -n {sw} link set q{n} master br0 && ip -n {sw} link set q{n} up && \
-             ip -n {h} link set u{n} up && ip -n {h} addr add {ip}/24 dev u{n} && \
-             ip netns exec {h} sysctl -qw net.ipv4.ip_forward=1"
+             ip -n {h} link set u{n} up && {} && \
+             ip netns exec {h} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+            addr_cmd(&h, &ip, &format!("u{n}"), self.v6)
         ));
+    }
+}
+
+/// `ip addr add` of an underlay address: a /24, or on IPv6 a /64 without duplicate address
+/// detection (usable at once).
+fn addr_cmd(ns: &str, ip: &str, dev: &str, v6: bool) -> String {
+    if v6 {
+        format!("ip -n {ns} addr add {ip}/64 dev {dev} nodad")
+    } else {
+        format!("ip -n {ns} addr add {ip}/24 dev {dev}")
     }
 }
