@@ -7,6 +7,11 @@
 //! mode. Under a kernel with them (the VM kernel, integration/vm/test-root-suites.sh) `route`
 //! and `auto` make one interface per peer; the real-ESP end-to-end checks of route mode are
 //! the VM suite's (integration/vm/xfrm-e2e.sh, mode `route`).
+//!
+//! The route mode's reverse-path check (a peer may send only with its own prefixes as
+//! sources) is tested here for both families and both firewall backends with veths standing
+//! in for the XFRM interfaces (`reverse_path_check_*`, below); the VM suite checks it with
+//! real ESP for IPv4.
 
 mod common;
 
@@ -101,8 +106,10 @@ fn kernel_has_xfrmi() -> bool {
 }
 
 fn underlay() {
+    // No IPv6 link-local addresses: they would appear (after DAD) between the snapshots.
     sh(
-        "ip link add ul0 type veth peer name ul1 && ip addr add 192.168.77.1/24 dev ul0 \
+        "ip link add ul0 type veth peer name ul1 && ip link set ul0 addrgenmode none \
+        && ip link set ul1 addrgenmode none && ip addr add 192.168.77.1/24 dev ul0 \
         && ip link set ul0 up && ip link set ul1 up",
     );
 }
@@ -199,4 +206,329 @@ fn route_mode_fails_clearly_without_xfrm_interfaces_and_auto_falls_back_to_polic
         assert_eq!(dataplane(), before, "cleanup left something: {}", text(&o));
     })
     .unwrap();
+}
+
+// --- the reverse-path check ------------------------------------------------------------------
+//
+// This kernel has no XFRM interfaces, so veths named `imx1` / `imx2` stand in for two peers'
+// interfaces (what the check looks at is the input device and the routes, not the device's
+// kind): host A has peer B behind `imx1`, peer C behind `imx2`, a container D behind `vc` and
+// an underlay device `ul0`. The product writes A's routing (`routes::reconcile_tunnels_into`,
+// the route mode's desired state with these two "interfaces") and its firewall (the route-mode
+// spec, each backend). Then B sends echo requests to D with every kind of source: its own
+// prefix (must arrive), C's, A's own (D's second address), outside the overlay (must not);
+// and C with its own prefix through its own interface (must arrive). D counts what arrives,
+// the backend's reverse-path rule counts what it drops.
+
+use ipsec_mesh::dataplane::firewall::{self, FirewallKind, FirewallSpec};
+use ipsec_mesh::dataplane::routes::{self, RouteConfig, RouteSpec, TunnelRoutes, Underlay};
+
+struct Fam {
+    v6: bool,
+    overlay: &'static str,
+    b: &'static str,
+    c: &'static str,
+    d: &'static str,
+    d2: &'static str,
+    ul_a: &'static str,
+    ul_b: &'static str,
+}
+
+const V4: Fam = Fam {
+    v6: false,
+    overlay: "10.42.0.0/16",
+    b: "10.42.9.4",
+    c: "10.42.31.2",
+    d: "10.42.7.19",
+    d2: "10.42.200.3",
+    ul_a: "192.168.77.1",
+    ul_b: "192.168.77.2",
+};
+
+const V6: Fam = Fam {
+    v6: true,
+    overlay: "fd42::/48",
+    b: "fd42::9:4",
+    c: "fd42::31:2",
+    d: "fd42::7:19",
+    d2: "fd42::200:3",
+    ul_a: "fd77::1",
+    ul_b: "fd77::2",
+};
+
+impl Fam {
+    fn host(&self) -> &'static str {
+        if self.v6 {
+            "/128"
+        } else {
+            "/32"
+        }
+    }
+    fn net(&self, a: &str) -> ipnet::IpNet {
+        format!("{a}{}", self.host()).parse().unwrap()
+    }
+}
+
+/// Echo requests counted by D's input hook (both families' counters).
+fn d_count(ns: &common::Namespaces) -> u64 {
+    let text = ns.sh("d", "nft list table inet cnt");
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let n: Vec<u64> = words
+        .windows(2)
+        .filter(|w| w[0] == "packets")
+        .map(|w| w[1].parse().unwrap())
+        .collect();
+    assert_eq!(n.len(), 2, "{text}");
+    n.iter().sum()
+}
+
+/// What the backend's reverse-path rule dropped so far in A.
+fn rpf_drops(ns: &common::Namespaces, backend: FirewallKind, v6: bool) -> u64 {
+    let text = match backend {
+        FirewallKind::Nftables => ns.sh("a", "nft list chain inet ipsec-mesh rpf"),
+        _ => {
+            let t = if v6 { "ip6tables" } else { "iptables" };
+            ns.sh("a", &format!("{t} -w -t mangle -nvxL IPSEC-MESH-RPF"))
+        }
+    };
+    match backend {
+        FirewallKind::Nftables => text
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no counter in {text}")),
+        _ => text
+            .lines()
+            .find(|l| l.contains("rpfilter"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no rpfilter rule in {text}")),
+    }
+}
+
+fn topology(ns: &mut common::Namespaces, f: &Fam) {
+    for r in ["a", "b", "c", "d"] {
+        ns.add(r);
+    }
+    let (a, b, c, d) = (ns.ns("a"), ns.ns("b"), ns.ns("c"), ns.ns("d"));
+    sh(&format!(
+        "ip link add imx1 netns {a} type veth peer name eth0 netns {b} && \
+         ip link add imx2 netns {a} type veth peer name eth0 netns {c} && \
+         ip link add vc netns {a} type veth peer name eth0 netns {d} && \
+         ip link add ul0 netns {a} type veth peer name ul1 netns {a}"
+    ));
+    let h = f.host();
+    // Gateways only for the test's neighbour resolution (A's XFRM interfaces have none):
+    // 169.254.0.1 / fe80::1 on A's side of each veth.
+    let (gw, p) = if f.v6 {
+        ("fe80::1", "-6 ")
+    } else {
+        ("169.254.0.1", "")
+    };
+    let gw_len = if f.v6 { "/64" } else { "/32" };
+    ns.sh(
+        "a",
+        &format!(
+            "for l in imx1 imx2 vc ul0 ul1; do ip link set $l up; done; \
+             for l in imx1 imx2 vc; do ip {p}addr add {gw}{gw_len} dev $l nodad 2>/dev/null || ip addr add {gw}{gw_len} dev $l; done; \
+             ip {p}addr add {ul}/24 dev ul0 nodad 2>/dev/null || ip addr add {ul}/24 dev ul0; \
+             ip {p}route add {d}{h} dev vc; ip {p}route add {d2}{h} dev vc; \
+             echo 1 >/proc/sys/net/ipv4/ip_forward; echo 1 >/proc/sys/net/ipv6/conf/all/forwarding",
+            ul = f.ul_a,
+            d = f.d,
+            d2 = f.d2,
+        ),
+    );
+    for (r, addrs) in [
+        ("b", vec![f.b, f.c, f.d2, f.ul_b]),
+        ("c", vec![f.c]),
+        ("d", vec![f.d, f.d2]),
+    ] {
+        let mut cmd = "ip link set eth0 up".to_string();
+        for x in addrs {
+            if f.v6 {
+                cmd += &format!("; ip -6 addr add {x}/128 dev eth0 nodad");
+            } else {
+                cmd += &format!("; ip addr add {x}/32 dev eth0");
+            }
+        }
+        if f.v6 {
+            cmd += &format!("; ip -6 route add default via {gw} dev eth0");
+        } else {
+            cmd += &format!("; ip route add {gw} dev eth0; ip route add default via {gw}");
+        }
+        ns.sh(r, &cmd);
+    }
+    ns.sh(
+        "d",
+        "printf \"%s\\n\" \"table inet cnt {\" \"chain in { type filter hook input priority filter;\" \
+         \"icmp type echo-request counter\" \"icmpv6 type echo-request counter\" \"}\" \"}\" | nft -f -",
+    );
+}
+
+/// Echo requests from `from` with source `src` to D's address: whether replies came back,
+/// and how many requests D saw.
+fn ping_d(ns: &common::Namespaces, from: &str, src: &str, f: &Fam) -> (bool, u64) {
+    let before = d_count(ns);
+    let ok = ns.try_sh(from, &format!("ping -c 3 -i 0.2 -W 1 -I {src} {}", f.d));
+    (ok, d_count(ns) - before)
+}
+
+fn reverse_path_case(f: &Fam, backend: FirewallKind) {
+    let tag = format!("rpf{}{}", if f.v6 { 6 } else { 4 }, backend.as_str());
+    let mut ns = common::Namespaces::new("xr", &tag[..tag.len().min(8)]);
+    topology(&mut ns, f);
+    let overlay: ipnet::IpNet = f.overlay.parse().unwrap();
+    let family = firewall::Family::of(&overlay);
+    let spec = RouteSpec {
+        config: RouteConfig::default(),
+        family,
+        marks: Default::default(),
+        remote_subnets: vec![f.net(f.b), f.net(f.c)],
+        underlay: Underlay::Name("ul0".into()),
+    };
+    let tunnels = TunnelRoutes {
+        via: vec![(f.net(f.b), "imx1".into()), (f.net(f.c), "imx2".into())],
+        local: vec![f.net(f.d), f.net(f.d2)],
+    };
+    let index = |dev: &str| -> u32 {
+        ns.sh("a", &format!("cat /sys/class/net/{dev}/ifindex"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let links = std::collections::BTreeMap::from([
+        ("imx1".to_string(), index("imx1")),
+        ("imx2".to_string(), index("imx2")),
+    ]);
+    let fw = FirewallSpec {
+        marks: Default::default(),
+        overlay,
+        remote_subnets: spec.remote_subnets.clone(),
+        local_subnets: tunnels.local.clone(),
+        bridge_dev: None,
+        underlay_dev: None,
+        tunnel_devices: Some("imx".into()),
+    };
+    let a = ns.ns("a");
+
+    // The routing alone: every source arrives (what the check must stop), and the routes
+    // are what route mode writes: rule by destination, throws for A's own subnets.
+    let (s2, t2, l2) = (spec.clone(), tunnels.clone(), links.clone());
+    let r = common::in_netns(&a, move || {
+        routes::reconcile_tunnels_into(&s2, overlay, &t2, &l2)
+    })
+    .unwrap_or_else(|e| panic!("routes: {e}"));
+    assert!(r.writes > 0, "{r:?}");
+    let p = if f.v6 { "-6 " } else { "" };
+    let rules = ns.sh("a", &format!("ip {p}rule"));
+    assert!(
+        rules.contains(&format!("from all to {} lookup 1042", f.overlay)),
+        "{rules}"
+    );
+    let table = ns.sh("a", &format!("ip {p}route show table 1042"));
+    for want in [
+        format!("throw {}", f.d),
+        format!("throw {}", f.d2),
+        format!("{} dev imx1", f.b),
+        format!("{} dev imx2", f.c),
+        format!("unreachable {}", f.overlay),
+    ] {
+        assert!(
+            table.contains(&want),
+            "{want} missing in table 1042:\n{table}"
+        );
+    }
+    let (s2, t2, l2) = (spec.clone(), tunnels.clone(), links.clone());
+    let again = common::in_netns(&a, move || {
+        routes::reconcile_tunnels_into(&s2, overlay, &t2, &l2)
+    })
+    .unwrap();
+    assert_eq!(
+        again.writes, 0,
+        "no-op reconcile ({}): {again:?}",
+        f.overlay
+    );
+    let (ok, seen) = ping_d(&ns, "b", f.c, f);
+    assert!(
+        !ok && seen == 3,
+        "without the check a spoofed source arrives (D saw {seen})"
+    );
+
+    // With the backend's check.
+    let fw2 = fw.clone();
+    let rep = common::in_netns(&a, move || backend.backend().apply(&fw2))
+        .unwrap_or_else(|e| panic!("{backend}: {e}"));
+    assert!(rep.writes > 0);
+    let fw2 = fw.clone();
+    let rep = common::in_netns(&a, move || backend.backend().apply(&fw2)).unwrap();
+    assert_eq!(rep.writes, 0, "{backend}: no-op apply");
+    let mut report = Vec::new();
+    for (from, src, arrives, what) in [
+        ("b", f.b, true, "B with its own prefix"),
+        ("c", f.c, true, "C with its own prefix"),
+        ("b", f.c, false, "B with C's prefix"),
+        ("b", f.d2, false, "B with one of A's own subnets"),
+        ("b", f.ul_b, false, "B with a source outside the overlay"),
+    ] {
+        let drops0 = rpf_drops(&ns, backend, f.v6);
+        let (ok, seen) = ping_d(&ns, from, src, f);
+        let dropped = rpf_drops(&ns, backend, f.v6) - drops0;
+        report.push(format!(
+            "{what}: replies {ok}, D saw {seen}, check dropped {dropped}"
+        ));
+        if arrives {
+            assert!(
+                ok && seen == 3 && dropped == 0,
+                "{backend} {}: {report:?}",
+                f.overlay
+            );
+        } else {
+            assert!(
+                !ok && seen == 0 && dropped == 3,
+                "{backend} {}: {report:?}",
+                f.overlay
+            );
+        }
+    }
+    eprintln!("{backend} {}: {}", f.overlay, report.join("; "));
+    let rep = common::in_netns(&a, move || backend.backend().cleanup()).unwrap();
+    assert!(rep.writes > 0);
+    let left = ns.sh("a", "nft list ruleset; iptables-save; ip6tables-save");
+    assert!(
+        !left.contains("ipsec-mesh") && !left.contains("IPSEC-MESH"),
+        "{left}"
+    );
+    let r = common::in_netns(&a, || routes::cleanup(&RouteConfig::default())).unwrap();
+    assert!(r.writes > 0);
+    assert_eq!(ns.sh("a", &format!("ip {p}route show table 1042")), "");
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn reverse_path_check_drops_spoofed_sources_ipv4_iptables() {
+    require_root!();
+    reverse_path_case(&V4, FirewallKind::Iptables);
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn reverse_path_check_drops_spoofed_sources_ipv4_nftables() {
+    require_root!();
+    reverse_path_case(&V4, FirewallKind::Nftables);
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn reverse_path_check_drops_spoofed_sources_ipv6_iptables() {
+    require_root!();
+    reverse_path_case(&V6, FirewallKind::Iptables);
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn reverse_path_check_drops_spoofed_sources_ipv6_nftables() {
+    require_root!();
+    reverse_path_case(&V6, FirewallKind::Nftables);
 }

@@ -11,6 +11,14 @@
 # container pings; every SA of the generation in use carries packets; nothing but ESP on the
 # underlay; a second apply writes nothing; h2's SAs flushed -> c2 unreachable, c1<->c3 fine,
 # nothing in clear; apply on h2 -> all pings back; cleanup leaves nothing of ours.
+# The reverse-path check (a peer may send only with its own prefixes as sources): rule
+# `to 10.42.0.0/16 lookup 1042`, a `throw` route per own /32, the firewall's rpfilter rule;
+# h2 sends through the tunnel to c1 with a source of h3's (10.42.250.1) and one of h1's own
+# (10.42.137.9): c1 sees none, h1's check drops them (its imx for h2 received them);
+# h2 with a source of its own (10.42.99.14) gets every reply; h2 with its default source
+# (its underlay address) is dropped too, as in policy mode. h3 runs with
+# net.ipv4.conf.all.rp_filter=1: the kernel skips it for decrypted packets (secpath), so
+# strict reverse-path filtering neither breaks route mode nor is needed.
 
 cat >$META <<'EOF'
 {
@@ -43,6 +51,17 @@ rt_fw_left() { # $1 = netns -> what of either firewall backend of ours is there
     fi
 }
 
+# Strict rp_filter on h3 (the kernel ignores it for what the XFRM interfaces decrypt).
+$IP netns exec h3 sh -c 'echo 1 >/proc/sys/net/ipv4/conf/all/rp_filter; echo 1 >/proc/sys/net/ipv4/conf/default/rp_filter' ||
+    abort route-rp-filter "sysctl rp_filter on h3"
+rt_rpf_drops() { # $1 = netns -> packets the reverse-path rule of ours dropped
+    if [ "$FW" = nftables ]; then
+        $IP netns exec "$1" nft list chain inet ipsec-mesh rpf | awk '/fib saddr/ { for (i = 1; i < NF; i++) if ($i == "packets") print $(i + 1) }'
+    else
+        $IP netns exec "$1" $IPT -t mangle -nvxL IPSEC-MESH-RPF | awk '/rpfilter/ { print $1 }'
+    fi
+}
+
 for n in $HOSTS; do
     ts=$(now)
     if rt_apply $n && rt_summary $n | grep -q ': 2 peers, [1-9][0-9]* writes, 0 errors'; then
@@ -62,6 +81,10 @@ for n in $HOSTS; do
     states=$($IP -n h$n xfrm state | grep -c '^src')
     sa_bound=$($IP -n h$n xfrm state | grep -c 'if_id 0x5')
     unreach=$($IP -n h$n route show table $RT_TABLE | grep -c '^unreachable 10.42.0.0/16')
+    throws=$($IP -n h$n route show table $RT_TABLE | grep -c '^throw 10.42.')
+    own=$(awk -v h="\"h$n\"" 'f { print; exit } index($0, h) { f = 1 }' $META | grep -o '10\.42\.[0-9.]*/32' | wc -l)
+    rule=$($IP -n h$n rule | grep -c "^$RT_TABLE:.*from all to 10.42.0.0/16 lookup $RT_TABLE")
+    rpf=$(rt_rpf_drops h$n)
     routed="" misrouted=""
     for m in $HOSTS; do
         [ "$m" = "$n" ] && continue
@@ -71,10 +94,11 @@ for n in $HOSTS; do
     nowhere=$($IP -n h$n route get 10.42.222.222 mark 0x100000 2>&1)
     if [ "$links" -eq 2 ] && [ "$pols" -eq 8 ] && [ "$bound" -eq 6 ] && [ "$blocks" -eq 2 ] &&
         [ "$states" -eq 8 ] && [ "$sa_bound" -eq 8 ] && [ "$unreach" -eq 1 ] && [ -z "$misrouted" ] &&
+        [ "$throws" -eq "$own" ] && [ "$rule" -eq 1 ] && [ -n "$rpf" ] &&
         echo "$nowhere" | grep -q -i -e unreachable -e 'no route'; then
-        ok "route-objects-h$n" "2 xfrm interfaces (group 1042), 8 policies (6 bound to an if_id, 2 inbound blocks on u$n), 8 SAs bound, unreachable 10.42.0.0/16;$routed"
+        ok "route-objects-h$n" "2 xfrm interfaces (group 1042), 8 policies (6 bound to an if_id, 2 inbound blocks on u$n), 8 SAs bound, unreachable 10.42.0.0/16, rule to 10.42.0.0/16, $throws throw routes (own /32s), reverse-path rule ($FW);$routed"
     else
-        bad "route-objects-h$n" "links $links (want 2), policies $pols (8), bound $bound (6), underlay blocks $blocks (2), states $states (8), bound SAs $sa_bound (8), unreachable $unreach (1), not routed:${misrouted:- -}, 10.42.222.222: $nowhere"
+        bad "route-objects-h$n" "links $links (want 2), policies $pols (8), bound $bound (6), underlay blocks $blocks (2), states $states (8), bound SAs $sa_bound (8), unreachable $unreach (1), throws $throws ($own), rule to overlay $rule (1), rpf rule counter '${rpf}', not routed:${misrouted:- -}, 10.42.222.222: $nowhere"
         dump_all
     fi
 done
@@ -115,6 +139,57 @@ for n in $HOSTS; do
         bad "route-noop-h$n" "$RT_OUT"
     fi
 done
+
+# --- the reverse-path check: h2 sends with sources that are not its own -----------------------
+# c1 counts the echo requests per source; h1's rule counts its drops; h1's interface for h2
+# counts what it decrypted (so the spoofed packets did reach h1 through the tunnel).
+spoof_c=10.42.250.1 spoof_a=10.42.137.9 own_b=10.42.99.14
+if [ "$FW" = nftables ]; then
+    $IP netns exec c1 sh -c "printf '%s\n' 'table ip spoof {' 'chain in { type filter hook input priority filter;' \
+        'ip saddr { $spoof_c, $spoof_a, $own_b, 192.168.77.2 } icmp type echo-request counter' '}' '}' | nft -f -" ||
+        abort route-spoof "c1 counter"
+    c1_seen() { $IP netns exec c1 nft list table ip spoof | awk '/echo-request/ { for (i = 1; i < NF; i++) if ($i == "packets") print $(i + 1) }'; }
+else
+    $IP netns exec c1 $IPT -I INPUT -p icmp --icmp-type echo-request -m comment --comment e2e-spoof ||
+        abort route-spoof "c1 counter"
+    c1_seen() { $IP netns exec c1 $IPT -nvxL INPUT | awk '/e2e-spoof/ { print $1 }'; }
+fi
+imx_h2=$($IP -n h1 route get 10.42.2.2 | sed -n 's/.* dev \(imx[0-9a-f]*\) .*/\1/p')
+imx_rx() { $IP -n h1 -s link show "$imx_h2" | awk '/RX:/ { getline; print $2 }'; }
+SPOOF_LINES="" SPOOF_BAD=""
+spoof_try() { # SRC WHAT expect(pass|drop); 3 echo requests from h2 with source SRC to c1
+    s0=$(c1_seen) d0=$(rt_rpf_drops h1) r0=$(imx_rx)
+    if [ "$1" = default ]; then
+        $IP netns exec h2 ping -c 3 -i 0.2 -W 1 -w 4 10.42.1.2 >/dev/null 2>&1
+    else
+        $IP netns exec h2 ping -c 3 -i 0.2 -W 1 -w 4 -I "$1" 10.42.1.2 >/dev/null 2>&1
+    fi
+    rc=$?
+    seen=$(($(c1_seen) - s0)) drops=$(($(rt_rpf_drops h1) - d0)) rx=$(($(imx_rx) - r0))
+    line="$2: c1 saw $seen, h1 dropped $drops, $imx_h2 rx $rx, ping rc $rc"
+    SPOOF_LINES="$SPOOF_LINES; $line"
+    if [ "$3" = pass ]; then
+        [ "$rc" -eq 0 ] && [ "$seen" -eq 3 ] && [ "$drops" -eq 0 ] || SPOOF_BAD="$SPOOF_BAD; $line"
+    else
+        [ "$rc" -ne 0 ] && [ "$seen" -eq 0 ] && [ "$drops" -ge 3 ] && [ "$rx" -ge 3 ] || SPOOF_BAD="$SPOOF_BAD; $line"
+    fi
+}
+# First the default source (before h2 has overlay addresses on lo, which it would prefer).
+spoof_try default "h2 with its default source ($($IP -n h2 route get 10.42.1.2 | sed -n 's/.* src \([0-9.]*\).*/\1/p'))" drop
+for a in $spoof_c $spoof_a $own_b; do
+    $IP -n h2 addr add $a/32 dev lo || abort route-spoof "addr add $a on h2"
+done
+spoof_try $spoof_c "h2 as h3's $spoof_c" drop
+spoof_try $spoof_a "h2 as h1's own $spoof_a" drop
+spoof_try $own_b "h2 with its own $own_b" pass
+ping_pairs "2>1 3>1 1>2" 3
+if [ -z "$SPOOF_BAD" ] && [ -z "$PING_FAILED" ]; then
+    ok route-spoof "${SPOOF_LINES#; }; then $PING_OK"
+else
+    bad route-spoof "wrong:${SPOOF_BAD#; }; all:${SPOOF_LINES#; }; pings failed:${PING_FAILED:- -}"
+    dump_all
+fi
+for a in $spoof_c $spoof_a $own_b; do $IP -n h2 addr del $a/32 dev lo; done
 
 # --- fail closed: h2 loses its SAs ----------------------------------------------------------
 out_ns0=$(rt_stat h2 XfrmOutNoStates) in_ns0=$(rt_stat h2 XfrmInNoStates)

@@ -4,7 +4,8 @@
 //!
 //! What ipsec-mesh owns here, and nothing else:
 //! - chains whose name starts with [`CHAIN_PREFIX`] (`IPSEC-MESH-MARK`, `IPSEC-MESH-PRE`,
-//!   `IPSEC-MESH-GUARD`) in the `mangle` and `filter` tables;
+//!   `IPSEC-MESH-GUARD`, and in route mode `IPSEC-MESH-RPF`) in the `mangle` and `filter`
+//!   tables;
 //! - one jump to them from each built-in chain that needs one (`PREROUTING`, `OUTPUT`,
 //!   `FORWARD`), inserted at the top.
 //!
@@ -78,6 +79,10 @@ pub const MARK_CHAIN: &str = "IPSEC-MESH-MARK";
 pub const PRE_CHAIN: &str = "IPSEC-MESH-PRE";
 /// filter: drops marked packets that matched no IPsec policy.
 pub const GUARD_CHAIN: &str = "IPSEC-MESH-GUARD";
+/// mangle, route mode only: drops what arrives on one of the mesh's XFRM interfaces with a
+/// source that does not route back out of that interface (a peer sending with another
+/// peer's, or this host's, container addresses; see [`crate::dataplane::xfrmi`]).
+pub const RPF_CHAIN: &str = "IPSEC-MESH-RPF";
 
 /// Built-in chains of the tables we touch (jumps from anywhere else are not ours to manage).
 pub const BUILTIN_CHAINS: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
@@ -170,8 +175,11 @@ pub struct FirewallSpec {
     /// Route mode ([`crate::dataplane::xfrmi`]): the name prefix of the mesh's XFRM
     /// interfaces (`imx`). The guard lets marked traffic routed into them through: it has no
     /// IPsec policy yet when the guard sees it (the interface encrypts it on transmit, with
-    /// its own interface id, and drops it when it cannot: it never sends in clear). `None`
-    /// (policy mode): no exemption.
+    /// its own interface id, and drops it when it cannot: it never sends in clear). And
+    /// what arrives on them must pass a reverse-path check (one rule, before routing:
+    /// iptables `-i imx+ -m rpfilter --invert -j DROP` in [`RPF_CHAIN`], nft
+    /// `iifname "imx*" fib saddr . iif oif missing drop`; see [`crate::dataplane::xfrmi`]
+    /// for why). `None` (policy mode): neither.
     pub tunnel_devices: Option<String>,
 }
 

@@ -90,9 +90,22 @@ pub fn render(spec: &FirewallSpec) -> String {
         hex(m.mask),
         hex(m.encrypt)
     );
+    // Route mode: the reverse-path check on the mesh's XFRM interfaces (see
+    // `crate::dataplane::xfrmi`): `fib saddr . iif oif` looks the source up as a destination
+    // (no mark: the route mode's rule selects its table by destination) and is "missing"
+    // unless the answer goes out of the interface the packet came in on. Before conntrack
+    // (priority raw): a spoofed packet leaves no state. One rule, both families.
+    let rpf = match &spec.tunnel_devices {
+        Some(prefix) => format!(
+            "\tchain rpf {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\t\
+             iifname \"{prefix}*\" fib saddr . iif oif missing counter drop\n\t}}\n"
+        ),
+        None => String::new(),
+    };
     format!(
         "table inet {TABLE} {{\n\
          \tcomment \"owned by ipsec-mesh: replaced whole on every change\"\n\
+         {rpf}\
          \tset local {{\n\t\ttype {addr_type}\n\t\tflags interval{elements}\n\t}}\n\
          \tchain mark-pre {{\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\t{iif}{mark}\n\t}}\n\
          \tchain mark-out {{\n\t\ttype route hook output priority mangle; policy accept;\n\t\t{mark}\n\t}}\n\
@@ -306,6 +319,18 @@ mod tests {
                 .count(),
             2,
             "{routed}"
+        );
+        assert!(
+            routed.contains(
+                "\tchain rpf {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\t\
+                 iifname \"imx*\" fib saddr . iif oif missing counter drop\n\t}\n"
+            ),
+            "{routed}"
+        );
+        assert_eq!(routed.matches("fib saddr").count(), 1, "{routed}");
+        assert!(
+            !v6.contains("fib "),
+            "no reverse-path rule in policy mode: {v6}"
         );
         assert!(transaction(&v6).starts_with(
             "table inet ipsec-mesh\ndelete table inet ipsec-mesh\ntable inet ipsec-mesh {"

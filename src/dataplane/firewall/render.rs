@@ -9,6 +9,7 @@ use ipnet::IpNet;
 
 use super::{
     is_owned_chain, FirewallSpec, Table, BUILTIN_CHAINS, GUARD_CHAIN, MARK_CHAIN, PRE_CHAIN,
+    RPF_CHAIN,
 };
 
 /// A rule in a chain we do not own whose target is one of our chains.
@@ -149,6 +150,16 @@ pub fn desired(spec: &FirewallSpec) -> BTreeMap<Table, TableState> {
         mangle.jumps.push(Jump::to("PREROUTING", PRE_CHAIN));
     }
     mangle.jumps.push(Jump::to("OUTPUT", MARK_CHAIN));
+    // Route mode: the reverse-path check on the mesh's XFRM interfaces (xt_rpfilter, which
+    // only PREROUTING of raw or mangle may hold): a decrypted packet whose source does not
+    // route back out of the interface it came in on is dropped. One rule per family.
+    if let Some(prefix) = &spec.tunnel_devices {
+        mangle.chains.insert(
+            RPF_CHAIN.to_string(),
+            vec![format!("-i {prefix}+ -m rpfilter --invert -j DROP")],
+        );
+        mangle.jumps.push(Jump::to("PREROUTING", RPF_CHAIN));
+    }
 
     // Marked packets only ever go to the overlay (the mark chain marks nothing else); the
     // guard is one rule whatever the number of peers. The encrypted
@@ -410,11 +421,43 @@ mod tests {
             vec!["-d 10.42.0.0/16 ! -o imx+ -m mark --mark 0x100000/0x300000 -m policy --dir out --pol none -j DROP"],
             "still one rule"
         );
+        let policy_mode = desired(&spec(&["10.42.2.0/24"]));
         assert_eq!(
-            d[&Table::Mangle],
-            desired(&spec(&["10.42.2.0/24"]))[&Table::Mangle],
+            d[&Table::Mangle].chains[MARK_CHAIN],
+            policy_mode[&Table::Mangle].chains[MARK_CHAIN],
             "marking is the same in both modes"
         );
+        // One reverse-path rule for the mesh's interfaces, jumped from PREROUTING only.
+        assert_eq!(
+            d[&Table::Mangle].chains[RPF_CHAIN],
+            vec!["-i imx+ -m rpfilter --invert -j DROP"]
+        );
+        assert_eq!(
+            d[&Table::Mangle].jumps,
+            vec![
+                Jump::to("PREROUTING", MARK_CHAIN),
+                Jump::to("OUTPUT", MARK_CHAIN),
+                Jump::to("PREROUTING", RPF_CHAIN)
+            ]
+        );
+        assert!(!policy_mode[&Table::Mangle].chains.contains_key(RPF_CHAIN));
+        // Switching back to policy mode removes it (jump first, then the chain).
+        let back = diff_table(&d[&Table::Mangle], &policy_mode[&Table::Mangle]);
+        assert_eq!(
+            back,
+            vec![
+                Change::DeleteJump(Jump::to("PREROUTING", RPF_CHAIN)),
+                Change::DeleteChain(RPF_CHAIN.into())
+            ]
+        );
+        // ... and to route mode adds exactly it.
+        let to = diff_table(&policy_mode[&Table::Mangle], &d[&Table::Mangle]);
+        assert_eq!(to.len(), 2, "{to:?}");
+        // The same number of rules whatever the number of peers.
+        let many: Vec<String> = (2..202).map(|i| format!("10.42.{i}.0/24")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let big = spec(&many).with_tunnel_devices(Some("imx".into()));
+        assert_eq!(desired(&big)[&Table::Mangle], d[&Table::Mangle]);
         let bad = spec(&[]).with_tunnel_devices(Some("im x".into()));
         assert!(bad.validate().is_err());
     }

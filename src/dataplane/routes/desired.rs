@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use ipnet::IpNet;
 
-use super::objects::{RouteConfig, RouteKey, RuleKey, Underlay};
+use super::objects::{RouteConfig, RouteKey, RuleKey, Underlay, THROW};
 use crate::dataplane::firewall::Family;
 use crate::plan::{Marks, Plan};
 
@@ -53,6 +53,7 @@ pub fn desired(spec: &RouteSpec, underlay_index: u32) -> Desired {
             table: spec.config.table,
             fwmark: spec.marks.encrypt,
             fwmask: spec.marks.mask,
+            to: None,
         },
         routes: IpNet::aggregate(&nets)
             .into_iter()
@@ -67,15 +68,20 @@ pub fn desired(spec: &RouteSpec, underlay_index: u32) -> Desired {
 }
 
 /// Route mode ([`crate::dataplane::xfrmi`]): where each remote prefix goes instead of the
-/// underlay device.
+/// underlay device, and which prefixes of the overlay are this host's own.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TunnelRoutes {
     /// Remote prefix -> the name of its peer's XFRM interface.
     pub via: Vec<(IpNet, String)>,
+    /// This host's own subnets: `throw` routes, so that the destination rule leaves them to
+    /// the main table (their bridge or veth routes) and their reverse-path look-up never
+    /// names an XFRM interface.
+    pub local: Vec<IpNet>,
 }
 
 impl TunnelRoutes {
-    /// Each peer's subnets into the peer's interface ([`crate::dataplane::xfrmi::name`]).
+    /// Each peer's subnets into the peer's interface ([`crate::dataplane::xfrmi::name`]), and
+    /// this host's own subnets.
     pub fn from_plan(plan: &Plan) -> TunnelRoutes {
         TunnelRoutes {
             via: plan
@@ -86,16 +92,40 @@ impl TunnelRoutes {
                     p.subnets.iter().map(move |n| (n.trunc(), dev.clone()))
                 })
                 .collect(),
+            local: plan.subnets.iter().map(IpNet::trunc).collect(),
         }
     }
 }
 
-/// The desired state in route mode: the same rule; each remote prefix (host bits cleared,
-/// aggregated per peer only) routed into its peer's interface, whose index `links` gives
-/// (a prefix whose interface is missing gets no route); and `unreachable <overlay>`, so a
-/// marked packet to an overlay address of no peer (or of a peer whose interface is gone) is
-/// dropped by the routing itself, never sent in clear. Longest prefix wins: every peer route
-/// is more specific than the overlay's.
+/// The route mode's rule: `to <overlay> lookup <table>` at our priority, with no mark match.
+///
+/// Selecting by destination rather than by the encrypt mark is what lets the reverse-path
+/// check on the XFRM interfaces work ([`crate::dataplane::xfrmi`] explains the check): its
+/// look-up of a decrypted packet's source carries no mark (`xt_rpfilter` without
+/// `--validmark`, nft `fib saddr . iif` without `. mark`), so only a rule that matches the
+/// destination (the packet's source) reaches the table that knows which peer owns which
+/// prefix. Forward look-ups are unchanged for marked traffic (the mark is only ever set on
+/// traffic to the overlay, which this rule covers) and now also cover unmarked traffic to
+/// the overlay: into a peer's interface, to the `unreachable` route, or, for this host's own
+/// subnets, through a `throw` route on to the main table.
+pub fn tunnel_rule(spec: &RouteSpec, overlay: IpNet) -> RuleKey {
+    RuleKey {
+        family: spec.family,
+        priority: spec.config.priority,
+        table: spec.config.table,
+        fwmark: 0,
+        fwmask: 0,
+        to: Some(overlay.trunc()),
+    }
+}
+
+/// The desired state in route mode: the destination rule ([`tunnel_rule`]); each remote
+/// prefix (host bits cleared, aggregated per peer only) routed into its peer's interface,
+/// whose index `links` gives (a prefix whose interface is missing gets no route); each of
+/// this host's own subnets inside the overlay a `throw` route (aggregated); and
+/// `unreachable <overlay>`, so a packet to an overlay address of no peer (or of a peer whose
+/// interface is gone) is dropped by the routing itself, never sent in clear. Longest prefix
+/// wins: every peer and local route is more specific than the overlay's.
 pub fn desired_tunnels(
     spec: &RouteSpec,
     overlay: IpNet,
@@ -107,6 +137,16 @@ pub fn desired_tunnels(
         by_dev.entry(dev.as_str()).or_default().push(*n);
     }
     let table = spec.config.table;
+    let overlay = overlay.trunc();
+    let local: Vec<IpNet> = tunnels.local.iter().map(IpNet::trunc).collect();
+    let throws = IpNet::aggregate(&local)
+        .into_iter()
+        .filter(|n| overlay.contains(n) && *n != overlay)
+        .map(|dst| RouteKey {
+            dst,
+            table,
+            oif: THROW,
+        });
     let mut routes: BTreeSet<RouteKey> = by_dev
         .into_iter()
         .filter_map(|(dev, nets)| links.get(dev).map(|i| (*i, nets)))
@@ -115,15 +155,16 @@ pub fn desired_tunnels(
                 .into_iter()
                 .map(move |dst| RouteKey { dst, table, oif })
         })
+        .chain(throws)
         .filter(|k| Family::of(&k.dst) == spec.family)
         .collect();
     routes.insert(RouteKey {
-        dst: overlay.trunc(),
+        dst: overlay,
         table,
         oif: 0,
     });
     Desired {
-        rule: desired(spec, 0).rule,
+        rule: tunnel_rule(spec, overlay),
         routes,
     }
 }
@@ -156,7 +197,8 @@ pub(super) mod tests {
                 priority: 1042,
                 table: 1042,
                 fwmark: 0x100000,
-                fwmask: 0x300000
+                fwmask: 0x300000,
+                to: None,
             }
         );
         let r: Vec<String> = d.routes.iter().map(|k| k.to_string()).collect();
@@ -178,6 +220,12 @@ pub(super) mod tests {
                 (net("10.42.7.10/32"), "imx2".into()),
                 (net("10.42.9.1/32"), "imx3".into()),
             ],
+            local: vec![
+                net("10.42.1.2/32"),
+                net("10.42.1.3/32"),
+                net("10.42.200.9/32"),
+                net("10.99.0.1/32"),
+            ],
         };
         let links =
             std::collections::BTreeMap::from([("imx1".to_string(), 11), ("imx2".into(), 12)]);
@@ -187,12 +235,62 @@ pub(super) mod tests {
             r,
             vec![
                 "route unreachable 10.42.0.0/16 table 1042",
+                "route throw 10.42.1.2/31 table 1042",
                 "route 10.42.7.8/31 dev #11 table 1042",
                 "route 10.42.7.10/32 dev #12 table 1042",
+                "route throw 10.42.200.9/32 table 1042",
             ],
-            "aggregated per peer only; imx3 is missing: its prefix falls to the unreachable route"
+            "aggregated per peer only; imx3 is missing: its prefix falls to the unreachable \
+             route; local subnets inside the overlay thrown to the next rule"
         );
-        assert_eq!(d.rule, desired(&spec(&[]), 0).rule);
+        assert_eq!(
+            d.rule.to_string(),
+            "IPv4 rule pref 1042 to 10.42.0.0/16 lookup 1042",
+            "by destination, no mark"
+        );
+        assert_eq!((d.rule.fwmark, d.rule.fwmask), (0, 0));
+        assert_ne!(
+            d.rule,
+            desired(&spec(&[]), 0).rule,
+            "policy mode keeps the mark rule"
+        );
+    }
+
+    #[test]
+    fn route_mode_v6_rule_and_throws_are_v6() {
+        let mut s = spec(&[]);
+        s.family = Family::V6;
+        let tunnels = TunnelRoutes {
+            via: vec![(net("fd42:0:0:2::/64"), "imx2".into())],
+            local: vec![net("fd42:0:0:1::/64"), net("10.42.1.0/24")],
+        };
+        let links = std::collections::BTreeMap::from([("imx2".to_string(), 5)]);
+        let d = desired_tunnels(&s, net("fd42::/48"), &tunnels, &links);
+        let r: Vec<String> = d.routes.iter().map(|k| k.to_string()).collect();
+        assert_eq!(
+            r,
+            vec![
+                "route unreachable fd42::/48 table 1042",
+                "route throw fd42:0:0:1::/64 table 1042",
+                "route fd42:0:0:2::/64 dev #5 table 1042",
+            ]
+        );
+        assert_eq!(
+            d.rule.to_string(),
+            "IPv6 rule pref 1042 to fd42::/48 lookup 1042"
+        );
+    }
+
+    #[test]
+    fn tunnel_routes_from_plan_carry_the_local_subnets() {
+        let c = crate::test_cluster::valid(&crate::test_cluster::on_77(&["h1", "h2", "h3"]));
+        let p = crate::plan::plan(&c, "h1", &Default::default(), None).unwrap();
+        let t = TunnelRoutes::from_plan(&p);
+        assert_eq!(t.local, p.subnets);
+        assert_eq!(
+            t.via.len(),
+            p.peers.iter().map(|p| p.subnets.len()).sum::<usize>()
+        );
     }
 
     #[test]

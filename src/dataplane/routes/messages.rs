@@ -12,7 +12,7 @@ use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::IpVersion;
 
-use super::objects::{FoundRoute, FoundRule, RouteKey, RuleKey};
+use super::objects::{FoundRoute, FoundRule, RouteKey, RuleKey, THROW};
 use super::reconcile::RouteChange;
 use crate::dataplane::firewall::Family;
 use crate::dataplane::rtnl;
@@ -50,14 +50,15 @@ pub fn parse_rule(msg: RuleMessage) -> Option<FoundRule> {
     let h = &msg.header;
     let mut table = u32::from(h.table);
     let (mut priority, mut fwmark, mut fwmask) = (0, 0, None);
-    let mut exact =
-        h.action == RuleAction::ToTable && h.src_len == 0 && h.dst_len == 0 && h.tos == 0;
+    let mut to_addr: Option<IpAddr> = None;
+    let mut exact = h.action == RuleAction::ToTable && h.src_len == 0 && h.tos == 0;
     for a in &msg.attributes {
         match a {
             RuleAttribute::Table(t) => table = *t,
             RuleAttribute::Priority(p) => priority = *p,
             RuleAttribute::FwMark(m) => fwmark = *m,
             RuleAttribute::FwMask(m) => fwmask = Some(*m),
+            RuleAttribute::Destination(a) => to_addr = Some(*a),
             RuleAttribute::Protocol(_) | RuleAttribute::Other(_) => {}
             // The kernel dumps these as -1 when unset.
             RuleAttribute::SuppressPrefixLen(u32::MAX)
@@ -66,6 +67,14 @@ pub fn parse_rule(msg: RuleMessage) -> Option<FoundRule> {
         }
     }
     let fwmask = fwmask.unwrap_or(if fwmark != 0 { u32::MAX } else { 0 });
+    let to = match (to_addr, h.dst_len) {
+        (_, 0) => None,
+        (Some(a), len) => IpNet::new(a, len).ok(),
+        (None, _) => {
+            exact = false;
+            None
+        }
+    };
     Some(FoundRule {
         key: RuleKey {
             family,
@@ -73,6 +82,7 @@ pub fn parse_rule(msg: RuleMessage) -> Option<FoundRule> {
             table,
             fwmark,
             fwmask,
+            to,
         },
         exact,
         msg,
@@ -94,8 +104,10 @@ pub fn parse_route_via(msg: &RouteMessage) -> Option<(FoundRoute, Option<IpAddr>
     let mut table = u32::from(h.table);
     let (mut dst, mut gateway): (Option<IpAddr>, Option<IpAddr>) = (None, None);
     let (mut oif, mut priority) = (0, None);
-    let mut exact = matches!(h.kind, RouteType::Unicast | RouteType::Unreachable)
-        && h.source_prefix_length == 0;
+    let mut exact = matches!(
+        h.kind,
+        RouteType::Unicast | RouteType::Unreachable | RouteType::Throw
+    ) && h.source_prefix_length == 0;
     for a in &msg.attributes {
         match a {
             RouteAttribute::Table(t) => table = *t,
@@ -120,9 +132,16 @@ pub fn parse_route_via(msg: &RouteMessage) -> Option<(FoundRoute, Option<IpAddr>
         Family::V6 => IpAddr::from([0u16; 8]),
     });
     let dst = IpNet::new(dst, h.destination_prefix_length).ok()?;
-    // Ours are unicast routes through a device, or unreachable routes through none (the
-    // route mode's fail-closed route; oif 0 stands for it in the key).
-    exact &= (h.kind == RouteType::Unreachable) == (oif == 0);
+    // Ours are unicast routes through a device, or unreachable and throw routes through
+    // none (the route mode's fail-closed route, oif 0 in the key, and its exits for this
+    // host's own subnets, oif THROW).
+    // IPv6 dumps those with the loopback device as their oif: a device-less kind stands
+    // for itself, whatever oif it is dumped with.
+    match h.kind {
+        RouteType::Unreachable => oif = 0,
+        RouteType::Throw => oif = THROW,
+        _ => exact &= oif != 0,
+    }
     let found = FoundRoute {
         key: RouteKey { dst, table, oif },
         exact,
@@ -144,18 +163,22 @@ pub fn request(change: &RouteChange) -> NetlinkMessage<RouteNetlinkMessage> {
     }
 }
 
-/// `ip rule add pref P fwmark M/K lookup T`.
+/// `ip rule add pref P [to D] [fwmark M/K] lookup T` (no mark match when M and K are 0).
 pub fn rule_message(k: &RuleKey) -> RuleMessage {
     let mut m = RuleMessage::default();
     m.header.family = af(k.family);
     m.header.table = header_table(k.table);
     m.header.action = RuleAction::ToTable;
-    m.attributes = vec![
-        RuleAttribute::Priority(k.priority),
-        RuleAttribute::FwMark(k.fwmark),
-        RuleAttribute::FwMask(k.fwmask),
-        RuleAttribute::Table(k.table),
-    ];
+    m.attributes = vec![RuleAttribute::Priority(k.priority)];
+    if let Some(to) = k.to {
+        m.header.dst_len = to.prefix_len();
+        m.attributes.push(RuleAttribute::Destination(to.network()));
+    }
+    if k.fwmark != 0 || k.fwmask != 0 {
+        m.attributes.push(RuleAttribute::FwMark(k.fwmark));
+        m.attributes.push(RuleAttribute::FwMask(k.fwmask));
+    }
+    m.attributes.push(RuleAttribute::Table(k.table));
     m
 }
 
@@ -167,16 +190,20 @@ fn dst_attr(dst: &IpNet) -> RouteAttribute {
 }
 
 /// `ip route add DST dev OIF table T proto static scope link`, or for `oif` 0
-/// `ip route add unreachable DST table T proto static`.
+/// `ip route add unreachable DST table T proto static` (for [`THROW`]: `throw DST`).
 pub fn route_add_message(k: &RouteKey) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = af(Family::of(&k.dst));
     m.header.destination_prefix_length = k.dst.prefix_len();
     m.header.table = header_table(k.table);
     m.header.protocol = RouteProtocol::Static;
-    if k.oif == 0 {
+    if k.oif == 0 || k.oif == THROW {
         m.header.scope = RouteScope::Universe;
-        m.header.kind = RouteType::Unreachable;
+        m.header.kind = if k.oif == 0 {
+            RouteType::Unreachable
+        } else {
+            RouteType::Throw
+        };
         m.attributes = vec![dst_attr(&k.dst), RouteAttribute::Table(k.table)];
     } else {
         m.header.scope = RouteScope::Link;
@@ -200,7 +227,7 @@ pub fn route_del_message(r: &FoundRoute) -> RouteMessage {
     m.header.tos = r.tos;
     m.header.scope = RouteScope::NoWhere;
     m.attributes = vec![dst_attr(&k.dst), RouteAttribute::Table(k.table)];
-    if k.oif != 0 {
+    if k.oif != 0 && k.oif != THROW {
         m.attributes.push(RouteAttribute::Oif(k.oif));
     }
     if let Some(p) = r.priority {
@@ -224,6 +251,7 @@ mod tests {
             table: 1042,
             fwmark: 0x100000,
             fwmask: 0x300000,
+            to: None,
         };
         let m = rule_message(&k);
         assert_eq!(m.header.table, 0, "table > 255 goes in the attribute");
@@ -295,5 +323,84 @@ mod tests {
         assert!(plain.exact, "a gateway alone keeps the route plain");
         assert_eq!(via, Some("fe80::1".parse().unwrap()));
         assert_eq!(parse_route_via(&r).unwrap().1, None);
+    }
+
+    #[test]
+    fn route_mode_rule_and_throw_routes_round_trip() {
+        // `ip rule add pref 1042 to 10.42.0.0/16 lookup 1042`: no mark attributes at all.
+        let k = RuleKey {
+            family: Family::V4,
+            priority: 1042,
+            table: 1042,
+            fwmark: 0,
+            fwmask: 0,
+            to: Some(net("10.42.0.0/16")),
+        };
+        let m = rule_message(&k);
+        assert_eq!(m.header.dst_len, 16);
+        assert!(!m
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RuleAttribute::FwMark(_) | RuleAttribute::FwMask(_))));
+        // As the kernel dumps it: the mask it keeps (0) comes back as an attribute.
+        let mut dumped = m.clone();
+        dumped.attributes.push(RuleAttribute::FwMask(0));
+        let back = parse_rule(dumped).unwrap();
+        assert!(back.exact);
+        assert_eq!(back.key, k);
+        // A prefix length without an address is not our shape.
+        let mut odd = m.clone();
+        odd.attributes
+            .retain(|a| !matches!(a, RuleAttribute::Destination(_)));
+        assert!(!parse_rule(odd).unwrap().exact);
+        // The policy-mode rule is another key (the diff replaces one by the other).
+        let fw = RuleKey {
+            fwmark: 0x100000,
+            fwmask: 0x300000,
+            to: None,
+            ..k
+        };
+        assert_ne!(parse_rule(rule_message(&fw)).unwrap().key, k);
+
+        // throw routes: device-less, also as IPv6 dumps them (oif = loopback).
+        for dst in ["10.42.1.2/32", "fd42:0:0:1::/64"] {
+            let t = RouteKey {
+                dst: net(dst),
+                table: 1042,
+                oif: THROW,
+            };
+            let add = route_add_message(&t);
+            assert_eq!(add.header.kind, RouteType::Throw);
+            assert!(!add
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(_))));
+            let mut dumped = add.clone();
+            dumped.attributes.push(RouteAttribute::Oif(1));
+            let back = parse_route(&dumped).unwrap();
+            assert!(back.exact, "{dst}");
+            assert_eq!(back.key, t);
+            let del = route_del_message(&back);
+            assert!(!del
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(_))));
+            // unreachable likewise
+            let u = RouteKey { oif: 0, ..t };
+            let mut dumped = route_add_message(&u);
+            dumped.attributes.push(RouteAttribute::Oif(1));
+            let back = parse_route(&dumped).unwrap();
+            assert!(back.exact && back.key == u, "{back:?}");
+        }
+        // A unicast route without a device is not ours.
+        let mut nodev = route_add_message(&RouteKey {
+            dst: net("10.42.1.0/24"),
+            table: 1042,
+            oif: 3,
+        });
+        nodev
+            .attributes
+            .retain(|a| !matches!(a, RouteAttribute::Oif(_)));
+        assert!(!parse_route(&nodev).unwrap().exact);
     }
 }

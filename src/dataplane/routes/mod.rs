@@ -236,8 +236,9 @@ async fn sync(h: &Handle, spec: &RouteSpec, want: &Desired) -> Result<RouteRepor
     Ok(report)
 }
 
-/// Route mode (sync): the rule, each remote prefix into its peer's XFRM interface, and
-/// `unreachable <overlay>` ([`desired_tunnels`]).
+/// Route mode (sync): the rule by destination, each remote prefix into its peer's XFRM
+/// interface, `throw` for this host's own subnets, and `unreachable <overlay>`
+/// ([`desired_tunnels`]).
 pub fn reconcile_tunnels(
     spec: &RouteSpec,
     overlay: ipnet::IpNet,
@@ -257,6 +258,21 @@ pub async fn reconcile_tunnels_with(
 ) -> Result<RouteReport, RouteError> {
     let links = crate::dataplane::xfrmi::indexes(h).await?;
     sync(h, spec, &desired_tunnels(spec, overlay, tunnels, &links)).await
+}
+
+/// [`reconcile_tunnels`] with the interfaces given (name -> index) rather than found among
+/// the XFRM interfaces of ours: for tests on kernels without them, where veths named `imx*`
+/// stand in (sync).
+pub fn reconcile_tunnels_into(
+    spec: &RouteSpec,
+    overlay: ipnet::IpNet,
+    tunnels: &TunnelRoutes,
+    links: &BTreeMap<String, u32>,
+) -> Result<RouteReport, RouteError> {
+    rtnl::block_on(async {
+        let h = rtnl::connect()?;
+        sync(&h, spec, &desired_tunnels(spec, overlay, tunnels, links)).await
+    })
 }
 
 /// Cleanup over an existing handle: our rules of both families, every route in our table.

@@ -45,19 +45,32 @@ pub struct RuleKey {
     pub family: Family,
     pub priority: u32,
     pub table: u32,
+    /// 0/0 (with `to`): no mark match.
     pub fwmark: u32,
     pub fwmask: u32,
+    /// `to <prefix>`: select by destination (route mode: the overlay, so that mark-less
+    /// look-ups, the reverse-path check's among them, reach our table). `None`: any.
+    pub to: Option<IpNet>,
 }
 
 impl fmt::Display for RuleKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} rule pref {} fwmark {:#x}/{:#x} lookup {}",
-            self.family, self.priority, self.fwmark, self.fwmask, self.table
-        )
+        write!(f, "{} rule pref {}", self.family, self.priority)?;
+        if let Some(to) = self.to {
+            write!(f, " to {to}")?;
+        }
+        if self.fwmark != 0 || self.fwmask != 0 {
+            write!(f, " fwmark {:#x}/{:#x}", self.fwmark, self.fwmask)?;
+        }
+        write!(f, " lookup {}", self.table)
     }
 }
+
+/// [`RouteKey::oif`] of a `throw` route (no device): a look-up that hits it leaves our table
+/// and goes on with the next rule (route mode: this host's own subnets, inside the overlay
+/// the destination rule sends to our table). No real interface has this index (the kernel's
+/// are positive `int`s).
+pub const THROW: u32 = u32::MAX;
 
 /// The identity of a route of ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -65,7 +78,7 @@ pub struct RouteKey {
     pub dst: IpNet,
     pub table: u32,
     /// Output interface index; 0: an `unreachable` route (no device: the route mode's
-    /// fail-closed route for the overlay).
+    /// fail-closed route for the overlay); [`THROW`]: a `throw` route.
     pub oif: u32,
 }
 
@@ -73,6 +86,9 @@ impl fmt::Display for RouteKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.oif == 0 {
             return write!(f, "route unreachable {} table {}", self.dst, self.table);
+        }
+        if self.oif == THROW {
+            return write!(f, "route throw {} table {}", self.dst, self.table);
         }
         write!(
             f,

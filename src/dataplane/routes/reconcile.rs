@@ -34,7 +34,7 @@ impl RouteChange {
     /// The change for the report ([`Change`]), with interface names where known.
     pub fn change(&self, names: &BTreeMap<u32, String>) -> Change {
         let route = |k: &RouteKey| {
-            if k.oif == 0 {
+            if k.oif == 0 || k.oif == super::objects::THROW {
                 return k.to_string();
             }
             let dev = names

@@ -12,6 +12,47 @@
 //! Per packet: one route look-up and one policy bin per interface id (the kernel keys its
 //! inexact policy bins by `(if_id, family, direction)`), independent of peers and containers.
 //!
+//! # Who may send what: the reverse-path check
+//!
+//! The `in` and `fwd` policies are `0/0`: they say which SA a decrypted packet came through,
+//! not which inner sources that peer may use. Policy mode's selectors (`<peer prefix> ->
+//! 0/0`) refuse a peer that, holding its own keys, sends with another peer's (or this host's)
+//! container addresses; route mode refuses it with a reverse-path check instead: a packet
+//! arriving on `imx<slot>` must have a source whose route goes back out of `imx<slot>`. The
+//! routes already say which peer owns which prefix, so the check costs one rule per family
+//! and one FIB look-up per decrypted packet, whatever the number of peers or containers:
+//!
+//! - the rule: iptables `-i imx+ -m rpfilter --invert -j DROP` (mangle `PREROUTING`, chain
+//!   `IPSEC-MESH-RPF`; ip6tables the same) or nft `iifname "imx*" fib saddr . iif oif missing
+//!   drop` (prerouting, priority raw; `inet`: both families), written by the firewall backend
+//!   ([`crate::dataplane::firewall::FirewallSpec::tunnel_devices`]);
+//! - the look-up it makes carries no mark (neither `--validmark` nor `. mark`), so the
+//!   route mode's ip rule selects table 1042 by destination, `to <overlay>`, not by the
+//!   encrypt mark ([`crate::dataplane::routes::desired::tunnel_rule`]), and table 1042 holds
+//!   a `throw` route for each of this host's own subnets (the look-up goes on to the main
+//!   table, where they are routed to the bridge or veths) beside the peers' prefixes and
+//!   `unreachable <overlay>`.
+//!
+//! What the look-up answers, for a packet arriving on peer B's `imxB`: a source in B's
+//! subnets -> `imxB`: accepted; in peer C's -> `imxC`: dropped; in this host's own subnets
+//! -> thrown to main -> the bridge or a veth: dropped; an overlay address of nobody ->
+//! `unreachable`: dropped (xt_rpfilter and nft fib accept unicast answers only); outside the
+//! overlay (B's underlay address, say) -> main -> the underlay device: dropped.
+//!
+//! Why not the kernel's own `rp_filter` sysctl (IPv4 only in any case): `fib_validate_source`
+//! skips it for every packet with a secpath ("Ignore rp_filter for packets protected by
+//! IPsec", net/ipv4/fib_frontend.c), and what an XFRM interface hands up keeps its secpath
+//! (`xfrmi_scrub_packet` resets it only across network namespaces). So `rp_filter` neither
+//! protects route mode nor breaks it, strict or not; the interfaces' own value stays 0.
+//!
+//! Host-originated traffic: when peer B itself (not a container) sends to a container here,
+//! B's kernel picks the source for a route into an address-less `imx` device from the first
+//! device with a global address, typically B's underlay address. That source is outside the
+//! overlay and is dropped here, as policy mode's selectors drop it, and its answer would have
+//! left in clear (it is not to the overlay). A host reaches remote containers through the
+//! mesh only with a source inside its own subnets (`ping -I <address in a subnet of its
+//! own>`), in either mode.
+//!
 //! This module owns the interfaces: of kind `xfrm`, in link group [`LINK_GROUP`], named
 //! [`NAME_PREFIX`]... Nothing else is read as ours or written. `desired` (pure: values,
 //! ownership, diff) and `messages` (pure: rtnetlink build/parse) -> [`reconcile`] /
@@ -204,14 +245,7 @@ pub async fn reconcile_with(h: &Handle, plan: &Plan) -> Result<(LinkReport, u32)
     for (o, e) in sysctl_errors {
         report.error(o, e);
     }
-    if !v6 && !want.is_empty() && sysctl::strict_rp_filter() == Some(true) {
-        report.error(
-            MESH,
-            "route mode: net.ipv4.conf.all.rp_filter is 1 (strict): the kernel drops what the \
-             XFRM interfaces decrypt (a peer container's address is routed by mark, which the \
-             filter does not use); set it to 0 or 2",
-        );
-    }
+    // No check of `all/rp_filter`: the kernel skips it for decrypted packets (module docs).
     Ok((report, underlay))
 }
 
