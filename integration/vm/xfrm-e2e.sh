@@ -16,7 +16,9 @@
 # further apply writes nothing; cleanup (twice) leaves no policy/state of ours.
 # "VM-RESULT: PASS" only if every check holds.
 #
-# Forwarding (mark chain, guard, ip rule, table 1042) must come from apply itself.
+# Forwarding (mark chain, guard, ip rule, table 1042) must come from apply itself. Policy mode
+# is asked for explicitly (`--xfrm-mode policy`): the default, auto, picks route mode on this
+# kernel (it has xfrm_interface); route mode is e2e.mode=route (xfrm-e2e-route.sh).
 set -u
 
 IP=/sbin/ip # busybox sh would run its own `ip` applet (no xfrm) for a bare `ip`
@@ -368,7 +370,7 @@ chmod 600 $PSK
 LAST_WRITES=""
 # apply N -> runs apply in hN; sets LAST_WRITES; returns apply's exit status
 apply() {
-    out=$($IP netns exec h$1 $BIN apply --metadata $META --host h$1 --driver xfrm --psk-file $PSK 2>&1)
+    out=$($IP netns exec h$1 $BIN apply --metadata $META --host h$1 --driver xfrm --xfrm-mode policy --psk-file $PSK 2>&1)
     rc=$?
     [ -f /tmp/apply-first.h$1 ] || echo "$out" >/tmp/apply-first.h$1
     echo "$out" | sed "s/^/  h$1 apply: /"
@@ -716,7 +718,7 @@ fi
 $IP netns exec sw $IPT -I FORWARD -p udp --dport 4500 -m comment --comment e2e-natt
 ov0=$(underlay_count overlay)
 for n in $HOSTS; do
-    $IP netns exec h$n $BIN run --metadata $META --host h$n --driver xfrm --psk-file $PSK \
+    $IP netns exec h$n $BIN run --metadata $META --host h$n --driver xfrm --xfrm-mode policy --psk-file $PSK \
         --udp-encap --listen unix:/tmp/h$n.sock --resync 5 >/tmp/run-h$n.log 2>&1 &
     eval "RUN_PID_$n=$!"
 done
@@ -782,7 +784,7 @@ done
 REKEY_ARGS=""
 start_sidecar() { # $1 = host number
     # shellcheck disable=SC2086
-    $IP netns exec h$1 $BIN run --metadata $META --host h$1 --driver xfrm --psk-file $PSK \
+    $IP netns exec h$1 $BIN run --metadata $META --host h$1 --driver xfrm --xfrm-mode policy --psk-file $PSK \
         --listen unix:/tmp/h$1.sock --resync 5 $REKEY_ARGS >>/tmp/run-h$1.log 2>&1 &
     eval "RUN_PID_$1=$!"
 }
@@ -880,7 +882,7 @@ RING1=/tmp/ring1.psk RING2=/tmp/ring2.psk NEW=$(head -c 48 /dev/urandom | base64
 (umask 077 && printf '# ipsec-mesh key ring v1\n3 %s\n4 %s\n' "$(cat $PSK)" "$NEW" >$RING1 &&
     printf '# ipsec-mesh key ring v1\n4 %s\n' "$NEW" >$RING2)
 apply_gen() { # HOST GEN PSKFILE
-    $IP netns exec h$1 $BIN apply --metadata $META --host h$1 --driver xfrm --psk-file $3 \
+    $IP netns exec h$1 $BIN apply --metadata $META --host h$1 --driver xfrm --xfrm-mode policy --psk-file $3 \
         --key-generation $2 >/tmp/apply-gen.$1 2>&1 || {
         bad "rotation-apply-h$1-gen$2" "$(tail -n 3 /tmp/apply-gen.$1 | tr '\n' ' ')"
         return 1
