@@ -384,12 +384,12 @@ pub struct ForwardingArgs {
     #[arg(long, default_value_t = ipsec_mesh::dataplane::routes::DEFAULT_PRIORITY)]
     pub rule_priority: u32,
 
-    /// xfrm driver: how a packet finds its peer. policy (the default): XFRM policies per
+    /// xfrm driver: how a packet finds its peer. auto (the default): route when the kernel
+    /// has XFRM interfaces, else policy (the choice is logged); policy: XFRM policies per
     /// remote prefix; route: one XFRM interface per peer with the remote prefixes routed into
     /// it, so the XFRM policies and SAs grow with the peers only (needs the kernel's
-    /// xfrm_interface, CONFIG_XFRM_INTERFACE); auto: route when the kernel has XFRM
-    /// interfaces, else policy (the choice is logged).
-    #[arg(long, value_name = "MODE", default_value = "policy", value_parser = parse_xfrm_mode)]
+    /// xfrm_interface, CONFIG_XFRM_INTERFACE).
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_xfrm_mode)]
     pub xfrm_mode: ipsec_mesh::dataplane::xfrmi::XfrmMode,
 }
 
