@@ -1013,6 +1013,48 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_agent_ips_and_an_ipv6_managed_network_map_through() {
+        // Rancher 1.6's own IPAM hands out IPv4 only, but a host registered with an IPv6
+        // CATTLE_AGENT_IP and a managed network whose CNI config names an IPv6 subnet carry
+        // over: agent_ip as given (the tunnel endpoints), container addresses as /128s
+        // (aggregated like /32s), and the cluster validates (an IPv6 mesh on an IPv6 underlay).
+        let hosts = json!([host("h1", "fd77::1"), host("h2", "fd77::2")]);
+        let net = ipsec_network(cni(
+            "10-rancher.conf",
+            json!({ "bridgeSubnet": "fd42::/48", "mtu": 1500 }),
+        ));
+        let a = answers(
+            hosts.clone(),
+            json!([
+                container("c1", "h1", "fd42::8", "net-ipsec", "running"),
+                container("c2", "h1", "fd42::9", "net-ipsec", "running"),
+                container("c3", "h2", "fd42::1:5", "net-ipsec", "running"),
+            ]),
+            json!([net.clone()]),
+        );
+        let raw = map_answers(&a).unwrap();
+        assert_eq!(raw.network.cidr.as_str(), "fd42::/48");
+        assert_eq!(raw.hosts[0].agent_ip, "fd77::1");
+        assert_eq!(raw.hosts[0].subnets, vec!["fd42::8/127"]);
+        assert_eq!(raw.hosts[1].subnets, vec!["fd42::1:5/128"]);
+        let c = Cluster::validate(&raw).unwrap();
+        assert!(c.hosts.iter().all(|h| h.agent_ip.is_ipv6()));
+
+        // IPv4 containers (what Rancher's IPAM gives) over IPv6 agent_ips: v4-in-v6 tunnels.
+        let a = answers(
+            hosts,
+            json!([
+                container("c1", "h1", "10.42.0.8", "net-ipsec", "running"),
+                container("c3", "h2", "10.42.7.1", "net-ipsec", "running"),
+            ]),
+            json!([ipsec_network(json!({}))]),
+        );
+        let raw = map_answers(&a).unwrap();
+        let c = Cluster::validate(&raw).unwrap();
+        assert!(c.hosts[0].agent_ip.is_ipv6() && c.hosts[0].subnets[0].addr().is_ipv4());
+    }
+
+    #[test]
     fn bad_primary_ip_names_the_container_unless_the_container_is_unused() {
         let a = answers(
             two_hosts(),
