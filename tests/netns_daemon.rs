@@ -758,6 +758,9 @@ impl Fixture {
                 source,
                 "--driver",
                 "xfrm",
+                // policy mode's objects are checked (auto picks route on the VM kernel)
+                "--xfrm-mode",
+                "policy",
                 "--psk-file",
             ])
             .arg(&self.psk)

@@ -74,6 +74,10 @@ fn apply(f: &Files) -> Output {
         "host-1",
         "--driver",
         "xfrm",
+        // Policy mode's objects are what this suite checks; the default (auto) would pick
+        // route mode on a kernel with XFRM interfaces (the VM's).
+        "--xfrm-mode",
+        "policy",
         "--psk-file",
         f.psk.to_str().unwrap(),
     ])
@@ -329,6 +333,8 @@ fn firewall_auto_is_the_default_switches_and_cleanup_removes_either_backend() {
                 "host-1",
                 "--driver",
                 "xfrm",
+                "--xfrm-mode",
+                "policy",
                 "--psk-file",
                 f.psk.to_str().unwrap(),
             ];

@@ -275,7 +275,10 @@ pub async fn indexes(h: &Handle) -> Result<BTreeMap<String, u32>, rtnl::Error> {
         .collect())
 }
 
-/// How the xfrm driver selects a peer (`--xfrm-mode`).
+/// How the xfrm driver selects a peer (`--xfrm-mode`, whose default is `auto`: the CLI
+/// resolves it with [`XfrmMode::resolve`] before building the driver). The type's own
+/// default, for code that builds a driver directly, is `Policy`: a driver given an unresolved
+/// `Auto` runs policy mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum XfrmMode {
     /// XFRM policy selectors per remote prefix (every kernel with XFRM).
