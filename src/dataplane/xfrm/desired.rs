@@ -50,9 +50,30 @@ pub fn crypto(t: Transform, key: &SaKey) -> Crypto {
     }
 }
 
+/// The overlay's families (IPv6 or not), one per cidr: two for a dual-stack overlay.
+pub fn overlay_families(plan: &Plan) -> Vec<bool> {
+    let mut v: Vec<bool> = plan.cidrs.iter().map(|c| c.network().is_ipv6()).collect();
+    if v.is_empty() {
+        v.push(plan.cidr.network().is_ipv6());
+    }
+    v
+}
+
+/// The inner family of the plan's tunnel-mode SAs: the overlay's, or both.
+pub fn inner_of(plan: &Plan) -> Inner {
+    match overlay_families(plan).as_slice() {
+        [v6] => Inner::of(*v6),
+        _ => Inner::Any,
+    }
+}
+
 /// The fail-closed block policy: marked traffic that matches no pair policy is dropped.
 pub fn block_policy(plan: &Plan) -> Policy {
-    let v6 = plan.cidr.network().is_ipv6();
+    block_policy_of(plan, plan.cidr.network().is_ipv6())
+}
+
+/// [`block_policy`] for one family: a dual-stack overlay has one per family.
+pub fn block_policy_of(plan: &Plan, v6: bool) -> Policy {
     Policy {
         id: PolicyId {
             dir: Dir::Out,
@@ -82,15 +103,21 @@ pub fn block_policy(plan: &Plan) -> Policy {
 /// in clear it is dropped (`XfrmInNoPols`/`XfrmInTmplMismatch`), and a peer cannot inject
 /// packets claiming another peer's addresses. Traffic from anywhere else (the host's own
 /// containers, the internet) matches none of them.
+///
+/// Dual-stack: a block policy per family, and each remote prefix's policies are of its own
+/// family (the wildcard side too), with the same templates: the tunnel's addresses are the
+/// underlay's, whatever the inner family (v4-in-v6 and v6-in-v4 alike). One SA pair per
+/// peer carries both families ([`Inner::Any`]).
 pub fn desired(plan: &Plan) -> Desired {
     let mut d = Desired::default();
-    d.policies.push((Owner::Mesh, block_policy(plan)));
+    for v6 in overlay_families(plan) {
+        d.policies.push((Owner::Mesh, block_policy_of(plan, v6)));
+    }
     let me: IpAddr = plan.endpoint;
     let out_mark = Mark {
         value: plan.marks.encrypt,
         mask: plan.marks.mask,
     };
-    let inner_v6 = plan.cidr.network().is_ipv6();
     for p in &plan.peers {
         let owner = Owner::Peer(p.host.as_str().into());
         let out_t = Tmpl {
@@ -125,7 +152,7 @@ pub fn desired(plan: &Plan) -> Desired {
                 action: Action::Allow,
                 tmpl: Some(tmpl),
             };
-            let anywhere = any(inner_v6);
+            let anywhere = any(remote.network().is_ipv6());
             d.policies.push((
                 owner.clone(),
                 pol(Dir::Out, anywhere, remote, out_mark, out_t),
@@ -152,12 +179,12 @@ fn tunnel_sas(plan: &Plan, p: &Peer, owner: &Owner, if_id: u32, d: &mut Desired)
     };
     let me = plan.endpoint;
     let encap = plan.udp_encap.then_some((NAT_T_PORT, NAT_T_PORT));
-    let inner_v6 = plan.cidr.network().is_ipv6();
+    let inner = inner_of(plan);
     let sa = |src, dst, spi, key, output_mark| Sa {
         id: SaId { dst, spi },
         src,
         reqid: p.reqid,
-        inner_v6,
+        inner,
         crypto: crypto(plan.transform, key),
         encap,
         output_mark,
@@ -201,35 +228,37 @@ pub fn route_mode(plan: &Plan, underlay_dev: u32) -> Desired {
     let mut d = Desired::default();
     d.policies.extend(underlay_blocks(plan, underlay_dev));
     let me: IpAddr = plan.endpoint;
-    let anywhere = any(plan.cidr.network().is_ipv6());
     for p in &plan.peers {
         let owner = Owner::Peer(p.host.as_str().into());
         let if_id = crate::dataplane::xfrmi::if_id(p);
-        let pol = |dir, src, dst| Policy {
-            id: PolicyId {
-                dir,
-                src: anywhere,
-                dst: anywhere,
-                l4: L4::ANY,
-                mark: Mark::NONE,
-                if_id,
-                dev: 0,
-            },
-            priority: PAIR_PRIORITY,
-            action: Action::Allow,
-            tmpl: Some(Tmpl {
-                src,
-                dst,
-                reqid: p.reqid,
-                transport: false,
-            }),
-        };
-        d.policies
-            .push((owner.clone(), pol(Dir::Out, me, p.endpoint)));
-        d.policies
-            .push((owner.clone(), pol(Dir::In, p.endpoint, me)));
-        d.policies
-            .push((owner.clone(), pol(Dir::Fwd, p.endpoint, me)));
+        // Dual-stack: the three policies for each overlay family.
+        for anywhere in overlay_families(plan).into_iter().map(any) {
+            let pol = |dir, src, dst| Policy {
+                id: PolicyId {
+                    dir,
+                    src: anywhere,
+                    dst: anywhere,
+                    l4: L4::ANY,
+                    mark: Mark::NONE,
+                    if_id,
+                    dev: 0,
+                },
+                priority: PAIR_PRIORITY,
+                action: Action::Allow,
+                tmpl: Some(Tmpl {
+                    src,
+                    dst,
+                    reqid: p.reqid,
+                    transport: false,
+                }),
+            };
+            d.policies
+                .push((owner.clone(), pol(Dir::Out, me, p.endpoint)));
+            d.policies
+                .push((owner.clone(), pol(Dir::In, p.endpoint, me)));
+            d.policies
+                .push((owner.clone(), pol(Dir::Fwd, p.endpoint, me)));
+        }
         tunnel_sas(plan, p, &owner, if_id, &mut d);
     }
     d
@@ -243,16 +272,22 @@ pub fn route_mode(plan: &Plan, underlay_dev: u32) -> Desired {
 /// this host's containers (another device) and decrypted traffic (its peer's interface id)
 /// never meets these policies. Mark 0 under our mask identifies them as ours.
 pub fn underlay_blocks(plan: &Plan, underlay_dev: u32) -> Vec<(Owner, Policy)> {
-    let v6 = plan.cidr.network().is_ipv6();
-    [Dir::In, Dir::Fwd]
+    let cidrs = if plan.cidrs.is_empty() {
+        vec![plan.cidr]
+    } else {
+        plan.cidrs.clone()
+    };
+    cidrs
         .into_iter()
-        .map(|dir| {
+        .flat_map(|c| [(c, Dir::In), (c, Dir::Fwd)])
+        .map(|(cidr, dir)| {
+            let v6 = cidr.network().is_ipv6();
             (
                 Owner::Mesh,
                 Policy {
                     id: PolicyId {
                         dir,
-                        src: plan.cidr.trunc(),
+                        src: cidr.trunc(),
                         dst: any(v6),
                         l4: L4::ANY,
                         mark: Mark {
@@ -313,7 +348,7 @@ pub fn vxlan_esp(plan: &Plan, port: u16) -> Desired {
                 id: SaId { dst, spi },
                 src,
                 reqid: p.reqid,
-                inner_v6: me.is_ipv6(),
+                inner: Inner::of(me.is_ipv6()),
                 crypto: crypto(plan.transform, key),
                 encap: None,
                 output_mark: None,
@@ -342,11 +377,18 @@ fn aggregate(nets: &[IpNet]) -> Vec<IpNet> {
 /// kernel's policy hash table: the local side of each is a wildcard (0 bits), the remote side
 /// at least the shortest remote prefix. `None` without peers.
 pub fn prefix_thresholds(plan: &Plan) -> Option<(u8, u8)> {
+    prefix_thresholds_of(plan, plan.cidr.network().is_ipv6())
+}
+
+/// [`prefix_thresholds`] of one family (the kernel keeps a pair per family).
+pub fn prefix_thresholds_of(plan: &Plan, v6: bool) -> Option<(u8, u8)> {
     let local = 0;
     let remote = plan
         .peers
         .iter()
-        .flat_map(|p| p.subnets.iter().map(|n| n.prefix_len()))
+        .flat_map(|p| p.subnets.iter())
+        .filter(|n| n.network().is_ipv6() == v6)
+        .map(|n| n.prefix_len())
         .min()?;
     Some((local, remote))
 }
@@ -368,6 +410,124 @@ mod tests {
         ));
         let k = Psk::from_bytes(&[1; 32]);
         plan(&c, "a", &PlanOptions::default(), psk.then_some(&k)).unwrap()
+    }
+
+    fn dual_plan(agent_v6: bool, psk: bool) -> Plan {
+        let ip = |i: u8| {
+            if agent_v6 {
+                format!("fd77::{i}")
+            } else {
+                format!("192.168.77.{i}")
+            }
+        };
+        let mut r = tc::raw(
+            "10.42.0.0/16",
+            vec![
+                tc::host("a", &ip(1), &["10.42.1.0/24", "fd42:0:0:1::/64"]),
+                tc::host("b", &ip(2), &["10.42.2.0/24", "fd42:0:0:2::/64"]),
+                tc::host("c", &ip(3), &["10.42.3.0/24"]),
+            ],
+        );
+        r.network.cidr = ["10.42.0.0/16", "fd42::/48"].into();
+        let k = Psk::from_bytes(&[1; 32]);
+        plan(
+            &tc::valid(&r),
+            "a",
+            &PlanOptions::default(),
+            psk.then_some(&k),
+        )
+        .unwrap()
+    }
+
+    /// Issue 18 item 2: policies per family per peer prefix, the tunnel template of the
+    /// underlay's family, one SA pair per peer for both inner families (selector AF_UNSPEC).
+    #[test]
+    fn dual_stack_policies_per_family_templates_of_the_underlay_family() {
+        for agent_v6 in [false, true] {
+            let p = dual_plan(agent_v6, true);
+            let d = desired(&p);
+            // 2 blocks (one per family) + (b: 2 prefixes, c: 1) x 3 directions.
+            assert_eq!(d.policies.len(), 2 + 3 * 3, "{agent_v6}");
+            let blocks: Vec<_> = d
+                .policies
+                .iter()
+                .filter(|(_, x)| x.action == Action::Block)
+                .map(|(_, x)| (x.id.src, x.id.dst))
+                .collect();
+            assert_eq!(
+                blocks,
+                vec![(any(false), any(false)), (any(true), any(true))]
+            );
+            for (_, x) in d.policies.iter().filter(|(_, x)| x.tmpl.is_some()) {
+                // Selector: both sides of one family (the remote prefix's).
+                assert_eq!(
+                    x.id.src.network().is_ipv6(),
+                    x.id.dst.network().is_ipv6(),
+                    "{x:?}"
+                );
+                let t = x.tmpl.unwrap();
+                assert_eq!(
+                    t.src.is_ipv6(),
+                    agent_v6,
+                    "template family = underlay: {x:?}"
+                );
+                assert_eq!(t.dst.is_ipv6(), agent_v6, "{x:?}");
+            }
+            let b_v6: Vec<_> = d
+                .policies
+                .iter()
+                .filter(|(o, x)| {
+                    *o == Owner::Peer("b".into()) && x.id.dst.to_string() == "fd42:0:0:2::/64"
+                })
+                .collect();
+            assert_eq!(b_v6.len(), 1);
+            assert_eq!(b_v6[0].1.id.src, any(true));
+            assert_eq!(b_v6[0].1.id.dir, Dir::Out);
+            // One out SA + 3 in SAs per peer, whatever the number of families, inner Any.
+            assert_eq!(d.sas.len(), 2 * 4);
+            assert!(d
+                .sas
+                .iter()
+                .all(|(_, s)| s.inner == Inner::Any && !s.transport));
+            assert!(d.sas.iter().all(|(_, s)| s.src.is_ipv6() == agent_v6));
+            // The SPIs are the single-family plan's.
+            assert_eq!(d.sas[0].1.id.spi, p.peers[0].spi_out);
+            assert_eq!(prefix_thresholds_of(&p, false), Some((0, 24)));
+            assert_eq!(prefix_thresholds_of(&p, true), Some((0, 64)));
+            assert_eq!(inner_of(&p), Inner::Any);
+        }
+        // A single-family plan keeps the overlay's family on its SAs.
+        let single = a_plan(true);
+        assert_eq!(inner_of(&single), Inner::V4);
+        assert!(desired(&single)
+            .sas
+            .iter()
+            .all(|(_, s)| s.inner == Inner::V4));
+    }
+
+    #[test]
+    fn dual_stack_route_mode_has_policies_and_underlay_blocks_per_family() {
+        let p = dual_plan(false, false);
+        let d = route_mode(&p, 7);
+        // 2 underlay blocks per family + 3 policies per family per peer.
+        assert_eq!(d.policies.len(), 4 + 2 * 2 * 3);
+        let blocks: Vec<String> = d
+            .policies
+            .iter()
+            .filter(|(_, x)| x.action == Action::Block)
+            .map(|(_, x)| x.id.src.to_string())
+            .collect();
+        assert_eq!(
+            blocks,
+            ["10.42.0.0/16", "10.42.0.0/16", "fd42::/48", "fd42::/48"]
+        );
+        let fams: std::collections::BTreeSet<bool> = d
+            .policies
+            .iter()
+            .filter(|(_, x)| x.tmpl.is_some())
+            .map(|(_, x)| x.id.src.network().is_ipv6())
+            .collect();
+        assert_eq!(fams.len(), 2);
     }
 
     #[test]

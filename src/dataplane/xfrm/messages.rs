@@ -181,9 +181,17 @@ pub fn sa_add(sa: &Sa, start: u64) -> XfrmMessage {
     }
     info.family = family(&sa.src);
     info.selector = Selector {
-        family: if sa.inner_v6 { AF_INET6 } else { AF_INET },
+        family: match sa.inner {
+            Inner::V4 => AF_INET,
+            Inner::V6 => AF_INET6,
+            Inner::Any => 0,
+        },
         ..Default::default()
     };
+    if sa.inner == Inner::Any {
+        // Keep the selector's family unspecified: both inner families (see [`Inner::Any`]).
+        info.flags |= XFRM_STATE_AF_UNSPEC;
+    }
     let mut nlas = Vec::new();
     match &sa.crypto {
         Crypto::Aead {
@@ -679,7 +687,11 @@ pub fn parse_sa(msg: &XfrmMessage) -> Option<Sa> {
         id,
         src: ip(&i.saddr, i.family)?,
         reqid,
-        inner_v6: i.selector.family == AF_INET6,
+        inner: match i.selector.family {
+            AF_INET6 => Inner::V6,
+            AF_INET => Inner::V4,
+            _ => Inner::Any,
+        },
         crypto,
         encap,
         output_mark: output_mark.filter(|m| m.value != 0 || m.mask != 0),
@@ -762,7 +774,7 @@ mod tests {
             },
             src: "192.168.77.1".parse().unwrap(),
             reqid: 0x5000_0001,
-            inner_v6: false,
+            inner: Inner::V4,
             crypto: Crypto::Aead {
                 name: "rfc4106(gcm(aes))".into(),
                 key: zeroize::Zeroizing::new(vec![7u8; 36]),
@@ -786,6 +798,22 @@ mod tests {
         // (56 bytes) and the destination address (16 bytes).
         assert_eq!(&buf[72..76], &0x8123_4561u32.to_be_bytes());
         assert_eq!(parse_sa(&roundtrip(&msg)), Some(sa.clone()));
+
+        // Both inner families: selector AF_UNSPEC and XFRM_STATE_AF_UNSPEC, read back as such.
+        let mut any = sa.clone();
+        any.inner = Inner::Any;
+        let XfrmMessage::AddSa(m) = sa_add(&any, 0) else {
+            panic!()
+        };
+        assert_eq!(m.user_sa_info.selector.family, 0);
+        assert_ne!(m.user_sa_info.flags & XFRM_STATE_AF_UNSPEC, 0);
+        assert_eq!(m.user_sa_info.family, AF_INET);
+        assert_eq!(parse_sa(&roundtrip(&sa_add(&any, 0))), Some(any.clone()));
+        let XfrmMessage::AddSa(m) = sa_add(&sa, 0) else {
+            panic!()
+        };
+        assert_eq!(m.user_sa_info.selector.family, AF_INET);
+        assert_eq!(m.user_sa_info.flags & XFRM_STATE_AF_UNSPEC, 0);
 
         let mut cbc = sa.clone();
         cbc.crypto = Crypto::EncAuth {

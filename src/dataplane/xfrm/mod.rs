@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::dataplane::report::Change;
 use crate::plan::{Marks, Plan, Transform};
-use objects::{Sa, SaId};
+use objects::{Inner, Sa, SaId};
 use reconcile::{Current, Op, Step};
 use socket::{KernelError, SocketError, XfrmSocket};
 
@@ -281,7 +281,7 @@ fn probe_sa(spec: ProbeSpec, transform: Transform) -> Sa {
         },
         src,
         reqid: 0,
-        inner_v6: spec.inner_v6,
+        inner: Inner::of(spec.inner_v6),
         crypto: desired::crypto(transform, &key),
         encap: None,
         output_mark: None,
@@ -409,12 +409,18 @@ fn apply_steps(
     Ok(())
 }
 
-/// Set the SPD hash thresholds for the prefix lengths in use, if they differ.
+/// Set the SPD hash thresholds for the prefix lengths in use, if they differ: per overlay
+/// family (the kernel keeps one pair of thresholds per family).
 fn tune_spd(sock: &mut XfrmSocket, plan: &Plan, report: &mut Report) {
-    let Some((l, r)) = desired::prefix_thresholds(plan) else {
+    for v6 in plan.cidrs.iter().map(|c| c.network().is_ipv6()) {
+        tune_spd_family(sock, plan, v6, report);
+    }
+}
+
+fn tune_spd_family(sock: &mut XfrmSocket, plan: &Plan, v6: bool, report: &mut Report) {
+    let Some((l, r)) = desired::prefix_thresholds_of(plan, v6) else {
         return;
     };
-    let v6 = plan.cidr.network().is_ipv6();
     let current = sock
         .query(messages::spdinfo_get())
         .ok()
@@ -426,7 +432,11 @@ fn tune_spd(sock: &mut XfrmSocket, plan: &Plan, report: &mut Report) {
     match sock.batch(vec![(messages::spdinfo_set(v6, l, r), 0)]) {
         Ok(v) if v.iter().all(Result::is_ok) => report.changes.push(Change::update(
             reconcile::LAYER,
-            "spd hash thresholds",
+            if plan.cidrs.len() > 1 && v6 {
+                "spd hash thresholds (IPv6)"
+            } else {
+                "spd hash thresholds"
+            },
             current.map(|(l, r)| format!("{l}/{r}")),
             Some(format!("{l}/{r}")),
         )),

@@ -264,13 +264,38 @@ impl Crypto {
     }
 }
 
+/// The inner family of a tunnel-mode SA: its selector's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Inner {
+    V4,
+    V6,
+    /// Both families (a dual-stack overlay over one underlay family): the selector's family
+    /// is `AF_UNSPEC` and the state carries `XFRM_STATE_AF_UNSPEC` (`ip xfrm state ... flag
+    /// af-unspec`). Without the flag the kernel sets an unspecified selector family to the
+    /// SA's (outer) family; with it, the state keeps an inner mode for each family
+    /// (`inner_mode` and `inner_mode_iaf`) and picks one per packet, and outbound state
+    /// lookups skip the selector check for it (`xfrm_state_look_at`).
+    Any,
+}
+
+impl Inner {
+    pub fn of(v6: bool) -> Inner {
+        if v6 {
+            Inner::V6
+        } else {
+            Inner::V4
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sa {
     pub id: SaId,
     pub src: IpAddr,
     pub reqid: u32,
-    /// Family of the inner traffic (the SA selector's, which is "any").
-    pub inner_v6: bool,
+    /// Family of the inner traffic (the SA selector's, which is "any"): one family, or both
+    /// for a dual-stack overlay.
+    pub inner: Inner,
     pub crypto: Crypto,
     /// ESP-in-UDP source and destination port.
     pub encap: Option<(u16, u16)>,

@@ -1,0 +1,221 @@
+//! Dual-stack overlays (issue 18 item 2) with the xfrm driver's policy mode against the running
+//! kernel, in a fresh network namespace per test (root only): a network with an IPv4 and an
+//! IPv6 cidr, hosts with subnets of both families (and one with IPv4 only), on an IPv4 and
+//! on an IPv6 underlay. Policies of both families with the templates of the underlay's
+//! family, both block policies, idempotence and cleanup hold on any kernel. The SAs depend on
+//! the kernel (`common::kernel_has_esp`): this machine's kernel has no ESP, so each peer's SAs
+//! are reported ("this kernel cannot hold ESP SAs"); with ESP (the VM kernel) each peer has
+//! one SA pair for both families, flagged `af-unspec`.
+
+mod common;
+
+use common::{in_new_netns, kernel_has_esp, sh};
+use ipsec_mesh::dataplane::xfrm;
+use ipsec_mesh::model::Cluster;
+use ipsec_mesh::plan::{self, Plan, PlanOptions, Psk};
+
+use common::cluster as tc;
+
+const PSK: &[u8] = b"a-test-only-psk-that-is-long-enough-0123456789";
+
+fn dual_plan(agent_v6: bool) -> Plan {
+    let ip = |i: u8| {
+        if agent_v6 {
+            format!("fd77::{i}")
+        } else {
+            format!("192.168.77.{i}")
+        }
+    };
+    let mut r = tc::raw(
+        "10.42.0.0/16",
+        vec![
+            tc::host("host-1", &ip(1), &["10.42.1.0/24", "fd42:0:0:1::/64"]),
+            tc::host("host-2", &ip(2), &["10.42.2.0/24", "fd42:0:0:2::/64"]),
+            tc::host("host-3", &ip(3), &["10.42.3.0/24"]),
+        ],
+    );
+    r.network.cidr = ["10.42.0.0/16", "fd42::/48"].into();
+    let c = Cluster::validate(&r).expect("dual-stack metadata is valid");
+    plan::plan(
+        &c,
+        "host-1",
+        &PlanOptions::default(),
+        Some(&Psk::from_bytes(PSK)),
+    )
+    .unwrap()
+}
+
+/// The entries of `ip xfrm policy` output, one string each (an entry starts with a line
+/// `src ...` at the margin).
+fn entries(all: &str) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for l in all.lines() {
+        if l.starts_with("src ") || v.is_empty() {
+            v.push(String::new());
+        }
+        let last = v.last_mut().unwrap();
+        last.push_str(l.trim());
+        last.push(' ');
+    }
+    v
+}
+
+/// Entries whose template names `reqid`.
+fn policies_with_reqid(all: &str, reqid: u32) -> Vec<String> {
+    entries(all)
+        .into_iter()
+        .filter(|p| p.contains(&format!("reqid {reqid} ")))
+        .collect()
+}
+
+fn check(agent_v6: bool) {
+    if agent_v6 {
+        sh("ip link add ul0 type veth peer name ul1 && ip addr add fd77::1/64 dev ul0 nodad && ip link set ul0 up && ip link set ul1 up");
+    } else {
+        sh("ip link add ul0 type veth peer name ul1 && ip addr add 192.168.77.1/24 dev ul0 && ip link set ul0 up && ip link set ul1 up");
+    }
+    let p = dual_plan(agent_v6);
+    assert_eq!(p.cidrs.len(), 2);
+    let r = xfrm::reconcile(&p).expect("xfrm socket");
+    let (me, them) = if agent_v6 {
+        ("fd77::1", "fd77::2")
+    } else {
+        ("192.168.77.1", "192.168.77.2")
+    };
+    let all = sh("ip xfrm policy");
+    // host-2: v4 and v6 prefixes, out/in/fwd each, every template of the underlay family.
+    let b = &p.peers[0];
+    let pols = policies_with_reqid(&all, b.reqid);
+    assert_eq!(pols.len(), 2 * 3, "{pols:#?}");
+    for (sel, dir) in [
+        ("src 0.0.0.0/0 dst 10.42.2.0/24", "dir out"),
+        ("src 10.42.2.0/24 dst 0.0.0.0/0", "dir in"),
+        ("src 10.42.2.0/24 dst 0.0.0.0/0", "dir fwd"),
+        ("src ::/0 dst fd42:0:0:2::/64", "dir out"),
+        ("src fd42:0:0:2::/64 dst ::/0", "dir in"),
+        ("src fd42:0:0:2::/64 dst ::/0", "dir fwd"),
+    ] {
+        let found: Vec<&String> = pols
+            .iter()
+            .filter(|x| x.starts_with(sel) && x.contains(dir))
+            .collect();
+        assert!(!found.is_empty(), "{sel} {dir}: {pols:#?}");
+        let (s, d) = if dir == "dir out" {
+            (me, them)
+        } else {
+            (them, me)
+        };
+        assert!(
+            found
+                .iter()
+                .all(|x| x.contains(&format!("tmpl src {s} dst {d}"))),
+            "{sel} {dir}: template of the underlay family: {found:#?}"
+        );
+    }
+    // host-3 has IPv4 only: no IPv6 policy for it.
+    let c = &p.peers[1];
+    let pols3 = policies_with_reqid(&all, c.reqid);
+    assert!(!pols3.is_empty());
+    assert!(pols3.iter().all(|x| !x.contains("fd42")), "{pols3:#?}");
+    // A block policy per family.
+    let v4 = sh("ip xfrm policy");
+    let v6 = sh("ip -6 xfrm policy");
+    assert!(
+        v4.contains("src 0.0.0.0/0 dst 0.0.0.0/0") && v4.contains("action block"),
+        "{v4}"
+    );
+    assert!(
+        entries(&v6)
+            .iter()
+            .any(|x| x.starts_with("src ::/0 dst ::/0")
+                && x.contains("action block")
+                && x.contains("mark 0x100000/0x300000")),
+        "{v6}"
+    );
+    if kernel_has_esp() {
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let st = sh("ip xfrm state");
+        // One SA pair (+ the extra receive generations) per peer, both families each.
+        assert_eq!(st.matches("mode tunnel").count(), 2 * 4, "{st}");
+        assert_eq!(st.matches("af-unspec").count(), 2 * 4, "{st}");
+    } else {
+        for peer in &p.peers {
+            assert!(
+                r.errors.iter().any(|f| f.owner == peer.host.as_str()
+                    && f.error.contains("this kernel cannot hold ESP SAs")),
+                "{}: {:?}",
+                peer.host,
+                r.errors
+            );
+        }
+        assert!(sh("ip xfrm state").trim().is_empty());
+    }
+    // Idempotent: nothing written the second time (policies of both families dumped).
+    let again = xfrm::reconcile_scoped(&p, xfrm::Scope::PoliciesOnly).unwrap();
+    assert_eq!(again.writes, 0, "{:?}", again.changes);
+    // Back to single-family: exactly the IPv6 objects go.
+    let single = {
+        let mut r = tc::raw(
+            "10.42.0.0/16",
+            vec![
+                tc::host(
+                    "host-1",
+                    if agent_v6 { "fd77::1" } else { "192.168.77.1" },
+                    &["10.42.1.0/24"],
+                ),
+                tc::host(
+                    "host-2",
+                    if agent_v6 { "fd77::2" } else { "192.168.77.2" },
+                    &["10.42.2.0/24"],
+                ),
+                tc::host(
+                    "host-3",
+                    if agent_v6 { "fd77::3" } else { "192.168.77.3" },
+                    &["10.42.3.0/24"],
+                ),
+            ],
+        );
+        r.network.mtu = None;
+        plan::plan(
+            &Cluster::validate(&r).unwrap(),
+            "host-1",
+            &PlanOptions::default(),
+            Some(&Psk::from_bytes(PSK)),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        (single.peers[0].reqid, single.peers[0].spi_out),
+        (b.reqid, b.spi_out),
+        "ids do not depend on the families"
+    );
+    xfrm::reconcile_scoped(&single, xfrm::Scope::PoliciesOnly).unwrap();
+    assert!(
+        !sh("ip -6 xfrm policy").contains("fd42"),
+        "{}",
+        sh("ip -6 xfrm policy")
+    );
+    assert!(sh("ip xfrm policy").contains("dst 10.42.2.0/24"));
+    let r = xfrm::cleanup(&p.marks).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(
+        sh("ip xfrm policy").trim().is_empty(),
+        "{}",
+        sh("ip xfrm policy")
+    );
+    assert!(sh("ip -6 xfrm policy").trim().is_empty());
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn dual_stack_overlay_over_an_ipv4_underlay_policies_per_family() {
+    require_root!();
+    in_new_netns(|| check(false)).unwrap();
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn dual_stack_overlay_over_an_ipv6_underlay_policies_per_family() {
+    require_root!();
+    in_new_netns(|| check(true)).unwrap();
+}
