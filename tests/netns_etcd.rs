@@ -1123,6 +1123,82 @@ fn ipv6_only_etcd_registers_ipv6_hosts_with_64s_and_they_mesh_over_vxlan() {
 
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn dual_stack_auto_gives_each_host_a_24_and_a_64_and_a_restart_keeps_both() {
+    // `--subnet auto` on a dual-stack network: one subnet per family (a /24 of the IPv4
+    // cidr, a /64 of the IPv6 one), distinct across hosts, guarded, kept by a restart of the
+    // same id; an explicit length applies to the IPv4 allocation only.
+    require_root!();
+    use ipsec_mesh::metadata::etcd::{Client, EtcdUrl, Registrar, Registration, SubnetSpec};
+    let e = Etcd::ipv6("ds");
+    e.put(
+        "/mesh/network",
+        r#"{"cidr":["10.42.0.0/16","fd42::/48"],"backend":"ipsec"}"#,
+    );
+    let url = EtcdUrl::parse(&format!("etcd://{}/mesh", e.endpoints(&[1, 2, 3]))).unwrap();
+    let ns = e.t.ns("cl");
+    let register = move |url: EtcdUrl, host: String, len: Option<u8>| -> Vec<String> {
+        let mut r = Registrar::new(
+            Client::new(url).unwrap(),
+            Registration {
+                host: host.clone(),
+                agent_ip: format!("fd78::2{}", &host[1..]).parse().unwrap(),
+                subnets: vec![SubnetSpec::Auto(len)],
+                ttl: 30,
+                guard_ttl: 3600,
+            },
+        );
+        r.register().unwrap();
+        r.subnets().unwrap().iter().map(|s| s.to_string()).collect()
+    };
+    let u = url.clone();
+    let got: Vec<Vec<String>> = in_netns(&ns, move || {
+        (1..=3)
+            .map(|n| register(u.clone(), format!("d{n}"), None))
+            .collect()
+    });
+    let mut all = Vec::new();
+    for (i, s) in got.iter().enumerate() {
+        assert_eq!(s.len(), 2, "d{}: {s:?} (one per family)", i + 1);
+        let (a, b): (ipnet::IpNet, ipnet::IpNet) = (s[0].parse().unwrap(), s[1].parse().unwrap());
+        assert!(a.addr().is_ipv4() && a.prefix_len() == 24, "{s:?}");
+        assert!(b.addr().is_ipv6() && b.prefix_len() == 64, "{s:?}");
+        let rec: Value = serde_json::from_str(
+            e.ctl(&[
+                "get",
+                &format!("/mesh/hosts/d{}", i + 1),
+                "--print-value-only",
+            ])
+            .trim(),
+        )
+        .unwrap();
+        assert_eq!(rec["subnets"], serde_json::json!(s), "d{}'s record", i + 1);
+        for net in s {
+            let key = format!("/mesh/subnets/{}", net.replace('/', "-"));
+            assert_eq!(
+                e.ctl(&["get", &key, "--print-value-only"]).trim(),
+                format!("d{}", i + 1)
+            );
+        }
+        all.extend(s.clone());
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "two hosts share a subnet: {got:?}");
+    // A restart of d2 (same id) keeps both; a new host with --auto-subnet-len 26 gets a /26
+    // and a /64.
+    let (u, u2) = (url.clone(), url);
+    let again = in_netns(&ns, move || register(u, "d2".into(), None));
+    assert_eq!(again, got[1]);
+    let d4 = in_netns(&ns, move || register(u2, "d4".into(), Some(26)));
+    assert!(
+        d4[0].ends_with("/26") && d4[1].ends_with("/64"),
+        "d4 with --auto-subnet-len 26: {d4:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn mutual_tls_the_mesh_works_and_a_client_without_a_valid_certificate_is_told_why() {
     require_root!();
     use ipsec_mesh::metadata::etcd::{Client, EtcdUrl, TlsFiles};

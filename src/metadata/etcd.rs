@@ -1671,8 +1671,10 @@ const ALLOC_SCAN: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubnetSpec {
     Fixed(ipnet::IpNet),
-    /// `auto`: a free subnet of this prefix length; `None`: the default for the network cidr's
-    /// family ([`default_auto_len`]).
+    /// `auto`: a free subnet of each of the network's cidrs (a dual-stack network: one per
+    /// family), of this prefix length (for a single-family network, or the IPv4 one of a
+    /// dual-stack network); `None`, and the IPv6 subnet of a dual-stack network: the default
+    /// for the cidr's family ([`default_auto_len`]).
     Auto(Option<u8>),
 }
 
@@ -1749,6 +1751,8 @@ pub struct Registrar {
     lease: i64,
     /// The lease of the `auto` subnets' guards (0: none yet).
     guard_lease: i64,
+    /// How many of the last [`Registrar::subnets`] are `auto` allocations.
+    auto_count: usize,
 }
 
 impl Registrar {
@@ -1759,6 +1763,7 @@ impl Registrar {
             subnets: None,
             lease: 0,
             guard_lease: 0,
+            auto_count: 0,
         }
     }
 
@@ -1796,10 +1801,17 @@ impl Registrar {
         if !autos.is_empty() && self.guard_lease == 0 {
             self.guard_lease = self.grant_guard_lease()?;
         }
+        let fixed = out.len();
         for (i, len) in autos.iter().enumerate() {
-            let n = self.allocate(*len, i, &out)?;
-            out.push(n);
+            // One per network cidr (family): allocate() says None past the last.
+            for which in 0..2 {
+                match self.allocate(*len, i, which, &out)? {
+                    Some(n) => out.push(n),
+                    None => break,
+                }
+            }
         }
+        self.auto_count = out.len() - fixed;
         self.subnets = Some(out.clone());
         Ok(out)
     }
@@ -1812,14 +1824,8 @@ impl Registrar {
 
     /// The `auto` subnets this registrar holds (the last ones of [`Registrar::subnets`]).
     fn auto_subnets(&self) -> Vec<ipnet::IpNet> {
-        let autos = self
-            .reg
-            .subnets
-            .iter()
-            .filter(|s| matches!(s, SubnetSpec::Auto(_)))
-            .count();
         let all = self.subnets.clone().unwrap_or_default();
-        all[all.len().saturating_sub(autos)..].to_vec()
+        all[all.len().saturating_sub(self.auto_count)..].to_vec()
     }
 
     /// Put the guard of `net` under the guard lease: if it is this host's (a restart, or a
@@ -1856,13 +1862,16 @@ impl Registrar {
         Ok(())
     }
 
-    /// Allocate the `nth` auto subnet of length `len` (or find the one this host holds).
+    /// Allocate the `nth` auto subnet from the network's `which`-th cidr (or find the one
+    /// this host holds there); `None` when the network has no such cidr. `len`: see
+    /// [`SubnetSpec::Auto`].
     fn allocate(
         &self,
         len: Option<u8>,
         nth: usize,
+        which: usize,
         taken_here: &[ipnet::IpNet],
-    ) -> Result<ipnet::IpNet, RegisterError> {
+    ) -> Result<Option<ipnet::IpNet>, RegisterError> {
         let url = &self.client.url;
         let origin = url.origin();
         let alloc_err = |message: String| RegisterError::Alloc {
@@ -1874,7 +1883,7 @@ impl Registrar {
                 .client
                 .list(&url.dir(), 1 << 30)
                 .map_err(|e| self.err(e))?;
-            let mut cidr = None;
+            let mut cidrs: Option<Vec<ipnet::IpNet>> = None;
             let mut used: Vec<ipnet::IpNet> = taken_here.to_vec();
             let mut mine: Vec<ipnet::IpNet> = Vec::new();
             let subnets_dir = url.subnets_dir();
@@ -1882,9 +1891,21 @@ impl Registrar {
                 if e.key == url.network_key() {
                     let n: RawNetwork = serde_json::from_slice(&e.value)
                         .map_err(|x| alloc_err(format!("{}: {x}", url.key_origin(&e.key))))?;
-                    cidr = Some(crate::model::parse_prefix(n.cidr.as_str()).map_err(|x| {
-                        alloc_err(format!("{}: cidr: {x}", url.key_origin(&e.key)))
-                    })?);
+                    let items: Vec<&String> = match &n.cidr {
+                        crate::model::RawCidr::One(s) => vec![s],
+                        crate::model::RawCidr::List(l) => l.iter().collect(),
+                    };
+                    let mut parsed = Vec::new();
+                    for (i, c) in items.iter().enumerate() {
+                        let path = match &n.cidr {
+                            crate::model::RawCidr::One(_) => "cidr".to_string(),
+                            crate::model::RawCidr::List(_) => format!("cidr[{i}]"),
+                        };
+                        parsed.push(crate::model::parse_prefix(c).map_err(|x| {
+                            alloc_err(format!("{}: {path}: {x}", url.key_origin(&e.key)))
+                        })?);
+                    }
+                    cidrs = Some(parsed);
                 } else if let Some(name) = e.key.strip_prefix(&subnets_dir) {
                     let Some(net) = name
                         .rsplit_once('-')
@@ -1910,13 +1931,19 @@ impl Registrar {
                     }
                 }
             }
-            let Some(cidr) = cidr else {
+            let Some(cidrs) = cidrs else {
                 return Err(alloc_err(format!(
                     "{} is missing: the network cidr to allocate from",
                     url.key_origin(&url.network_key())
                 )));
             };
-            let len = len.unwrap_or_else(|| default_auto_len(&cidr));
+            let Some(&cidr) = cidrs.get(which) else {
+                return Ok(None);
+            };
+            let len = match len {
+                Some(l) if cidrs.len() == 1 || cidr.addr().is_ipv4() => l,
+                _ => default_auto_len(&cidr),
+            };
             if len < cidr.prefix_len() || len > cidr.max_prefix_len() {
                 return Err(alloc_err(format!(
                     "a /{len} cannot be allocated from the network cidr {cidr}"
@@ -1934,7 +1961,7 @@ impl Registrar {
                 // Under this run's guard lease: the last run's lease expires harmlessly.
                 if self.put_guard(n)? {
                     tracing::info!(host = %self.reg.host, subnet = %n, nth, "--subnet auto: keeping this host's allocation");
-                    return Ok(*n);
+                    return Ok(Some(*n));
                 }
                 continue; // it expired and was taken meanwhile: look again
             }
@@ -1956,7 +1983,7 @@ impl Registrar {
             let r = self.client.txn(&txn).map_err(|e| self.err(e))?;
             if r.succeeded {
                 tracing::info!(host = %self.reg.host, subnet = %candidate, "--subnet auto: allocated");
-                return Ok(candidate);
+                return Ok(Some(candidate));
             }
             // Lost a race for it: look again.
         }
