@@ -298,8 +298,8 @@ pub struct RegisterArgs {
     pub agent_ip: Option<std::net::IpAddr>,
 
     /// A container subnet of this host (repeatable), with --register; `auto` allocates a free
-    /// /--auto-subnet-len from the network cidr (by transaction: never one another host
-    /// holds) and keeps it across restarts of the same --host.
+    /// subnet from the network cidr, one per family on a dual-stack network (by transaction:
+    /// never one another host holds), and keeps it across restarts of the same --host.
     #[arg(long = "subnet", value_name = "CIDR|auto", requires = "register")]
     pub subnet: Vec<String>,
 
@@ -307,8 +307,8 @@ pub struct RegisterArgs {
     #[arg(long, value_name = "SECS", default_value_t = etcd::DEFAULT_REGISTER_TTL, value_parser = clap::value_parser!(i64).range(1..=86_400))]
     pub register_ttl: i64,
 
-    /// Prefix length of a `--subnet auto` allocation [default: 24 from an IPv4 network cidr,
-    /// 64 from an IPv6 one].
+    /// Prefix length of a `--subnet auto` allocation (on a dual-stack network: of its IPv4
+    /// one) [default: 24 from an IPv4 network cidr, 64 from an IPv6 one].
     #[arg(long, value_name = "LEN", value_parser = clap::value_parser!(u8).range(1..=128))]
     pub auto_subnet_len: Option<u8>,
 
