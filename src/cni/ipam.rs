@@ -44,6 +44,22 @@ fn owner(conf: &IpamConf, r: &Request) -> Owner {
     }
 }
 
+/// `subnets` split by family, IPv4 first (each keeps its order); families without subnets
+/// are left out.
+pub fn by_family(subnets: &[IpNet]) -> Vec<Vec<IpNet>> {
+    [false, true]
+        .into_iter()
+        .map(|v6| {
+            subnets
+                .iter()
+                .copied()
+                .filter(|s| s.addr().is_ipv6() == v6)
+                .collect::<Vec<_>>()
+        })
+        .filter(|f| !f.is_empty())
+        .collect()
+}
+
 /// The result for addresses, each in its subnet.
 pub fn result_for(got: &[(IpAddr, IpNet)], conf: &IpamConf) -> CniResult {
     CniResult {
@@ -193,16 +209,27 @@ impl Plugin for Ipam {
         let before = st.clone();
         let who = owner(&conf, r);
         let got = if requested.is_empty() {
-            let got = st
-                .allocate_sticky(
-                    &subnets,
-                    vtep.as_slice(),
-                    &who,
-                    now_secs(),
-                    conf.keep_released.as_secs(),
-                )
-                .map_err(|e| CniError::new(code::EXHAUSTED, format!("host {host:?}: {e}")))?;
-            vec![got]
+            // One address per family of the host's subnets (a dual-stack host: IPv4 first).
+            let mut got = Vec::new();
+            for family in by_family(&subnets) {
+                got.push(
+                    st.allocate_sticky(
+                        &family,
+                        vtep.as_slice(),
+                        &who,
+                        now_secs(),
+                        conf.keep_released.as_secs(),
+                    )
+                    .map_err(|e| CniError::new(code::EXHAUSTED, format!("host {host:?}: {e}")))?,
+                );
+            }
+            // A family the host no longer has: its old address goes.
+            for ip in st.held_by(&who) {
+                if !got.iter().any(|(g, _)| *g == ip) {
+                    st.allocations.remove(&ip);
+                }
+            }
+            got
         } else {
             claim_all(&mut st, &requested, &subnets, vtep, &who, &host)?
         };
@@ -486,6 +513,99 @@ mod tests {
         .unwrap();
         let held: Vec<&String> = st["allocations"].as_object().unwrap().keys().collect();
         assert_eq!(held, ["10.42.2.2", "10.42.2.200", "10.42.2.77"]);
+    }
+
+    /// Issue 18 item 2: a dual-stack host gives each container one address per family, each
+    /// with its gateway; CHECK vouches for both; DEL releases both and keeps both for the
+    /// container (keepReleasedSeconds), which gets both back.
+    #[test]
+    fn dual_stack_host_one_address_per_family() {
+        let f = Fixture::new();
+        std::fs::write(
+            f.dir.path().join("mesh.json"),
+            json!({
+                "network": {"cidr": ["10.42.0.0/16", "fd42::/48"]},
+                "hosts": [
+                    {"id": "host-a", "agent_ip": "192.0.2.1",
+                     "subnets": ["fd42:0:0:1::/64", "10.42.1.0/29"]},
+                    {"id": "host-b", "agent_ip": "192.0.2.2", "subnets": ["10.42.2.0/24"]}
+                ]
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let mut conf: Value = serde_json::from_str(&f.conf("host-a")).unwrap();
+        conf["ipam"]["routes"] = json!([{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]);
+        let conf = conf.to_string();
+        let (v, ok) = f.run("ADD", "c1", &conf);
+        assert!(ok, "{v}");
+        assert_eq!(
+            v,
+            json!({"cniVersion": "1.0.0",
+                   "ips": [{"address": "10.42.1.2/29", "gateway": "10.42.1.1"},
+                           {"address": "fd42:0:0:1::2/64", "gateway": "fd42:0:0:1::1"}],
+                   "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}], "dns": {}})
+        );
+        assert_eq!(
+            f.run("ADD", "c1", &conf).0,
+            v,
+            "same container, same answer"
+        );
+        let (v2, _) = f.run("ADD", "c2", &conf);
+        assert_eq!(v2["ips"][0]["address"], "10.42.1.3/29");
+        assert_eq!(v2["ips"][1]["address"], "fd42:0:0:1::3/64");
+        let mut with_prev: Value = serde_json::from_str(&conf).unwrap();
+        with_prev["prevResult"] = v.clone();
+        assert!(f.run("CHECK", "c1", &with_prev.to_string()).1);
+        // A prevResult whose IPv6 address is not c1's fails CHECK.
+        let mut wrong = with_prev.clone();
+        wrong["prevResult"]["ips"][1]["address"] = "fd42:0:0:1::3/64".into();
+        let (e, ok) = f.run("CHECK", "c1", &wrong.to_string());
+        assert!(!ok && e["code"] == 105, "{e}");
+        // DEL keeps both for c1; a newcomer gets neither; c1 gets both back.
+        assert!(f.run("DEL", "c1", &conf).1);
+        let (v3, _) = f.run("ADD", "c3", &conf);
+        assert_eq!(v3["ips"][0]["address"], "10.42.1.4/29");
+        assert_eq!(v3["ips"][1]["address"], "fd42:0:0:1::4/64");
+        assert_eq!(f.run("ADD", "c1", &conf).0, v);
+        // Both released for good with keepReleasedSeconds 0.
+        let mut no_keep: Value = serde_json::from_str(&conf).unwrap();
+        no_keep["ipam"]["keepReleasedSeconds"] = json!(0);
+        assert!(f.run("DEL", "c1", &no_keep.to_string()).1);
+        let store = Store::new(f.dir.path().join("data"));
+        let st = store.lock().unwrap().load().unwrap();
+        let c1: Vec<_> = st
+            .allocations
+            .values()
+            .filter(|o| o.container == "c1")
+            .collect();
+        assert!(
+            c1.is_empty()
+                && st
+                    .released
+                    .keys()
+                    .all(|ip| !["10.42.1.2", "fd42:0:0:1::2"].contains(&ip.to_string().as_str()))
+        );
+        // The host drops its IPv6 subnet: c2's IPv6 address goes at its next ADD.
+        std::fs::write(
+            f.dir.path().join("mesh.json"),
+            json!({"network": {"cidr": ["10.42.0.0/16", "fd42::/48"]},
+                   "hosts": [{"id": "host-a", "agent_ip": "192.0.2.1", "subnets": ["10.42.1.0/29"]}]})
+            .to_string(),
+        )
+        .unwrap();
+        let (v2b, ok) = f.run("ADD", "c2", &conf);
+        assert!(ok, "{v2b}");
+        assert_eq!(
+            v2b["ips"],
+            json!([{"address": "10.42.1.3/29", "gateway": "10.42.1.1"}])
+        );
+        let store = Store::new(f.dir.path().join("data"));
+        let st = store.lock().unwrap().load().unwrap();
+        assert!(!st
+            .allocations
+            .keys()
+            .any(|ip| ip.to_string() == "fd42:0:0:1::3"));
     }
 
     #[test]

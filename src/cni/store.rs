@@ -95,6 +95,14 @@ fn from_u128(v: u128, like: IpAddr) -> IpAddr {
     }
 }
 
+/// Whether `ip` is of the one family of `subnets` (true when they are empty or mixed).
+fn same_family(subnets: &[IpNet], ip: &IpAddr) -> bool {
+    match subnets.first().map(|s| s.addr().is_ipv6()) {
+        Some(v6) if subnets.iter().all(|s| s.addr().is_ipv6() == v6) => ip.is_ipv6() == v6,
+        _ => true,
+    }
+}
+
 /// The gateway of a subnet: the first address after the network address (None when the
 /// subnet is too small to have one besides the network and broadcast addresses).
 pub fn gateway(subnet: &IpNet) -> Option<IpAddr> {
@@ -171,9 +179,25 @@ impl State {
             .collect()
     }
 
+    /// Release every address of `owner` of the family of `subnets` (all of them when
+    /// `subnets` is empty or mixes families); returns them. A dual-stack container holds one
+    /// address per family: allocating one family leaves the other alone.
+    pub fn release_family(&mut self, owner: &Owner, subnets: &[IpNet]) -> Vec<IpAddr> {
+        let gone: Vec<IpAddr> = self
+            .held_by(owner)
+            .into_iter()
+            .filter(|ip| same_family(subnets, ip))
+            .collect();
+        for ip in &gone {
+            self.allocations.remove(ip);
+        }
+        gone
+    }
+
     /// The address of `owner`: the one it holds in `subnets` if any (same container and
     /// interface -> same address), else a new one from the first subnet with room. Addresses
-    /// it holds outside `subnets` (the host's subnets changed) are released.
+    /// of that family it holds outside `subnets` (the host's subnets changed) are released;
+    /// those of the other family are not (one address per family, [`State::release_family`]).
     pub fn allocate(
         &mut self,
         subnets: &[IpNet],
@@ -195,7 +219,7 @@ impl State {
                 return Ok(found);
             }
         }
-        self.release(owner);
+        self.release_family(owner, subnets);
         let mut used_total = 0u128;
         for subnet in subnets {
             let Some((first, last)) = alloc_range(subnet) else {
@@ -255,9 +279,11 @@ impl State {
         keep: u64,
     ) -> Result<(IpAddr, IpNet), Exhausted> {
         self.prune_released(now, keep);
+        // Keeps of `owner` in this family (a dual-stack container has one per family).
+        let mine = |ip: &IpAddr, r: &Released| r.owner == *owner && same_family(subnets, ip);
         if let Some(found) = self.find(owner, subnets) {
             if !reserved.contains(&found.0) {
-                self.released.retain(|_, r| r.owner != *owner);
+                self.released.retain(|ip, r| !mine(ip, r));
                 return Ok(found);
             }
         }
@@ -274,12 +300,12 @@ impl State {
                     .map(|s| (*ip, *s))
             });
         if let Some((ip, subnet)) = back {
-            self.release(owner);
-            self.released.retain(|_, r| r.owner != *owner);
+            self.release_family(owner, subnets);
+            self.released.retain(|ip, r| !mine(ip, r));
             self.allocations.insert(ip, owner.clone());
             return Ok((ip, subnet));
         }
-        self.released.retain(|_, r| r.owner != *owner);
+        self.released.retain(|ip, r| !mine(ip, r));
         let mut avoid: Vec<IpAddr> = reserved.to_vec();
         avoid.extend(self.released.keys().copied());
         match self.allocate_avoiding(subnets, &avoid, owner) {
