@@ -403,6 +403,7 @@ fn reverse_path_case(f: &Fam, backend: FirewallKind) {
         ("imx2".to_string(), index("imx2")),
     ]);
     let fw = FirewallSpec {
+        other_overlay: None,
         marks: Default::default(),
         overlay,
         remote_subnets: spec.remote_subnets.clone(),

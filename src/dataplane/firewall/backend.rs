@@ -253,6 +253,7 @@ mod tests {
     #[test]
     fn the_none_backend_writes_nothing_but_still_checks_the_spec() {
         let mut spec = FirewallSpec {
+            other_overlay: None,
             marks: crate::plan::Marks::default(),
             overlay: "10.42.0.0/16".parse().unwrap(),
             remote_subnets: vec!["10.42.2.0/24".parse().unwrap()],

@@ -162,6 +162,11 @@ pub struct FirewallSpec {
     pub marks: Marks,
     /// The overlay cidr: the guard drops marked, policy-less packets to it.
     pub overlay: IpNet,
+    /// A dual-stack overlay's cidr of the other family (`None`: one family). The backends
+    /// render such a spec as its [`FirewallSpec::parts`], one single-family spec each: the
+    /// same rules per family (iptables and ip6tables; in the nftables table, a rule of each
+    /// family per chain), and a family the overlay does not have holds nothing of ours.
+    pub other_overlay: Option<IpNet>,
     /// Every peer's subnets: validated (inside the overlay, not overlapping a local subnet),
     /// not rendered (the mark rule covers the whole overlay).
     pub remote_subnets: Vec<IpNet>,
@@ -189,6 +194,7 @@ impl FirewallSpec {
         FirewallSpec {
             marks: plan.marks,
             overlay: plan.cidr,
+            other_overlay: plan.cidrs.iter().copied().find(|c| *c != plan.cidr),
             remote_subnets: plan
                 .peers
                 .iter()
@@ -226,25 +232,68 @@ impl FirewallSpec {
         devs
     }
 
-    /// The family of the overlay (and so of the rules).
+    /// The family of the overlay (and so of the rules); of the first cidr of a dual-stack
+    /// overlay.
     pub fn family(&self) -> Family {
         Family::of(&self.overlay)
     }
 
-    /// Check that the spec can be rendered safely.
+    /// One single-family spec per overlay family (one, or two for a dual-stack overlay), each
+    /// with the subnets of its family: what the backends render.
+    pub fn parts(&self) -> Vec<FirewallSpec> {
+        std::iter::once(self.overlay)
+            .chain(self.other_overlay)
+            .map(|overlay| {
+                let fam = Family::of(&overlay);
+                let of_fam = |v: &[IpNet]| -> Vec<IpNet> {
+                    v.iter().copied().filter(|n| Family::of(n) == fam).collect()
+                };
+                FirewallSpec {
+                    overlay,
+                    other_overlay: None,
+                    remote_subnets: of_fam(&self.remote_subnets),
+                    local_subnets: of_fam(&self.local_subnets),
+                    ..self.clone()
+                }
+            })
+            .collect()
+    }
+
+    /// Check that the spec can be rendered safely (each of its [`FirewallSpec::parts`]).
     pub fn validate(&self) -> Result<(), FirewallError> {
         let bad = |m: String| Err(FirewallError::InvalidSpec(m));
-        if let Err(e) = self.marks.validate() {
-            return bad(e);
-        }
-        let fam = self.family();
-        for n in self.remote_subnets.iter().chain(&self.local_subnets) {
-            if Family::of(n) != fam {
+        if let Some(other) = self.other_overlay {
+            if Family::of(&other) == self.family() {
                 return bad(format!(
-                    "subnet {n} is not {fam} like the overlay {}",
+                    "the overlay cidrs {} and {other} are of one family (one per family)",
                     self.overlay
                 ));
             }
+        }
+        let fams: Vec<Family> = std::iter::once(self.overlay)
+            .chain(self.other_overlay)
+            .map(|o| Family::of(&o))
+            .collect();
+        for n in self.remote_subnets.iter().chain(&self.local_subnets) {
+            if !fams.contains(&Family::of(n)) {
+                return bad(format!(
+                    "subnet {n} is not {} like the overlay {}",
+                    self.family(),
+                    self.overlay
+                ));
+            }
+        }
+        for part in self.parts() {
+            part.validate_one()?;
+        }
+        Ok(())
+    }
+
+    /// [`FirewallSpec::validate`] of a single-family spec.
+    fn validate_one(&self) -> Result<(), FirewallError> {
+        let bad = |m: String| Err(FirewallError::InvalidSpec(m));
+        if let Err(e) = self.marks.validate() {
+            return bad(e);
         }
         for r in &self.remote_subnets {
             if !self.overlay.contains(r) {

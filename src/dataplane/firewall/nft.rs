@@ -49,21 +49,11 @@ fn hex(v: u32) -> String {
     format!("0x{v:08x}")
 }
 
-/// The table's body as `nft -f` input (pure). The spec must be valid.
+/// The table's body as `nft -f` input (pure). The spec must be valid. A dual-stack spec
+/// renders each of its [`FirewallSpec::parts`] into the same chains (a rule per family), with
+/// a set of local subnets per family (`local`, and `local6` / `local4` for the second).
 pub fn render(spec: &FirewallSpec) -> String {
-    let (ip, addr_type) = match spec.family() {
-        Family::V4 => ("ip", "ipv4_addr"),
-        Family::V6 => ("ip6", "ipv6_addr"),
-    };
     let m = spec.marks;
-    let overlay = spec.overlay.trunc();
-    let local = super::render::local_exclusions(spec);
-    let elements = if local.is_empty() {
-        String::new()
-    } else {
-        let list: Vec<String> = local.iter().map(ToString::to_string).collect();
-        format!("\n\t\telements = {{ {} }}", list.join(", "))
-    };
     let devs = spec.devices();
     let iif = match devs.as_slice() {
         [] => String::new(),
@@ -78,18 +68,39 @@ pub fn render(spec: &FirewallSpec) -> String {
         hex(!m.mask),
         hex(m.encrypt)
     );
-    let mark = format!("{ip} daddr != @local {ip} daddr {overlay} {set_mark} counter");
     // Route mode: traffic routed into the mesh's XFRM interfaces is encrypted by them on
     // transmit (or dropped), never sent in clear; see the iptables guard in `render`.
     let oif = match &spec.tunnel_devices {
         Some(prefix) => format!("oifname != \"{prefix}*\" "),
         None => String::new(),
     };
-    let guard = format!(
-        "meta mark & {} == {} {ip} daddr {overlay} {oif}rt ipsec missing counter drop",
-        hex(m.mask),
-        hex(m.encrypt)
-    );
+    let (mut sets, mut marks, mut pre, mut guards) = (String::new(), vec![], vec![], vec![]);
+    for (i, part) in spec.parts().iter().enumerate() {
+        let (ip, addr_type, second) = match part.family() {
+            Family::V4 => ("ip", "ipv4_addr", "local4"),
+            Family::V6 => ("ip6", "ipv6_addr", "local6"),
+        };
+        let set = if i == 0 { "local" } else { second };
+        let overlay = part.overlay.trunc();
+        let local = super::render::local_exclusions(part);
+        let elements = if local.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = local.iter().map(ToString::to_string).collect();
+            format!("\n\t\telements = {{ {} }}", list.join(", "))
+        };
+        sets.push_str(&format!(
+            "\tset {set} {{\n\t\ttype {addr_type}\n\t\tflags interval{elements}\n\t}}\n"
+        ));
+        let mark = format!("{ip} daddr != @{set} {ip} daddr {overlay} {set_mark} counter");
+        pre.push(format!("{iif}{mark}"));
+        marks.push(mark);
+        guards.push(format!(
+            "meta mark & {} == {} {ip} daddr {overlay} {oif}rt ipsec missing counter drop",
+            hex(m.mask),
+            hex(m.encrypt)
+        ));
+    }
     // Route mode: the reverse-path check on the mesh's XFRM interfaces (see
     // `crate::dataplane::xfrmi`): `fib saddr . iif oif` looks the source up as a destination
     // (no mark: the route mode's rule selects its table by destination) and is "missing"
@@ -102,16 +113,21 @@ pub fn render(spec: &FirewallSpec) -> String {
         ),
         None => String::new(),
     };
+    let rules = |v: &[String]| v.join("\n\t\t");
     format!(
         "table inet {TABLE} {{\n\
          \tcomment \"owned by ipsec-mesh: replaced whole on every change\"\n\
          {rpf}\
-         \tset local {{\n\t\ttype {addr_type}\n\t\tflags interval{elements}\n\t}}\n\
-         \tchain mark-pre {{\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\t{iif}{mark}\n\t}}\n\
-         \tchain mark-out {{\n\t\ttype route hook output priority mangle; policy accept;\n\t\t{mark}\n\t}}\n\
-         \tchain guard-fwd {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\t{guard}\n\t}}\n\
-         \tchain guard-out {{\n\t\ttype filter hook output priority filter; policy accept;\n\t\t{guard}\n\t}}\n\
-         }}\n"
+         {sets}\
+         \tchain mark-pre {{\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\t{}\n\t}}\n\
+         \tchain mark-out {{\n\t\ttype route hook output priority mangle; policy accept;\n\t\t{}\n\t}}\n\
+         \tchain guard-fwd {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\t{}\n\t}}\n\
+         \tchain guard-out {{\n\t\ttype filter hook output priority filter; policy accept;\n\t\t{}\n\t}}\n\
+         }}\n",
+        rules(&pre),
+        rules(&marks),
+        rules(&guards),
+        rules(&guards)
     )
 }
 
@@ -279,6 +295,7 @@ mod tests {
 
     fn spec(overlay: &str, local: &[&str], devs: (Option<&str>, Option<&str>)) -> FirewallSpec {
         FirewallSpec {
+            other_overlay: None,
             marks: Marks::default(),
             overlay: overlay.parse().unwrap(),
             remote_subnets: vec![],
@@ -287,6 +304,61 @@ mod tests {
             underlay_dev: devs.1.map(String::from),
             tunnel_devices: None,
         }
+    }
+
+    #[test]
+    fn a_dual_stack_spec_renders_a_rule_of_each_family_per_chain() {
+        let mut s = spec(
+            "10.42.0.0/16",
+            &["10.42.1.0/24", "fd42:0:0:1::/64"],
+            (Some("cbr0"), None),
+        );
+        s.other_overlay = Some("fd42::/48".parse().unwrap());
+        s.validate().unwrap();
+        let r = render(&s);
+        assert!(r.contains("set local {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.42.1.0/24 }"), "{r}");
+        assert!(r.contains("set local6 {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { fd42:0:0:1::/64 }"), "{r}");
+        assert!(
+            r.contains("iifname \"cbr0\" ip daddr != @local ip daddr 10.42.0.0/16 meta mark set"),
+            "{r}"
+        );
+        assert!(
+            r.contains("iifname \"cbr0\" ip6 daddr != @local6 ip6 daddr fd42::/48 meta mark set"),
+            "{r}"
+        );
+        assert_eq!(
+            r.matches("meta mark set").count(),
+            4,
+            "mark-pre and mark-out, each family: {r}"
+        );
+        assert_eq!(
+            r.matches("rt ipsec missing").count(),
+            4,
+            "both guards, each family: {r}"
+        );
+        assert!(
+            r.contains("ip6 daddr fd42::/48 rt ipsec missing counter drop"),
+            "{r}"
+        );
+        // A single-family spec renders exactly as before (no rewrite of a live table).
+        let one = spec("10.42.0.0/16", &["10.42.1.0/24"], (Some("cbr0"), None));
+        assert!(!render(&one).contains("local6"));
+        assert_eq!(render(&one).matches("meta mark set").count(), 2);
+        // Two cidrs of one family, or a subnet of neither family, are refused.
+        let mut bad = s.clone();
+        bad.other_overlay = Some("10.43.0.0/16".parse().unwrap());
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("of one family"));
+        let mut bad = one.clone();
+        bad.local_subnets.push("fd42:0:0:1::/64".parse().unwrap());
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("is not IPv4 like the overlay"));
     }
 
     #[test]

@@ -294,6 +294,7 @@ mod tests {
 
     fn spec(remote: &[&str]) -> FirewallSpec {
         FirewallSpec {
+            other_overlay: None,
             marks: Marks::default(),
             overlay: net("10.42.0.0/16"),
             remote_subnets: remote.iter().map(|s| net(s)).collect(),
@@ -482,6 +483,7 @@ mod tests {
     #[test]
     fn ipv6() {
         let s = FirewallSpec {
+            other_overlay: None,
             marks: Marks::default(),
             overlay: net("fd42::/32"),
             remote_subnets: vec![net("fd42:0:2::/64"), net("fd42:0:3::/64")],

@@ -162,9 +162,29 @@ fn failed_line(stderr: &str) -> Option<usize> {
     None
 }
 
-/// Reconcile the firewall for `spec` with the default tools of its family.
+/// Reconcile the firewall for `spec` with the default tools of each family: its
+/// [`FirewallSpec::parts`] (iptables for the IPv4 overlay, ip6tables for the IPv6 one), and
+/// nothing of ours in a family the overlay does not have (any more: a change of overlay
+/// family, or dual-stack back to one family, leaves no chain of the old one). That family's
+/// tools missing: nothing of ours can be there; failing (e.g. IPv6 disabled in the kernel):
+/// a warning, not an error, since the overlay's own families are in place.
 pub fn apply(spec: &FirewallSpec) -> Result<FirewallReport, FirewallError> {
-    apply_with(&Iptables::new(spec.family()), spec)
+    spec.validate()?;
+    let parts = spec.parts();
+    let mut report = FirewallReport::default();
+    for family in [Family::V4, Family::V6] {
+        match parts.iter().find(|p| p.family() == family) {
+            Some(part) => report.absorb(apply_with(&Iptables::new(family), part)?),
+            None => match cleanup_with(&Iptables::new(family)) {
+                Ok(r) => report.absorb(r),
+                Err(FirewallError::MissingBinary { .. }) => {}
+                Err(e) => report.warnings.push(format!(
+                    "firewall: removing leftover {family} chains of ours failed: {e}"
+                )),
+            },
+        }
+    }
+    Ok(report)
 }
 
 /// [`apply`] with explicit tools (their family must be the spec's).

@@ -195,6 +195,7 @@ COMMIT
         use crate::dataplane::firewall::{desired, diff_table, FirewallSpec};
         use crate::plan::Marks;
         let spec = FirewallSpec {
+            other_overlay: None,
             marks: Marks::default(),
             overlay: "10.42.0.0/16".parse().unwrap(),
             remote_subnets: vec!["10.42.2.0/24".parse().unwrap()],

@@ -33,6 +33,7 @@ use tracing::{debug, info};
 
 use crate::dataplane::firewall::Family;
 use crate::dataplane::rtnl::{self, Reason};
+use crate::plan::Plan;
 pub use desired::{desired, desired_tunnels, Desired, RouteSpec, TunnelRoutes};
 pub use messages::{
     parse_route, parse_route_via, parse_rule, request, route_add_message, route_del_message,
@@ -272,6 +273,60 @@ pub fn reconcile_tunnels_into(
     rtnl::block_on(async {
         let h = rtnl::connect()?;
         sync(&h, spec, &desired_tunnels(spec, overlay, tunnels, links)).await
+    })
+}
+
+/// Routing for a whole plan, each family on its own: for each family of the overlay (both of
+/// a dual-stack one) its rule and routes, policy mode ([`desired`]) or, with `tunnels`, route
+/// mode ([`desired_tunnels`]); and in a family the overlay does not have, nothing of ours (a
+/// change of overlay family, or dual-stack back to one family, leaves no rule or route of
+/// the old one). Sync; the reports of both families in one.
+pub fn reconcile_plan(
+    plan: &Plan,
+    config: RouteConfig,
+    tunnels: Option<&TunnelRoutes>,
+) -> Result<RouteReport, RouteError> {
+    rtnl::block_on(async {
+        let h = rtnl::connect()?;
+        let mut report = RouteReport::default();
+        let links = match tunnels {
+            Some(_) => Some(crate::dataplane::xfrmi::indexes(&h).await?),
+            None => None,
+        };
+        let mut underlay = None;
+        for family in [Family::V4, Family::V6] {
+            let mut spec = RouteSpec::from_plan(plan, config);
+            spec.family = family;
+            let want = match (plan.cidrs.iter().find(|c| Family::of(c) == family), tunnels) {
+                (Some(overlay), Some(t)) => desired_tunnels(
+                    &spec,
+                    *overlay,
+                    t,
+                    links.as_ref().unwrap_or(&BTreeMap::new()),
+                ),
+                (Some(_), None) => {
+                    if underlay.is_none() {
+                        let (index, name) = resolve_underlay(&h, &spec.underlay).await?;
+                        debug!(underlay = %name, index, "routing via the underlay device");
+                        underlay = Some(index);
+                    }
+                    desired(&spec, underlay.unwrap_or_default())
+                }
+                (None, _) => {
+                    let rules = dump_owned_rules(&h, family, &config).await?;
+                    let routes = dump_table(&h, family, config.table).await?;
+                    let changes = diff(&rules, &routes, None);
+                    if !changes.is_empty() {
+                        let mut r = RouteReport::default();
+                        apply(&h, &changes, &mut r).await?;
+                        report.absorb(r);
+                    }
+                    continue;
+                }
+            };
+            report.absorb(sync(&h, &spec, &want).await?);
+        }
+        Ok(report)
     })
 }
 
