@@ -219,3 +219,63 @@ fn dual_stack_overlay_over_an_ipv6_underlay_policies_per_family() {
     require_root!();
     in_new_netns(|| check(true)).unwrap();
 }
+
+/// `ipsec-mesh apply` (policy mode) with a dual-stack network: the mark rule and the table's
+/// routes exist for both families (routes of each family's remote prefixes), alongside the
+/// xfrm policies of both families; a second apply writes no route; cleanup removes both.
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn apply_routes_marked_traffic_of_both_families() {
+    require_root!();
+    in_new_netns(|| {
+        sh("ip link add ul0 type veth peer name ul1 && ip addr add 192.168.77.1/24 dev ul0 && ip link set ul0 up && ip link set ul1 up");
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("meta.json");
+        std::fs::write(
+            &meta,
+            r#"{"network":{"cidr":["10.42.0.0/16","fd42::/48"]},"hosts":[
+                {"id":"host-1","agent_ip":"192.168.77.1","subnets":["10.42.1.0/24","fd42:0:0:1::/64"]},
+                {"id":"host-2","agent_ip":"192.168.77.2","subnets":["10.42.2.0/24","fd42:0:0:2::/64"]},
+                {"id":"host-3","agent_ip":"192.168.77.3","subnets":["10.42.9.0/24"]}]}"#,
+        )
+        .unwrap();
+        let psk = dir.path().join("psk");
+        std::fs::write(&psk, PSK).unwrap();
+        std::fs::set_permissions(&psk, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let apply = || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_ipsec-mesh"))
+                .args(["apply", "--metadata", meta.to_str().unwrap(), "--host", "host-1"])
+                .args(["--driver", "xfrm", "--xfrm-mode", "policy", "--firewall", "none"])
+                .arg("--psk-file")
+                .arg(&psk)
+                .env("IPSEC_MESH_LOG", "warn")
+                .output()
+                .unwrap()
+        };
+        let o = apply();
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(sh("ip -4 rule").contains("lookup 1042"), "{}\n{out}\n{err}", sh("ip -4 rule"));
+        assert!(sh("ip -6 rule").contains("lookup 1042"), "{}", sh("ip -6 rule"));
+        let t4 = sh("ip -4 route show table 1042");
+        let t6 = sh("ip -6 route show table 1042");
+        assert!(t4.contains("10.42.2.0/24") && t4.contains("10.42.9.0/24"), "{t4}");
+        assert!(!t4.contains("10.42.1.0/24"), "no route for our own subnet: {t4}");
+        assert!(t6.contains("fd42:0:0:2::/64") && !t6.contains("fd42:0:0:1::/64"), "{t6}");
+        let pol = sh("ip xfrm policy");
+        assert!(pol.contains("dst fd42:0:0:2::/64") && pol.contains("dst 10.42.2.0/24"), "{pol}");
+        // The routing layer writes nothing the second time.
+        let again = String::from_utf8_lossy(&apply().stdout).to_string();
+        assert!(again.contains("  routes: 0 writes"), "first:\n{out}\nsecond:\n{again}");
+        let c = std::process::Command::new(env!("CARGO_BIN_EXE_ipsec-mesh"))
+            .args(["cleanup", "--driver", "xfrm", "--firewall", "none"])
+            .output()
+            .unwrap();
+        assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+        assert!(!sh("ip -6 rule").contains("lookup 1042"));
+        assert!(sh("ip -6 route show table 1042").trim().is_empty());
+        assert!(sh("ip -4 route show table 1042").trim().is_empty());
+    })
+    .unwrap();
+}
