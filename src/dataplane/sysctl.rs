@@ -42,11 +42,10 @@ pub fn ensure(path: &str, value: &'static str) -> Result<bool, SysctlError> {
 /// ([`crate::dataplane::xfrmi`]), in write order: forwarding of what arrives on it (the
 /// kernel forwards only what comes in on a device with forwarding on, and a new device takes
 /// the `default` value, which need not follow `all`), and no IPv4 reverse-path filter of the
-/// device's own (0). A decrypted packet's source, a peer's container, is routed through the
-/// mesh's table selected by mark, which the filter's mark-less look-up does not see; the
-/// kernel applies the larger of `all` and the device's value, so 0 leaves exactly the
-/// operator's `all` in force ([`strict_rp_filter`] reports the one value that breaks route
-/// mode). Returns how many were written.
+/// device's own (0). The kernel skips `rp_filter` for packets that came through IPsec (they
+/// carry a secpath), so the sysctl neither checks nor breaks what the interfaces decrypt; the
+/// route mode's source check is a firewall rule ([`crate::dataplane::firewall::RPF_CHAIN`]).
+/// 0 just leaves the operator's `all` in force. Returns how many were written.
 pub fn tune_tunnel_device(dev: &str, v6: bool) -> Result<usize, SysctlError> {
     let fwd = if v6 {
         format!("/proc/sys/net/ipv6/conf/{dev}/forwarding")
@@ -55,15 +54,6 @@ pub fn tune_tunnel_device(dev: &str, v6: bool) -> Result<usize, SysctlError> {
     };
     let rp = format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter");
     Ok(usize::from(ensure(&fwd, "1")?) + usize::from(ensure(&rp, "0")?))
-}
-
-/// IPv4 strict reverse-path filtering for every device (`all/rp_filter` = 1): with it the
-/// kernel drops what the route mode's XFRM interfaces decrypt (their sources are routed by
-/// mark, which the filter does not use). `None` when it cannot be read.
-pub fn strict_rp_filter() -> Option<bool> {
-    std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter")
-        .ok()
-        .map(|s| s.trim() == "1")
 }
 
 /// Turns forwarding on for the families asked for (IPv4 first).
