@@ -351,24 +351,11 @@ impl Driver for XfrmMesh {
             Ok(f) => r.part("firewall", f),
             Err(e) => r.fail(MESH, "firewall", &e),
         }
-        // The mark rule and table per overlay family (a dual-stack overlay: both; each
-        // reconcile dumps and writes its own family only).
-        let mut routed = routes::RouteReport::default();
-        let mut route_err = None;
-        for family in plan.cidrs.iter().map(firewall::Family::of) {
-            let mut rs = routes::RouteSpec::from_plan(plan, self.forwarding.routes);
-            rs.family = family;
-            match routes::reconcile(&rs) {
-                Ok(x) => routed.absorb(x),
-                Err(e) => {
-                    route_err = Some(e);
-                    break;
-                }
-            }
-        }
-        match route_err {
-            None => r.part("routes", routed),
-            Some(e) => r.fail(MESH, "routes", &e),
+        // The mark rule and table per overlay family (a dual-stack overlay: both; a family
+        // the overlay does not have keeps nothing of ours).
+        match routes::reconcile_plan(plan, self.forwarding.routes, None) {
+            Ok(x) => r.part("routes", x),
+            Err(e) => r.fail(MESH, "routes", &e),
         }
         // Back from route mode: its interfaces go once nothing routes into them. Looked for
         // by the first reconcile of this driver only (a link dump is not free on a host with
