@@ -455,8 +455,10 @@ impl XfrmMesh {
             Ok(f) => r.part("firewall", f),
             Err(e) => r.fail(MESH, "firewall", &e),
         }
-        let rs = routes::RouteSpec::from_plan(plan, self.forwarding.routes);
-        match routes::reconcile_tunnels(&rs, plan.cidr, &routes::TunnelRoutes::from_plan(plan)) {
+        // Per overlay family (a dual-stack overlay: both), an absent family's rule and routes
+        // removed.
+        let tunnels = routes::TunnelRoutes::from_plan(plan);
+        match routes::reconcile_plan(plan, self.forwarding.routes, Some(&tunnels)) {
             Ok(x) => r.part("routes", x),
             Err(e) => r.fail(MESH, "routes", &e),
         }
