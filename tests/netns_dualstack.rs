@@ -279,3 +279,168 @@ fn apply_routes_marked_traffic_of_both_families() {
     })
     .unwrap();
 }
+
+/// `ipsec-mesh apply` with a dual-stack network and each firewall backend: the marking and
+/// the guard of both families (iptables and ip6tables chains; one nftables table with a rule
+/// of each family), a host-originated IPv6 packet to a peer's container is marked (the v6
+/// mark rule counts it) and never leaves (no SA on this kernel: the block policy drops it;
+/// with ESP it would be encrypted). Then the overlay goes back to IPv4 only: every IPv6
+/// object of ours goes (chains, rule, table routes, policies); then IPv6 only: every IPv4 one
+/// goes; cleanup leaves nothing.
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn dual_stack_firewall_of_both_families_and_a_family_change_leaves_nothing_of_the_old() {
+    require_root!();
+    for fw in ["iptables", "nftables"] {
+        in_new_netns(|| family_switch(fw)).unwrap();
+    }
+}
+
+fn family_switch(fw: &str) {
+    sh(
+        "ip link add ul0 type veth peer name ul1 && ip addr add 192.168.77.1/24 dev ul0 && \
+        ip link set ul0 up && ip link set ul1 up && ip -6 route add default dev ul0",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("meta.json");
+    let psk = dir.path().join("psk");
+    std::fs::write(&psk, PSK).unwrap();
+    std::fs::set_permissions(&psk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let write = |cidr: &str, s1: &str, s2: &str| {
+        std::fs::write(
+            &meta,
+            format!(
+                r#"{{"network":{{"cidr":{cidr}}},"hosts":[
+                {{"id":"host-1","agent_ip":"192.168.77.1","subnets":{s1}}},
+                {{"id":"host-2","agent_ip":"192.168.77.2","subnets":{s2}}}]}}"#
+            ),
+        )
+        .unwrap()
+    };
+    let run = |cmd: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ipsec-mesh"));
+        c.arg(cmd);
+        if cmd == "apply" {
+            c.args(["--metadata", meta.to_str().unwrap(), "--host", "host-1"])
+                .args(["--xfrm-mode", "policy", "--psk-file"])
+                .arg(&psk);
+        }
+        let o = c
+            .args(["--driver", "xfrm", "--firewall", fw])
+            .env("IPSEC_MESH_LOG", "warn")
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    // What of ours each family has: (firewall mentions the overlay, rule, table routes).
+    let v4 = || {
+        let f = if fw == "iptables" {
+            sh("iptables-save -t mangle; iptables-save -t filter")
+        } else {
+            sh("nft list ruleset")
+        };
+        (
+            f.contains("10.42.0.0/16"),
+            sh("ip -4 rule").contains("lookup 1042"),
+            !sh("ip -4 route show table 1042").trim().is_empty(),
+        )
+    };
+    let v6 = || {
+        let f = if fw == "iptables" {
+            sh("ip6tables-save -t mangle; ip6tables-save -t filter")
+        } else {
+            sh("nft list ruleset")
+        };
+        (
+            f.contains("fd42::/48"),
+            sh("ip -6 rule").contains("lookup 1042"),
+            !sh("ip -6 route show table 1042").trim().is_empty(),
+        )
+    };
+    let all = (true, true, true);
+    let none = (false, false, false);
+
+    write(
+        r#"["10.42.0.0/16","fd42::/48"]"#,
+        r#"["10.42.1.0/24","fd42:0:0:1::/64"]"#,
+        r#"["10.42.2.0/24","fd42:0:0:2::/64"]"#,
+    );
+    let out = run("apply");
+    assert_eq!((v4(), v6()), (all, all), "{fw}: dual-stack apply:\n{out}");
+    if fw == "iptables" {
+        let guard = sh("ip6tables-save -t filter");
+        assert!(
+            guard.contains("IPSEC-MESH-GUARD") && guard.contains("-d fd42::/48"),
+            "{guard}"
+        );
+    } else {
+        let t = sh("nft list table inet ipsec-mesh");
+        assert_eq!(t.matches("rt ipsec missing").count(), 4, "{t}");
+    }
+    // A host-originated IPv6 packet to host-2's container: marked, dropped (no SA here).
+    let marked = || -> u64 {
+        if fw == "iptables" {
+            let s = sh("ip6tables -t mangle -L IPSEC-MESH-MARK -v -x -n");
+            s.lines()
+                .filter(|l| l.contains("MARK"))
+                .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                .sum()
+        } else {
+            let t = sh("nft list chain inet ipsec-mesh mark-out");
+            t.lines()
+                .filter(|l| l.contains("ip6 daddr"))
+                .filter_map(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    let i = w.iter().position(|x| *x == "packets")?;
+                    w.get(i + 1)?.parse::<u64>().ok()
+                })
+                .sum()
+        }
+    };
+    let before = marked();
+    let sent = std::process::Command::new("ping")
+        .args(["-6", "-c", "2", "-W", "1", "fd42:0:0:2::5"])
+        .output()
+        .unwrap();
+    assert!(
+        !sent.status.success(),
+        "no SA on this kernel's side: nothing answers"
+    );
+    assert!(
+        marked() > before,
+        "{fw}: the host's IPv6 packet was not marked"
+    );
+    let again = run("apply");
+    assert!(
+        again.contains(" peers, 0 writes,") && again.contains("  firewall: 0 writes"),
+        "{fw}: a second apply writes nothing:\n{again}"
+    );
+
+    write(
+        r#""10.42.0.0/16""#,
+        r#"["10.42.1.0/24"]"#,
+        r#"["10.42.2.0/24"]"#,
+    );
+    let out = run("apply");
+    assert_eq!((v4(), v6()), (all, none), "{fw}: back to IPv4 only:\n{out}");
+    assert!(
+        !sh("ip xfrm policy").contains("fd42:"),
+        "{}",
+        sh("ip xfrm policy")
+    );
+
+    write(
+        r#""fd42::/48""#,
+        r#"["fd42:0:0:1::/64"]"#,
+        r#"["fd42:0:0:2::/64"]"#,
+    );
+    let out = run("apply");
+    assert_eq!((v4(), v6()), (none, all), "{fw}: IPv6 only:\n{out}");
+
+    let out = run("cleanup");
+    assert_eq!((v4(), v6()), (none, none), "{fw}: cleanup:\n{out}");
+}
