@@ -202,12 +202,12 @@ vm() {
     say "vm: xfrm driver end to end with the nftables backend (nft and no iptables in the image; --firewall auto)"
     VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
         VM_APPEND="e2e.mode=nftables" vm_suite xfrmnft "$here/vm/test-xfrm.sh" 300
-    say "vm: xfrm driver over an IPv6-only underlay (issue 18: IPv6 overlay, then IPv4 (v4-in-v6); encrypted VXLAN over IPv6; real ESP)"
+    say "vm: xfrm driver over an IPv6-only underlay, dual-stack containers (issue 18: v6 and v4-in-v6 through one af-unspec SA pair per peer), then IPv4 only (the IPv6 objects go); encrypted VXLAN over IPv6; real ESP"
     VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
-        VM_APPEND="e2e.mode=v6-u6 e2e.overlay=6 e2e.switch=4" vm_suite xfrm6u6 "$here/vm/test-xfrm.sh" 420
-    say "vm: xfrm driver over an IPv4 underlay with an IPv6 overlay (issue 18: v6-in-v4; real ESP)"
+        VM_APPEND="e2e.mode=v6-u6 e2e.switch=4" vm_suite xfrm6u6 "$here/vm/test-xfrm.sh" 420
+    say "vm: xfrm driver over an IPv4 underlay, dual-stack containers (issue 18: v4 and v6-in-v4; real ESP)"
     VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
-        VM_APPEND="e2e.mode=v6-u4 e2e.overlay=6" vm_suite xfrm6u4 "$here/vm/test-xfrm.sh" 300
+        VM_APPEND="e2e.mode=v6-u4" vm_suite xfrm6u4 "$here/vm/test-xfrm.sh" 300
     say "vm: the ESP-sensitive root suites in a real-ESP kernel (netns_xfrm, netns_daemon, netns_charon kernel-netlink)"
     vm_suite root "$here/vm/test-root-suites.sh" 420
 }
