@@ -154,7 +154,9 @@ vm_suite() {
 }
 
 # The VM suites' static release build (the ipsec-mesh binary and the root suites' test
-# executables, one cargo invocation: test-root-suites.sh VM_BUILD_ONLY=1), started in the
+# executables, one cargo invocation: test-root-suites.sh VM_BUILD_ONLY=1; every VM suite gets
+# that binary by VM_BIN: a separate `cargo build --bin` would link another one, its
+# dependencies' features unified without the dev-dependencies, ~3 min), started in the
 # background at nice 19 right after setup, so it uses the CPU the host suites leave idle (most
 # of their time is spent waiting on the kernel, charon and etcd). vm() waits for it; its own
 # builds then find everything fresh. Its output goes to a log, shown if it fails.
@@ -167,11 +169,17 @@ vm_prebuild_start() {
     prebuild_pid=$!
 }
 vm_prebuild_wait() {
-    [ -n "$prebuild_pid" ] || return 0
+    if [ -z "$prebuild_pid" ]; then
+        # `run.sh vm` alone: the same build, in the foreground.
+        is_root || return 0
+        say "vm: static release build (binary + root-suite test executables)"
+        VM_BUILD_ONLY=1 "$here/vm/test-root-suites.sh" || fail_stage vm-build
+        return 0
+    fi
     say "vm: waiting for the background release build"
     if ! wait "$prebuild_pid"; then
         cat "$prebuild_log" >&2
-        echo "vm: the background release build failed; the suites build again in the foreground" >&2
+        echo "vm: the background release build failed; the root suites build again in the foreground (the other VM suites have no binary)" >&2
     else
         tail -n 3 "$prebuild_log"
     fi
@@ -192,7 +200,8 @@ vm() {
     "$here/vm/build-initramfs.sh" "$img" --init "$here/vm/smoke-esp.sh" || { fail_stage vm-initramfs; return; }
     vm_suite smoke "$here/vm/run.sh" "$img" 180
     say "vm: xfrm driver end to end (3 hosts, real ESP)"
-    vm_suite xfrm "$here/vm/test-xfrm.sh" 420
+    VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
+        vm_suite xfrm "$here/vm/test-xfrm.sh" 420
     say "vm: encrypted VXLAN end to end (ESP transport mode for UDP 4789)"
     VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
         VM_APPEND="e2e.mode=vxlan-esp" vm_suite vxesp "$here/vm/test-xfrm.sh" 300
