@@ -19,22 +19,7 @@ use common::cluster as tc;
 const PSK: &[u8] = b"a-test-only-psk-that-is-long-enough-0123456789";
 
 fn dual_plan(agent_v6: bool) -> Plan {
-    let ip = |i: u8| {
-        if agent_v6 {
-            format!("fd77::{i}")
-        } else {
-            format!("192.168.77.{i}")
-        }
-    };
-    let mut r = tc::raw(
-        "10.42.0.0/16",
-        vec![
-            tc::host("host-1", &ip(1), &["10.42.1.0/24", "fd42:0:0:1::/64"]),
-            tc::host("host-2", &ip(2), &["10.42.2.0/24", "fd42:0:0:2::/64"]),
-            tc::host("host-3", &ip(3), &["10.42.3.0/24"]),
-        ],
-    );
-    r.network.cidr = ["10.42.0.0/16", "fd42::/48"].into();
+    let r = tc::dual_stack(["host-1", "host-2", "host-3"], agent_v6);
     let c = Cluster::validate(&r).expect("dual-stack metadata is valid");
     plan::plan(
         &c,

@@ -44,6 +44,32 @@ pub fn raw(cidr: &str, hosts: Vec<RawHost>) -> RawCluster {
     }
 }
 
+/// A dual-stack network (`cidr` ["10.42.0.0/16", "fd42::/48"]) of three hosts `ids`: host N
+/// has 10.42.N.0/24, the first two also fd42:0:0:N::/64 (the third is IPv4 only); agents
+/// 192.168.77.N, or fd77::N with `agent_v6` (an IPv6 underlay).
+pub fn dual_stack(ids: [&str; 3], agent_v6: bool) -> RawCluster {
+    let ip = |i: usize| {
+        if agent_v6 {
+            format!("fd77::{i}")
+        } else {
+            format!("192.168.77.{i}")
+        }
+    };
+    let hosts = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let n = i + 1;
+            let (v4, v6) = (format!("10.42.{n}.0/24"), format!("fd42:0:0:{n}::/64"));
+            let subnets: Vec<&str> = if n < 3 { vec![&v4, &v6] } else { vec![&v4] };
+            host(id, &ip(n), &subnets)
+        })
+        .collect();
+    let mut r = raw("10.42.0.0/16", hosts);
+    r.network.cidr = ["10.42.0.0/16", "fd42::/48"].into();
+    r
+}
+
 /// `raw`, validated (the generators only make valid clusters).
 pub fn valid(raw: &RawCluster) -> Cluster {
     Cluster::validate(raw).expect("generated test metadata is valid")

@@ -413,22 +413,7 @@ mod tests {
     }
 
     fn dual_plan(agent_v6: bool, psk: bool) -> Plan {
-        let ip = |i: u8| {
-            if agent_v6 {
-                format!("fd77::{i}")
-            } else {
-                format!("192.168.77.{i}")
-            }
-        };
-        let mut r = tc::raw(
-            "10.42.0.0/16",
-            vec![
-                tc::host("a", &ip(1), &["10.42.1.0/24", "fd42:0:0:1::/64"]),
-                tc::host("b", &ip(2), &["10.42.2.0/24", "fd42:0:0:2::/64"]),
-                tc::host("c", &ip(3), &["10.42.3.0/24"]),
-            ],
-        );
-        r.network.cidr = ["10.42.0.0/16", "fd42::/48"].into();
+        let r = tc::dual_stack(["a", "b", "c"], agent_v6);
         let k = Psk::from_bytes(&[1; 32]);
         plan(
             &tc::valid(&r),
