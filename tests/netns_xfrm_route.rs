@@ -127,6 +127,77 @@ fn our_links() -> Vec<String> {
         .collect()
 }
 
+/// Interface index of every link by name (`ip -o link`: `5: ul0@ul1: ...`).
+fn link_indexes() -> std::collections::BTreeMap<String, u32> {
+    sh("ip -o link")
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(": ");
+            let index = f.next()?.trim().parse().ok()?;
+            let name = f.next()?.split('@').next()?.to_string();
+            Some((name, index))
+        })
+        .collect()
+}
+
+/// Issue 12 (src/dataplane/xfrmi/desired.rs, INDEX_CHAINS): the kernel looks devices up by
+/// index in 256 hash chains for every packet, so our interfaces get indexes outside the
+/// chains of the underlay (ul0) and the other devices that were there (lo, ul1); one put in
+/// the underlay's chain (by hand here, as an older version or the kernel would have) is
+/// recreated elsewhere with the same name and id, and then nothing is written.
+fn interfaces_stay_out_of_the_underlay_chains(dir: &std::path::Path) {
+    let idx = link_indexes();
+    let chain = |i: u32| i % 256;
+    let reserved: Vec<u32> = ["lo", "ul0", "ul1"]
+        .iter()
+        .map(|n| chain(idx[*n]))
+        .collect();
+    for l in our_links() {
+        assert!(
+            !reserved.contains(&chain(idx[&l])),
+            "{l} has index {} in the chain of lo, ul0 or ul1 ({reserved:?}): {idx:?}",
+            idx[&l]
+        );
+    }
+    // Move one into ul0's chain: same name, id, group and underlay, index ul0 + 256 * k
+    // (the first free one).
+    let victim = our_links()[0].clone();
+    let detail = sh(&format!("ip -d link show {victim}"));
+    let if_id = detail
+        .split_whitespace()
+        .skip_while(|w| *w != "if_id")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no if_id in {detail}"))
+        .to_string();
+    let used: Vec<u32> = idx.values().copied().collect();
+    let bad = (1..)
+        .map(|k| idx["ul0"] + 256 * k)
+        .find(|i| !used.contains(i))
+        .unwrap();
+    sh(&format!(
+        "ip link del {victim} && ip link add {victim} index {bad} mtu 1400 group 1042 type xfrm dev ul0 if_id {if_id} && ip link set {victim} up"
+    ));
+    assert_eq!(link_indexes()[&victim], bad);
+    let o = mesh(dir, "apply", "route");
+    let out = text(&o);
+    let now = link_indexes()[&victim];
+    assert_ne!(
+        chain(now),
+        chain(idx["ul0"]),
+        "{victim} still in ul0's chain (index {now}): {out}"
+    );
+    assert!(
+        sh(&format!("ip -d link show {victim}")).contains(&format!("if_id {if_id}")),
+        "recreated with its id"
+    );
+    let o = mesh(dir, "apply", "route");
+    assert!(
+        text(&o).contains(": 2 peers, 0 writes, 0 errors"),
+        "placed: a no-op: {}",
+        text(&o)
+    );
+}
+
 #[test]
 #[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
 fn route_mode_fails_clearly_without_xfrm_interfaces_and_auto_falls_back_to_policy() {
@@ -144,6 +215,7 @@ fn route_mode_fails_clearly_without_xfrm_interfaces_and_auto_falls_back_to_polic
             assert_eq!(our_links().len(), 2, "{out}");
             let pols = sh("ip xfrm policy | grep -c '^src' || true");
             assert_eq!(pols.trim(), "8", "{out}");
+            interfaces_stay_out_of_the_underlay_chains(dir.path());
         } else {
             assert!(
                 !o.status.success(),

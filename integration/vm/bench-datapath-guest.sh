@@ -126,7 +126,11 @@ EOF
             line=$(echo "$out" | grep -m1 '^xfrm: host' || true)
             pols=$(count_policies "$1") sas=$($IP -n "$1" xfrm state count | awk '{ print $NF }')
             routes=$($IP -n "$1" route show table 1042 | wc -l) links=$($IP -n "$1" -o link show type xfrm | wc -l)
-            echo "DP-APPLY mode=$mode case=$n side=$3 try=$try rc=$rc seconds=$secs policies=$pols states=$sas routes=$routes links=$links"
+            # XFRM interfaces in the underlay device's hash chain (index mod 256; see
+            # INDEX_CHAINS in src/dataplane/xfrmi/desired.rs), and the largest chain of them
+            chains=$($IP -n "$1" -o link show | awk -F': ' '$2 ~ /^ul0(@|$)/ { u = $1 % 256 } $2 ~ /^imx/ { c[$1 % 256]++ }
+                END { m = 0; for (k in c) if (c[k] > m) m = c[k]; printf "ulchain=%d maxchain=%d", c[u] + 0, m }')
+            echo "DP-APPLY mode=$mode case=$n side=$3 try=$try rc=$rc seconds=$secs policies=$pols states=$sas routes=$routes links=$links $chains"
             say "apply $1 ($2, $mode) #$try: exit $rc, $secs s, $line; $(echo "$out" | grep '^  ' | tr -s ' ' | tr '\n' ';') $pols policies, $sas SAs, $routes routes in table 1042, $links xfrm interfaces; $(mem)"
             [ $rc -eq 0 ] && break
             echo "$out" | grep -v '^  ' | cut -c1-600 | head -5
@@ -203,6 +207,36 @@ for n in $CASES; do
     echo "DP-SA mode=$mode case=$n sent=$sent out=$out in=$in a_XfrmOutNoStates=$(xstat a$t$n XfrmOutNoStates) a_XfrmOutPolBlock=$(xstat a$t$n XfrmOutPolBlock) b_XfrmInNoPols=$(xstat b$t$n XfrmInNoPols) b_XfrmInTmplMismatch=$(xstat b$t$n XfrmInTmplMismatch) b_XfrmInStateProtoError=$(xstat b$t$n XfrmInStateProtoError)"
 done
 done
+# DP_PERF=1 on the host (PERF=1 here, perf in the image): after the measurement, a
+# system-wide profile (cpu-clock, kernel symbols from /proc/kallsyms) of each target sent on
+# its own, the top kernel symbols printed as "PERF <mode>-<case>-<kind>: <line>": which
+# kernel functions take more of a packet's time as the mesh grows.
+if [ -n "${PERF:-}" ]; then
+    if command -v perf >/dev/null; then
+        echo 0 >/proc/sys/kernel/kptr_restrict
+        echo -1 >/proc/sys/kernel/perf_event_paranoid
+        for mode in $MODES; do
+            t=$(tag $mode)
+            for n in $CASES; do
+                b_ul=$(field "$n" 3) a_ip=$(field "$n" 4) b_ip=$(field "$n" 5)
+                for k in "overlay c$t$n,$a_ip,$b_ip,9" "underlay a$t$n,$A_UL,$b_ul,9"; do
+                    set -- $k
+                    perf record -q -a ${PERF_CALLERS:+-g} -e cpu-clock -F 1999 -o /tmp/perf.data -- $BLAST 4 "${PERF_SENDS:-3000}" "$2" >/tmp/perf.blast 2>/tmp/perf.err ||
+                        { echo "PERF $mode-$n-$1: perf record failed: $(tail -n 2 /tmp/perf.err | tr '\n' ' ')"; continue; }
+                    echo "PERF $mode-$n-$1: blast $(awk '{ print $NF }' /tmp/perf.blast | tr '\n' ' ')"
+                    perf report -q -i /tmp/perf.data --stdio --no-children --sort sym --percent-limit 0.8 2>/dev/null |
+                        grep -v '^$' | head -n "${PERF_LINES:-40}" | sed "s/^/PERF $mode-$n-$1: /"
+                    # PERF_CALLERS=sym[,sym]: who calls these (call chains, callers first)
+                    [ -z "${PERF_CALLERS:-}" ] || perf report -q -i /tmp/perf.data --stdio --no-children \
+                        --symbols "$PERF_CALLERS" -G --percent-limit 0.3 2>/dev/null | grep -v '^$' | head -n 80 |
+                        sed "s/^/PERF $mode-$n-$1 callers: /"
+                done
+            done
+        done
+    else
+        echo "PERF: no perf in the image"
+    fi
+fi
 if [ -n "$FAILED" ]; then
     echo "VM-RESULT: FAIL ($FAILED)"
     exit 1

@@ -119,14 +119,19 @@ rc=0
 : >"$out/console.txt"
 for g in $groups; do
     printf 'ROUNDS=%s\nSENDS=%s\nCASES="%s"\nMODES="%s"\n' "$rounds" "$sends" "$cases" "${g//,/ }" >"$out/dp/config"
+    perf=()
+    if [[ -n "${DP_PERF:-}" ]]; then
+        printf 'PERF=1\nPERF_CALLERS="%s"\n' "${DP_PERF_CALLERS:-}" >>"$out/dp/config"
+        perf=(--bin "$(command -v perf):/usr/bin/perf")
+    fi
     adds=()
     for f in "$out"/dp/*; do adds+=(--add "$f:/etc/dp/$(basename "$f")"); done
     "$here/build-initramfs.sh" "$out/dp-$g.cpio.gz" --init "$here/bench-datapath-guest.sh" --iptables \
-        --bin "$out/ipsec-mesh:/usr/bin/ipsec-mesh" --bin "$out/udp-blast:/usr/bin/udp-blast" "${adds[@]}"
+        --bin "$out/ipsec-mesh:/usr/bin/ipsec-mesh" --bin "$out/udp-blast:/usr/bin/udp-blast" "${perf[@]}" "${adds[@]}"
     say "VM: modes ${g//,/ }, cases $cases, shape $shape, $rounds rounds of $sends sends (timeout ${timeout_s}s); load: $(uptime)"
     VM_MEM=${VM_MEM:-2048M} "$here/run.sh" "$out/dp-$g.cpio.gz" "$timeout_s" >/dev/null || rc=$?
     log="$out/dp-$g.cpio.gz.console.log"
-    tr -d '\r' <"$log" | grep -a -E '^(dp:|CHECK |FINDING |DP-SA |DP-APPLY |VM-RESULT)' || true
+    tr -d '\r' <"$log" | grep -a -E '^(dp:|CHECK |FINDING |DP-SA |DP-APPLY |PERF|VM-RESULT)' || true
     tr -d '\r' <"$log" >>"$out/console.txt"
     say "VM $g done; load: $(uptime)"
 done

@@ -17,7 +17,7 @@
 #
 # usage: test-root-suites.sh [TIMEOUT_SECS]     (VM timeout, default 420)
 # Environment:
-#   VM_SUITES         suites to run (default "netns_xfrm netns_daemon netns_charon")
+#   VM_SUITES         suites to run (default "netns_xfrm netns_xfrm_route netns_daemon netns_charon")
 #   VM_THREADS        libtest --test-threads in the guest (default 2)
 #   VM_SUITE_FILTERS  override the per-suite filters, e.g. "netns_charon=kernel_netlink"
 #                     (";"-separated SUITE=FILTER... entries; an empty FILTER runs it all)
@@ -33,7 +33,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 timeout_s="${1:-420}"
 target=x86_64-unknown-linux-gnu
-suites="${VM_SUITES:-netns_xfrm netns_daemon netns_charon}"
+suites="${VM_SUITES:-netns_xfrm netns_xfrm_route netns_daemon netns_charon}"
 threads="${VM_THREADS:-2}"
 export VM_MEM="${VM_MEM:-768M}"
 
@@ -55,7 +55,7 @@ if [[ -n "${VM_SUITE_FILTERS:-}" ]]; then
     done
 fi
 # Per-suite timeout in the guest (seconds).
-declare -A suite_timeout=([netns_xfrm]=120 [netns_daemon]=300 [netns_charon]=120)
+declare -A suite_timeout=([netns_xfrm]=120 [netns_xfrm_route]=120 [netns_daemon]=300 [netns_charon]=120)
 
 say() { printf 'test-root-suites: [%ss] %s\n' "$SECONDS" "$*" >&2; }
 die() { printf 'test-root-suites: error: %s\n' "$*" >&2; exit 2; }

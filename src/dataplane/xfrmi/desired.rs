@@ -86,8 +86,9 @@ pub fn desired(plan: &Plan, underlay: u32) -> Vec<LinkSpec> {
 /// One write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkOp {
-    /// Create it (up, in our group).
-    Create(LinkSpec),
+    /// Create it (up, in our group) with interface index `index` (0: the kernel's choice;
+    /// see [`assign_indexes`]).
+    Create { spec: LinkSpec, index: u32 },
     /// Set MTU and up on an existing interface of ours.
     Set { index: u32, spec: LinkSpec },
     /// Delete an interface of ours (no longer wanted, or bound to another id or underlay).
@@ -97,7 +98,8 @@ pub enum LinkOp {
 impl LinkOp {
     pub fn describe(&self) -> String {
         match self {
-            LinkOp::Create(s) => format!("create {s}"),
+            LinkOp::Create { spec, index: 0 } => format!("create {spec}"),
+            LinkOp::Create { spec, index } => format!("create {spec} index {index}"),
             LinkOp::Set { spec, .. } => format!("set {} mtu {} up", spec.name, spec.mtu),
             LinkOp::Delete { name, .. } => format!("delete xfrm interface {name}"),
         }
@@ -106,7 +108,7 @@ impl LinkOp {
     /// The peer the write is for (None: a departed peer's interface).
     pub fn owner(&self) -> Option<&str> {
         match self {
-            LinkOp::Create(s) | LinkOp::Set { spec: s, .. } => Some(&s.owner),
+            LinkOp::Create { spec: s, .. } | LinkOp::Set { spec: s, .. } => Some(&s.owner),
             LinkOp::Delete { .. } => None,
         }
     }
@@ -120,12 +122,80 @@ pub struct LinkDiff {
     pub blocked: Vec<(LinkSpec, String)>,
 }
 
+/// The kernel keeps a network namespace's devices in [`INDEX_CHAINS`] hash chains by
+/// interface index (`dev_index_head`, `NETDEV_HASHBITS` 8 in every kernel since 2.6), and
+/// looks a device up by walking its chain (`dev_get_by_index_rcu`, newest device first). The
+/// data path does that per packet: with any `ip rule` of our own (`fib_has_custom_rules`),
+/// every input route lookup resolves the incoming device by index (`__fib_lookup` ->
+/// `l3mdev_update_flow`), and an XFRM interface's outer route lookup resolves its underlay
+/// device (`IFLA_XFRM_LINK`, the flow's output interface) for every packet it encrypts. Left
+/// to the kernel, the interfaces take consecutive indexes and land in every chain: at 5,000
+/// peers ~20 per chain, and the underlay device, older than all of them, is at the end of its
+/// chain. Measured in the VM (integration/vm/bench-datapath.sh, `DP_PERF`): this was route
+/// mode's per-packet cost growing with the peers (`dev_get_by_index_rcu` from none to ~3 % of
+/// the busy time at 5,000 peers). So each interface of ours gets an explicit index outside
+/// the chains of the devices that are not ours ([`reserved_chains`]), and one that shares the
+/// underlay device's chain is recreated. What is left per packet is the decrypted packet's
+/// own interface, found in a chain of about peers / 256 interfaces of ours.
+pub const INDEX_CHAINS: u32 = 256;
+
+/// The hash chain of an interface index.
+pub fn index_chain(index: u32) -> u32 {
+    index % INDEX_CHAINS
+}
+
+/// The chains the interfaces of ours stay out of: the underlay device's always; those of every
+/// other device that is not ours when at least half the chains are still left for ours (a host
+/// with more devices keeps only the underlay's chain free: a device created later, a new
+/// container's veth, is at the head of its chain anyway, found first).
+pub fn reserved_chains(found: &[FoundLink], underlay: u32) -> std::collections::BTreeSet<u32> {
+    let mut all: std::collections::BTreeSet<u32> = found
+        .iter()
+        .filter(|l| !is_owned(l))
+        .map(|l| index_chain(l.index))
+        .collect();
+    all.insert(index_chain(underlay));
+    if all.len() as u32 <= INDEX_CHAINS / 2 {
+        all
+    } else {
+        [index_chain(underlay)].into()
+    }
+}
+
+/// Give each create an index: above every index found (so none is in use), ascending, outside
+/// the `reserved` chains. Past the kernel's largest index (`i32::MAX`) the kernel chooses (0).
+pub fn assign_indexes(
+    ops: &mut [LinkOp],
+    found: &[FoundLink],
+    reserved: &std::collections::BTreeSet<u32>,
+) {
+    let mut next = found
+        .iter()
+        .map(|l| l.index)
+        .max()
+        .unwrap_or(0)
+        .saturating_add(1);
+    for op in ops.iter_mut() {
+        if let LinkOp::Create { index, .. } = op {
+            while reserved.contains(&index_chain(next)) && reserved.len() < INDEX_CHAINS as usize {
+                next = next.saturating_add(1);
+            }
+            *index = if next <= i32::MAX as u32 { next } else { 0 };
+            next = next.saturating_add(1);
+        }
+    }
+}
+
 /// What turns the links found (all of them) into `want`. Empty when they match.
 pub fn diff(found: &[FoundLink], want: &[LinkSpec]) -> LinkDiff {
     let by_name: BTreeMap<&str, &FoundLink> = found.iter().map(|l| (l.name.as_str(), l)).collect();
     let wanted: BTreeMap<&str, &LinkSpec> = want.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut d = LinkDiff::default();
     let mut creates = Vec::new();
+    let create = |s: &LinkSpec| LinkOp::Create {
+        spec: s.clone(),
+        index: 0,
+    };
     for l in found.iter().filter(|l| is_owned(l)) {
         match wanted.get(l.name.as_str()) {
             None => d.ops.push(LinkOp::Delete {
@@ -133,13 +203,18 @@ pub fn diff(found: &[FoundLink], want: &[LinkSpec]) -> LinkDiff {
                 name: l.name.clone(),
             }),
             // The id and the underlay cannot be changed in place (the kernel refuses a new
-            // link): recreate.
-            Some(s) if l.if_id != Some(s.if_id) || l.underlay != Some(s.underlay) => {
+            // link), nor the index (in the underlay device's hash chain: see INDEX_CHAINS):
+            // recreate.
+            Some(s)
+                if l.if_id != Some(s.if_id)
+                    || l.underlay != Some(s.underlay)
+                    || index_chain(l.index) == index_chain(s.underlay) =>
+            {
                 d.ops.push(LinkOp::Delete {
                     index: l.index,
                     name: l.name.clone(),
                 });
-                creates.push(LinkOp::Create((*s).clone()));
+                creates.push(create(s));
             }
             Some(s) if !l.up || l.mtu != Some(s.mtu) => creates.push(LinkOp::Set {
                 index: l.index,
@@ -150,7 +225,7 @@ pub fn diff(found: &[FoundLink], want: &[LinkSpec]) -> LinkDiff {
     }
     for s in want {
         match by_name.get(s.name.as_str()) {
-            None => creates.push(LinkOp::Create(s.clone())),
+            None => creates.push(create(s)),
             Some(l) if !is_owned(l) => d.blocked.push((
                 s.clone(),
                 format!(
@@ -162,6 +237,9 @@ pub fn diff(found: &[FoundLink], want: &[LinkSpec]) -> LinkDiff {
             )),
             Some(_) => {}
         }
+    }
+    if let Some(s) = want.first() {
+        assign_indexes(&mut creates, found, &reserved_chains(found, s.underlay));
     }
     d.ops.extend(creates);
     d
@@ -232,7 +310,12 @@ mod tests {
                     index: 12,
                     name: "imxff".into()
                 },
-                LinkOp::Create(a.clone()),
+                // Above every index found (14), outside the chains of the foreign links
+                // (13, 14 is ours but in another group: not ours) and the underlay's (2).
+                LinkOp::Create {
+                    spec: a.clone(),
+                    index: 15
+                },
                 LinkOp::Set {
                     index: 11,
                     spec: b.clone()
@@ -246,11 +329,119 @@ mod tests {
             d.blocked
         );
         // Nothing to do once the kernel matches.
-        let now = vec![found(&a, 1), found(&b, 2)];
+        let now = vec![found(&a, 1), found(&b, 3)];
         assert_eq!(diff(&now, &[a, b]), LinkDiff::default());
         // Cleanup: every interface of ours goes, nothing else.
         let all = diff(&cur, &[]);
         assert_eq!(all.ops.len(), 3, "{all:?}");
         assert!(all.blocked.is_empty());
+    }
+
+    /// Issue 12: the interfaces of ours stay out of the hash chains of the underlay and the
+    /// host's other devices (those are looked up by index for every packet), spread evenly
+    /// over the rest, and one in the underlay's chain is recreated; once placed, a no-op.
+    #[test]
+    fn indexes_avoid_the_chains_of_the_underlay_and_other_devices() {
+        let underlay = 2;
+        let foreign = |index, name: &str| FoundLink {
+            index,
+            name: name.into(),
+            kind: Some("veth".into()),
+            ..Default::default()
+        };
+        let mut found_links = vec![foreign(1, "lo"), foreign(2, "ul0"), foreign(3, "cbr0")];
+        found_links.extend((0..40).map(|i| foreign(300 + i * 7, &format!("veth{i}"))));
+        let want: Vec<LinkSpec> = (0..5000u32)
+            .map(|i| LinkSpec {
+                underlay,
+                ..spec(0x5000_0000 + i)
+            })
+            .collect();
+        let d = diff(&found_links, &want);
+        let reserved = reserved_chains(&found_links, underlay);
+        assert_eq!(reserved.len(), 43, "{reserved:?}");
+        let mut per_chain = BTreeMap::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for op in &d.ops {
+            let LinkOp::Create { index, .. } = op else {
+                panic!("{op:?}")
+            };
+            assert!(*index > 300 + 39 * 7, "{index} is above every index found");
+            assert!(seen.insert(*index), "{index} given twice");
+            assert!(!reserved.contains(&index_chain(*index)), "{index}");
+            *per_chain.entry(index_chain(*index)).or_insert(0u32) += 1;
+        }
+        assert_eq!(d.ops.len(), 5000);
+        // Spread: 5,000 over the 213 chains left, 23 or 24 each.
+        assert_eq!(per_chain.len(), 213);
+        assert!(
+            per_chain.values().all(|&n| (23..=24).contains(&n)),
+            "{per_chain:?}"
+        );
+        // Placed: nothing to do.
+        let mut now = found_links.clone();
+        for op in &d.ops {
+            if let LinkOp::Create { spec, index } = op {
+                now.push(found(spec, *index));
+            }
+        }
+        assert_eq!(diff(&now, &want), LinkDiff::default());
+        // An interface of ours in the underlay's chain (made by an older version, or by the
+        // kernel's choice after a retry) is recreated elsewhere; one in a foreign device's
+        // chain is left alone (a veth created after it is at the head of the chain).
+        let mut old = found_links.clone();
+        old.push(found(&want[0], 2 + 256 * 3));
+        old.push(found(&want[1], 3 + 256 * 3));
+        let d = diff(&old, &want[..2]);
+        assert_eq!(
+            d.ops[0],
+            LinkOp::Delete {
+                index: 2 + 256 * 3,
+                name: want[0].name.clone()
+            }
+        );
+        assert!(matches!(&d.ops[1], LinkOp::Create { spec, index }
+            if spec == &want[0] && index_chain(*index) != index_chain(underlay) && *index > 3 + 256 * 3));
+        assert_eq!(d.ops.len(), 2, "{:?}", d.ops);
+    }
+
+    #[test]
+    fn many_foreign_devices_leave_only_the_underlay_chain_reserved() {
+        let found_links: Vec<FoundLink> = (1..=200)
+            .map(|i| FoundLink {
+                index: i,
+                name: format!("veth{i}"),
+                kind: Some("veth".into()),
+                ..Default::default()
+            })
+            .collect();
+        assert_eq!(reserved_chains(&found_links, 7), [7].into());
+        let mut ops = vec![
+            LinkOp::Create {
+                spec: spec(0x5000_0001),
+                index: 0
+            };
+            300
+        ];
+        assign_indexes(&mut ops, &found_links, &[7].into());
+        let idx: Vec<u32> = ops
+            .iter()
+            .map(|o| match o {
+                LinkOp::Create { index, .. } => *index,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(idx[0], 201);
+        assert!(
+            !idx.contains(&263) && idx.contains(&264),
+            "263 is in chain 7"
+        );
+        // At the end of the kernel's range: the kernel's choice.
+        let top = vec![FoundLink {
+            index: i32::MAX as u32,
+            ..found_links[0].clone()
+        }];
+        assign_indexes(&mut ops[..1], &top, &[7].into());
+        assert!(matches!(ops[0], LinkOp::Create { index: 0, .. }));
     }
 }

@@ -10,9 +10,11 @@ use netlink_packet_route::RouteNetlinkMessage;
 use super::desired::{FoundLink, LinkOp, LinkSpec, LINK_GROUP};
 use crate::dataplane::rtnl;
 
-/// `ip link add NAME mtu MTU group 1042 up type xfrm dev #UNDERLAY if_id ID`.
-pub fn create(s: &LinkSpec) -> LinkMessage {
+/// `ip link add NAME index INDEX mtu MTU group 1042 up type xfrm dev #UNDERLAY if_id ID`
+/// (`index` 0: the kernel's choice).
+pub fn create(s: &LinkSpec, index: u32) -> LinkMessage {
     let mut m = LinkMessage::default();
+    m.header.index = index;
     m.header.flags |= LinkFlags::Up;
     m.header.change_mask |= LinkFlags::Up;
     m.attributes = vec![
@@ -51,7 +53,9 @@ pub fn delete(index: u32) -> LinkMessage {
 pub fn request(op: &LinkOp) -> NetlinkMessage<RouteNetlinkMessage> {
     use RouteNetlinkMessage as R;
     match op {
-        LinkOp::Create(s) => rtnl::message(R::NewLink(create(s)), rtnl::CREATE),
+        LinkOp::Create { spec, index } => {
+            rtnl::message(R::NewLink(create(spec, *index)), rtnl::CREATE)
+        }
         LinkOp::Set { index, spec } => rtnl::message(R::SetLink(set(*index, spec.mtu)), rtnl::ACK),
         LinkOp::Delete { index, .. } => rtnl::message(R::DelLink(delete(*index)), rtnl::ACK),
     }
@@ -122,9 +126,10 @@ mod tests {
             mtu: 1438,
             owner: "h2".into(),
         };
-        let mut m = wire(&create(&s));
+        let m = wire(&create(&s, 9));
         assert!(m.header.flags.contains(LinkFlags::Up), "created up");
-        m.header.index = 9;
+        assert_eq!(m.header.index, 9, "the index asked for");
+        assert_eq!(wire(&create(&s, 0)).header.index, 0, "the kernel's choice");
         let l = parse(&m);
         assert_eq!(
             l,
@@ -140,7 +145,10 @@ mod tests {
             }
         );
         assert!(is_owned(&l));
-        let r = request(&LinkOp::Create(s.clone()));
+        let r = request(&LinkOp::Create {
+            spec: s.clone(),
+            index: 9,
+        });
         assert_eq!(r.header.flags, rtnl::CREATE);
         let d = request(&LinkOp::Delete {
             index: 9,

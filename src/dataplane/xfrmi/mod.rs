@@ -119,7 +119,7 @@ pub fn probe() -> Result<(), String> {
                 mtu: 1400,
                 owner: "probe".into(),
             };
-            let r = rtnl::send(&h, messages::request(&LinkOp::Create(spec))).await;
+            let r = rtnl::send(&h, messages::request(&LinkOp::Create { spec, index: 0 })).await;
             Ok::<_, rtnl::Error>(r)
         })
     });
@@ -146,15 +146,46 @@ async fn dump_links(h: &Handle) -> Result<Vec<FoundLink>, rtnl::Error> {
         .collect())
 }
 
-/// Send `ops`, record writes, changes and failures (by owner).
+/// Send `ops`, record writes, changes and failures (by owner). A create whose index was
+/// taken meanwhile (EEXIST/EBUSY: another program made a link between the dump and the
+/// write) is sent again once with the kernel's choice of index (a link in the underlay's
+/// chain is moved at a later reconcile: [`desired::diff`]).
 async fn apply(h: &Handle, ops: &[LinkOp], report: &mut LinkReport) {
-    let results = rtnl::send_all(h, ops.iter().map(messages::request)).await;
+    let mut results = rtnl::send_all(h, ops.iter().map(messages::request)).await;
     report.writes += ops.len();
+    let index_taken = |op: &LinkOp, r: &Result<(), rtnl::Reason>| {
+        matches!(op, LinkOp::Create { index, .. } if *index != 0)
+            && matches!(r, Err(e) if matches!(e.errno(), Some(libc::EEXIST | libc::EBUSY)))
+    };
+    let again: Vec<usize> = (0..ops.len())
+        .filter(|&i| index_taken(&ops[i], &results[i]))
+        .collect();
+    if !again.is_empty() {
+        let retry: Vec<LinkOp> = again
+            .iter()
+            .map(|&i| match &ops[i] {
+                LinkOp::Create { spec, .. } => LinkOp::Create {
+                    spec: spec.clone(),
+                    index: 0,
+                },
+                op => op.clone(),
+            })
+            .collect();
+        debug!(
+            links = retry.len(),
+            "route mode: index taken, the kernel chooses"
+        );
+        let second = rtnl::send_all(h, retry.iter().map(messages::request)).await;
+        report.writes += retry.len();
+        for (i, r) in again.into_iter().zip(second) {
+            results[i] = r;
+        }
+    }
     for (op, r) in ops.iter().zip(results) {
         let line = op.describe();
         let change = || {
             let c = match op {
-                LinkOp::Create(s) => Change::add(LAYER, s.to_string()),
+                LinkOp::Create { spec, .. } => Change::add(LAYER, spec.to_string()),
                 LinkOp::Set { spec, .. } => Change::update(
                     LAYER,
                     format!("xfrm interface {}", spec.name),
