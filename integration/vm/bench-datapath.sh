@@ -26,7 +26,9 @@
 # without repeats from 10.0.0.0/8, seeded like benches/datapath.rs: 30 policies per peer) or
 # `subnet` (one random /24 per host: 3 policies per peer). Env: VM_BIN (an ipsec-mesh static
 # binary; default: build it), VM_MEM (default 2048M), VM_OUT (keep image + console log there),
-# DP_SEED (default 7).
+# DP_SEED (default 7), DP_PERF=1 (the host's perf in the image: after the measurement a
+# system-wide profile of each target sent alone, "PERF <mode>-<case>-<kind>:" lines;
+# DP_PERF_CALLERS=sym[,sym] adds their call chains).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
@@ -121,6 +123,7 @@ for g in $groups; do
     printf 'ROUNDS=%s\nSENDS=%s\nCASES="%s"\nMODES="%s"\n' "$rounds" "$sends" "$cases" "${g//,/ }" >"$out/dp/config"
     perf=()
     if [[ -n "${DP_PERF:-}" ]]; then
+        command -v perf >/dev/null || die "DP_PERF: no perf on the host (apt-get install linux-perf)"
         printf 'PERF=1\nPERF_CALLERS="%s"\n' "${DP_PERF_CALLERS:-}" >>"$out/dp/config"
         perf=(--bin "$(command -v perf):/usr/bin/perf")
     fi

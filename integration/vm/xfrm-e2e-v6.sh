@@ -1,7 +1,7 @@
 # Sourced by xfrm-e2e.sh (busybox sh, inside the test VM) before its own topology, when the
 # kernel command line says e2e.mode=v6-u6 or e2e.mode=v6-u4 (issue 18): `apply --driver xfrm
-# --xfrm-mode policy` end to end with real ESP over an IPv6 (v6-u6) or IPv4 (v6-u4) underlay,
-# the containers dual-stack. Uses xfrm-e2e.sh's helpers (ok, bad, abort, say, now) and
+# --xfrm-mode policy`, then `--xfrm-mode route` (XFRM interfaces), end to end with real ESP
+# over an IPv6 (v6-u6) or IPv4 (v6-u4) underlay, the containers dual-stack. Uses xfrm-e2e.sh's helpers (ok, bad, abort, say, now) and
 # variables (IP, BIN, META, PSK, HOSTS, MARK, RT_TABLE, REQID_*), builds its own topology and
 # ends the run (VM-RESULT).
 #
@@ -29,7 +29,8 @@
 # family only and no plaintext of either family; a second apply writes nothing; h2's SAs
 # flushed -> pings to/from c2 fail in each family, c1<->c3 still work, nothing in clear,
 # h2's drop counters rise; apply on h2 -> every pair back, a further apply writes nothing;
-# cleanup (twice) leaves nothing of ours in either family.
+# cleanup (twice) leaves nothing of ours in either family. Then route mode with the first
+# families ("CHECK v6-route-<name>", its own comment below), and on v6-u6 encrypted VXLAN.
 
 V6_U=6
 grep -qw e2e.mode=v6-u4 /proc/cmdline && V6_U=4
@@ -48,6 +49,8 @@ esac
 # Every family the containers carry at some point (once each: a dual-stack run switching to
 # one of its families adds nothing).
 V6_ALL=$(for f in $V6_FAMS $V6_SWITCH; do echo "$f"; done | sort -u | tr '\n' ' ')
+V6_FAMS0=$V6_FAMS # the route-mode part runs with the first families again
+V6_XMODE=policy # --xfrm-mode of v6_apply and the cleanup
 FAILED=""
 IP6T="ip6tables -w"
 
@@ -160,6 +163,11 @@ $IP netns exec sw sh -c "echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables &&
       for t in 130 131 132 133 134 135 136 137 143; do
           printf -- '-A FORWARD -p ipv6-icmp -m icmp6 --icmpv6-type %s -m comment --comment e2e-nd -j ACCEPT\n' \$t
       done
+      # what kind a plaintext packet is, for the failure output (sw_counters): counted only
+      for k in 'ipv6-icmp -m icmp6 --icmpv6-type 1' 'ipv6-icmp -m icmp6 --icmpv6-type 2' 'ipv6-icmp -m icmp6 --icmpv6-type 3' \
+          'ipv6-icmp -m icmp6 --icmpv6-type 4' 'ipv6-icmp -m icmp6 --icmpv6-type 128' 'ipv6-icmp -m icmp6 --icmpv6-type 129' udp tcp; do
+          printf -- '-A FORWARD -p %s -m comment --comment kind\n' \"\$k\"
+      done
       printf -- '-A FORWARD ! -p esp -m comment --comment e2e-plain\n-A FORWARD ! -p esp -s fd42::/48 -m comment --comment e2e-overlay\n-A FORWARD ! -p esp -d fd42::/48 -m comment --comment e2e-overlay\nCOMMIT\n'
     } | ip6tables-restore --noflush -w" || abort v6-topology "underlay counters (br_netfilter loaded?)"
 # ucounts -> "esp4 plain4 overlay4 esp6 plain6 overlay6 nd6": packets counted so far on the
@@ -266,7 +274,7 @@ sed 's/^/  metadata: /' $META
 V6_OUT=""
 v6_apply() { # N -> sets V6_OUT and LAST_WRITES; returns apply's status (99: odd summary)
     V6_OUT=$($IP netns exec h$1 $BIN apply --metadata $META --host h$1 --driver xfrm \
-        --xfrm-mode policy --psk-file $PSK 2>&1)
+        --xfrm-mode $V6_XMODE --psk-file $PSK 2>&1)
     rc=$?
     line=$(echo "$V6_OUT" | grep "^xfrm: host h$1: " | tail -n 1)
     LAST_WRITES=$(echo "$line" | sed -n 's/.* \([0-9][0-9]*\) writes.*/\1/p')
@@ -277,14 +285,18 @@ v6_apply() { # N -> sets V6_OUT and LAST_WRITES; returns apply's status (99: odd
     [ $rc -eq 0 ] || echo "$V6_OUT" | sed "s/^/  h$1 apply: /"
     return $rc
 }
-for n in $HOSTS; do
-    ts=$(now)
-    if v6_apply $n && [ "${LAST_WRITES:-0}" -gt 0 ]; then
-        ok "v6-apply-h$n" "$LAST_WRITES writes, $(awk -v a="$ts" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}')s"
-    else
-        abort "v6-apply-h$n" "exit $rc, writes '$LAST_WRITES'"
-    fi
-done
+# v6_apply_all NAME -> apply on every host, each must write something ("CHECK NAME-hN")
+v6_apply_all() {
+    for n in $HOSTS; do
+        ts=$(now)
+        if v6_apply $n && [ "${LAST_WRITES:-0}" -gt 0 ]; then
+            ok "$1-h$n" "$LAST_WRITES writes, $(awk -v a="$ts" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}')s"
+        else
+            abort "$1-h$n" "exit $rc, writes '$LAST_WRITES'"
+        fi
+    done
+}
+v6_apply_all v6-apply
 
 # --- the fwmark path of each family (installed by apply) -------------------------------------
 # marks_all -> per host and overlay family, the packets the MARK rules of IPSEC-MESH-MARK
@@ -515,6 +527,152 @@ for n in $HOSTS; do
     fi
 done
 
+# --- route mode, the same hosts and containers (issue 12 item 0 with issue 18) ---------------
+# `apply --driver xfrm --xfrm-mode route` with the first overlay families again (dual-stack
+# in CI): one XFRM interface per peer carries both inner families over this underlay, three
+# `0/0` policies per peer and family bound to its interface id, 2 inbound underlay blocks per
+# family, per family the rule `to <overlay> lookup 1042`, `unreachable <overlay>`, a `throw`
+# for the host's own subnet and the remote subnets routed into the peers' interfaces; the
+# reverse-path rule (mangle IPSEC-MESH-RPF) in iptables and ip6tables. Checks: apply; those
+# objects; every ordered container pair in each family; every SA of the generation in use
+# carries bytes; host-originated pings from cbr0's address (own subnet: the source the
+# reverse-path check accepts); nothing in clear on the underlay; a second apply writes
+# nothing; IPv6 spoofing: h2 sending to c1 with a source in h3's subnet is dropped by h1's
+# ip6tables rpfilter rule, with one in its own subnet it is answered; h2's SAs flushed ->
+# c2 unreachable in each family, c1<->c3 fine, nothing in clear; apply on h2 -> back;
+# cleanup leaves nothing of ours in either family.
+v6_underlay v6-policy-cleanup-no-plaintext "after the policy-mode cleanup"
+say "v6: route mode (XFRM interfaces), overlay families: $V6_FAMS0"
+V6_FAMS=$V6_FAMS0
+V6_XMODE=route
+v6_meta
+rt6_rpf_drops() { # NETNS FAMILY -> packets the reverse-path rule of that family dropped
+    if [ "$2" = 6 ]; then t="$IP6T"; else t="$IPT"; fi
+    # shellcheck disable=SC2086
+    $IP netns exec "$1" $t -t mangle -nvxL IPSEC-MESH-RPF 2>/dev/null | awk '/rpfilter/ { print $1 }'
+}
+v6_apply_all v6-route-apply
+nf=$(echo $V6_FAMS | wc -w)
+for n in $HOSTS; do
+    links=$($IP -n h$n -d -o link show type xfrm | grep -c ': imx[0-9a-f]*@.* group 1042 ')
+    pols=$($IP -n h$n xfrm policy | grep -c '^src')
+    bound=$($IP -n h$n xfrm policy | grep -c 'if_id 0x5')
+    blocks=$($IP -n h$n xfrm policy | grep -B2 'action block' | grep -c "dev u$n")
+    states=$($IP -n h$n xfrm state | grep -c '^src')
+    sa_bound=$($IP -n h$n xfrm state | grep -c 'if_id 0x5')
+    what="" miss=""
+    for f in $V6_FAMS; do
+        if [ "$f" = 6 ]; then cidr=fd42::/48 own=fd42:0:0:$n::/64 t="$IP6T"; else cidr=10.42.0.0/16 own=10.42.$n.0/24 t="$IPT"; fi
+        rt=$($IP -$f -n h$n route show table $RT_TABLE)
+        rule=$($IP -$f -n h$n rule show | grep -c "from all to $cidr lookup $RT_TABLE")
+        unreach=$(echo "$rt" | grep -c "^unreachable $cidr")
+        throw=$(echo "$rt" | grep -c "^throw $own")
+        # shellcheck disable=SC2086
+        rpf=$($IP netns exec h$n $t -t mangle -S IPSEC-MESH-RPF 2>/dev/null | grep -c -- '-i imx+ -m rpfilter --invert -j DROP')
+        routed="" unrouted=""
+        for m in $HOSTS; do
+            [ "$m" = "$n" ] && continue
+            dev=$($IP -$f -n h$n route get "$(caddr $f $m 2)" | sed -n 's/.* dev \(imx[0-9a-f]*\) .*/\1/p')
+            if [ -n "$dev" ]; then routed="$routed c$m->$dev"; else unrouted="$unrouted c$m"; fi
+        done
+        what="$what v$f: rule to $cidr $rule, unreachable $unreach, throw $own $throw, rpfilter rule $rpf,$routed;"
+        [ "$rule" -eq 1 ] && [ "$unreach" -eq 1 ] && [ "$throw" -eq 1 ] && [ "$rpf" -eq 1 ] && [ -z "$unrouted" ] ||
+            miss="$miss v$f(not routed:${unrouted:- -})"
+    done
+    if [ "$links" -eq 2 ] && [ "$pols" -eq $((8 * nf)) ] && [ "$bound" -eq $((6 * nf)) ] && [ "$blocks" -eq $((2 * nf)) ] &&
+        [ "$states" -eq 8 ] && [ "$sa_bound" -eq 8 ] && [ -z "$miss" ]; then
+        ok "v6-route-objects-h$n" "2 xfrm interfaces, $pols policies ($bound bound to an if_id, $blocks underlay blocks), 8 SAs bound ($(v6_sa_fams h$n));$what"
+    else
+        bad "v6-route-objects-h$n" "links $links (want 2), policies $pols ($((8 * nf))), bound $bound ($((6 * nf))), underlay blocks $blocks ($((2 * nf))), SAs $states (8), bound SAs $sa_bound (8), missing in:${miss:- -};$what"
+        dump_host $n
+    fi
+done
+v6_pings "$ALL_PAIRS" 3
+if [ -z "$PING_FAILED" ]; then ok v6-route-ping-all "$PING_OK"; else bad v6-route-ping-all "failed:$PING_FAILED; ok:${PING_OK:- -}"; dump_all; fi
+zero="" used=0
+for n in $HOSTS; do
+    lines=$(sa_lines h$n)
+    used=$((used + $(echo "$lines" | awk 'substr($3, 10, 1) == "1" { n++ } END { print n + 0 }')))
+    zero="$zero$(echo "$lines" | awk -v h=$n '$5 == 0 && substr($3, 10, 1) == "1" { printf " h%s:%s", h, $3 }')"
+done
+if [ "$used" -ge 12 ] && [ -z "$zero" ]; then
+    ok v6-route-sa-bytes "all $used generation-1 SAs of the 3 hosts carried bytes"
+else
+    bad v6-route-sa-bytes "$used generation-1 SAs (want >= 12), no bytes on:${zero:- -}"
+fi
+hok="" hbad=""
+for f in $V6_FAMS; do
+    for n in $HOSTS; do
+        for m in $HOSTS; do
+            [ "$n" = "$m" ] && continue
+            if $IP netns exec h$n $(pingf $f) -c 1 -W 2 -I "$(caddr $f $n 1)" "$(caddr $f $m 2)" >/dev/null 2>&1; then
+                hok="$hok h$n>c$m/v$f"
+            else
+                hbad="$hbad h$n>c$m/v$f"
+            fi
+        done
+    done
+done
+if [ -z "$hbad" ]; then ok v6-route-host-originated "from cbr0's address:$hok"; else bad v6-route-host-originated "failed:$hbad; ok:${hok:- -}"; fi
+v6_underlay v6-route-no-plaintext "route mode, after the container and host pings"
+for n in $HOSTS; do
+    if v6_apply $n && [ "$LAST_WRITES" = 0 ]; then ok "v6-route-noop-h$n" "0 writes"; else bad "v6-route-noop-h$n" "exit $rc, writes '$LAST_WRITES'"; fi
+done
+case " $V6_FAMS " in
+*" 6 "*)
+    spoof=fd42:0:0:3::9 mine=fd42:0:0:2::9
+    $IP -n h2 addr add $spoof/128 dev lo nodad && $IP -n h2 addr add $mine/128 dev lo nodad ||
+        abort v6-route-spoof "addr add on h2"
+    d0=$(rt6_rpf_drops h1 6)
+    $IP netns exec h2 ping -6 -c 3 -i 0.2 -W 1 -w 4 -I $spoof fd42:0:0:1::2 >/dev/null 2>&1
+    rc_s=$?
+    d1=$(rt6_rpf_drops h1 6)
+    $IP netns exec h2 ping -6 -c 3 -i 0.2 -W 1 -w 4 -I $mine fd42:0:0:1::2 >/dev/null 2>&1
+    rc_m=$?
+    d2=$(rt6_rpf_drops h1 6)
+    msg="h2 as h3's $spoof: ping rc $rc_s, h1's ip6tables rpfilter rule dropped $((d1 - d0)); h2 with its own $mine: ping rc $rc_m, dropped $((d2 - d1))"
+    if [ "$rc_s" -ne 0 ] && [ $((d1 - d0)) -ge 3 ] && [ "$rc_m" -eq 0 ] && [ "$d2" -eq "$d1" ]; then
+        ok v6-route-spoof "$msg"
+    else
+        bad v6-route-spoof "$msg"
+        dump_host 1
+    fi
+    $IP -n h2 addr del $spoof/128 dev lo
+    $IP -n h2 addr del $mine/128 dev lo
+    ;;
+esac
+out_ns0=$(v6_stat h2 XfrmOutNoStates) in_ns0=$(v6_stat h2 XfrmInNoStates)
+$IP -n h2 xfrm state flush || abort v6-route-flush "ip xfrm state flush in h2"
+v6_flush_check v6-route-no-sa-pings
+out_ns1=$(v6_stat h2 XfrmOutNoStates) in_ns1=$(v6_stat h2 XfrmInNoStates)
+drops="h2 XfrmOutNoStates $out_ns0->$out_ns1, XfrmInNoStates $in_ns0->$in_ns1"
+if [ "$out_ns1" -gt "$out_ns0" ] && [ "$in_ns1" -gt "$in_ns0" ]; then ok v6-route-no-sa-dropped "$drops"; else bad v6-route-no-sa-dropped "$drops"; fi
+v6_underlay v6-route-no-sa-no-plaintext "route mode, h2 without SAs"
+if v6_apply 2 && [ "${LAST_WRITES:-0}" -gt 0 ]; then ok v6-route-reapply-h2 "$LAST_WRITES writes"; else bad v6-route-reapply-h2 "exit $rc, writes '$LAST_WRITES'"; fi
+v6_pings "$ALL_PAIRS" 3
+if [ -z "$PING_FAILED" ]; then ok v6-route-recovered "$PING_OK"; else bad v6-route-recovered "failed:$PING_FAILED; ok:${PING_OK:- -}"; dump_all; fi
+for n in $HOSTS; do
+    out=$($IP netns exec h$n $BIN cleanup --driver xfrm --xfrm-mode route 2>&1)
+    rc=$?
+    left=""
+    [ -z "$($IP -n h$n -o link show type xfrm)" ] || left="$left xfrm-interfaces"
+    [ -z "$($IP -n h$n xfrm state)" ] || left="$left SAs"
+    $IP -n h$n xfrm policy | grep -q . && left="$left policies"
+    for f in 4 6; do
+        $IP -$f -n h$n rule show | grep -q "lookup $RT_TABLE" && left="$left v$f-rule"
+        [ -z "$($IP -$f -n h$n route show table $RT_TABLE 2>/dev/null)" ] || left="$left v$f-routes-in-$RT_TABLE"
+    done
+    $IP netns exec h$n iptables-save | grep -q IPSEC-MESH- && left="$left iptables-chains"
+    $IP netns exec h$n ip6tables-save | grep -q IPSEC-MESH- && left="$left ip6tables-chains"
+    if [ $rc -eq 0 ] && [ -z "$left" ]; then
+        ok "v6-route-cleanup-h$n" "nothing of ours left in either family"
+    else
+        bad "v6-route-cleanup-h$n" "exit $rc; left:${left:- nothing}; $out"
+        dump_host $n
+    fi
+done
+v6_underlay v6-route-cleanup-no-plaintext "after the route-mode cleanup"
+
 # --- encrypted VXLAN over the IPv6 underlay (v6-u6 only) ---------------------------------------
 # `apply --driver vxlan --vxlan-encrypt` on the same hosts and containers: vtep1042 with an
 # IPv6 local address and IPv6 FDB remotes, its UDP 4789 packets in ESP transport-mode SAs
@@ -543,6 +701,7 @@ if [ "$V6_U" = 6 ]; then
             bad "v6-vxesp-apply-h$n" "apply failed"
         fi
     done
+    v6_underlay v6-vxesp-applied-no-plaintext "encrypted VXLAN applied, before any ping"
     v6_pings "$ALL_PAIRS" 3
     if [ -z "$PING_FAILED" ]; then ok v6-vxesp-ping-all "$PING_OK"; else bad v6-vxesp-ping-all "failed:$PING_FAILED; ok:${PING_OK:- -}"; dump_all; fi
     v6_underlay v6-vxesp-underlay "encrypted VXLAN"

@@ -45,15 +45,21 @@ pub fn ensure(path: &str, value: &'static str) -> Result<bool, SysctlError> {
 /// device's own (0). The kernel skips `rp_filter` for packets that came through IPsec (they
 /// carry a secpath), so the sysctl neither checks nor breaks what the interfaces decrypt; the
 /// route mode's source check is a firewall rule ([`crate::dataplane::firewall::RPF_CHAIN`]).
-/// 0 just leaves the operator's `all` in force. Returns how many were written.
-pub fn tune_tunnel_device(dev: &str, v6: bool) -> Result<usize, SysctlError> {
-    let fwd = if v6 {
-        format!("/proc/sys/net/ipv6/conf/{dev}/forwarding")
-    } else {
-        format!("/proc/sys/net/ipv4/conf/{dev}/forwarding")
-    };
+/// 0 just leaves the operator's `all` in force. Forwarding is set for each overlay family in
+/// `v6s` (false: IPv4, true: IPv6; a dual-stack overlay has both). Returns how many were
+/// written.
+pub fn tune_tunnel_device(dev: &str, v6s: &[bool]) -> Result<usize, SysctlError> {
+    let mut n = 0;
+    for fam in ["ipv4", "ipv6"] {
+        if v6s.contains(&(fam == "ipv6")) {
+            n += usize::from(ensure(
+                &format!("/proc/sys/net/{fam}/conf/{dev}/forwarding"),
+                "1",
+            )?);
+        }
+    }
     let rp = format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter");
-    Ok(usize::from(ensure(&fwd, "1")?) + usize::from(ensure(&rp, "0")?))
+    Ok(n + usize::from(ensure(&rp, "0")?))
 }
 
 /// Turns forwarding on for the families asked for (IPv4 first).

@@ -63,7 +63,6 @@ pub mod desired;
 pub mod messages;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use rtnetlink::Handle;
 use tracing::{debug, info, warn};
@@ -252,10 +251,11 @@ pub async fn reconcile_with(h: &Handle, plan: &Plan) -> Result<(LinkReport, u32)
     }
     let failed: std::collections::BTreeSet<String> =
         report.errors.iter().map(|f| f.owner.clone()).collect();
-    let v6 = matches!(plan.cidr.network(), IpAddr::V6(_));
+    // Dual-stack: forwarding of both families on each interface.
+    let families = crate::dataplane::xfrm::desired::overlay_families(plan);
     let mut sysctl_errors = Vec::new();
     for s in want.iter().filter(|s| !failed.contains(&s.owner)) {
-        match sysctl::tune_tunnel_device(&s.name, v6) {
+        match sysctl::tune_tunnel_device(&s.name, &families) {
             Ok(n) => {
                 report.writes += n;
                 if n > 0 {
