@@ -79,6 +79,8 @@ dump_host() { # $1 = host number
 sw_counters() {
     $IP netns exec sw $IPT -nvxL FORWARD
     $IP netns exec sw $IP6T -nvxL FORWARD
+    echo "----- the last plaintext IPv6 packets the switch logged (after the warm-up's)"
+    dmesg | grep 'e2e-plain6:' | tail -n 8
 }
 
 # --- topology ------------------------------------------------------------------------------
@@ -168,6 +170,8 @@ $IP netns exec sw sh -c "echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables &&
           'ipv6-icmp -m icmp6 --icmpv6-type 4' 'ipv6-icmp -m icmp6 --icmpv6-type 128' 'ipv6-icmp -m icmp6 --icmpv6-type 129' udp tcp; do
           printf -- '-A FORWARD -p %s -m comment --comment kind\n' \"\$k\"
       done
+      # and which packet it was (kernel log; ND and ESP were accepted/counted above)
+      printf -- '-A FORWARD ! -p esp -j LOG --log-prefix e2e-plain6:\n'
       printf -- '-A FORWARD ! -p esp -m comment --comment e2e-plain\n-A FORWARD ! -p esp -s fd42::/48 -m comment --comment e2e-overlay\n-A FORWARD ! -p esp -d fd42::/48 -m comment --comment e2e-overlay\nCOMMIT\n'
     } | ip6tables-restore --noflush -w" || abort v6-topology "underlay counters (br_netfilter loaded?)"
 # ucounts -> "esp4 plain4 overlay4 esp6 plain6 overlay6 nd6": packets counted so far on the
@@ -680,7 +684,8 @@ v6_underlay v6-route-cleanup-no-plaintext "after the route-mode cleanup"
 # underlay carries IPv6 ESP only (plaintext VXLAN would count as other IPv6); the objects
 # (transport SAs over IPv6, local fd77::N, MTU 1393 = 1500 - 70 - 37); a second apply writes
 # nothing; h2's SAs flushed -> c2 unreachable, c1<->c3 fine, nothing in clear; apply on h2
-# -> back; cleanup leaves nothing of ours.
+# -> back; h2's cleanup while c1 sends to c2 sends no ICMP error in clear; cleanup leaves
+# nothing of ours.
 if [ "$V6_U" = 6 ]; then
     say "v6: encrypted VXLAN over IPv6"
     # The vxlan backend takes one overlay family (a dual-stack vxlan network is refused): IPv4
@@ -723,9 +728,35 @@ if [ "$V6_U" = 6 ]; then
     vx6_apply 2 || bad v6-vxesp-reapply "$VX_OUT"
     v6_pings "$ALL_PAIRS" 3
     if [ -z "$PING_FAILED" ]; then ok v6-vxesp-recovered "$PING_OK"; else bad v6-vxesp-recovered "failed:$PING_FAILED"; dump_all; fi
-    for n in $HOSTS; do
+    # Cleanup under traffic: h2 first, while c1 sends to c2 every 10 ms (h1 encrypts it to
+    # h2 all along). Were h2's SAs still there once its VXLAN device is gone, h2 would answer
+    # each decrypted packet with an ICMPv6 port unreachable quoting it, in clear (no UDP
+    # policy matches ICMP); the SAs go first (driver::EspPart), so h2 just drops the ESP.
+    unreach6() { $IP netns exec sw $IP6T -nvxL FORWARD | awk '/ipv6-icmptype 1 / && /kind/ { print $1 }'; }
+    # shellcheck disable=SC2046
+    set -- $(ucounts)
+    esp_a=$4 un_a=$(unreach6)
+    $IP netns exec c1 ping -q -i 0.01 -w 20 10.42.2.2 >/dev/null 2>&1 &
+    flood=$!
+    sleep 1
+    for n in 2 1 3; do
         out=$($IP netns exec h$n $BIN cleanup --driver vxlan --vxlan-encrypt 2>&1)
         rc=$?
+        if [ $n = 2 ]; then
+            sleep 0.5
+            kill $flood 2>/dev/null
+            wait $flood 2>/dev/null
+            # shellcheck disable=SC2046
+            set -- $(ucounts)
+            esp_b=$4 un_b=$(unreach6)
+            msg="ESP on the underlay during it $esp_a->$esp_b; ICMPv6 destination unreachable in clear $un_a->$un_b"
+            if [ "$esp_b" -gt "$esp_a" ] && [ "$un_b" = "$un_a" ]; then
+                ok v6-vxesp-cleanup-under-traffic "$msg"
+            else
+                bad v6-vxesp-cleanup-under-traffic "$msg"
+                sw_counters
+            fi
+        fi
         if [ $rc -eq 0 ] && ! $IP -n h$n link show vtep1042 >/dev/null 2>&1 &&
             [ -z "$($IP -n h$n xfrm policy)$($IP -n h$n xfrm state)" ]; then
             ok "v6-vxesp-cleanup-h$n" "nothing of ours left"

@@ -7,13 +7,13 @@
 //! |---|---|---|
 //! | `xfrm` | [`XfrmMesh`]: XFRM policies + SAs, firewall marks and guard, policy routes (route mode, `--xfrm-mode route`: first one XFRM interface per peer, [`super::xfrmi`]) | it |
 //! | `vxlan` | [`VxlanMesh`] | its FDB and neighbours |
-//! | `vxlan` + ESP | [`VxlanEsp`] (transport-mode policies + SAs first, so VXLAN never leaves in clear), then [`VxlanMesh`] | the ESP layer's SAs |
+//! | `vxlan` + ESP | [`VxlanEsp`] policies (first, so VXLAN never leaves in clear and plaintext VXLAN is refused), [`VxlanMesh`], then [`VxlanEsp`] SAs (last, and cleaned up first: a host never decrypts VXLAN without a VXLAN device, whose absence would send the peer an ICMP error quoting the decrypted packet in clear; see [`EspPart`]) | the ESP SA layer's SAs |
 //! | `charon` | [`CharonMesh`] (charon installs policies and SAs) | charon's SAs |
 //! | `charon`, `policies: false` | [`XfrmMesh::policies_only`] (policies, marks, guard, routes: fail closed while charon negotiates), then [`CharonMesh`] (SAs only) | charon's SAs |
 
 use super::charon::desired::CharonConfig;
 use super::charon::CharonMesh;
-use super::driver::{Driver, Forwarding, Stack, VxlanEsp, XfrmMesh};
+use super::driver::{Driver, EspPart, Forwarding, Stack, VxlanEsp, XfrmMesh};
 use super::vxlan::{VxlanConfig, VxlanMesh};
 use crate::plan::{Marks, Plan, Psk};
 
@@ -116,13 +116,17 @@ impl DataplaneConfig {
                     config: self.vxlan.clone(),
                 });
                 if self.vxlan.esp {
-                    let esp = Box::new(VxlanEsp {
-                        port: self.vxlan.port,
-                        marks: self.marks,
-                    });
+                    let esp = |part| {
+                        Box::new(VxlanEsp {
+                            port: self.vxlan.port,
+                            marks: self.marks,
+                            part,
+                        })
+                    };
                     Box::new(Stack {
-                        drivers: vec![esp, vxlan],
-                        counters_from: 0,
+                        drivers: vec![esp(EspPart::Policies), vxlan, esp(EspPart::Sas)],
+                        counters_from: 2,
+                        name_from: 1,
                     })
                 } else {
                     vxlan
@@ -139,6 +143,7 @@ impl DataplaneConfig {
                     Box::new(Stack {
                         drivers: vec![policies, charon],
                         counters_from: 1,
+                        name_from: 1,
                     })
                 }
             }
@@ -168,7 +173,17 @@ mod tests {
         assert_eq!(names(&config(DriverKind::Vxlan)), "vxlan");
         let mut esp = config(DriverKind::Vxlan);
         esp.vxlan.esp = true;
-        assert_eq!(names(&esp), "vxlan", "a stack is named by its last layer");
+        assert_eq!(
+            names(&esp),
+            "vxlan",
+            "the stack is named by its vxlan layer"
+        );
+        // Policies before the device, SAs after it (cleanup: the reverse): never a decrypted
+        // VXLAN packet without the device (EspPart::Sas says why).
+        assert_eq!(
+            esp.build(None).unwrap().layers(),
+            ["vxlan-esp-policies", "vxlan", "vxlan-esp"]
+        );
         assert_eq!(names(&config(DriverKind::Charon)), "charon");
         let mut split = config(DriverKind::Charon);
         split.charon.policies = false;

@@ -103,6 +103,10 @@ pub trait Driver: Send {
     fn cleanup(&mut self) -> DriverReport;
     /// Per-peer state and counters, by host id.
     fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters>;
+    /// The layers in reconcile order (a [`Stack`]'s, else this one).
+    fn layers(&self) -> Vec<&'static str> {
+        vec![self.name()]
+    }
     /// For drivers with a long-lived side (an event watcher): the sidecar calls this with
     /// every new plan; `wake` asks the sidecar for a reconcile now (e.g. after the daemon the
     /// driver talks to restarted). One-shot commands never call it.
@@ -154,35 +158,70 @@ fn tend_xfrm(plan: &Plan) -> usize {
     }
 }
 
-/// ESP transport mode for VXLAN between hosts (encrypted VXLAN), stacked before the vxlan
-/// driver so the policies are in place before the device carries anything.
+/// Which part of encrypted VXLAN a [`VxlanEsp`] layer owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EspPart {
+    /// The transport-mode policies: stacked before the vxlan driver (reconciled first,
+    /// cleaned up last), so the device never sends in clear and plaintext VXLAN is refused.
+    Policies,
+    /// The SAs: stacked after the vxlan driver (reconciled last, cleaned up first). A host
+    /// that decrypts VXLAN while it has no VXLAN socket answers each packet with an ICMP
+    /// port-unreachable error that quotes the decrypted packet (inner headers and data) and,
+    /// matching none of the UDP policies, leaves in clear; with the SAs only there while the
+    /// device is, that never happens (before them a peer's ESP is dropped for want of an SA).
+    Sas,
+}
+
+/// ESP transport mode for VXLAN between hosts (encrypted VXLAN): two layers around the vxlan
+/// driver, policies before it and SAs after it ([`EspPart`]).
 pub struct VxlanEsp {
     pub port: u16,
     pub marks: Marks,
+    pub part: EspPart,
 }
 
 impl Driver for VxlanEsp {
     fn name(&self) -> &'static str {
-        "vxlan-esp"
+        match self.part {
+            EspPart::Policies => "vxlan-esp-policies",
+            EspPart::Sas => "vxlan-esp",
+        }
     }
 
     fn reconcile(&mut self, plan: &Plan) -> DriverReport {
         let mut r = DriverReport::default();
-        add_xfrm(&mut r, xfrm::reconcile_vxlan_esp(plan, self.port));
+        add_xfrm(
+            &mut r,
+            match self.part {
+                EspPart::Policies => xfrm::reconcile_vxlan_esp_policies(plan, self.port),
+                EspPart::Sas => xfrm::reconcile_vxlan_esp(plan, self.port),
+            },
+        );
         r
     }
 
     fn cleanup(&mut self) -> DriverReport {
         let mut r = DriverReport::default();
-        add_xfrm(&mut r, xfrm::cleanup(&self.marks));
+        let scope = match self.part {
+            // Last: whatever of ours is left, the policies.
+            EspPart::Policies => xfrm::Scope::All,
+            EspPart::Sas => xfrm::Scope::SasOnly,
+        };
+        add_xfrm(&mut r, xfrm::cleanup_scoped(&self.marks, scope));
         r
     }
 
     fn counters(&mut self, plan: &Plan) -> BTreeMap<String, PeerCounters> {
+        if self.part == EspPart::Policies {
+            return BTreeMap::new();
+        }
         sa_counters_by_peer(plan)
     }
 
     fn watch(&mut self, _plan: &Plan, wake: Wake) {
+        if self.part == EspPart::Policies {
+            return; // the SA layer watches
+        }
         start_notify(
             notify::Filter {
                 mark_mask: None,
@@ -195,24 +234,35 @@ impl Driver for VxlanEsp {
     }
 
     fn tend(&mut self, plan: &Plan) -> usize {
-        tend_xfrm(plan)
+        match self.part {
+            EspPart::Policies => 0,
+            EspPart::Sas => tend_xfrm(plan),
+        }
     }
 
     fn has_sas(&self) -> bool {
-        true
+        self.part == EspPart::Sas
     }
 }
 
-/// Several drivers as one: reconciled in order, cleaned up in reverse; name from the last,
-/// per-peer state and counters from `drivers[counters_from]` (the one that sees the SAs).
+/// Several drivers as one: reconciled in order, cleaned up in reverse; name from
+/// `drivers[name_from]`, per-peer state and counters from `drivers[counters_from]` (the one
+/// that sees the SAs).
 pub struct Stack {
     pub drivers: Vec<Box<dyn Driver>>,
     pub counters_from: usize,
+    pub name_from: usize,
 }
 
 impl Driver for Stack {
     fn name(&self) -> &'static str {
-        self.drivers.last().map_or("none", |d| d.name())
+        self.drivers
+            .get(self.name_from)
+            .map_or("none", |d| d.name())
+    }
+
+    fn layers(&self) -> Vec<&'static str> {
+        self.drivers.iter().flat_map(|d| d.layers()).collect()
     }
 
     fn reconcile(&mut self, plan: &Plan) -> DriverReport {

@@ -41,6 +41,9 @@ pub enum Scope {
     /// Policies only: the SAs (with our reqids) are installed by charon with `policies = no`
     /// and are never read, changed or deleted here.
     PoliciesOnly,
+    /// SAs only: the policies are not read, changed or deleted (encrypted VXLAN's cleanup
+    /// removes the SAs before the VXLAN device, the policies after it).
+    SasOnly,
 }
 
 pub fn read_current(sock: &mut XfrmSocket, marks: &Marks) -> Result<Current, SocketError> {
@@ -54,13 +57,15 @@ pub fn read_current_scoped(
     scope: Scope,
 ) -> Result<Current, SocketError> {
     let mut cur = Current::default();
-    sock.dump_raw(messages::policy_dump(), |bytes| {
-        if let Some(p) = messages::parse_policy_raw(bytes) {
-            if p.is_owned(marks) {
-                cur.policies.push(p);
+    if scope != Scope::SasOnly {
+        sock.dump_raw(messages::policy_dump(), |bytes| {
+            if let Some(p) = messages::parse_policy_raw(bytes) {
+                if p.is_owned(marks) {
+                    cur.policies.push(p);
+                }
             }
-        }
-    })?;
+        })?;
+    }
     if scope == Scope::PoliciesOnly {
         return Ok(cur);
     }
@@ -476,6 +481,15 @@ pub fn reconcile_route(plan: &Plan, underlay_dev: u32) -> Result<Report, SocketE
 /// for UDP `port` between this host and its peers).
 pub fn reconcile_vxlan_esp(plan: &Plan, port: u16) -> Result<Report, SocketError> {
     reconcile_desired(plan, desired::vxlan_esp(plan, port), Scope::All, false)
+}
+
+/// Encrypted VXLAN, first step: [`desired::vxlan_esp`]'s policies only (its SAs are neither
+/// added nor touched), so that the VXLAN device, made next, never sends in clear and
+/// plaintext VXLAN is refused before any SA exists.
+pub fn reconcile_vxlan_esp_policies(plan: &Plan, port: u16) -> Result<Report, SocketError> {
+    let mut want = desired::vxlan_esp(plan, port);
+    want.sas.clear();
+    reconcile_desired(plan, want, Scope::PoliciesOnly, false)
 }
 
 fn reconcile_desired(
