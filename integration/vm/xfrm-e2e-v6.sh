@@ -157,6 +157,9 @@ for n in $HOSTS; do
 done
 
 # Underlay counters in sw (br_netfilter: bridged IPv4 -> iptables, IPv6 -> ip6tables FORWARD).
+# The kernel logs LOG rules of other namespaces than the first only with nf_log_all_netns.
+f=/proc/sys/net/netfilter/nf_log_all_netns
+[ ! -e $f ] || echo 1 >$f
 $IP netns exec sw sh -c "echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables &&
     echo 1 >/proc/sys/net/bridge/bridge-nf-call-ip6tables &&
     printf '*filter\n-A FORWARD -p esp -m comment --comment e2e-esp\n-A FORWARD ! -p esp -m comment --comment e2e-plain\n-A FORWARD ! -p esp -s 10.42.0.0/16 -m comment --comment e2e-overlay\n-A FORWARD ! -p esp -d 10.42.0.0/16 -m comment --comment e2e-overlay\nCOMMIT\n' |
