@@ -45,7 +45,7 @@ die() { printf 'bench-datapath: error: %s\n' "$*" >&2; exit 2; }
 [[ "$(id -u)" -eq 0 ]] || die "must run as root (qemu, setup.sh)"
 [[ "$cases" =~ ^[0-9]+( [0-9]+)*$ ]] || die "DP_CASES must be numbers separated by spaces"
 [[ " $cases " == *" 1 "* ]] || die "DP_CASES must include 1 (the ratios are to the 1-peer case)"
-[[ "$modes" =~ ^(policy|route)( (policy|route))*$ ]] || die "DP_MODES: policy and/or route, separated by spaces"
+[[ "$modes" =~ ^(policy|route|md)( (policy|route|md))*$ ]] || die "DP_MODES: policy, route and/or md, separated by spaces"
 [[ "$rounds" =~ ^[1-9][0-9]*$ && "$sends" =~ ^[1-9][0-9]*$ ]] || die "DP_ROUNDS, DP_SENDS: positive numbers"
 [[ "$shape" == rancher || "$shape" == subnet ]] || die "DP_SHAPE: rancher or subnet"
 command -v python3 >/dev/null || die "needs python3 (metadata and the summary)"
@@ -134,7 +134,7 @@ for g in $groups; do
     say "VM: modes ${g//,/ }, cases $cases, shape $shape, $rounds rounds of $sends sends (timeout ${timeout_s}s); load: $(uptime)"
     VM_MEM=${VM_MEM:-2048M} "$here/run.sh" "$out/dp-$g.cpio.gz" "$timeout_s" >/dev/null || rc=$?
     log="$out/dp-$g.cpio.gz.console.log"
-    tr -d '\r' <"$log" | grep -a -E '^(dp:|CHECK |FINDING |DP-SA |DP-APPLY |PERF|VM-RESULT)' || true
+    tr -d '\r' <"$log" | grep -a -E "^(dp:|CHECK |FINDING |DP-SA |DP-APPLY |DP-MD |PERF|VM-RESULT)" || true
     tr -d '\r' <"$log" >>"$out/console.txt"
     say "VM $g done; load: $(uptime)"
 done
@@ -160,7 +160,7 @@ for a in applies:
 print("%-6s %-9s %6s %9s %15s %6s %11s %13s %9s %6s %7s" % ("mode", "traffic", "peers", "median/s", "min-max/s", "ratio", "ratio IQR", "ratio min-max", "overall/s", "ratio", "failed"))
 def overall(by_round):
     return sum(x[2] for x in by_round.values()) / sum(x[3] for x in by_round.values())
-for mode in ("policy", "route"):
+for mode in ("policy", "route", "md"):
     for k in ("overlay", "underlay"):
         for (mm, kk, n), by_round in sorted(rates.items()):
             if (mm, kk) != (mode, k):
@@ -172,13 +172,14 @@ for mode in ("policy", "route"):
                 mode, k, n, statistics.median(v), min(v), max(v), statistics.median(ratios),
                 q(ratios, 0.25), q(ratios, 0.75), min(ratios), max(ratios), overall(by_round),
                 overall(by_round) / overall(base), sum(x[1] for x in by_round.values())))
-both = [(k, n) for (m, k, n) in sorted(rates) if m == "route" and ("policy", k, n) in rates]
-if both:
+for other, base_mode in (("route", "policy"), ("md", "route"), ("md", "policy")):
+  both = [(k, n) for (m, k, n) in sorted(rates) if m == other and (base_mode, k, n) in rates]
+  if both:
     # Per-round ratios only mean something when both modes ran interleaved in one VM
     # (DP_BOOT=one); with one VM per mode the rounds are minutes apart.
-    print("route mode / policy mode, same peers: median per-round ratio (IQR; only with DP_BOOT=one), overall ratio")
+    print("%s / %s, same peers: median per-round ratio (IQR; only with DP_BOOT=one), overall ratio" % (other, base_mode))
     for k, n in both:
-        r, p = rates[("route", k, n)], rates[("policy", k, n)]
+        r, p = rates[(other, k, n)], rates[(base_mode, k, n)]
         ratios = [r[i][0] / p[i][0] for i in r if i in p and p[i][0]]
         print("  %-9s %6d %5.2fx (%4.2f-%-4.2f) %5.2fx" % (k, n, statistics.median(ratios), q(ratios, 0.25), q(ratios, 0.75), overall(r) / overall(p)))
 PY
