@@ -19,6 +19,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
 
 use common::{in_new_netns, sh};
+use ipsec_mesh::dataplane::firewall::srccheck;
+use ipsec_mesh::dataplane::xfrmi;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ipsec-mesh");
 const PSK: &str = "a-test-only-psk-that-is-long-enough-0123456789";
@@ -29,7 +31,14 @@ const META: &str = r#"{"network":{"cidr":"10.42.0.0/16"},"hosts":[
  {"id":"host-2","agent_ip":"192.168.77.2","subnets":["10.42.9.4/32","10.42.77.41/32","10.42.130.8/32"]},
  {"id":"host-3","agent_ip":"192.168.77.3","subnets":["10.42.31.2/32","10.42.4.250/32"]}]}"#;
 
+/// Route mode with an interface per peer (auto may pick the one collect_md interface).
+const PER_PEER: &[&str] = &["--xfrm-route-devices", "per-peer"];
+
 fn mesh(dir: &std::path::Path, cmd: &str, mode: &str) -> Output {
+    mesh_with(dir, cmd, mode, &[])
+}
+
+fn mesh_with(dir: &std::path::Path, cmd: &str, mode: &str, extra: &[&str]) -> Output {
     let meta = dir.join("meta.json");
     let psk = dir.join("psk");
     let mut args: Vec<String> = vec![cmd.into()];
@@ -47,6 +56,7 @@ fn mesh(dir: &std::path::Path, cmd: &str, mode: &str) -> Output {
         );
     }
     args.extend(["--driver", "xfrm", "--xfrm-mode", mode].map(String::from));
+    args.extend(extra.iter().map(|a| a.to_string()));
     Command::new(BIN)
         .args(&args)
         .env("IPSEC_MESH_LOG", "info")
@@ -183,7 +193,7 @@ fn interfaces_stay_out_of_the_underlay_chains(dir: &std::path::Path) {
         "ip link del {victim} && ip link add {victim} index {bad} mtu 1400 group 1042 type xfrm dev ul0 if_id {if_id} && ip link set {victim} up"
     ));
     assert_eq!(link_indexes()[&victim], bad);
-    let o = mesh(dir, "apply", "route");
+    let o = mesh_with(dir, "apply", "route", PER_PEER);
     let out = text(&o);
     let now = link_indexes()[&victim];
     assert_ne!(
@@ -195,7 +205,7 @@ fn interfaces_stay_out_of_the_underlay_chains(dir: &std::path::Path) {
         sh(&format!("ip -d link show {victim}")).contains(&format!("if_id {if_id}")),
         "recreated with its id"
     );
-    let o = mesh(dir, "apply", "route");
+    let o = mesh_with(dir, "apply", "route", PER_PEER);
     assert!(
         text(&o).contains(": 2 peers, 0 writes, 0 errors"),
         "placed: a no-op: {}",
@@ -213,7 +223,7 @@ fn route_mode_fails_clearly_without_xfrm_interfaces_and_auto_falls_back_to_polic
         let has = kernel_has_xfrmi();
         let before = dataplane();
 
-        let o = mesh(dir.path(), "apply", "route");
+        let o = mesh_with(dir.path(), "apply", "route", PER_PEER);
         let out = text(&o);
         if has {
             // This kernel can: one interface per peer, 3 policies each + 2 inbound blocks.
@@ -244,7 +254,17 @@ fn route_mode_fails_clearly_without_xfrm_interfaces_and_auto_falls_back_to_polic
         let policies = sh("ip xfrm policy");
         if has {
             assert!(out.contains("xfrm_mode=route"), "{out}");
-            assert_eq!(our_links().len(), 2, "{out}");
+            // auto: the one collect_md interface where the kernel has it and nft is here.
+            let one = xfrmi::probe_one().is_ok() && srccheck::probe().is_ok();
+            assert!(
+                out.contains(if one {
+                    "route_devices=one"
+                } else {
+                    "route_devices=per-peer"
+                }),
+                "{out}"
+            );
+            assert_eq!(our_links().len(), if one { 1 } else { 2 }, "{out}");
         } else {
             assert!(out.contains("xfrm_mode=policy"), "{out}");
             assert!(
@@ -281,6 +301,132 @@ fn route_mode_fails_clearly_without_xfrm_interfaces_and_auto_falls_back_to_polic
         let o = mesh(dir.path(), "cleanup", "auto");
         assert!(o.status.success(), "{}", text(&o));
         assert_eq!(dataplane(), before, "cleanup left something: {}", text(&o));
+    })
+    .unwrap();
+}
+
+/// A kernel with collect_md XFRM interfaces and nft (the VM's): `--xfrm-route-devices one`
+/// makes one interface for all peers, routes each remote prefix into it with the peer's
+/// interface id, and the source-check table with a chain per peer; a second apply writes
+/// nothing; back to `per-peer` the interface and the table go and one interface per peer
+/// comes; cleanup leaves nothing. Elsewhere `one` fails with one clear error and writes
+/// nothing.
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn route_mode_one_collect_md_interface_for_all_peers() {
+    require_root!();
+    in_new_netns(|| {
+        underlay();
+        let dir = files();
+        let before = dataplane();
+        let can = xfrmi::probe()
+            .and_then(|()| xfrmi::probe_one())
+            .and_then(|()| srccheck::probe());
+        let one = ["--xfrm-route-devices", "one"];
+        let o = mesh_with(dir.path(), "apply", "route", &one);
+        let out = text(&o);
+        if let Err(why) = can {
+            assert!(!o.status.success(), "`one` here must fail ({why}): {out}");
+            assert!(
+                out.contains("CONFIG_XFRM_INTERFACE") || out.contains("collect_md"),
+                "the error names what is missing: {out}"
+            );
+            assert_eq!(dataplane(), before, "nothing written: {out}");
+            return;
+        }
+        assert_eq!(our_links(), vec![xfrmi::ONE_NAME.to_string()], "{out}");
+        let link = sh("ip -d -o link show imxmesh");
+        assert!(
+            link.contains("xfrm external") && link.contains("group 1042"),
+            "{link}"
+        );
+        // Each remote prefix (5 /32s of 2 peers) into it, with its peer's id; the unreachable
+        // overlay route; this host's 2 /32s thrown.
+        let table = sh("ip route show table 1042");
+        let encap: Vec<&str> = table.lines().filter(|l| l.contains("encap xfrm")).collect();
+        assert_eq!(encap.len(), 5, "{table}");
+        assert!(encap.iter().all(|l| l.contains("dev imxmesh")), "{table}");
+        // (`ip route` prints the id in decimal, `ip xfrm` in hex.)
+        let ids: std::collections::BTreeSet<u32> = encap
+            .iter()
+            .filter_map(|l| l.split("if_id ").nth(1))
+            .filter_map(|r| r.split_whitespace().next())
+            .filter_map(|w| match w.strip_prefix("0x") {
+                Some(h) => u32::from_str_radix(h, 16).ok(),
+                None => w.parse().ok(),
+            })
+            .collect();
+        assert_eq!(ids.len(), 2, "one id per peer: {table}");
+        // The policies and SAs are bound to the same ids.
+        let pols = sh("ip xfrm policy");
+        for id in &ids {
+            assert_eq!(pols.matches(&format!("if_id {id:#x}")).count(), 3, "{pols}");
+        }
+        let src = sh("nft list table inet ipsec-mesh-src");
+        assert_eq!(src.matches("ipsec in reqid !=").count(), 2, "{src}");
+        assert!(src.contains("iifname \"imxmesh\""), "{src}");
+        // No-op.
+        let o = mesh_with(dir.path(), "apply", "route", &one);
+        assert!(
+            text(&o).contains("2 peers, 0 writes, 0 errors"),
+            "second apply: {}",
+            text(&o)
+        );
+        // Back to an interface per peer: the table and the one interface go.
+        let o = mesh_with(dir.path(), "apply", "route", PER_PEER);
+        assert_eq!(our_links().len(), 2, "{}", text(&o));
+        assert!(
+            sh("nft list table inet ipsec-mesh-src 2>&1 || true").contains("No such file"),
+            "{}",
+            text(&o)
+        );
+        assert!(!sh("ip route show table 1042").contains("encap"));
+        // And to one again, then cleanup leaves the namespace as it was.
+        let o = mesh_with(dir.path(), "apply", "route", &one);
+        assert_eq!(our_links().len(), 1, "{}", text(&o));
+        let o = mesh(dir.path(), "cleanup", "auto");
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(dataplane(), before, "cleanup left something: {}", text(&o));
+    })
+    .unwrap();
+}
+
+/// The source-check table on this kernel (nftables with `nft_xfrm`; no XFRM interface is
+/// needed to load it): written once, then 0 writes while unchanged, rewritten when a peer's
+/// prefixes change, gone after cleanup. What it drops is checked with real ESP in the VM
+/// (xfrm-e2e-route.sh, `route-spoof`).
+#[test]
+#[ignore = "needs root: integration/run.sh runs it as root (--include-ignored)"]
+fn source_check_table_is_written_once_and_removed() {
+    require_root!();
+    in_new_netns(|| {
+        srccheck::probe().expect("nft and nft_xfrm (integration/setup.sh installs nftables)");
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+        let mut spec = srccheck::SourceSpec {
+            device: "imxmesh".into(),
+            families: vec![firewall::Family::V4, firewall::Family::V6],
+            peers: std::collections::BTreeMap::from([
+                (0x5000_0001, vec![net("10.42.7.8/31"), net("fd42::/64")]),
+                (0x5000_0002, vec![net("10.42.9.4/32")]),
+            ]),
+        };
+        assert_eq!(srccheck::apply(&spec).unwrap().writes, 1);
+        let listed = sh("nft list table inet ipsec-mesh-src");
+        assert!(
+            listed.contains("10.42.7.8/31 : goto p50000001") && listed.contains("fd42::/64"),
+            "{listed}"
+        );
+        assert_eq!(
+            srccheck::apply(&spec).unwrap().writes,
+            0,
+            "unchanged: no write"
+        );
+        spec.peers.insert(0x5000_0003, vec![net("10.42.200.1/32")]);
+        assert_eq!(srccheck::apply(&spec).unwrap().writes, 1);
+        assert!(sh("nft list table inet ipsec-mesh-src").contains("p50000003"));
+        assert_eq!(srccheck::cleanup().unwrap().writes, 1);
+        assert_eq!(srccheck::cleanup().unwrap().writes, 0);
+        assert!(sh("nft list tables").trim().is_empty(), "nothing left");
     })
     .unwrap();
 }
@@ -466,7 +612,10 @@ fn reverse_path_case(f: &Fam, backend: FirewallKind) {
         underlay: Underlay::Name("ul0".into()),
     };
     let tunnels = TunnelRoutes {
-        via: vec![(f.net(f.b), "imx1".into()), (f.net(f.c), "imx2".into())],
+        via: vec![
+            (f.net(f.b), "imx1".into(), 0),
+            (f.net(f.c), "imx2".into(), 0),
+        ],
         local: vec![f.net(f.d), f.net(f.d2)],
     };
     let index = |dev: &str| -> u32 {

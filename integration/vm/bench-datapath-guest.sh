@@ -1,9 +1,10 @@
 #!/bin/sh
 # Runs INSIDE the VM (busybox sh) as /test.sh: the real-ESP datapath benchmark of
-# bench-datapath.sh. For every mode M of MODES (the xfrm driver's `--xfrm-mode`: policy,
-# route) and case N (peers) a pair of namespaces a<m>N (host-00000, the sender) and b<m>N
-# (host-N, its last peer; <m> = p or r) joined by a veth (the underlay: 172.16.0.0/16), each
-# programmed by `ipsec-mesh apply --driver xfrm --xfrm-mode M` from the same N+1-host
+# bench-datapath.sh. For every mode M of MODES (policy, route: an XFRM interface per peer,
+# one: route mode with one collect_md interface; mode_args) and case N (peers) a pair of
+# namespaces a<m>N (host-00000, the sender) and b<m>N (host-N, its last peer; <m> = p, r or
+# o) joined by a veth (the underlay: 172.16.0.0/16), each
+# programmed by `ipsec-mesh apply --driver xfrm` in mode M from the same N+1-host
 # metadata (policies, SAs, firewall, routes, in route mode the XFRM interfaces: everything
 # for all N peers). Each host's container is a namespace behind a veth (c<m>N of aN,
 # d<m>N of bN, one container address each; the hosts forward their traffic, as for real
@@ -55,36 +56,15 @@ sa_packets() {
 }
 xstat() { $IP netns exec "$1" awk -v k="$2" '$1 == k { print $2 }' /proc/net/xfrm_stat; }
 mem() { grep -E '^(MemTotal|MemAvailable|Slab):' /proc/meminfo | tr -s ' ' | tr '\n' ' '; }
-tag() { echo "$1" | cut -c1; } # policy -> p, route -> r, md -> m
-# The driver's --xfrm-mode for a bench mode: md (an experiment, not a mode of the driver) is
-# route mode converted afterwards by to_md.
-xmode() { if [ "$1" = md ]; then echo route; else echo "$1"; fi; }
-# Experiment (mode md): route mode with ONE XFRM interface in collect_md mode ("external",
-# kernel >= 6.0) instead of one per peer: every route of table 1042 into an imx<slot>
-# interface is replaced by the same prefix into imxmd with the interface's if_id as
-# lwtunnel metadata (`encap xfrm if_id`), once the per-peer interfaces are gone (`link delete
-# group 1042`; a route replaced onto imxmd before that went with them; iproute2 6.1 takes
-# the word after `encap xfrm if_id ID` as its own: the encap goes last). Policies and SAs
-# stay as route mode made them (bound to the if_ids). The
-# reverse-path rule (-i imx+ -m rpfilter) still holds: every remote source routes back out
-# of imxmd. (It no longer tells peers apart: with one device a source check needs another
-# form; not measured here.)
-to_md() {
-    $IP -n "$1" -d -o link show type xfrm | awk '{ n = $2; sub(/:$/, "", n); sub(/@.*/, "", n)
-        for (i = 1; i < NF; i++) if ($i == "if_id") print n, $(i + 1) }' >/tmp/ifids
-    {
-        echo "link add imxmd type xfrm external"
-        echo "link set imxmd up"
-        $IP -n "$1" route show table 1042 | awk 'NR == FNR { id[$1] = $2; next }
-            { for (i = 1; i < NF; i++) if ($i == "dev" && ($(i + 1) in id)) {
-                print "route add " $1 " table 1042 dev imxmd encap xfrm if_id " id[$(i + 1)]; next } }' /tmp/ifids -
-    } >/tmp/md.batch
-    # (a batch ends silently after `link delete group`: that goes first, on its own)
-    $IP -n "$1" link delete group 1042 || return 1
-    [ -z "${MD_DEBUG:-}" ] || { $IP -n "$1" -d -o link show type xfrm | head -2; $IP -n "$1" route show table 1042 | head -3; head -3 /tmp/ifids; head -4 /tmp/md.batch; }
-    $IP -n "$1" -batch /tmp/md.batch || return 1
-    [ -z "${MD_DEBUG:-}" ] || { $IP -n "$1" -o link show type xfrm; $IP -n "$1" route show table 1042 | grep -v throw; }
-    $IP netns exec "$1" sh -c 'echo 1 >/proc/sys/net/ipv4/conf/imxmd/forwarding; echo 0 >/proc/sys/net/ipv4/conf/imxmd/rp_filter'
+tag() { echo "$1" | cut -c1; } # policy -> p, route -> r, one -> o
+# The apply flags of a bench mode: policy; route = an XFRM interface per peer; one = route
+# mode with one collect_md interface for all peers (--xfrm-route-devices one).
+mode_args() {
+    case "$1" in
+    policy) echo "--xfrm-mode policy" ;;
+    route) echo "--xfrm-mode route --xfrm-route-devices per-peer" ;;
+    one) echo "--xfrm-mode route --xfrm-route-devices one" ;;
+    esac
 }
 count_policies() {
     $IP -n "$1" xfrm policy count | awk '{ for (i = 1; i < NF; i++) if ($i == "IN" || $i == "OUT" || $i == "FWD") n += $(i + 1) } END { print n + 0 }'
@@ -149,7 +129,7 @@ EOF
         while :; do
             t0=$(now)
             out=$($IP netns exec "$1" env IPSEC_MESH_LOG=warn $BIN apply \
-                --metadata /etc/dp/meta-$n.json --host "$2" --driver xfrm --xfrm-mode $(xmode $mode) \
+                --metadata /etc/dp/meta-$n.json --host "$2" --driver xfrm $(mode_args $mode) \
                 --psk-file /etc/dp/psk 2>&1)
             rc=$?
             secs=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
@@ -162,15 +142,6 @@ EOF
                 END { m = 0; for (k in c) if (c[k] > m) m = c[k]; printf "ulchain=%d maxchain=%d", c[u] + 0, m }')
             echo "DP-APPLY mode=$mode case=$n side=$3 try=$try rc=$rc seconds=$secs policies=$pols states=$sas routes=$routes links=$links $chains"
             say "apply $1 ($2, $mode) #$try: exit $rc, $secs s, $line; $(echo "$out" | grep '^  ' | tr -s ' ' | tr '\n' ';') $pols policies, $sas SAs, $routes routes in table 1042, $links xfrm interfaces; $(mem)"
-            if [ $rc -eq 0 ] && [ $mode = md ]; then
-                t0=$(now)
-                to_md "$1" || abort md "$1: converting to one collect_md interface failed"
-                secs=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
-                routes=$($IP -n "$1" route show table 1042 | wc -l) links=$($IP -n "$1" -o link show type xfrm | wc -l)
-                encap=$($IP -n "$1" route show table 1042 | grep -c 'encap xfrm')
-                echo "DP-MD side=$3 case=$n seconds=$secs routes=$routes encap_routes=$encap links=$links"
-                say "md $1: one collect_md interface, $encap encap routes, $links xfrm interfaces, $secs s; $(mem)"
-            fi
             [ $rc -eq 0 ] && break
             echo "$out" | grep -v '^  ' | cut -c1-600 | head -5
             bad "apply-$mode-$n" "$1 ($2) attempt $try: exit $rc"

@@ -5,10 +5,11 @@
 #
 #   integration/vm/bench-datapath.sh [TIMEOUT_SECS]          (default 2400)
 #
-# For each xfrm mode M in DP_MODES (default "policy route": the driver's `--xfrm-mode`) and
+# For each mode M in DP_MODES (default "policy route"; policy = `--xfrm-mode policy`, route =
+# `--xfrm-mode route --xfrm-route-devices per-peer`, one = `... --xfrm-route-devices one`) and
 # case N in DP_CASES (default 1 1000 5000) the guest (bench-datapath-guest.sh) builds a
 # sender host (host-00000) and its last peer (host-N) in two namespaces joined by a veth,
-# both programmed by `ipsec-mesh apply --driver xfrm --xfrm-mode M` for the whole N+1-host
+# both programmed by `ipsec-mesh apply --driver xfrm` in mode M for the whole N+1-host
 # mesh (timed: the first apply is the first programming, printed with the kernel objects it
 # left: policies, SAs, routes in table 1042, XFRM interfaces); then one process
 # (udp-blast.c) sends DP_ROUNDS rounds (default 40) of DP_SENDS (default 1000) UDP
@@ -45,7 +46,7 @@ die() { printf 'bench-datapath: error: %s\n' "$*" >&2; exit 2; }
 [[ "$(id -u)" -eq 0 ]] || die "must run as root (qemu, setup.sh)"
 [[ "$cases" =~ ^[0-9]+( [0-9]+)*$ ]] || die "DP_CASES must be numbers separated by spaces"
 [[ " $cases " == *" 1 "* ]] || die "DP_CASES must include 1 (the ratios are to the 1-peer case)"
-[[ "$modes" =~ ^(policy|route|md)( (policy|route|md))*$ ]] || die "DP_MODES: policy, route and/or md, separated by spaces"
+[[ "$modes" =~ ^(policy|route|one)( (policy|route|one))*$ ]] || die "DP_MODES: policy, route and/or one, separated by spaces"
 [[ "$rounds" =~ ^[1-9][0-9]*$ && "$sends" =~ ^[1-9][0-9]*$ ]] || die "DP_ROUNDS, DP_SENDS: positive numbers"
 [[ "$shape" == rancher || "$shape" == subnet ]] || die "DP_SHAPE: rancher or subnet"
 command -v python3 >/dev/null || die "needs python3 (metadata and the summary)"
@@ -129,12 +130,12 @@ for g in $groups; do
     fi
     adds=()
     for f in "$out"/dp/*; do adds+=(--add "$f:/etc/dp/$(basename "$f")"); done
-    "$here/build-initramfs.sh" "$out/dp-$g.cpio.gz" --init "$here/bench-datapath-guest.sh" --iptables \
+    "$here/build-initramfs.sh" "$out/dp-$g.cpio.gz" --init "$here/bench-datapath-guest.sh" --iptables --nftables \
         --bin "$out/ipsec-mesh:/usr/bin/ipsec-mesh" --bin "$out/udp-blast:/usr/bin/udp-blast" "${perf[@]}" "${adds[@]}"
     say "VM: modes ${g//,/ }, cases $cases, shape $shape, $rounds rounds of $sends sends (timeout ${timeout_s}s); load: $(uptime)"
     VM_MEM=${VM_MEM:-2048M} "$here/run.sh" "$out/dp-$g.cpio.gz" "$timeout_s" >/dev/null || rc=$?
     log="$out/dp-$g.cpio.gz.console.log"
-    tr -d '\r' <"$log" | grep -a -E "^(dp:|CHECK |FINDING |DP-SA |DP-APPLY |DP-MD |PERF|VM-RESULT)" || true
+    tr -d '\r' <"$log" | grep -a -E "^(dp:|CHECK |FINDING |DP-SA |DP-APPLY |PERF|VM-RESULT)" || true
     tr -d '\r' <"$log" >>"$out/console.txt"
     say "VM $g done; load: $(uptime)"
 done
@@ -160,7 +161,7 @@ for a in applies:
 print("%-6s %-9s %6s %9s %15s %6s %11s %13s %9s %6s %7s" % ("mode", "traffic", "peers", "median/s", "min-max/s", "ratio", "ratio IQR", "ratio min-max", "overall/s", "ratio", "failed"))
 def overall(by_round):
     return sum(x[2] for x in by_round.values()) / sum(x[3] for x in by_round.values())
-for mode in ("policy", "route", "md"):
+for mode in ("policy", "route", "one"):
     for k in ("overlay", "underlay"):
         for (mm, kk, n), by_round in sorted(rates.items()):
             if (mm, kk) != (mode, k):
@@ -172,7 +173,7 @@ for mode in ("policy", "route", "md"):
                 mode, k, n, statistics.median(v), min(v), max(v), statistics.median(ratios),
                 q(ratios, 0.25), q(ratios, 0.75), min(ratios), max(ratios), overall(by_round),
                 overall(by_round) / overall(base), sum(x[1] for x in by_round.values())))
-for other, base_mode in (("route", "policy"), ("md", "route"), ("md", "policy")):
+for other, base_mode in (("route", "policy"), ("one", "route"), ("one", "policy")):
   both = [(k, n) for (m, k, n) in sorted(rates) if m == other and (base_mode, k, n) in rates]
   if both:
     # Per-round ratios only mean something when both modes ran interleaved in one VM

@@ -48,8 +48,9 @@ XT_EXTENSIONS="${VM_XT_EXTENSIONS:-libxt_standard libxt_mark libxt_MARK libxt_po
 
 # --nftables: nf_tables (its core holds meta, rt, counter, lookup, the set types and the
 # route chain type; inet, ipv4 and ipv6 families are built in), nothing of x_tables; nft_fib_inet
-# (with nft_fib_ipv4/6) for the route mode's reverse-path check (`fib saddr . iif oif`).
-NFT_MODULES="${VM_NFT_MODULES:-nf_tables nft_fib_inet}"
+# (with nft_fib_ipv4/6) for the route mode's reverse-path check (`fib saddr . iif oif`),
+# nft_xfrm for the one-interface route mode's source check (`ipsec in reqid`).
+NFT_MODULES="${VM_NFT_MODULES:-nf_tables nft_fib_inet nft_xfrm}"
 
 ONDEMAND_DIRS="${VM_ONDEMAND_DIRS-kernel/crypto kernel/arch/x86/crypto kernel/lib/crypto}"
 

@@ -44,12 +44,18 @@ say "vm/setup.sh"
 "$here/setup.sh"
 fw_image=--iptables
 case " ${VM_APPEND:-} " in *" e2e.mode=nftables "*) fw_image=--nftables ;; esac
-if [[ "$fw_image" == --nftables ]]; then
+# Route mode: iptables as the firewall backend and nft beside it for the one-interface
+# variant's source check (--xfrm-route-devices auto picks `one` where nft is present).
+# (v6-u6 too: its route-mode part then runs the one interface with IPv6; v6-u4 keeps an
+# interface per peer.)
+case " ${VM_APPEND:-} " in *" e2e.mode=route "* | *" e2e.mode=v6-u6 "*) fw_image="--iptables --nftables" ;; esac
+if [[ "$fw_image" == *--nftables* ]]; then
     command -v nft >/dev/null || {
         say "installing nftables (nft for the guest)"
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nftables >/dev/null
     }
-elif ! command -v xtables-legacy-multi >/dev/null; then
+fi
+if [[ "$fw_image" == *--iptables* ]] && ! command -v xtables-legacy-multi >/dev/null; then
     say "installing iptables (xtables-legacy-multi for the guest)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -qq --no-install-recommends iptables >/dev/null ||
@@ -75,7 +81,8 @@ command -v gcc >/dev/null || die "gcc missing (needed for the esp-replay test he
 gcc -static -O2 -Wall -o "$out/esp-replay" "$here/esp-replay.c" || die "cannot build esp-replay"
 img="$out/xfrm-e2e.cpio.gz"
 say "build-initramfs.sh $img"
-"$here/build-initramfs.sh" "$img" --init "$here/xfrm-e2e.sh" "$fw_image" \
+# shellcheck disable=SC2086 # one or two flags
+"$here/build-initramfs.sh" "$img" --init "$here/xfrm-e2e.sh" $fw_image \
     --module br_netfilter --add "$here/xfrm-e2e-route.sh:/xfrm-e2e-route.sh" \
     --add "$here/xfrm-e2e-v6.sh:/xfrm-e2e-v6.sh" \
     --bin "$stripped:/usr/bin/ipsec-mesh" --bin "$out/esp-replay:/usr/bin/esp-replay"

@@ -20,6 +20,13 @@
 # (its underlay address) is dropped too, as in policy mode. h3 runs with
 # net.ipv4.conf.all.rp_filter=1: the kernel skips it for decrypted packets (secpath), so
 # strict reverse-path filtering neither breaks route mode nor is needed.
+# This image has nft beside iptables, so `--xfrm-route-devices auto` picks one interface
+# for all peers (`imxmesh`, collect_md, kernel >= 6.0): the objects check expects it, every
+# remote /32 routed into it with its peer's interface id (`encap xfrm if_id`), and the
+# source-check table `inet ipsec-mesh-src` (a chain per peer), which is what drops the
+# spoofed packets here (the firewall's rpfilter rule cannot tell peers apart on one
+# interface). Without nft in the image: an interface per peer, as before. (The dual-stack
+# boots, xfrm-e2e-v6.sh, run route mode with an interface per peer.)
 
 cat >$META <<'EOF'
 {
@@ -35,6 +42,8 @@ cat >$META <<'EOF'
 }
 EOF
 (umask 077 && head -c 40 /dev/urandom | base64 | tr -d "\n" >$PSK)
+RT_ONE=0
+command -v nft >/dev/null && RT_ONE=1
 RT_OUT=""
 RT_MODE="" # the default, --xfrm-mode auto, picks route on this kernel (it has xfrm_interface)
 rt_apply() { # N -> sets RT_OUT; returns apply's status
@@ -52,17 +61,25 @@ rt_fw_left() { # $1 = netns -> what of either firewall backend of ours is there
     if command -v iptables-save >/dev/null && $IP netns exec "$1" iptables-save | grep -q IPSEC-MESH-; then
         echo "IPSEC-MESH- chains/jumps"
     fi
+    if command -v nft >/dev/null && $IP netns exec "$1" nft list table inet ipsec-mesh-src >/dev/null 2>&1; then
+        echo "table inet ipsec-mesh-src"
+    fi
 }
 
 # Strict rp_filter on h3 (the kernel ignores it for what the XFRM interfaces decrypt).
 $IP netns exec h3 sh -c 'echo 1 >/proc/sys/net/ipv4/conf/all/rp_filter; echo 1 >/proc/sys/net/ipv4/conf/default/rp_filter' ||
     abort route-rp-filter "sysctl rp_filter on h3"
-rt_rpf_drops() { # $1 = netns -> packets the reverse-path rule of ours dropped
+rt_rpf_drops() { # $1 = netns -> packets the reverse-path rule and the source check of ours dropped
     if [ "$FW" = nftables ]; then
-        $IP netns exec "$1" nft list chain inet ipsec-mesh rpf | awk '/fib saddr/ { for (i = 1; i < NF; i++) if ($i == "packets") print $(i + 1) }'
+        d=$($IP netns exec "$1" nft list chain inet ipsec-mesh rpf | awk '/fib saddr/ { for (i = 1; i < NF; i++) if ($i == "packets") print $(i + 1) }')
     else
-        $IP netns exec "$1" $IPT -t mangle -nvxL IPSEC-MESH-RPF | awk '/rpfilter/ { print $1 }'
+        d=$($IP netns exec "$1" $IPT -t mangle -nvxL IPSEC-MESH-RPF | awk '/rpfilter/ { print $1 }')
     fi
+    [ -n "$d" ] || return 0
+    if [ "$RT_ONE" = 1 ]; then
+        d=$((d + $($IP netns exec "$1" nft list table inet ipsec-mesh-src | awk '/ drop/ { for (i = 1; i < NF; i++) if ($i == "packets") n += $(i + 1) } END { print n + 0 }')))
+    fi
+    echo "$d"
 }
 
 for n in $HOSTS; do
@@ -77,7 +94,20 @@ done
 
 # --- kernel objects: O(peers), whatever the number of /32s --------------------------------
 for n in $HOSTS; do
-    links=$($IP -n h$n -d -o link show type xfrm | grep -c ': imx[0-9a-f]*@.* group 1042 ')
+    if [ "$RT_ONE" = 1 ]; then
+        links=$($IP -n h$n -d -o link show type xfrm | grep ': imxmesh@.* group 1042 ' | grep -c 'xfrm external')
+        want_links=1 what_links="1 collect_md xfrm interface imxmesh"
+        srcchains=$($IP netns exec h$n nft list table inet ipsec-mesh-src 2>/dev/null | grep -c 'ipsec in reqid !=')
+    else
+        links=$($IP -n h$n -d -o link show type xfrm | grep -c ': imx[0-9a-f]*@.* group 1042 ')
+        want_links=2 what_links="2 xfrm interfaces" srcchains=2
+    fi
+    # any other XFRM interface (one per peer left beside imxmesh, say)
+    if [ "$RT_ONE" = 1 ]; then
+        others=$($IP -n h$n -o link show type xfrm | grep -c -v ': imxmesh@')
+    else
+        others=$($IP -n h$n -o link show type xfrm | grep -c -v ': imx[0-9a-f]*@')
+    fi
     pols=$($IP -n h$n xfrm policy | grep -c '^src')
     bound=$($IP -n h$n xfrm policy | grep -c 'if_id 0x5')
     blocks=$($IP -n h$n xfrm policy | grep -B2 'action block' | grep -c "dev u$n")
@@ -88,20 +118,27 @@ for n in $HOSTS; do
     own=$(awk -v h="\"h$n\"" 'f { print; exit } index($0, h) { f = 1 }' $META | grep -o '10\.42\.[0-9.]*/32' | wc -l)
     rule=$($IP -n h$n rule | grep -c "^$RT_TABLE:.*from all to 10.42.0.0/16 lookup $RT_TABLE")
     rpf=$(rt_rpf_drops h$n)
-    routed="" misrouted=""
+    routed="" misrouted="" ids=""
     for m in $HOSTS; do
         [ "$m" = "$n" ] && continue
-        dev=$($IP -n h$n route get 10.42.$m.2 mark 0x100000 | sed -n 's/.* dev \(imx[0-9a-f]*\) .*/\1/p')
-        if [ -n "$dev" ]; then routed="$routed 10.42.$m.2->$dev"; else misrouted="$misrouted 10.42.$m.2"; fi
+        got=$($IP -n h$n route get 10.42.$m.2 mark 0x100000)
+        dev=$(echo "$got" | sed -n 's/.* dev \(imx[0-9a-z]*\) .*/\1/p')
+        id=$(echo "$got" | sed -n 's/.*encap xfrm if_id \([0-9a-fx]*\) .*/\1/p')
+        if [ -n "$dev" ] && { [ "$RT_ONE" = 0 ] || { [ -n "$id" ] && ! echo "$ids" | grep -qw "$id"; }; }; then
+            routed="$routed 10.42.$m.2->$dev${id:+ if_id $id}"
+            ids="$ids $id"
+        else
+            misrouted="$misrouted 10.42.$m.2($got)"
+        fi
     done
     nowhere=$($IP -n h$n route get 10.42.222.222 mark 0x100000 2>&1)
-    if [ "$links" -eq 2 ] && [ "$pols" -eq 8 ] && [ "$bound" -eq 6 ] && [ "$blocks" -eq 2 ] &&
+    if [ "$links" -eq "$want_links" ] && [ "$others" -eq 0 ] && [ "$pols" -eq 8 ] && [ "$bound" -eq 6 ] && [ "$blocks" -eq 2 ] &&
         [ "$states" -eq 8 ] && [ "$sa_bound" -eq 8 ] && [ "$unreach" -eq 1 ] && [ -z "$misrouted" ] &&
-        [ "$throws" -eq "$own" ] && [ "$rule" -eq 1 ] && [ -n "$rpf" ] &&
+        [ "$throws" -eq "$own" ] && [ "$rule" -eq 1 ] && [ -n "$rpf" ] && [ "$srcchains" -eq 2 ] &&
         echo "$nowhere" | grep -q -i -e unreachable -e 'no route'; then
-        ok "route-objects-h$n" "2 xfrm interfaces (group 1042), 8 policies (6 bound to an if_id, 2 inbound blocks on u$n), 8 SAs bound, unreachable 10.42.0.0/16, rule to 10.42.0.0/16, $throws throw routes (own /32s), reverse-path rule ($FW);$routed"
+        ok "route-objects-h$n" "$what_links (group 1042), 8 policies (6 bound to an if_id, 2 inbound blocks on u$n), 8 SAs bound, unreachable 10.42.0.0/16, rule to 10.42.0.0/16, $throws throw routes (own /32s), reverse-path rule ($FW)$([ "$RT_ONE" = 1 ] && echo ", source check: a chain per peer");$routed"
     else
-        bad "route-objects-h$n" "links $links (want 2), policies $pols (8), bound $bound (6), underlay blocks $blocks (2), states $states (8), bound SAs $sa_bound (8), unreachable $unreach (1), throws $throws ($own), rule to overlay $rule (1), rpf rule counter '${rpf}', not routed:${misrouted:- -}, 10.42.222.222: $nowhere"
+        bad "route-objects-h$n" "links $links (want $want_links: $what_links), other xfrm links $others (0), policies $pols (8), bound $bound (6), underlay blocks $blocks (2), states $states (8), bound SAs $sa_bound (8), unreachable $unreach (1), throws $throws ($own), rule to overlay $rule (1), rpf rule counter '${rpf}', source-check chains $srcchains (2), not routed:${misrouted:- -}, 10.42.222.222: $nowhere"
         dump_all
     fi
 done
@@ -157,7 +194,7 @@ else
         abort route-spoof "c1 counter"
     c1_seen() { $IP netns exec c1 $IPT -nvxL INPUT | awk '/e2e-spoof/ { print $1 }'; }
 fi
-imx_h2=$($IP -n h1 route get 10.42.2.2 | sed -n 's/.* dev \(imx[0-9a-f]*\) .*/\1/p')
+imx_h2=$($IP -n h1 route get 10.42.2.2 | sed -n 's/.* dev \(imx[0-9a-z]*\) .*/\1/p')
 imx_rx() { $IP -n h1 -s link show "$imx_h2" | awk '/RX:/ { getline; print $2 }'; }
 SPOOF_LINES="" SPOOF_BAD=""
 spoof_try() { # SRC WHAT expect(pass|drop); 3 echo requests from h2 with source SRC to c1

@@ -548,20 +548,37 @@ done
 # ip6tables rpfilter rule, with one in its own subnet it is answered; h2's SAs flushed ->
 # c2 unreachable in each family, c1<->c3 fine, nothing in clear; apply on h2 -> back;
 # cleanup leaves nothing of ours in either family.
+# With nft in the image (v6-u6; integration/vm/test-xfrm.sh) `--xfrm-route-devices auto` picks
+# one collect_md interface `imxmesh` for all peers, its routes carrying the peer's interface
+# id, and the source check is the nft table inet ipsec-mesh-src (the spoofed IPv6 packets are
+# dropped there); without (v6-u4) an interface per peer.
 v6_underlay v6-policy-cleanup-no-plaintext "after the policy-mode cleanup"
 say "v6: route mode (XFRM interfaces), overlay families: $V6_FAMS0"
 V6_FAMS=$V6_FAMS0
 V6_XMODE=route
 v6_meta
-rt6_rpf_drops() { # NETNS FAMILY -> packets the reverse-path rule of that family dropped
+RT6_ONE=0
+command -v nft >/dev/null && RT6_ONE=1
+rt6_rpf_drops() { # NETNS FAMILY -> packets the reverse-path rule (and the source check) dropped
     if [ "$2" = 6 ]; then t="$IP6T"; else t="$IPT"; fi
     # shellcheck disable=SC2086
-    $IP netns exec "$1" $t -t mangle -nvxL IPSEC-MESH-RPF 2>/dev/null | awk '/rpfilter/ { print $1 }'
+    d=$($IP netns exec "$1" $t -t mangle -nvxL IPSEC-MESH-RPF 2>/dev/null | awk '/rpfilter/ { print $1 }')
+    if [ "$RT6_ONE" = 1 ]; then
+        d=$((${d:-0} + $($IP netns exec "$1" nft list table inet ipsec-mesh-src | awk '/ drop/ { for (i = 1; i < NF; i++) if ($i == "packets") n += $(i + 1) } END { print n + 0 }')))
+    fi
+    echo "$d"
 }
 v6_apply_all v6-route-apply
 nf=$(echo $V6_FAMS | wc -w)
+if [ "$RT6_ONE" = 1 ]; then want_links=1 what_links="1 collect_md xfrm interface imxmesh"; else want_links=2 what_links="2 xfrm interfaces"; fi
 for n in $HOSTS; do
-    links=$($IP -n h$n -d -o link show type xfrm | grep -c ': imx[0-9a-f]*@.* group 1042 ')
+    if [ "$RT6_ONE" = 1 ]; then
+        links=$($IP -n h$n -d -o link show type xfrm | grep ': imxmesh@.* group 1042 ' | grep -c 'xfrm external')
+        others=$($IP -n h$n -o link show type xfrm | grep -c -v ': imxmesh@')
+    else
+        links=$($IP -n h$n -d -o link show type xfrm | grep -c ': imx[0-9a-f]*@.* group 1042 ')
+        others=$($IP -n h$n -o link show type xfrm | grep -c -v ': imx[0-9a-f]*@')
+    fi
     pols=$($IP -n h$n xfrm policy | grep -c '^src')
     bound=$($IP -n h$n xfrm policy | grep -c 'if_id 0x5')
     blocks=$($IP -n h$n xfrm policy | grep -B2 'action block' | grep -c "dev u$n")
@@ -579,18 +596,20 @@ for n in $HOSTS; do
         routed="" unrouted=""
         for m in $HOSTS; do
             [ "$m" = "$n" ] && continue
-            dev=$($IP -$f -n h$n route get "$(caddr $f $m 2)" | sed -n 's/.* dev \(imx[0-9a-f]*\) .*/\1/p')
+            got=$($IP -$f -n h$n route get "$(caddr $f $m 2)")
+            dev=$(echo "$got" | sed -n 's/.* dev \(imx[0-9a-z]*\) .*/\1/p')
+            [ "$RT6_ONE" = 0 ] || echo "$got" | grep -q 'encap xfrm if_id' || dev=""
             if [ -n "$dev" ]; then routed="$routed c$m->$dev"; else unrouted="$unrouted c$m"; fi
         done
         what="$what v$f: rule to $cidr $rule, unreachable $unreach, throw $own $throw, rpfilter rule $rpf,$routed;"
         [ "$rule" -eq 1 ] && [ "$unreach" -eq 1 ] && [ "$throw" -eq 1 ] && [ "$rpf" -eq 1 ] && [ -z "$unrouted" ] ||
             miss="$miss v$f(not routed:${unrouted:- -})"
     done
-    if [ "$links" -eq 2 ] && [ "$pols" -eq $((8 * nf)) ] && [ "$bound" -eq $((6 * nf)) ] && [ "$blocks" -eq $((2 * nf)) ] &&
+    if [ "$links" -eq "$want_links" ] && [ "$others" -eq 0 ] && [ "$pols" -eq $((8 * nf)) ] && [ "$bound" -eq $((6 * nf)) ] && [ "$blocks" -eq $((2 * nf)) ] &&
         [ "$states" -eq 8 ] && [ "$sa_bound" -eq 8 ] && [ -z "$miss" ]; then
-        ok "v6-route-objects-h$n" "2 xfrm interfaces, $pols policies ($bound bound to an if_id, $blocks underlay blocks), 8 SAs bound ($(v6_sa_fams h$n));$what"
+        ok "v6-route-objects-h$n" "$what_links, $pols policies ($bound bound to an if_id, $blocks underlay blocks), 8 SAs bound ($(v6_sa_fams h$n));$what"
     else
-        bad "v6-route-objects-h$n" "links $links (want 2), policies $pols ($((8 * nf))), bound $bound ($((6 * nf))), underlay blocks $blocks ($((2 * nf))), SAs $states (8), bound SAs $sa_bound (8), missing in:${miss:- -};$what"
+        bad "v6-route-objects-h$n" "links $links (want $want_links), other xfrm links $others (0), policies $pols ($((8 * nf))), bound $bound ($((6 * nf))), underlay blocks $blocks ($((2 * nf))), SAs $states (8), bound SAs $sa_bound (8), missing in:${miss:- -};$what"
         dump_host $n
     fi
 done
@@ -637,7 +656,7 @@ case " $V6_FAMS " in
     $IP netns exec h2 ping -6 -c 3 -i 0.2 -W 1 -w 4 -I $mine fd42:0:0:1::2 >/dev/null 2>&1
     rc_m=$?
     d2=$(rt6_rpf_drops h1 6)
-    msg="h2 as h3's $spoof: ping rc $rc_s, h1's ip6tables rpfilter rule dropped $((d1 - d0)); h2 with its own $mine: ping rc $rc_m, dropped $((d2 - d1))"
+    msg="h2 as h3's $spoof: ping rc $rc_s, h1's $([ "$RT6_ONE" = 1 ] && echo "source check (nft)" || echo "ip6tables rpfilter rule") dropped $((d1 - d0)); h2 with its own $mine: ping rc $rc_m, dropped $((d2 - d1))"
     if [ "$rc_s" -ne 0 ] && [ $((d1 - d0)) -ge 3 ] && [ "$rc_m" -eq 0 ] && [ "$d2" -eq "$d1" ]; then
         ok v6-route-spoof "$msg"
     else
@@ -671,6 +690,9 @@ for n in $HOSTS; do
     done
     $IP netns exec h$n iptables-save | grep -q IPSEC-MESH- && left="$left iptables-chains"
     $IP netns exec h$n ip6tables-save | grep -q IPSEC-MESH- && left="$left ip6tables-chains"
+    if command -v nft >/dev/null && $IP netns exec h$n nft list table inet ipsec-mesh-src >/dev/null 2>&1; then
+        left="$left nft-table-ipsec-mesh-src"
+    fi
     if [ $rc -eq 0 ] && [ -z "$left" ]; then
         ok "v6-route-cleanup-h$n" "nothing of ours left in either family"
     else

@@ -243,6 +243,7 @@ impl DriverArgs {
                 underlay_dev: self.forwarding.underlay_dev.clone(),
                 routes: self.forwarding.route_config(),
                 xfrm_mode: self.forwarding.xfrm_mode,
+                route_devices: self.forwarding.xfrm_route_devices,
             },
             vxlan: self.vxlan.config()?,
             charon: self.charon.config(opts),
@@ -391,6 +392,15 @@ pub struct ForwardingArgs {
     /// xfrm_interface, CONFIG_XFRM_INTERFACE).
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_xfrm_mode)]
     pub xfrm_mode: ipsec_mesh::dataplane::xfrmi::XfrmMode,
+
+    /// xfrm route mode: one (a single XFRM interface in collect_md mode, the routes carrying
+    /// each peer's interface id; Linux >= 6.0 and nft, whose table checks each decrypted
+    /// packet's source against its SA's peer), per-peer (an interface per peer, any kernel
+    /// with XFRM interfaces) or auto (the default: one where it can work, else per-peer; the
+    /// choice is logged). Per packet the one interface costs the same at any number of
+    /// peers; interfaces per peer cost the kernel a walk of ~peers/256 devices.
+    #[arg(long, value_name = "DEVICES", default_value = "auto", value_parser = parse_route_devices)]
+    pub xfrm_route_devices: ipsec_mesh::dataplane::xfrmi::RouteDevices,
 }
 
 impl ForwardingArgs {
@@ -403,6 +413,10 @@ impl ForwardingArgs {
 }
 
 fn parse_xfrm_mode(s: &str) -> Result<ipsec_mesh::dataplane::xfrmi::XfrmMode, String> {
+    s.parse()
+}
+
+fn parse_route_devices(s: &str) -> Result<ipsec_mesh::dataplane::xfrmi::RouteDevices, String> {
     s.parse()
 }
 

@@ -101,6 +101,18 @@ impl DataplaneConfig {
             let (mode, why) = f.xfrm_mode.resolve();
             tracing::info!(xfrm_mode = %mode, why, "xfrm mode");
             f.xfrm_mode = mode;
+            // `one` asked for and impossible: said by the driver's first reconcile, which
+            // then writes nothing.
+            if mode == super::xfrmi::XfrmMode::Route
+                && f.route_devices == super::xfrmi::RouteDevices::Auto
+            {
+                let (devices, why) = f
+                    .route_devices
+                    .resolve()
+                    .unwrap_or((super::xfrmi::RouteDevices::PerPeer, String::new()));
+                tracing::info!(route_devices = %devices, why, "xfrm route devices");
+                f.route_devices = devices;
+            }
         } else {
             f.xfrm_mode = super::xfrmi::XfrmMode::Policy;
         }

@@ -323,6 +323,9 @@ pub struct Forwarding {
     pub routes: routes::RouteConfig,
     /// Policy or route mode ([`xfrmi`]); `auto` is resolved when the driver is built.
     pub xfrm_mode: xfrmi::XfrmMode,
+    /// Route mode: an interface per peer or one collect_md interface; `auto` is resolved when
+    /// the driver is built (a driver given `auto` makes one per peer).
+    pub route_devices: xfrmi::RouteDevices,
 }
 
 /// The IKE-less driver: kernel XFRM policies and SAs, fwmark steering, policy routing.
@@ -339,6 +342,12 @@ pub struct XfrmMesh {
     pub route_probe: Option<Result<(), String>>,
     /// Policy mode: whether leftover route-mode interfaces were looked for already.
     pub links_checked: bool,
+    /// Route mode with one interface: whether it can work here (asked once, before the first
+    /// write).
+    pub one_probe: Option<Result<(), String>>,
+    /// Route mode with an interface per peer: whether a source-check table left by the
+    /// one-interface variant was looked for already.
+    pub srccheck_checked: bool,
 }
 
 impl XfrmMesh {
@@ -350,6 +359,8 @@ impl XfrmMesh {
             encap_socket: None,
             route_probe: None,
             links_checked: false,
+            one_probe: None,
+            srccheck_checked: false,
         }
     }
 
@@ -433,6 +444,11 @@ impl Driver for XfrmMesh {
             Err(e) => r.fail(MESH, "firewall", &e),
         }
         add_xfrm(&mut r, xfrm::cleanup_scoped(&self.marks, self.scope));
+        // The one-interface route mode's source check (none elsewhere: then nothing).
+        match firewall::srccheck::cleanup() {
+            Ok(x) => r.part("source check", x),
+            Err(e) => r.fail(MESH, "source check", &e),
+        }
         // Route mode's interfaces last (whatever the mode now: a host switched back to policy
         // mode keeps none). A kernel without XFRM interfaces has none to list.
         match xfrmi::cleanup() {
@@ -475,6 +491,10 @@ impl XfrmMesh {
     /// inbound block policies on the underlay), the firewall with the guard letting traffic
     /// into the interfaces through, and last the routes into them plus the unreachable
     /// overlay route. Nothing is written when the kernel has no XFRM interfaces.
+    ///
+    /// With one collect_md interface ([`xfrmi::RouteDevices::One`]): the interface, then the
+    /// source check (an nft table: [`firewall::srccheck`]) before any SA can decrypt into it,
+    /// and the routes carry each peer's interface id.
     fn reconcile_route(&mut self, plan: &Plan, mut r: DriverReport) -> DriverReport {
         let probe = self.route_probe.get_or_insert_with(xfrmi::probe).clone();
         if let Err(why) = probe {
@@ -484,7 +504,22 @@ impl XfrmMesh {
             );
             return r;
         }
-        let underlay = match xfrmi::reconcile(plan) {
+        let devices = self.forwarding.route_devices;
+        let one = devices == xfrmi::RouteDevices::One;
+        if one {
+            let can = self
+                .one_probe
+                .get_or_insert_with(|| xfrmi::RouteDevices::One.resolve().map(|_| ()))
+                .clone();
+            if let Err(why) = can {
+                r.error(
+                    MESH,
+                    format!("{why}; use --xfrm-route-devices per-peer (or auto)"),
+                );
+                return r;
+            }
+        }
+        let underlay = match xfrmi::reconcile(plan, devices) {
             Ok((x, underlay)) => {
                 r.part("xfrm interfaces", x);
                 underlay
@@ -494,6 +529,24 @@ impl XfrmMesh {
                 return r;
             }
         };
+        if one {
+            let spec = firewall::srccheck::SourceSpec::from_plan(plan, xfrmi::ONE_NAME);
+            match firewall::srccheck::apply(&spec) {
+                Ok(x) => r.part("source check", x),
+                Err(e) => {
+                    // Without the check a peer could send with others' sources: no SAs.
+                    r.fail(MESH, "source check", &e);
+                    return r;
+                }
+            }
+        } else if !self.srccheck_checked {
+            self.srccheck_checked = true;
+            match firewall::srccheck::cleanup() {
+                Ok(x) if x.writes > 0 => r.part("source check", x),
+                Ok(_) => {}
+                Err(e) => r.fail(MESH, "source check", &e),
+            }
+        }
         add_xfrm(&mut r, xfrm::reconcile_route(plan, underlay));
         let spec = firewall::FirewallSpec::from_plan(plan)
             .with_devices(
@@ -507,7 +560,11 @@ impl XfrmMesh {
         }
         // Per overlay family (a dual-stack overlay: both), an absent family's rule and routes
         // removed.
-        let tunnels = routes::TunnelRoutes::from_plan(plan);
+        let tunnels = if one {
+            routes::TunnelRoutes::from_plan_one(plan)
+        } else {
+            routes::TunnelRoutes::from_plan(plan)
+        };
         match routes::reconcile_plan(plan, self.forwarding.routes, Some(&tunnels)) {
             Ok(x) => r.part("routes", x),
             Err(e) => r.fail(MESH, "routes", &e),

@@ -57,6 +57,7 @@ pub mod nft;
 pub mod render;
 pub mod runner;
 pub mod save;
+pub mod srccheck;
 
 use std::fmt;
 use std::io;

@@ -216,7 +216,12 @@ impl Nft {
 
     /// Our table's listing, or None when it does not exist.
     pub fn list(&self) -> Result<Option<String>, FirewallError> {
-        match self.run(&self.binary, &["list", "table", "inet", TABLE], "") {
+        self.list_named(TABLE)
+    }
+
+    /// The listing of table `inet <table>`, or None when it does not exist.
+    pub fn list_named(&self, table: &str) -> Result<Option<String>, FirewallError> {
+        match self.run(&self.binary, &["list", "table", "inet", table], "") {
             Ok(s) => Ok(Some(s)),
             Err(FirewallError::Nft { stderr, .. })
                 if stderr.contains("No such file or directory") =>
@@ -227,10 +232,31 @@ impl Nft {
         }
     }
 
+    /// Load `input` (`nft -f -`: one transaction).
+    pub fn load(&self, input: &str) -> Result<(), FirewallError> {
+        self.run(&self.binary, &["-f", "-"], input).map(|_| ())
+    }
+
+    /// Delete table `inet <table>`.
+    pub fn delete_named(&self, table: &str) -> Result<(), FirewallError> {
+        self.run(&self.binary, &["delete", "table", "inet", table], "")
+            .map(|_| ())
+    }
+
     /// How nft lists `body` once loaded: loaded and listed in a private, empty network
     /// namespace, so nothing of the host's ruleset is touched.
     pub fn canonical(&self, body: &str) -> Result<String, FirewallError> {
-        if let Ok(c) = CANONICAL.lock() {
+        self.canonical_named(TABLE, body, &CANONICAL)
+    }
+
+    /// [`Nft::canonical`] of a body defining table `inet <table>`, remembered in `cache`.
+    pub fn canonical_named(
+        &self,
+        table: &str,
+        body: &str,
+        cache: &Mutex<Option<(String, String)>>,
+    ) -> Result<String, FirewallError> {
+        if let Ok(c) = cache.lock() {
             if let Some((b, l)) = c.as_ref() {
                 if b == body {
                     return Ok(l.clone());
@@ -238,12 +264,12 @@ impl Nft {
             }
         }
         let script = format!(
-            "{nft} -f - && {nft} list table inet {TABLE}",
+            "{nft} -f - && {nft} list table inet {table}",
             nft = self.binary
         );
         let listing = self.run("unshare", &["--net", "--", "sh", "-c", &script], body)?;
         let n = normalize(&listing);
-        if let Ok(mut c) = CANONICAL.lock() {
+        if let Ok(mut c) = cache.lock() {
             *c = Some((body.to_string(), n.clone()));
         }
         Ok(n)
@@ -273,15 +299,20 @@ impl Nft {
 
     /// Delete our table if it exists.
     pub fn cleanup(&self) -> Result<FirewallReport, FirewallError> {
-        if self.list()?.is_none() {
+        self.drop_table(TABLE)
+    }
+
+    /// Delete table `inet <table>` if it exists (1 write, or 0).
+    pub fn drop_table(&self, table: &str) -> Result<FirewallReport, FirewallError> {
+        if self.list_named(table)?.is_none() {
             return Ok(FirewallReport::default());
         }
-        self.run(&self.binary, &["delete", "table", "inet", TABLE], "")?;
+        self.delete_named(table)?;
         Ok(FirewallReport {
             writes: 1,
             changes: vec![Change::delete(
                 super::LAYER,
-                format!("nftables table inet {TABLE}"),
+                format!("nftables table inet {table}"),
             )],
             ..FirewallReport::default()
         })

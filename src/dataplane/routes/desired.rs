@@ -62,6 +62,7 @@ pub fn desired(spec: &RouteSpec, underlay_index: u32) -> Desired {
                 dst,
                 table: spec.config.table,
                 oif: underlay_index,
+                if_id: 0,
             })
             .collect(),
     }
@@ -71,8 +72,10 @@ pub fn desired(spec: &RouteSpec, underlay_index: u32) -> Desired {
 /// underlay device, and which prefixes of the overlay are this host's own.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TunnelRoutes {
-    /// Remote prefix -> the name of its peer's XFRM interface.
-    pub via: Vec<(IpNet, String)>,
+    /// Remote prefix -> the name of the XFRM interface it is routed into, and the interface
+    /// id the route carries as metadata (the one collect_md interface: the peer's id; an
+    /// interface per peer: 0, the interface has the id).
+    pub via: Vec<(IpNet, String, u32)>,
     /// This host's own subnets: `throw` routes, so that the destination rule leaves them to
     /// the main table (their bridge or veth routes) and their reverse-path look-up never
     /// names an XFRM interface.
@@ -83,13 +86,32 @@ impl TunnelRoutes {
     /// Each peer's subnets into the peer's interface ([`crate::dataplane::xfrmi::name`]), and
     /// this host's own subnets.
     pub fn from_plan(plan: &Plan) -> TunnelRoutes {
+        Self::build(plan, |p| {
+            let id = crate::dataplane::xfrmi::if_id(p);
+            (crate::dataplane::xfrmi::name(id), 0)
+        })
+    }
+
+    /// Each peer's subnets into the one collect_md interface
+    /// ([`crate::dataplane::xfrmi::ONE_NAME`]) with the peer's interface id as the route's
+    /// metadata, and this host's own subnets.
+    pub fn from_plan_one(plan: &Plan) -> TunnelRoutes {
+        Self::build(plan, |p| {
+            (
+                crate::dataplane::xfrmi::ONE_NAME.to_string(),
+                crate::dataplane::xfrmi::if_id(p),
+            )
+        })
+    }
+
+    fn build(plan: &Plan, via: impl Fn(&crate::plan::Peer) -> (String, u32)) -> TunnelRoutes {
         TunnelRoutes {
             via: plan
                 .peers
                 .iter()
                 .flat_map(|p| {
-                    let dev = crate::dataplane::xfrmi::name(crate::dataplane::xfrmi::if_id(p));
-                    p.subnets.iter().map(move |n| (n.trunc(), dev.clone()))
+                    let (dev, id) = via(p);
+                    p.subnets.iter().map(move |n| (n.trunc(), dev.clone(), id))
                 })
                 .collect(),
             local: plan.subnets.iter().map(IpNet::trunc).collect(),
@@ -132,9 +154,10 @@ pub fn desired_tunnels(
     tunnels: &TunnelRoutes,
     links: &std::collections::BTreeMap<String, u32>,
 ) -> Desired {
-    let mut by_dev: std::collections::BTreeMap<&str, Vec<IpNet>> = Default::default();
-    for (n, dev) in &tunnels.via {
-        by_dev.entry(dev.as_str()).or_default().push(*n);
+    // Aggregated per interface and id, i.e. per peer.
+    let mut by_dev: std::collections::BTreeMap<(&str, u32), Vec<IpNet>> = Default::default();
+    for (n, dev, id) in &tunnels.via {
+        by_dev.entry((dev.as_str(), *id)).or_default().push(*n);
     }
     let table = spec.config.table;
     let overlay = overlay.trunc();
@@ -146,14 +169,20 @@ pub fn desired_tunnels(
             dst,
             table,
             oif: THROW,
+            if_id: 0,
         });
     let mut routes: BTreeSet<RouteKey> = by_dev
         .into_iter()
-        .filter_map(|(dev, nets)| links.get(dev).map(|i| (*i, nets)))
-        .flat_map(|(oif, nets)| {
+        .filter_map(|((dev, if_id), nets)| links.get(dev).map(|i| (*i, if_id, nets)))
+        .flat_map(|(oif, if_id, nets)| {
             IpNet::aggregate(&nets)
                 .into_iter()
-                .map(move |dst| RouteKey { dst, table, oif })
+                .map(move |dst| RouteKey {
+                    dst,
+                    table,
+                    oif,
+                    if_id,
+                })
         })
         .chain(throws)
         .filter(|k| Family::of(&k.dst) == spec.family)
@@ -162,6 +191,7 @@ pub fn desired_tunnels(
         dst: overlay,
         table,
         oif: 0,
+        if_id: 0,
     });
     Desired {
         rule: tunnel_rule(spec, overlay),
@@ -215,10 +245,10 @@ pub(super) mod tests {
     fn route_mode_routes_prefixes_into_their_peers_interfaces() {
         let tunnels = TunnelRoutes {
             via: vec![
-                (net("10.42.7.9/32"), "imx1".into()),
-                (net("10.42.7.8/32"), "imx1".into()),
-                (net("10.42.7.10/32"), "imx2".into()),
-                (net("10.42.9.1/32"), "imx3".into()),
+                (net("10.42.7.9/32"), "imx1".into(), 0),
+                (net("10.42.7.8/32"), "imx1".into(), 0),
+                (net("10.42.7.10/32"), "imx2".into(), 0),
+                (net("10.42.9.1/32"), "imx3".into(), 0),
             ],
             local: vec![
                 net("10.42.1.2/32"),
@@ -257,11 +287,43 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn one_interface_routes_carry_each_peers_id() {
+        let tunnels = TunnelRoutes {
+            via: vec![
+                (net("10.42.7.9/32"), "imxmesh".into(), 0x5000_0001),
+                (net("10.42.7.8/32"), "imxmesh".into(), 0x5000_0001),
+                (net("10.42.7.10/32"), "imxmesh".into(), 0x5000_0002),
+            ],
+            local: vec![],
+        };
+        let links = std::collections::BTreeMap::from([("imxmesh".to_string(), 40)]);
+        let d = desired_tunnels(&spec(&[]), net("10.42.0.0/16"), &tunnels, &links);
+        let r: Vec<String> = d.routes.iter().map(|k| k.to_string()).collect();
+        assert_eq!(
+            r,
+            vec![
+                "route unreachable 10.42.0.0/16 table 1042",
+                "route 10.42.7.8/31 dev #40 encap xfrm if_id 0x50000001 table 1042",
+                "route 10.42.7.10/32 dev #40 encap xfrm if_id 0x50000002 table 1042",
+            ],
+            "aggregated per peer (id), never across peers sharing the interface"
+        );
+        let c = crate::test_cluster::valid(&crate::test_cluster::on_77(&["h1", "h2", "h3"]));
+        let p = crate::plan::plan(&c, "h1", &Default::default(), None).unwrap();
+        let one = TunnelRoutes::from_plan_one(&p);
+        assert!(one
+            .via
+            .iter()
+            .all(|(_, dev, id)| dev == crate::dataplane::xfrmi::ONE_NAME && *id != 0));
+        assert_eq!(one.local, TunnelRoutes::from_plan(&p).local);
+    }
+
+    #[test]
     fn route_mode_v6_rule_and_throws_are_v6() {
         let mut s = spec(&[]);
         s.family = Family::V6;
         let tunnels = TunnelRoutes {
-            via: vec![(net("fd42:0:0:2::/64"), "imx2".into())],
+            via: vec![(net("fd42:0:0:2::/64"), "imx2".into(), 0)],
             local: vec![net("fd42:0:0:1::/64"), net("10.42.1.0/24")],
         };
         let links = std::collections::BTreeMap::from([("imx2".to_string(), 5)]);

@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use netlink_packet_core::NetlinkMessage;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteLwEnCapType, RouteLwTunnelEncap, RouteMessage,
+    RouteProtocol, RouteScope, RouteType, RouteXfrmTunnel,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -104,6 +105,7 @@ pub fn parse_route_via(msg: &RouteMessage) -> Option<(FoundRoute, Option<IpAddr>
     let mut table = u32::from(h.table);
     let (mut dst, mut gateway): (Option<IpAddr>, Option<IpAddr>) = (None, None);
     let (mut oif, mut priority) = (0, None);
+    let (mut encap_type, mut encap) = (None, None);
     let mut exact = matches!(
         h.kind,
         RouteType::Unicast | RouteType::Unreachable | RouteType::Throw
@@ -117,12 +119,13 @@ pub fn parse_route_via(msg: &RouteMessage) -> Option<(FoundRoute, Option<IpAddr>
             RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some((*g).into()),
             RouteAttribute::Oif(i) => oif = *i,
             RouteAttribute::Priority(p) => priority = Some(*p),
+            RouteAttribute::EncapType(t) => encap_type = Some(*t),
+            RouteAttribute::Encap(e) => encap = Some(e),
             RouteAttribute::Gateway(_)
             | RouteAttribute::Via(_)
             | RouteAttribute::MultiPath(_)
             | RouteAttribute::PrefSource(_)
             | RouteAttribute::Source(_)
-            | RouteAttribute::Encap(_)
             | RouteAttribute::NhId(_) => exact = false,
             _ => {}
         }
@@ -142,8 +145,23 @@ pub fn parse_route_via(msg: &RouteMessage) -> Option<(FoundRoute, Option<IpAddr>
         RouteType::Throw => oif = THROW,
         _ => exact &= oif != 0,
     }
+    // The one lightweight-tunnel encapsulation of ours: `encap xfrm if_id ID` (no link).
+    let mut if_id = 0;
+    match (encap_type, encap) {
+        (None, None) => {}
+        (Some(RouteLwEnCapType::Xfrm), Some(e)) => match e.as_slice() {
+            [RouteLwTunnelEncap::Xfrm(RouteXfrmTunnel::IfId(id))] if *id != 0 => if_id = *id,
+            _ => exact = false,
+        },
+        _ => exact = false,
+    }
     let found = FoundRoute {
-        key: RouteKey { dst, table, oif },
+        key: RouteKey {
+            dst,
+            table,
+            oif,
+            if_id,
+        },
         exact,
         priority,
         tos: h.tos,
@@ -189,7 +207,8 @@ fn dst_attr(dst: &IpNet) -> RouteAttribute {
     })
 }
 
-/// `ip route add DST dev OIF table T proto static scope link`, or for `oif` 0
+/// `ip route add DST dev OIF table T proto static scope link [encap xfrm if_id ID]`, or for
+/// `oif` 0
 /// `ip route add unreachable DST table T proto static` (for [`THROW`]: `throw DST`).
 pub fn route_add_message(k: &RouteKey) -> RouteMessage {
     let mut m = RouteMessage::default();
@@ -213,6 +232,14 @@ pub fn route_add_message(k: &RouteKey) -> RouteMessage {
             RouteAttribute::Oif(k.oif),
             RouteAttribute::Table(k.table),
         ];
+        if k.if_id != 0 {
+            m.attributes
+                .push(RouteAttribute::EncapType(RouteLwEnCapType::Xfrm));
+            m.attributes
+                .push(RouteAttribute::Encap(vec![RouteLwTunnelEncap::Xfrm(
+                    RouteXfrmTunnel::IfId(k.if_id),
+                )]));
+        }
     }
     m
 }
@@ -282,6 +309,7 @@ mod tests {
             dst: net("fd42:0:2::/64"),
             table: 1042,
             oif: 7,
+            if_id: 0,
         };
         let r = route_add_message(&rk);
         assert_eq!(r.header.address_family, AddressFamily::Inet6);
@@ -368,6 +396,7 @@ mod tests {
                 dst: net(dst),
                 table: 1042,
                 oif: THROW,
+                if_id: 0,
             };
             let add = route_add_message(&t);
             assert_eq!(add.header.kind, RouteType::Throw);
@@ -397,10 +426,48 @@ mod tests {
             dst: net("10.42.1.0/24"),
             table: 1042,
             oif: 3,
+            if_id: 0,
         });
         nodev
             .attributes
             .retain(|a| !matches!(a, RouteAttribute::Oif(_)));
         assert!(!parse_route(&nodev).unwrap().exact);
+    }
+
+    #[test]
+    fn xfrm_encap_routes_round_trip() {
+        let k = RouteKey {
+            dst: net("10.42.7.9/32"),
+            table: 1042,
+            oif: 40,
+            if_id: 0x5000_0001,
+        };
+        let m = route_add_message(&k);
+        assert!(m
+            .attributes
+            .contains(&RouteAttribute::EncapType(RouteLwEnCapType::Xfrm)));
+        let back = parse_route(&m).unwrap();
+        assert_eq!(back.key, k);
+        assert!(back.exact);
+        // The same route without the metadata is another route (the diff replaces it).
+        let plain = RouteKey { if_id: 0, ..k };
+        assert_ne!(parse_route(&route_add_message(&plain)).unwrap().key, k);
+        // An encap of another kind, or with a link, is not ours.
+        let mut other = m.clone();
+        other
+            .attributes
+            .retain(|a| !matches!(a, RouteAttribute::Encap(_)));
+        other
+            .attributes
+            .push(RouteAttribute::Encap(vec![RouteLwTunnelEncap::Xfrm(
+                RouteXfrmTunnel::Link(3),
+            )]));
+        assert!(!parse_route(&other).unwrap().exact);
+        let mut mpls = m;
+        mpls.attributes
+            .retain(|a| !matches!(a, RouteAttribute::EncapType(_)));
+        mpls.attributes
+            .push(RouteAttribute::EncapType(RouteLwEnCapType::Mpls));
+        assert!(!parse_route(&mpls).unwrap().exact);
     }
 }

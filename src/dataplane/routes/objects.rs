@@ -80,6 +80,10 @@ pub struct RouteKey {
     /// Output interface index; 0: an `unreachable` route (no device: the route mode's
     /// fail-closed route for the overlay); [`THROW`]: a `throw` route.
     pub oif: u32,
+    /// Route mode with one XFRM interface in collect_md mode: the peer's interface id as the
+    /// route's lightweight-tunnel metadata (`encap xfrm if_id ID`, kernel >= 6.0), which the
+    /// interface uses for the policy and SA look-up. 0: none (a plain route).
+    pub if_id: u32,
 }
 
 impl fmt::Display for RouteKey {
@@ -90,11 +94,11 @@ impl fmt::Display for RouteKey {
         if self.oif == THROW {
             return write!(f, "route throw {} table {}", self.dst, self.table);
         }
-        write!(
-            f,
-            "route {} dev #{} table {}",
-            self.dst, self.oif, self.table
-        )
+        write!(f, "route {} dev #{}", self.dst, self.oif)?;
+        if self.if_id != 0 {
+            write!(f, " encap xfrm if_id {:#x}", self.if_id)?;
+        }
+        write!(f, " table {}", self.table)
     }
 }
 

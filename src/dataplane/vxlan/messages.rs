@@ -347,6 +347,7 @@ pub fn route_del_message(r: &FoundRoute) -> RouteMessage {
             dst: r.dst,
             table: r.table,
             oif: r.oif,
+            if_id: 0,
         },
         exact: r.exact,
         priority: r.priority,

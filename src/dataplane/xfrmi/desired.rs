@@ -9,6 +9,10 @@ use crate::plan::{Peer, Plan};
 
 /// Every interface of ours is named this followed by the peer's slot in hex (`imx3a2f1c`).
 pub const NAME_PREFIX: &str = "imx";
+/// The name of the one XFRM interface of the collect_md variant of route mode
+/// ([`RouteDevices::One`](super::RouteDevices)): [`NAME_PREFIX`] and a word no slot makes
+/// (slots are hex).
+pub const ONE_NAME: &str = "imxmesh";
 /// The link group (`ip link ... group 1042`) every interface of ours is in, so that a firewall
 /// can match all of them with one comparison (`oifgroup 1042`, `-m devgroup`).
 pub const LINK_GROUP: u32 = 1042;
@@ -36,10 +40,23 @@ pub struct LinkSpec {
     pub mtu: u32,
     /// The peer's host id, for errors.
     pub owner: String,
+    /// The one interface in collect_md mode (`ip link add ... type xfrm external`, Linux
+    /// 6.0 or later): no id and no link of its own (the kernel refuses both); each packet's id comes
+    /// from its route (`encap xfrm if_id`) on the way out and from its SA on the way in.
+    /// `if_id` is then 0 and `underlay` only keeps the interface out of the underlay
+    /// device's index chain (it is not sent).
+    pub collect_md: bool,
 }
 
 impl fmt::Display for LinkSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.collect_md {
+            return write!(
+                f,
+                "xfrm interface {} external mtu {} group {LINK_GROUP}",
+                self.name, self.mtu
+            );
+        }
         write!(
             f,
             "xfrm interface {} if_id {:#x} dev #{} mtu {} group {LINK_GROUP}",
@@ -59,6 +76,8 @@ pub struct FoundLink {
     pub mtu: Option<u32>,
     pub if_id: Option<u32>,
     pub underlay: Option<u32>,
+    /// `IFLA_XFRM_COLLECT_METADATA`: an `external` interface.
+    pub collect_md: bool,
 }
 
 /// Whether a dumped link is ours: an XFRM interface in our group with our name prefix.
@@ -78,9 +97,26 @@ pub fn desired(plan: &Plan, underlay: u32) -> Vec<LinkSpec> {
                 underlay,
                 mtu: u32::from(plan.mtu),
                 owner: p.host.to_string(),
+                collect_md: false,
             }
         })
         .collect()
+}
+
+/// The collect_md variant: one interface ([`ONE_NAME`]) for every peer (none for a plan
+/// without peers), kept out of `underlay`'s index chain.
+pub fn desired_one(plan: &Plan, underlay: u32) -> Vec<LinkSpec> {
+    if plan.peers.is_empty() {
+        return Vec::new();
+    }
+    vec![LinkSpec {
+        name: ONE_NAME.into(),
+        if_id: 0,
+        underlay,
+        mtu: u32::from(plan.mtu),
+        owner: crate::dataplane::report::MESH.into(),
+        collect_md: true,
+    }]
 }
 
 /// One write.
@@ -202,13 +238,14 @@ pub fn diff(found: &[FoundLink], want: &[LinkSpec]) -> LinkDiff {
                 index: l.index,
                 name: l.name.clone(),
             }),
-            // The id and the underlay cannot be changed in place (the kernel refuses a new
-            // link), nor the index (in the underlay device's hash chain: see INDEX_CHAINS):
-            // recreate.
+            // The id, the underlay and collect_md cannot be changed in place (the kernel
+            // refuses a new link), nor the index (in the underlay device's hash chain: see
+            // INDEX_CHAINS): recreate.
             Some(s)
-                if l.if_id != Some(s.if_id)
-                    || l.underlay != Some(s.underlay)
-                    || index_chain(l.index) == index_chain(s.underlay) =>
+                if l.collect_md != s.collect_md
+                    || index_chain(l.index) == index_chain(s.underlay)
+                    || (!s.collect_md
+                        && (l.if_id != Some(s.if_id) || l.underlay != Some(s.underlay))) =>
             {
                 d.ops.push(LinkOp::Delete {
                     index: l.index,
@@ -256,6 +293,7 @@ mod tests {
             underlay: 2,
             mtu: 1400,
             owner: format!("h{id:x}"),
+            collect_md: false,
         }
     }
 
@@ -267,9 +305,57 @@ mod tests {
             group: LINK_GROUP,
             up: true,
             mtu: Some(s.mtu),
+            // An external interface dumps as id 0, link 0.
             if_id: Some(s.if_id),
-            underlay: Some(s.underlay),
+            underlay: Some(if s.collect_md { 0 } else { s.underlay }),
+            collect_md: s.collect_md,
         }
+    }
+
+    #[test]
+    fn one_collect_md_interface_replaces_the_per_peer_ones() {
+        let c = crate::test_cluster::valid(&crate::test_cluster::on_77(&["h1", "h2", "h3"]));
+        let plan = crate::plan::plan(&c, "h1", &Default::default(), None).unwrap();
+        let one = desired_one(&plan, 2);
+        assert_eq!(one.len(), 1);
+        assert!(one[0].collect_md && one[0].if_id == 0 && one[0].name == ONE_NAME);
+        assert_eq!(
+            one[0].to_string(),
+            format!(
+                "xfrm interface imxmesh external mtu {} group 1042",
+                plan.mtu
+            )
+        );
+        let per_peer = desired(&plan, 2);
+        let cur: Vec<FoundLink> = per_peer
+            .iter()
+            .enumerate()
+            .map(|(i, s)| found(s, 3 + i as u32))
+            .collect();
+        let d = diff(&cur, &one);
+        assert_eq!(d.ops.len(), per_peer.len() + 1, "{d:?}");
+        assert!(
+            matches!(d.ops.last(), Some(LinkOp::Create { spec, index }) if spec.collect_md && *index == 5)
+        );
+        // Matching: nothing to do; the same name without collect_md: recreated.
+        assert_eq!(diff(&[found(&one[0], 7)], &one), LinkDiff::default());
+        let mut plain = found(&one[0], 7);
+        plain.collect_md = false;
+        assert_eq!(diff(&[plain], &one).ops.len(), 2);
+        // And back: the external one goes, the per-peer ones come.
+        let back = diff(&[found(&one[0], 7)], &per_peer);
+        assert_eq!(back.ops.len(), per_peer.len() + 1);
+        assert!(desired_one(
+            &crate::plan::plan(
+                &crate::test_cluster::valid(&crate::test_cluster::on_77(&["h1"])),
+                "h1",
+                &Default::default(),
+                None
+            )
+            .unwrap(),
+            2
+        )
+        .is_empty());
     }
 
     #[test]

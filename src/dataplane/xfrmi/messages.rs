@@ -2,6 +2,7 @@
 //! (pure: no I/O).
 
 use netlink_packet_core::NetlinkMessage;
+use netlink_packet_core::{DefaultNla, Nla};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoXfrm, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -10,8 +11,11 @@ use netlink_packet_route::RouteNetlinkMessage;
 use super::desired::{FoundLink, LinkOp, LinkSpec, LINK_GROUP};
 use crate::dataplane::rtnl;
 
+/// `IFLA_XFRM_COLLECT_METADATA` (a flag; netlink-packet-route has no name for it).
+pub const IFLA_XFRM_COLLECT_METADATA: u16 = 3;
+
 /// `ip link add NAME index INDEX mtu MTU group 1042 up type xfrm dev #UNDERLAY if_id ID`
-/// (`index` 0: the kernel's choice).
+/// (`index` 0: the kernel's choice), or for a collect_md spec `... type xfrm external`.
 pub fn create(s: &LinkSpec, index: u32) -> LinkMessage {
     let mut m = LinkMessage::default();
     m.header.index = index;
@@ -23,10 +27,14 @@ pub fn create(s: &LinkSpec, index: u32) -> LinkMessage {
         LinkAttribute::Group(LINK_GROUP),
         LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Xfrm),
-            LinkInfo::Data(InfoData::Xfrm(vec![
-                InfoXfrm::Link(s.underlay),
-                InfoXfrm::IfId(s.if_id),
-            ])),
+            LinkInfo::Data(InfoData::Xfrm(if s.collect_md {
+                vec![InfoXfrm::Other(DefaultNla::new(
+                    IFLA_XFRM_COLLECT_METADATA,
+                    Vec::new(),
+                ))]
+            } else {
+                vec![InfoXfrm::Link(s.underlay), InfoXfrm::IfId(s.if_id)]
+            })),
         ]),
     ];
     m
@@ -82,6 +90,11 @@ pub fn parse(m: &LinkMessage) -> FoundLink {
                                 match a {
                                     InfoXfrm::Link(v) => l.underlay = Some(*v),
                                     InfoXfrm::IfId(v) => l.if_id = Some(*v),
+                                    InfoXfrm::Other(n)
+                                        if n.kind() == IFLA_XFRM_COLLECT_METADATA =>
+                                    {
+                                        l.collect_md = true
+                                    }
                                     _ => {}
                                 }
                             }
@@ -125,6 +138,7 @@ mod tests {
             underlay: 2,
             mtu: 1438,
             owner: "h2".into(),
+            collect_md: false,
         };
         let m = wire(&create(&s, 9));
         assert!(m.header.flags.contains(LinkFlags::Up), "created up");
@@ -142,8 +156,20 @@ mod tests {
                 mtu: Some(1438),
                 if_id: Some(0x5000_001f),
                 underlay: Some(2),
+                collect_md: false,
             }
         );
+        let ext = parse(&wire(&create(
+            &LinkSpec {
+                name: "imxmesh".into(),
+                if_id: 0,
+                collect_md: true,
+                ..s.clone()
+            },
+            0,
+        )));
+        assert!(ext.collect_md && ext.if_id.is_none() && ext.underlay.is_none());
+        assert!(is_owned(&ext));
         assert!(is_owned(&l));
         let r = request(&LinkOp::Create {
             spec: s.clone(),

@@ -1,4 +1,5 @@
-//! Route mode of the xfrm driver (`--xfrm-mode route`): one XFRM interface per peer.
+//! Route mode of the xfrm driver (`--xfrm-mode route`): XFRM interfaces, one per peer or one
+//! for all peers ([`RouteDevices`]).
 //!
 //! Policy mode selects a peer by XFRM policy selectors, one set per remote prefix: under
 //! Rancher addressing (every container a random /32) that is 3 policies per remote container.
@@ -11,6 +12,27 @@
 //! and the SAs as in policy mode (bound to the id); the per-container prefixes are routes.
 //! Per packet: one route look-up and one policy bin per interface id (the kernel keys its
 //! inexact policy bins by `(if_id, family, direction)`), independent of peers and containers.
+//!
+//! # One interface for all peers (`--xfrm-route-devices one`, `auto`'s choice where it works)
+//!
+//! An interface per peer has a per-packet cost that grows with the peers: the kernel finds a
+//! device in fixed tables of 256 hash chains, by interface index (every routed packet's
+//! incoming device once any `ip rule` exists: `l3mdev_update_flow`) and, for a decrypted
+//! packet, by interface id (`xfrmi_lookup`): ~peers / 256 interfaces per chain (measured in
+//! the VM: 0.93-0.94x of the 1-peer rate at 5,000 peers, BENCHMARKS.md). Since Linux 6.0 one
+//! interface in collect_md mode ([`ONE_NAME`], `type xfrm external`: no id, no link) serves
+//! every peer: each route into it carries the peer's interface id as lightweight-tunnel
+//! metadata (`encap xfrm if_id ID`, [`crate::dataplane::routes::RouteKey::if_id`]), which the
+//! interface uses for the policy and SA look-up on the way out; on the way in the kernel finds
+//! no interface for the SA's id in its (empty) table, hands the packet to the collect_md one,
+//! and checks the policies of the SA's id. Policies and SAs are the same as with an interface
+//! per peer. Per packet nothing depends on the peers any more; kernel memory is one device
+//! instead of one per peer (~48 KB each).
+//!
+//! The reverse-path rule below can no longer tell peers apart (every remote source routes
+//! back out of the one interface), so the source check is an nft table keyed by the SA the
+//! packet came through ([`crate::dataplane::firewall::srccheck`]); that is why `one` needs
+//! `nft` (and the kernel's `nft_xfrm`), whatever the firewall backend.
 //!
 //! # Who may send what: the reverse-path check
 //!
@@ -71,7 +93,8 @@ use crate::dataplane::routes::{self, Underlay};
 use crate::dataplane::{rtnl, sysctl};
 use crate::plan::Plan;
 pub use desired::{
-    diff, if_id, is_owned, name, FoundLink, LinkDiff, LinkOp, LinkSpec, LINK_GROUP, NAME_PREFIX,
+    desired_one, diff, if_id, is_owned, name, FoundLink, LinkDiff, LinkOp, LinkSpec, LINK_GROUP,
+    NAME_PREFIX, ONE_NAME,
 };
 
 /// What the route mode needs from the kernel and this module could not get.
@@ -108,30 +131,73 @@ pub fn unsupported(kernel_said: &str) -> String {
 /// private network namespace of a thread of its own, so nothing of the caller's namespace is
 /// touched; the interface dies with the namespace. `Err` says what is missing in words.
 pub fn probe() -> Result<(), String> {
-    let r = crate::dataplane::netns::in_new_netns(|| {
-        rtnl::block_on(async {
+    probe_with(false)
+}
+
+/// Can this kernel make the one collect_md interface and route into it with an interface id
+/// (`type xfrm external` and `encap xfrm if_id`, both Linux 6.0)? As [`probe`]: an interface
+/// and a route in a private network namespace. `Err` says what is missing in words.
+pub fn probe_one() -> Result<(), String> {
+    probe_with(true)
+}
+
+fn probe_with(collect_md: bool) -> Result<(), String> {
+    let r = crate::dataplane::netns::in_new_netns(move || {
+        rtnl::block_on(async move {
             let h = rtnl::connect()?;
             let spec = LinkSpec {
                 name: "imxprobe".into(),
-                if_id: 1,
+                if_id: if collect_md { 0 } else { 1 },
                 underlay: 0,
                 mtu: 1400,
                 owner: "probe".into(),
+                collect_md,
             };
             let r = rtnl::send(&h, messages::request(&LinkOp::Create { spec, index: 0 })).await;
-            Ok::<_, rtnl::Error>(r)
+            if r.is_err() || !collect_md {
+                return Ok::<_, rtnl::Error>(r.map_err(|e| (false, e)));
+            }
+            let index = indexes(&h).await?.get("imxprobe").copied().unwrap_or(0);
+            let route = routes::RouteKey {
+                dst: "192.0.2.0/24".parse().expect("a prefix"),
+                table: 254,
+                oif: index,
+                if_id: 1,
+            };
+            let r = rtnl::send(
+                &h,
+                rtnl::message(
+                    netlink_packet_route::RouteNetlinkMessage::NewRoute(
+                        routes::messages::route_add_message(&route),
+                    ),
+                    rtnl::CREATE,
+                ),
+            )
+            .await;
+            Ok(r.map_err(|e| (true, e)))
         })
     });
+    let what = if collect_md {
+        "a collect_md XFRM interface (Linux >= 6.0)"
+    } else {
+        "XFRM interfaces"
+    };
     match r {
         Ok(Ok(Ok(()))) => Ok(()),
         // "Unknown device type" (EOPNOTSUPP) is what a kernel without the link kind says.
-        Ok(Ok(Err(reason))) if reason.errno() == Some(libc::EOPNOTSUPP) => {
+        Ok(Ok(Err((false, reason)))) if !collect_md && reason.errno() == Some(libc::EOPNOTSUPP) => {
             Err(unsupported(&reason.to_string()))
         }
-        Ok(Ok(Err(reason))) => Err(format!("probing XFRM interfaces failed: {reason}")),
-        Ok(Err(e)) => Err(format!("probing XFRM interfaces failed: {e}")),
+        Ok(Ok(Err((false, reason)))) => Err(format!(
+            "this kernel cannot make {what} (kernel said: {reason})"
+        )),
+        Ok(Ok(Err((true, reason)))) => Err(format!(
+            "this kernel cannot route into {what} with an interface id (`encap xfrm if_id`, \
+             Linux >= 6.0; kernel said: {reason})"
+        )),
+        Ok(Err(e)) => Err(format!("probing {what} failed: {e}")),
         Err(e) => Err(format!(
-            "probing XFRM interfaces needs a private network namespace: {e}"
+            "probing {what} needs a private network namespace: {e}"
         )),
     }
 }
@@ -227,17 +293,25 @@ async fn apply(h: &Handle, ops: &[LinkOp], report: &mut LinkReport) {
     }
 }
 
-/// Make the interfaces match `plan` (one per peer, on the plan endpoint's device), then their
-/// per-device sysctls ([`sysctl::tune_tunnel_device`]). A sync wrapper: its own runtime.
-/// Also returns the underlay device's index.
-pub fn reconcile(plan: &Plan) -> Result<(LinkReport, u32), LinkError> {
-    rtnl::block_on(async { reconcile_with(&rtnl::connect()?, plan).await })
+/// Make the interfaces match `plan` (one per peer on the plan endpoint's device, or with
+/// `devices` [`RouteDevices::One`] the one collect_md interface), then their per-device
+/// sysctls ([`sysctl::tune_tunnel_device`]). A sync wrapper: its own runtime. Also returns
+/// the underlay device's index.
+pub fn reconcile(plan: &Plan, devices: RouteDevices) -> Result<(LinkReport, u32), LinkError> {
+    rtnl::block_on(async { reconcile_with(&rtnl::connect()?, plan, devices).await })
 }
 
 /// [`reconcile`] over an existing handle.
-pub async fn reconcile_with(h: &Handle, plan: &Plan) -> Result<(LinkReport, u32), LinkError> {
+pub async fn reconcile_with(
+    h: &Handle,
+    plan: &Plan,
+    devices: RouteDevices,
+) -> Result<(LinkReport, u32), LinkError> {
     let (underlay, dev) = routes::resolve_underlay(h, &Underlay::Address(plan.endpoint)).await?;
-    let want = desired::desired(plan, underlay);
+    let want = match devices {
+        RouteDevices::One => desired::desired_one(plan, underlay),
+        _ => desired::desired(plan, underlay),
+    };
     let found = dump_links(h).await?;
     let d = diff(&found, &want);
     let mut report = LinkReport::default();
@@ -343,6 +417,75 @@ impl XfrmMode {
             },
             m => (m, "asked for".into()),
         }
+    }
+}
+
+/// Route mode's interfaces (`--xfrm-route-devices`, default `auto`): one per peer, or one
+/// collect_md interface for all (kernel >= 6.0, and nft for the source check:
+/// [`crate::dataplane::firewall::srccheck`]). Per packet, the kernel finds an interface per
+/// peer in fixed 256-entry hash tables (by interface index for the route look-ups, by id for
+/// a decrypted packet: `xfrmi_lookup`), ~peers/256 steps each; the one interface is found
+/// in one, and its routes carry the peer's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteDevices {
+    /// An interface `imx<slot>` per peer (every kernel with XFRM interfaces, >= 4.19).
+    PerPeer,
+    /// One interface [`ONE_NAME`] in collect_md mode; the source check is an nft set.
+    One,
+    /// `one` where [`probe_one`] and the source check's probe succeed, else `per-peer`.
+    #[default]
+    Auto,
+}
+
+impl RouteDevices {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteDevices::PerPeer => "per-peer",
+            RouteDevices::One => "one",
+            RouteDevices::Auto => "auto",
+        }
+    }
+
+    /// What the kernel and the host allow for `self` (`Auto` made concrete), and why; `Err`
+    /// for `One` where it cannot work.
+    pub fn resolve(self) -> Result<(RouteDevices, String), String> {
+        let can = || {
+            probe_one()?;
+            crate::dataplane::firewall::srccheck::probe()
+        };
+        match self {
+            RouteDevices::PerPeer => Ok((self, "asked for".into())),
+            RouteDevices::One => can()
+                .map(|()| (self, "asked for".into()))
+                .map_err(|why| format!("--xfrm-route-devices one: {why}")),
+            RouteDevices::Auto => Ok(match can() {
+                Ok(()) => (
+                    RouteDevices::One,
+                    "auto: collect_md XFRM interfaces and nft present".into(),
+                ),
+                Err(why) => (RouteDevices::PerPeer, format!("auto: {why}")),
+            }),
+        }
+    }
+}
+
+impl std::str::FromStr for RouteDevices {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RouteDevices, String> {
+        match s {
+            "per-peer" => Ok(RouteDevices::PerPeer),
+            "one" => Ok(RouteDevices::One),
+            "auto" => Ok(RouteDevices::Auto),
+            _ => Err(format!(
+                "unknown xfrm route devices {s:?}: expected one, per-peer or auto"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for RouteDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
