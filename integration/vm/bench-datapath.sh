@@ -5,7 +5,7 @@
 #
 #   integration/vm/bench-datapath.sh [TIMEOUT_SECS]          (default 2400)
 #
-# For each mode M in DP_MODES (default "policy route"; policy = `--xfrm-mode policy`, route =
+# For each mode M in DP_MODES (default "policy route one"; policy = `--xfrm-mode policy`, route =
 # `--xfrm-mode route --xfrm-route-devices per-peer`, one = `... --xfrm-route-devices one`) and
 # case N in DP_CASES (default 1 1000 5000) the guest (bench-datapath-guest.sh) builds a
 # sender host (host-00000) and its last peer (host-N) in two namespaces joined by a veth,
@@ -36,7 +36,7 @@ top=$(cd "$here/../.." && pwd)
 target=x86_64-unknown-linux-gnu
 timeout_s=${1:-2400}
 cases=${DP_CASES:-1 1000 5000}
-modes=${DP_MODES:-policy route}
+modes=${DP_MODES:-policy route one}
 rounds=${DP_ROUNDS:-40}
 sends=${DP_SENDS:-1000}
 shape=${DP_SHAPE:-rancher}
