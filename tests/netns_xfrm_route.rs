@@ -381,9 +381,16 @@ fn route_mode_one_collect_md_interface_for_all_peers() {
             text(&o)
         );
         assert!(!sh("ip route show table 1042").contains("encap"));
-        // And to one again, then cleanup leaves the namespace as it was.
+        // And to one again; then policy mode: no interface and no source-check table left.
         let o = mesh_with(dir.path(), "apply", "route", &one);
         assert_eq!(our_links().len(), 1, "{}", text(&o));
+        let o = mesh(dir.path(), "apply", "policy");
+        assert!(our_links().is_empty(), "{}", text(&o));
+        assert!(
+            sh("nft list table inet ipsec-mesh-src 2>&1 || true").contains("No such file"),
+            "policy mode removes the source check: {}",
+            text(&o)
+        );
         let o = mesh(dir.path(), "cleanup", "auto");
         assert!(o.status.success(), "{}", text(&o));
         assert_eq!(dataplane(), before, "cleanup left something: {}", text(&o));

@@ -428,6 +428,12 @@ impl Driver for XfrmMesh {
                 Ok(_) => {}
                 Err(e) => r.fail(MESH, "xfrm interfaces", &e),
             }
+            // And the one-interface variant's source check.
+            match firewall::srccheck::cleanup() {
+                Ok(x) if x.writes > 0 => r.part("source check", x),
+                Ok(_) => {}
+                Err(e) => r.fail(MESH, "source check", &e),
+            }
         }
         r
     }
