@@ -417,7 +417,10 @@ fn source_check_table_is_written_once_and_removed() {
                 (0x5000_0002, vec![net("10.42.9.4/32")]),
             ]),
         };
+        let g0 = srccheck::ruleset_generation().expect("the nftables generation");
         assert_eq!(srccheck::apply(&spec).unwrap().writes, 1);
+        let g1 = srccheck::ruleset_generation().unwrap();
+        assert!(g1 > g0, "a write moves the generation ({g0} -> {g1})");
         let listed = sh("nft list table inet ipsec-mesh-src");
         assert!(
             listed.contains("10.42.7.8/31 : goto p50000001") && listed.contains("fd42::/64"),
@@ -428,6 +431,13 @@ fn source_check_table_is_written_once_and_removed() {
             0,
             "unchanged: no write"
         );
+        assert_eq!(srccheck::apply(&spec).unwrap().writes, 0, "unchanged (remembered)");
+        assert_eq!(srccheck::ruleset_generation(), Some(g1), "no-ops write nothing");
+        // A change by hand moves the generation: the next apply looks and repairs it.
+        sh("nft delete chain inet ipsec-mesh-src p50000002 2>&1 || nft flush table inet ipsec-mesh-src");
+        assert_eq!(srccheck::apply(&spec).unwrap().writes, 1, "repaired");
+        assert!(sh("nft list table inet ipsec-mesh-src").contains("p50000002"));
+        assert_eq!(srccheck::apply(&spec).unwrap().writes, 0);
         spec.peers.insert(0x5000_0003, vec![net("10.42.200.1/32")]);
         assert_eq!(srccheck::apply(&spec).unwrap().writes, 1);
         assert!(sh("nft list table inet ipsec-mesh-src").contains("p50000003"));

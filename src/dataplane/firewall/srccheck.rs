@@ -36,9 +36,20 @@
 //!
 //! "0 writes when unchanged", as the nft backend ([`super::nft`]): the desired table is listed
 //! in nft's canonical form once per change (loaded into a private network namespace), and the
-//! live table is rewritten, in one transaction, only when its listing differs.
+//! live table is rewritten, in one transaction, only when its listing differs. Listing is not
+//! cheap here: any `nft list` fetches every set element (measured on this machine's kernel:
+//! ~0.5 s at 5,000 peers, ~10 s and ~380 MB for nft at 20,000), so a table once found or made
+//! as wanted is not listed again while the namespace's nftables generation
+//! (`NFT_MSG_GETGEN`, one netlink round trip; every nftables transaction of anyone moves it)
+//! is the one seen right after: nothing in nftables changed, so neither did the table, and a
+//! new table is written without listing the old. It is listed (and the wanted one in nft's
+//! form) only when the generation moved otherwise: the first apply of a process, and after
+//! anyone else's nftables transaction (another program's rules, a change by hand). Measured
+//! on this machine's kernel at 20,000 peers (200,000 prefixes): a write (first, or a peer
+//! gone) ~2.9 s, unchanged ~0.1 s; listing the table alone took ~10 s.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Mutex;
 
 use ipnet::IpNet;
@@ -162,18 +173,133 @@ pub fn probe() -> Result<(), String> {
         .map_err(|e| format!("the source check needs nft with the kernel's nft_xfrm: {e}"))
 }
 
+/// The table known to be as wanted: its body, the network namespace (inode) and the nftables
+/// generation right after it was found or made so.
+struct Verified {
+    body: String,
+    netns: u64,
+    generation: u32,
+}
+
+static VERIFIED: Mutex<Option<Verified>> = Mutex::new(None);
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWGEN: u16 = 15;
+const NFT_MSG_GETGEN: u16 = 16;
+const NFTA_GEN_ID: u16 = 1;
+
+/// The calling thread's network namespace (its inode).
+fn netns_id() -> Option<u64> {
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// The nftables generation of the calling thread's network namespace (`NFT_MSG_GETGEN`);
+/// None when it cannot be asked.
+pub fn ruleset_generation() -> Option<u32> {
+    use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
+    let mut sock = Socket::new(NETLINK_NETFILTER).ok()?;
+    sock.bind_auto().ok()?;
+    let mut req = Vec::with_capacity(20);
+    req.extend(20u32.to_ne_bytes());
+    req.extend(((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
+    req.extend((libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req.extend(1u32.to_ne_bytes()); // sequence
+    req.extend(0u32.to_ne_bytes()); // port id: the kernel's
+    req.extend([0u8, 0, 0, 0]); // nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0
+    sock.send(&req, 0).ok()?;
+    let mut buf = vec![0u8; 4096];
+    let n = sock.recv(&mut &mut buf[..], 0).ok()?;
+    parse_generation(&buf[..n])
+}
+
+/// `NFTA_GEN_ID` of a `NFT_MSG_NEWGEN` answer (pure).
+fn parse_generation(b: &[u8]) -> Option<u32> {
+    let u16_at = |i: usize| b.get(i..i + 2).map(|x| u16::from_ne_bytes([x[0], x[1]]));
+    let len = b
+        .get(0..4)
+        .map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]) as usize)?;
+    if u16_at(4)? != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN || len > b.len() {
+        return None;
+    }
+    let mut at = 20; // nlmsghdr, nfgenmsg
+    while at + 4 <= len {
+        let alen = u16_at(at)? as usize;
+        if alen < 4 || at + alen > len {
+            return None;
+        }
+        if u16_at(at + 2)? & 0x3fff == NFTA_GEN_ID && alen >= 8 {
+            let v = &b[at + 4..at + 8];
+            return Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+        }
+        at += (alen + 3) & !3;
+    }
+    None
+}
+
+/// Remember `body` as the table's, if nothing but our own write (`wrote`) moved the
+/// generation since `before` was read (else the next apply lists the table again). One
+/// transaction moves it by 1, or by 2 where the kernel also counts its set garbage
+/// collection (the "GC sequence" of later 6.1 stable kernels and newer).
+fn remember(body: &str, netns: Option<u64>, before: Option<u32>, wrote: bool) {
+    let after = ruleset_generation();
+    let moved = |b: u32, a: u32| a.wrapping_sub(b);
+    let ok = |b: u32, a: u32| {
+        if wrote {
+            (1..=2).contains(&moved(b, a))
+        } else {
+            a == b
+        }
+    };
+    let v = match (netns, before, after) {
+        (Some(netns), Some(b), Some(a)) if ok(b, a) => Some(Verified {
+            body: body.to_string(),
+            netns,
+            generation: a,
+        }),
+        _ => None,
+    };
+    if let Ok(mut m) = VERIFIED.lock() {
+        *m = v;
+    }
+}
+
 /// Make the table match `spec`: 0 writes when it already does, else one transaction.
 pub fn apply(spec: &SourceSpec) -> Result<FirewallReport, FirewallError> {
     let nft = Nft::default();
     let body = render(spec);
-    let want = nft.canonical_named(TABLE, &body, &CANONICAL)?;
-    let live = nft.list_named(TABLE)?;
-    if live.as_deref().map(super::nft::normalize).as_deref() == Some(want.as_str()) {
-        return Ok(FirewallReport::default());
-    }
+    let netns = netns_id();
+    let before = ruleset_generation();
+    // Nothing in nftables changed since the table was as remembered: unchanged, no listing;
+    // changed, no listing either (what is there is known).
+    let known = match (VERIFIED.lock(), before, netns) {
+        (Ok(m), Some(g), Some(ns)) => m
+            .as_ref()
+            .filter(|v| v.netns == ns && v.generation == g)
+            .map(|v| v.body == body),
+        _ => None,
+    };
+    let live = match known {
+        Some(true) => return Ok(FirewallReport::default()),
+        Some(false) => Some(String::new()),
+        None => {
+            let live = nft.list_named(TABLE)?;
+            // A table there and not known: compare in nft's own form (none: just write).
+            if let Some(l) = &live {
+                let want = nft.canonical_named(TABLE, &body, &CANONICAL)?;
+                if super::nft::normalize(l) == want {
+                    remember(&body, netns, before, false);
+                    return Ok(FirewallReport::default());
+                }
+            }
+            live
+        }
+    };
     nft.load(&format!(
         "table inet {TABLE}\ndelete table inet {TABLE}\n{body}"
     ))?;
+    remember(&body, netns, before, true);
     let prefixes: usize = spec.peers.values().map(Vec::len).sum();
     let what = format!(
         "source check of {}: {} peers, {prefixes} prefixes",
@@ -233,6 +359,27 @@ mod tests {
             ..spec
         });
         assert!(!empty.contains("elements") && empty.contains("counter drop"));
+    }
+
+    #[test]
+    fn generation_answers_parse() {
+        // nlmsghdr (NEWGEN), nfgenmsg, NFTA_GEN_ID = 7 (big endian), NFTA_GEN_PROC_PID.
+        let mut m = Vec::new();
+        m.extend(36u32.to_ne_bytes());
+        m.extend(((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN).to_ne_bytes());
+        m.extend([0u8; 10]);
+        m.extend([0u8, 0, 0, 7]);
+        m.extend(8u16.to_ne_bytes());
+        m.extend(NFTA_GEN_ID.to_ne_bytes());
+        m.extend(7u32.to_be_bytes());
+        m.extend(8u16.to_ne_bytes());
+        m.extend(2u16.to_ne_bytes());
+        m.extend(99u32.to_be_bytes());
+        assert_eq!(parse_generation(&m), Some(7));
+        assert_eq!(parse_generation(&m[..30]), None, "truncated");
+        let mut err = m.clone();
+        err[4..6].copy_from_slice(&2u16.to_ne_bytes()); // NLMSG_ERROR
+        assert_eq!(parse_generation(&err), None);
     }
 
     #[test]
