@@ -205,9 +205,12 @@ vm() {
     say "vm: encrypted VXLAN end to end (ESP transport mode for UDP 4789)"
     VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
         VM_APPEND="e2e.mode=vxlan-esp" vm_suite vxesp "$here/vm/test-xfrm.sh" 300
-    say "vm: xfrm driver route mode end to end (one XFRM interface per peer, real ESP)"
+    say "vm: xfrm driver route mode end to end (one collect_md XFRM interface for all peers, nft source check, iptables backend; real ESP)"
     VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
         VM_APPEND="e2e.mode=route" vm_suite route "$here/vm/test-xfrm.sh" 300
+    say "vm: the same with the nftables backend (nft and no iptables in the image)"
+    VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
+        VM_APPEND="e2e.mode=route e2e.fw=nftables" vm_suite routenft "$here/vm/test-xfrm.sh" 300
     say "vm: xfrm driver end to end with the nftables backend (nft and no iptables in the image; --firewall auto)"
     VM_BIN="${CARGO_TARGET_DIR:-$top/target}/x86_64-unknown-linux-gnu/release/ipsec-mesh" \
         VM_APPEND="e2e.mode=nftables" vm_suite xfrmnft "$here/vm/test-xfrm.sh" 300

@@ -49,6 +49,8 @@ case " ${VM_APPEND:-} " in *" e2e.mode=nftables "*) fw_image=--nftables ;; esac
 # (v6-u6 too: its route-mode part then runs the one interface with IPv6; v6-u4 keeps an
 # interface per peer.)
 case " ${VM_APPEND:-} " in *" e2e.mode=route "* | *" e2e.mode=v6-u6 "*) fw_image="--iptables --nftables" ;; esac
+# e2e.fw=nftables: nft and no iptables whatever the mode (route: the nftables backend).
+case " ${VM_APPEND:-} " in *" e2e.fw=nftables "*) fw_image=--nftables ;; esac
 if [[ "$fw_image" == *--nftables* ]]; then
     command -v nft >/dev/null || {
         say "installing nftables (nft for the guest)"

@@ -28,7 +28,9 @@ IPT="iptables -w"
 # `--firewall auto` must pick its nftables backend (table inet ipsec-mesh, no x_tables), and
 # the suite ends after cleanup (section 10).
 FW=iptables
-grep -qw e2e.mode=nftables /proc/cmdline && FW=nftables
+# e2e.fw=nftables: the same image for another mode (route: the one-interface route mode with
+# the nftables backend beside its source-check table).
+grep -qw -e e2e.mode=nftables -e e2e.fw=nftables /proc/cmdline && FW=nftables
 BIN=/usr/bin/ipsec-mesh
 META=/tmp/mesh.json
 PSK=/tmp/mesh.psk
