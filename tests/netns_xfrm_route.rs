@@ -297,12 +297,21 @@ fn route_mode_fails_clearly_without_xfrm_interfaces_and_auto_falls_back_to_polic
             );
         }
 
-        // cleanup (any mode) leaves the namespace as it was before the first apply.
-        let o = mesh(dir.path(), "cleanup", "auto");
-        assert!(o.status.success(), "{}", text(&o));
-        assert_eq!(dataplane(), before, "cleanup left something: {}", text(&o));
+        cleanup_restores(dir.path(), &before);
     })
     .unwrap();
+}
+
+/// `cleanup` (any mode) leaves the namespace as it was before the first apply.
+fn cleanup_restores(dir: &std::path::Path, before: &str) {
+    let o = mesh(dir, "cleanup", "auto");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dataplane(), before, "cleanup left something: {}", text(&o));
+}
+
+/// Whether the one-interface route mode's source-check table is there.
+fn srccheck_table_exists() -> bool {
+    !sh("nft list table inet ipsec-mesh-src 2>&1 || true").contains("No such file")
 }
 
 /// A kernel with collect_md XFRM interfaces and nft (the VM's): `--xfrm-route-devices one`
@@ -375,11 +384,7 @@ fn route_mode_one_collect_md_interface_for_all_peers() {
         // Back to an interface per peer: the table and the one interface go.
         let o = mesh_with(dir.path(), "apply", "route", PER_PEER);
         assert_eq!(our_links().len(), 2, "{}", text(&o));
-        assert!(
-            sh("nft list table inet ipsec-mesh-src 2>&1 || true").contains("No such file"),
-            "{}",
-            text(&o)
-        );
+        assert!(!srccheck_table_exists(), "{}", text(&o));
         assert!(!sh("ip route show table 1042").contains("encap"));
         // And to one again; then policy mode: no interface and no source-check table left.
         let o = mesh_with(dir.path(), "apply", "route", &one);
@@ -387,13 +392,11 @@ fn route_mode_one_collect_md_interface_for_all_peers() {
         let o = mesh(dir.path(), "apply", "policy");
         assert!(our_links().is_empty(), "{}", text(&o));
         assert!(
-            sh("nft list table inet ipsec-mesh-src 2>&1 || true").contains("No such file"),
+            !srccheck_table_exists(),
             "policy mode removes the source check: {}",
             text(&o)
         );
-        let o = mesh(dir.path(), "cleanup", "auto");
-        assert!(o.status.success(), "{}", text(&o));
-        assert_eq!(dataplane(), before, "cleanup left something: {}", text(&o));
+        cleanup_restores(dir.path(), &before);
     })
     .unwrap();
 }
